@@ -1,0 +1,147 @@
+"""Saving and loading compressed models as a directory, atomically.
+
+A compressed model directory holds ``model.safetensors`` (weights, no pickle),
+``config.json`` (the teacher's HF config), ``tdlight.json`` (the model class, the encoder
+shape and the resolved compression spec) and the tokenizer files. It is written into a
+temporary sibling and renamed into place, so a crash never leaves half a model where a
+good one is expected, and an existing model at the target is replaced only once the new
+one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import safetensors.torch
+import transformers
+from torch import nn
+
+from tdlight.errors import ArtifactError
+from tdlight.model.surgery import compress, densify, encoder_shape, get_encoder
+from tdlight.model.teacher import model_class
+from tdlight.tensor.spec import EncoderShape, ResolvedSpec
+
+FORMAT = 1
+META = "tdlight.json"
+WEIGHTS = "model.safetensors"
+
+
+def atomic_directory(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmpdir)`` then move the result to ``path`` (replacing it only on success)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
+    """Write a compressed model directory at ``path`` (atomically)."""
+    encoder = get_encoder(model)
+    spec: ResolvedSpec | None = getattr(encoder, "compression", None)
+    if spec is None:
+        raise ArtifactError("save_compressed needs a compressed model; for a dense one use save_pretrained")
+    meta = {
+        "format": FORMAT,
+        "class": type(model).__name__,
+        "shape": asdict(encoder_shape(model)),
+        "spec": spec.to_dict(),
+        "extra": extra or {},
+    }
+
+    def write(tmp: Path) -> None:
+        model.config.save_pretrained(tmp)
+        safetensors.torch.save_model(model, str(tmp / WEIGHTS))
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return atomic_directory(path, write)
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"compressed model directory {str(path)!r} does not exist")
+    f = path / META
+    if not f.is_file():
+        raise ArtifactError(f"{str(path)!r} is not a compressed model directory: {META} is missing")
+    try:
+        meta = json.loads(f.read_text())
+        if meta.get("format") != FORMAT:
+            raise ArtifactError(f"{f}: unsupported format {meta.get('format')!r}; this tdlight reads format {FORMAT}")
+        EncoderShape(**meta["shape"])
+        meta["spec"]["variant"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{f} is corrupt ({type(e).__name__}: {e})") from e
+    return meta
+
+
+def load_compressed(path: str | os.PathLike, device: str | None = None) -> nn.Module:
+    """Load a compressed model directory: a ready model in eval mode, in its original class."""
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}/config.json is missing or corrupt: {e}") from e
+    cls = getattr(transformers, meta["class"], None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        cls = model_class(config)
+    model = cls(config) if cls is not transformers.AutoModel else transformers.AutoModel.from_config(config)
+    shape = EncoderShape(**meta["shape"])
+    if encoder_shape(model) != shape:
+        raise ArtifactError(f"{path}: config.json does not match the saved encoder shape {shape}")
+    compress(model, ResolvedSpec.from_dict(meta["spec"], shape), init_from_weights=False)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise ArtifactError(f"{path}: {WEIGHTS} is missing")
+    try:
+        missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False, device=device or "cpu")
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise ArtifactError(f"{weights} is corrupt or does not match the model: {e}") from e
+    missing = [k for k in missing if k not in _tied_keys(model)]
+    if missing or unexpected:
+        raise ArtifactError(f"{weights} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if device:
+        model.to(device)
+    return model.eval()
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return set(tied) if not isinstance(tied, dict) else set(tied.keys())
+
+
+def load_tokenizer(path: str | os.PathLike):
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def export_dense(path_in: str | os.PathLike, path_out: str | os.PathLike) -> Path:
+    """Densify a saved compressed model into a plain HF checkpoint (``from_pretrained`` loads it)."""
+    model = densify(load_compressed(path_in))
+    tok_files = any((Path(path_in) / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
+    tokenizer = load_tokenizer(path_in) if tok_files else None
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return atomic_directory(path_out, write)

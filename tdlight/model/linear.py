@@ -1,0 +1,117 @@
+"""A linear layer whose weight is a product of factors from a shared bank.
+
+``FactorizedLinear`` is a drop-in for the ``nn.Linear`` it replaces: same input and
+output features, same bias, ``y = x W + b``. Its weight is a grid of n_in × n_out D×D
+blocks, block (j, m) being ``U C′_jm Vᵀ`` with C′ the block's mixed core. The forward
+never builds W:
+
+    xu = x_j @ U                    for every input chunk j      (…, n_in, a)
+    z_m = Σ_j xu_j @ C′_jm          one matmul with the cores laid out (n_in·a)×(n_out·b)
+    y_m = z_m @ Vᵀ                  for every output chunk m     (…, n_out, D)
+
+Q, K and V read the same input, so they share one ``x @ U`` through a
+:class:`SharedInput`; the FFN-input matrix is one module with n_out = m blocks, so its m
+blocks share ``x @ U`` by construction. ``mode = "reconstructed"`` rebuilds W and calls
+``F.linear`` instead (for testing; both agree to float precision).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tdlight.model.bank import FactorBank
+
+MODES = ("factorized", "reconstructed")
+
+
+class SharedInput:
+    """Remembers ``x @ U`` so that the linears reading the same ``x`` compute it once.
+
+    A hit needs the very same tensor object, unmodified (same ``_version``), and the
+    memo is dropped once every member has read it, so no activation outlives a layer.
+    """
+
+    def __init__(self, members: int):
+        self.members = members
+        self._x: torch.Tensor | None = None
+        self._version = -1
+        self._xu: torch.Tensor | None = None
+        self._left = 0
+
+    def project(self, x: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+        if self._x is x and self._version == x._version and self._left > 0:
+            xu = self._xu
+            self._left -= 1
+        else:
+            xu = x @ U
+            self._x, self._version, self._xu, self._left = x, x._version, xu, self.members - 1
+        if self._left == 0:
+            self._x = self._xu = None
+        return xu
+
+
+class FactorizedLinear(nn.Module):
+    """``nn.Linear(n_in·D, n_out·D)`` with weight blocks taken from a :class:`FactorBank`.
+
+    ``blocks``: (n_in, n_out) integer tensor, the bank slice of each weight block.
+    The bank is *not* registered as a submodule here (it is shared by many linears and
+    registered once, on the encoder), so ``state_dict`` holds it exactly once.
+    """
+
+    def __init__(self, bank: FactorBank, blocks: torch.Tensor, bias: torch.Tensor | None,
+                 shared_input: SharedInput | None = None):
+        super().__init__()
+        object.__setattr__(self, "bank", bank)
+        self.register_buffer("blocks", blocks.clone().long(), persistent=False)
+        D = bank.U.shape[-2]
+        self.n_in, self.n_out = blocks.shape
+        self.in_features, self.out_features = self.n_in * D, self.n_out * D
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        object.__setattr__(self, "shared_input", shared_input)
+        self.mode = "factorized"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "reconstructed":
+            return F.linear(x, self.weight, self.bias)
+        bank = self.bank
+        idx = self.blocks.flatten()
+        cores = bank.slice_cores(idx)  # (n_in·n_out, a, b)
+        a, b = cores.shape[-2:]
+        if bank.variant == "lowrank":
+            y = self._forward_lowrank(x, idx, cores)
+        else:
+            if self.n_in == 1:
+                xu = self.shared_input.project(x, bank.U) if self.shared_input else x @ bank.U
+            else:
+                xu = x.unflatten(-1, (self.n_in, -1)) @ bank.U  # (…, n_in, a)
+            # cores as one (n_in·a) × (n_out·b) matrix: row (j, a), column (m, b)
+            grid = cores.view(self.n_in, self.n_out, a, b).permute(0, 2, 1, 3).reshape(self.n_in * a, -1)
+            z = xu.reshape(*x.shape[:-1], self.n_in * a) @ grid
+            y = z.unflatten(-1, (self.n_out, b)) @ bank.V.t()  # (…, n_out, D)
+        y = y.flatten(-2)
+        return y + self.bias if self.bias is not None else y
+
+    def _forward_lowrank(self, x: torch.Tensor, idx: torch.Tensor, cores: torch.Tensor) -> torch.Tensor:
+        """Variant II: every block has its own U_i, V_i (nothing to share)."""
+        shape = (self.n_in, self.n_out)
+        U = self.bank.U[idx].unflatten(0, shape)  # (n_in, n_out, D, a)
+        V = self.bank.V[idx].unflatten(0, shape)  # (n_in, n_out, D, b)
+        C = cores.unflatten(0, shape)
+        xs = x.unflatten(-1, (self.n_in, -1))  # (…, n_in, D)
+        xu = torch.einsum("...jd,jmda->...jma", xs, U)
+        z = torch.einsum("...jma,jmab->...jmb", xu, C)
+        return torch.einsum("...jmb,jmeb->...me", z, V)  # sum over input chunks j
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``nn.Linear.weight`` (out × in) this module represents (rebuilt)."""
+        W = self.bank.reconstruct(self.blocks.flatten())  # (n_in·n_out, D, D), x @ W orientation
+        D = W.shape[-1]
+        W = W.view(self.n_in, self.n_out, D, D).permute(0, 2, 1, 3).reshape(self.in_features, self.out_features)
+        return W.t()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"blocks={self.n_in}x{self.n_out}, bias={self.bias is not None}, mode={self.mode}")

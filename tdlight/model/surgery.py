@@ -1,0 +1,249 @@
+"""Surgery on HF BERT-family models: swap the encoder's linears for factorized ones and back.
+
+Works on any model whose encoder has the ``BertModel`` module structure
+(``encoder.layer[i].attention.self.{query,key,value}``, ``attention.output.dense``,
+``intermediate.dense``, ``output.dense``): ``BertModel``, ``BertForSequenceClassification``,
+the MiniLM teacher, RoBERTa/ELECTRA-style models with the same structure. The model keeps
+its class; attention code, ``output_hidden_states``, ``output_attentions`` and heads are
+untouched. The banks live in ``encoder.factor_banks`` (one per layout group) and the
+resolved spec in ``encoder.compression``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tdlight.errors import SpecError, TeacherError
+from tdlight.model.bank import FactorBank
+from tdlight.model.linear import MODES, FactorizedLinear, SharedInput
+from tdlight.tensor.decompose import Decomposition, decompose, warn_dead_blocks
+from tdlight.tensor.layout import stack
+from tdlight.tensor.spec import CompressionSpec, EncoderShape, ResolvedSpec, resolve
+
+# block type -> attribute path inside one encoder layer
+LINEAR_PATHS = {
+    "query": ("attention", "self", "query"),
+    "key": ("attention", "self", "key"),
+    "value": ("attention", "self", "value"),
+    "attn_out": ("attention", "output", "dense"),
+    "ffn_in": ("intermediate", "dense"),
+    "ffn_out": ("output", "dense"),
+}
+
+
+def get_encoder(model: nn.Module) -> nn.Module:
+    """The ``BertEncoder``-like module of ``model`` (a base model or one with a head)."""
+    base = getattr(model, "base_model", model)
+    encoder = getattr(base, "encoder", None)
+    if encoder is None or not isinstance(getattr(encoder, "layer", None), nn.ModuleList):
+        raise TeacherError(
+            f"{type(model).__name__} is not BERT-shaped: expected `base_model.encoder.layer` "
+            "(a ModuleList of BERT layers), as in BertModel / BertForSequenceClassification"
+        )
+    return encoder
+
+
+def _get_linear(layer: nn.Module, type_: str, index: int) -> tuple[nn.Module, str, nn.Module]:
+    *parents, attr = LINEAR_PATHS[type_]
+    obj = layer
+    for p in parents:
+        obj = getattr(obj, p, None)
+        if obj is None:
+            raise TeacherError(
+                f"encoder layer {index} has no `{'.'.join(LINEAR_PATHS[type_][:-1])}`: not BERT-shaped "
+                f"(expected modules {sorted('.'.join(v) for v in LINEAR_PATHS.values())})"
+            )
+    module = getattr(obj, attr, None)
+    if module is None:
+        raise TeacherError(f"encoder layer {index} has no `{'.'.join(LINEAR_PATHS[type_])}`: not BERT-shaped")
+    return obj, attr, module
+
+
+def encoder_shape(model: nn.Module) -> EncoderShape:
+    """Sizes read from the model's modules (checked for BERT shape)."""
+    encoder = get_encoder(model)
+    if len(encoder.layer) == 0:
+        raise TeacherError("the encoder has no layers")
+    _, _, q = _get_linear(encoder.layer[0], "query", 0)
+    _, _, f = _get_linear(encoder.layer[0], "ffn_in", 0)
+    D, I = q.in_features, f.out_features
+    emb = getattr(getattr(model, "base_model", model), "embeddings", None)
+
+    def rows(name):
+        m = getattr(emb, name, None) if emb is not None else None
+        return m.num_embeddings if isinstance(m, nn.Embedding) else 0
+
+    return EncoderShape(len(encoder.layer), D, I, rows("word_embeddings"), rows("position_embeddings"),
+                        rows("token_type_embeddings"))
+
+
+def encoder_weights(model: nn.Module) -> dict[tuple[int, str], torch.Tensor]:
+    """``{(layer, type): nn.Linear.weight}`` for every encoder linear, checking BERT shape."""
+    shape = encoder_shape(model)
+    D, I = shape.hidden, shape.intermediate
+    expected = {"query": (D, D), "key": (D, D), "value": (D, D), "attn_out": (D, D), "ffn_in": (I, D), "ffn_out": (D, I)}
+    out = {}
+    for i, layer in enumerate(get_encoder(model).layer):
+        for t, want in expected.items():
+            _, _, lin = _get_linear(layer, t, i)
+            w = lin.weight
+            if tuple(w.shape) != want:
+                raise TeacherError(
+                    f"layer {i} {'.'.join(LINEAR_PATHS[t])} has weight shape {tuple(w.shape)}, expected {want} "
+                    f"for hidden size {D} and FFN width {I}: not BERT-shaped"
+                )
+            out[(i, t)] = w.detach()
+    if I % D:
+        raise TeacherError(f"FFN width {I} is not a multiple of hidden size {D}: the FFN cannot be cut into D×D blocks")
+    return out
+
+
+@dataclass
+class CompressionReport:
+    spec: ResolvedSpec
+    decompositions: dict[str, Decomposition] = field(default_factory=dict)
+    block_errors: dict[str, float] = field(default_factory=dict)  # block name -> relative error
+    type_errors: dict[str, float] = field(default_factory=dict)  # block type -> relative error
+    rel_error: float = 0.0
+    dead_blocks: list[str] = field(default_factory=list)
+
+
+def is_compressed(model: nn.Module) -> bool:
+    return hasattr(get_encoder(model), "factor_banks")
+
+
+def compress(
+    model: nn.Module,
+    spec: CompressionSpec | ResolvedSpec,
+    *,
+    init_from_weights: bool = True,
+    callback: Callable[[str, int, float], None] | None = None,
+) -> CompressionReport:
+    """Replace the encoder linears of ``model`` (in place) by factorized ones.
+
+    With ``init_from_weights`` the factors come from decomposing the model's weights
+    (the report carries the errors); without it the structure is built with zero
+    factors, ready for ``load_state_dict`` (used when loading a saved model).
+    ``callback(group, sweep, rel_error)`` reports HOOI progress.
+    """
+    if is_compressed(model):
+        raise SpecError("this model is already compressed; densify it first or load the teacher again")
+    shape = encoder_shape(model)
+    weights = encoder_weights(model)
+    rspec = spec if isinstance(spec, ResolvedSpec) else resolve(spec, shape)
+    layout = rspec.layout
+    encoder = get_encoder(model)
+    ref = next(iter(weights.values()))
+    report = CompressionReport(rspec)
+
+    banks = nn.ModuleDict()
+    if init_from_weights:
+        tensors = stack(layout, weights)
+        type_sq_err: dict[str, float] = {}
+        type_sq_norm: dict[str, float] = {}
+        for g, blocks in layout.groups.items():
+            cb = (lambda it, e, g=g: callback(g, it, e)) if callback else None
+            x = tensors[g].float()
+            dec = decompose(
+                x, rspec.variant, rspec.ranks(g), balance=rspec.balance, labels=[b.type for b in blocks],
+                init=rspec.init, max_iter=rspec.max_iter, tol=rspec.tol, seed=rspec.seed, callback=cb,
+            )
+            report.decompositions[g] = dec
+            banks[g] = FactorBank.from_factors(dec.factors).to(dtype=ref.dtype, device=ref.device)
+            norms2 = x.flatten(1).norm(dim=1).double().square().tolist()
+            for blk, e, n2 in zip(blocks, dec.slice_errors.tolist(), norms2):
+                report.block_errors[blk.name] = e
+                type_sq_err[blk.type] = type_sq_err.get(blk.type, 0.0) + e * e * n2
+                type_sq_norm[blk.type] = type_sq_norm.get(blk.type, 0.0) + n2
+        report.type_errors = {t: (type_sq_err[t] / type_sq_norm[t]) ** 0.5 if type_sq_norm[t] else 0.0
+                              for t in type_sq_err}
+        total = sum(type_sq_norm.values())
+        report.rel_error = (sum(type_sq_err.values()) / total) ** 0.5 if total else 0.0
+        report.dead_blocks = warn_dead_blocks(report.block_errors)
+    else:
+        for g, blocks in layout.groups.items():
+            k = rspec.banks[g]
+            banks[g] = FactorBank(rspec.variant, len(blocks), k, shape.hidden, rspec.rank_in, rspec.rank_out).to(
+                dtype=ref.dtype, device=ref.device
+            )
+
+    # Swap the linears. Q/K/V of a layer share one x @ U when they share a bank.
+    for i, layer in enumerate(encoder.layer):
+        qkv_groups = {layout.index[b][0] for t in ("query", "key", "value") if t in layout.types
+                      for b in layout.blocks_of(i, t)}
+        shared = SharedInput(3) if rspec.variant != "lowrank" and len(qkv_groups) == 1 and "query" in layout.types else None
+        for t in layout.types:
+            parent, attr, lin = _get_linear(layer, t, i)
+            blks = layout.blocks_of(i, t)
+            group = layout.index[blks[0]][0]
+            idx = torch.tensor([layout.index[b][1] for b in blks])
+            grid = idx.view(1, -1) if t == "ffn_in" else idx.view(-1, 1)
+            new = FactorizedLinear(banks[group], grid, lin.bias,
+                                   shared if t in ("query", "key", "value") else None)
+            setattr(parent, attr, new)
+    encoder.factor_banks = banks
+    encoder.compression = rspec
+    return report
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    """Switch every factorized linear to ``factorized`` (default) or ``reconstructed``."""
+    if mode not in MODES:
+        raise SpecError(f"unknown forward mode {mode!r}; valid: {list(MODES)}")
+    for m in model.modules():
+        if isinstance(m, FactorizedLinear):
+            m.mode = mode
+
+
+@torch.no_grad()
+def densify(model: nn.Module) -> nn.Module:
+    """Turn a compressed model back into a plain HF model with dense ``nn.Linear`` (in place)."""
+    encoder = get_encoder(model)
+    if not hasattr(encoder, "factor_banks"):
+        return model
+    for i, layer in enumerate(encoder.layer):
+        for t in LINEAR_PATHS:
+            parent, attr, lin = _get_linear(layer, t, i)
+            if isinstance(lin, FactorizedLinear):
+                W = lin.weight
+                dense = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  device=W.device, dtype=W.dtype)
+                dense.weight.copy_(W)
+                if lin.bias is not None:
+                    dense.bias.copy_(lin.bias)
+                setattr(parent, attr, dense)
+    del encoder.factor_banks
+    del encoder.compression
+    return model
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Measured parameter counts by part (encoder weights/biases/LayerNorms, embeddings, other)."""
+    encoder = get_encoder(model)
+    base = getattr(model, "base_model", model)
+    emb = getattr(base, "embeddings", None)
+    enc_ids = {id(p) for p in encoder.parameters()}
+    emb_ids = {id(p) for p in emb.parameters()} if emb is not None else set()
+    out = {"encoder_weights": 0, "encoder_biases": 0, "encoder_layernorms": 0, "embeddings": 0, "other": 0}
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in enc_ids:
+            if "LayerNorm" in name or "layer_norm" in name:
+                out["encoder_layernorms"] += p.numel()
+            elif name.endswith("bias"):
+                out["encoder_biases"] += p.numel()
+            else:
+                out["encoder_weights"] += p.numel()
+        elif id(p) in emb_ids:
+            out["embeddings"] += p.numel()
+        else:
+            out["other"] += p.numel()
+    out["encoder"] = out["encoder_weights"] + out["encoder_biases"] + out["encoder_layernorms"]
+    return out

