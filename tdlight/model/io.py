@@ -51,6 +51,21 @@ def atomic_directory(path: str | os.PathLike, write) -> Path:
     return path
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file through a temporary sibling and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
     """Write a compressed model directory at ``path`` (atomically)."""
     encoder = get_encoder(model)

@@ -50,14 +50,25 @@ def model_class(config) -> type[nn.Module]:
     return transformers.AutoModel
 
 
+def _load_tokenizer(path: str):
+    """The teacher's tokenizer; ``None`` for a local model directory that ships none."""
+    local = Path(path)
+    if local.is_dir() and not any((local / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return None
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
 def load_teacher(name_or_path: str) -> tuple[nn.Module, object]:
-    """(model, tokenizer) in eval mode, in the class its config names; checked to be BERT-shaped."""
+    """(model, tokenizer) in eval mode, in the class its config names; checked to be BERT-shaped.
+
+    The tokenizer is ``None`` when a local model directory has no tokenizer files.
+    """
     path = resolve_teacher(name_or_path)
     try:
         config = transformers.AutoConfig.from_pretrained(path)
         cls = model_class(config)
         model = (cls.from_pretrained if cls is not transformers.AutoModel else transformers.AutoModel.from_pretrained)(path)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        tokenizer = _load_tokenizer(path)
     except (OSError, ValueError, KeyError) as e:
         raise TeacherError(
             f"could not load teacher {name_or_path!r}: {str(e).splitlines()[0]}. Valid: an HF model directory, "

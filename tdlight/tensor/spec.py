@@ -3,7 +3,9 @@
 A :class:`CompressionSpec` may state ranks absolutely (``rank``, ``rank_in``, ``rank_out``,
 ``bank``), as fractions of the teacher (``rank_ratio`` = d/D, ``bank_ratio`` = k/n of a
 group) so that presets apply to any teacher size, or as a ``target_ratio`` of the encoder
-(the largest rank whose encoder compression ratio still reaches the target).
+(the largest rank whose encoder compression ratio still reaches the target). When several
+are set, the most explicit wins: rank_in/rank_out > rank > target_ratio > rank_ratio, and
+bank > bank_ratio; so ``compression.rank=64`` overrides a preset's ratio.
 :func:`resolve` turns it into a :class:`ResolvedSpec` of integers for one encoder shape.
 """
 
@@ -149,29 +151,21 @@ def resolve(spec: CompressionSpec, shape: EncoderShape) -> ResolvedSpec:
                     "has one core per matrix: leave them unset"
                 )
             banks[g] = n
-        elif spec.bank is not None:
-            if spec.bank_ratio is not None:
-                raise SpecError("give either bank or bank_ratio, not both")
+        elif spec.bank is not None:  # an absolute bank size wins over bank_ratio
             banks[g] = spec.bank
         elif spec.bank_ratio is not None:
             banks[g] = max(1, round(spec.bank_ratio * n))
         else:
             banks[g] = n
 
-    # Ranks of the two factor modes.
-    given = [x is not None for x in (spec.rank, spec.rank_ratio, spec.target_ratio)]
-    if sum(given) > 1:
-        raise SpecError("give only one of rank, rank_ratio, target_ratio")
-    if spec.rank is not None:
-        d_in = d_out = spec.rank
-    elif spec.rank_ratio is not None:
-        d_in = d_out = max(1, round(spec.rank_ratio * D))
-    else:
-        d_in = d_out = None
-    if spec.rank_in is not None:
-        d_in = spec.rank_in
-    if spec.rank_out is not None:
-        d_out = spec.rank_out
+    # Ranks of the two factor modes. Precedence (so that a command-line override beats a
+    # preset's ratio): rank_in / rank_out > rank > target_ratio > rank_ratio.
+    d_in = spec.rank_in if spec.rank_in is not None else spec.rank
+    d_out = spec.rank_out if spec.rank_out is not None else spec.rank
+    solve = spec.target_ratio is not None and d_in is None and d_out is None
+    if not solve and spec.rank_ratio is not None:
+        d_in = max(1, round(spec.rank_ratio * D)) if d_in is None else d_in
+        d_out = max(1, round(spec.rank_ratio * D)) if d_out is None else d_out
 
     def make(di, do) -> ResolvedSpec:
         r = ResolvedSpec(variant, layout, di, do, banks, spec.balance, spec.init, spec.max_iter, spec.tol, spec.seed)
@@ -179,9 +173,7 @@ def resolve(spec: CompressionSpec, shape: EncoderShape) -> ResolvedSpec:
             r.ranks(g).check(variant, (len(blocks), D, D))
         return r
 
-    if spec.target_ratio is not None:
-        if spec.rank_in is not None or spec.rank_out is not None:
-            raise SpecError("target_ratio solves for the rank: do not also give rank_in / rank_out")
+    if solve:
         best = None
         for d in range(1, D + 1):  # ratio falls monotonically with d
             r = make(d, d)

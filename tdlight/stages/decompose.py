@@ -1,0 +1,117 @@
+"""``stage=decompose``: decompose the teacher's encoder, save the compressed model, report.
+
+Writes into the run directory: ``model/`` (a compressed model directory, loadable with
+``tdlight.load_compressed``) and ``report.json`` (parameters, ratio, errors, time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tdlight.config import compression_spec
+from tdlight.errors import TdlightError
+from tdlight.model.io import atomic_write_text, save_compressed
+from tdlight.model.surgery import compress, count_parameters, encoder_shape
+from tdlight.model.teacher import load_teacher
+from tdlight.tensor.accounting import param_counts
+from tdlight.tensor.spec import resolve
+
+log = logging.getLogger("tdlight.decompose")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise TdlightError(f"device={name!r} is not a device; valid: auto, cpu, cuda, cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TdlightError(f"device={name!r} but no CUDA GPU is available; use device=cpu or auto")
+    return dev
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    console = Console(stderr=True)
+    device = resolve_device(cfg.device)
+    spec = compression_spec(cfg.compression)
+    teacher, tokenizer = load_teacher(cfg.teacher.path)
+    shape = encoder_shape(teacher)
+    rspec = resolve(spec, shape)  # bad ranks fail here, before any work
+    teacher.to(device)
+    before = count_parameters(teacher)
+    log.info("teacher %s: %s; resolved spec %s", cfg.teacher.path, shape, rspec.to_dict())
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        tasks = {g: progress.add_task(f"HOOI {g}", total=rspec.max_iter, status="")
+                 for g in rspec.layout.groups} if rspec.variant != "lowrank" else {}
+
+        def on_sweep(group: str, sweep: int, err: float) -> None:
+            progress.update(tasks[group], completed=sweep, status=f"sweep {sweep}  rel. error {err:.4f}")
+
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = compress(teacher, rspec, callback=on_sweep if tasks else None)
+        seconds = time.perf_counter() - t0
+        for g, task in tasks.items():
+            progress.update(task, completed=rspec.max_iter)
+    for w in caught:
+        console.print(f"[bold red]WARNING[/]: {w.message}")
+        log.warning("%s", w.message)
+
+    after = count_parameters(teacher)
+    formula = param_counts(shape, rspec)
+    if after["encoder"] != formula["encoder"]:  # the model and the accounting must agree
+        raise AssertionError(f"parameter accounting mismatch: model {after['encoder']} vs formula {formula['encoder']}")
+    result = {
+        "teacher": cfg.teacher.path,
+        "spec": rspec.to_dict(),
+        "parameters_before": before,
+        "parameters_after": after,
+        "ratio": formula["ratio"],
+        "rel_error": report.rel_error,
+        "type_errors": report.type_errors,
+        "block_errors": report.block_errors,
+        "dead_blocks": report.dead_blocks,
+        "sweeps": {g: d.iterations for g, d in report.decompositions.items()},
+        "seconds": seconds,
+        "device": str(device),
+    }
+    if cfg.stage.save_model:
+        save_compressed(teacher.cpu(), run_dir / "model", tokenizer, extra={"teacher": cfg.teacher.path})
+    atomic_write_text(run_dir / "report.json", json.dumps(result, indent=2))
+    Console().print(_table(result))
+    log.info("ratio %.2f, rel. error %.4f, %.1f s; model in %s", result["ratio"], report.rel_error, seconds, run_dir)
+    return result
+
+
+def _table(r: dict) -> Table:
+    s = r["spec"]
+    ranks = f"d_in={s['rank_in']} d_out={s['rank_out']}" + (
+        f" k={','.join(map(str, s['banks'].values()))}" if s["variant"] == "tucker" else "")
+    t = Table(title=f"tdlight decompose: {r['teacher']} — {s['variant']} ({s['scope']}, grouping {s['grouping']}) {ranks}")
+    t.add_column("")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    b, a = r["parameters_before"], r["parameters_after"]
+    for key in ("encoder_weights", "encoder_biases", "encoder_layernorms", "encoder", "embeddings", "other"):
+        t.add_row(key.replace("_", " "), f"{b[key]:,}", f"{a[key]:,}")
+    t.add_row("[bold]encoder ratio", "", f"[bold]{r['ratio']:.2f}×")
+    t.add_row("rel. error (all blocks)", "", f"{r['rel_error']:.4f}")
+    for typ, e in r["type_errors"].items():
+        flag = "  [red](dead blocks)" if any(n.split(".")[1] == typ for n in r["dead_blocks"]) else ""
+        t.add_row(f"  rel. error {typ}", "", f"{e:.4f}{flag}")
+    t.add_row("time", "", f"{r['seconds']:.2f} s on {r['device']}")
+    return t

@@ -1,0 +1,64 @@
+"""Shared fixtures. Tests never touch the network: everything is offline."""
+
+import os
+import tempfile
+
+_wandb = tempfile.mkdtemp(prefix="tdlight-wandb-")
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "WANDB_DIR": _wandb,
+    "WANDB_CACHE_DIR": _wandb,
+    "WANDB_CONFIG_DIR": _wandb,
+    "WANDB_DATA_DIR": _wandb,
+}.items():
+    os.environ[key] = value
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def tiny_config(**kw):
+    from transformers import BertConfig
+
+    base = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=128, max_position_embeddings=64, attn_implementation="eager")
+    base.update(kw)
+    return BertConfig(**base)
+
+
+@pytest.fixture
+def tiny_bert():
+    """A tiny random BertModel (eval mode) built in-process from a config."""
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    return BertModel(tiny_config()).eval()
+
+
+@pytest.fixture
+def tiny_classifier():
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(tiny_config(num_labels=3)).eval()
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The real pretrained all-MiniLM-L6-v2 shipped in site-packages (offline)."""
+    from tdlight.model.teacher import load_teacher
+
+    model, tokenizer = load_teacher("minilm")
+    return model, tokenizer
+
+
+@pytest.fixture
+def token_ids():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 99, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    return {"input_ids": ids, "attention_mask": mask}

@@ -1,0 +1,112 @@
+"""The real `tdlight` entry point, run as a user would (subprocess, tiny teacher on disk)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "tiny"
+    BertForSequenceClassification(tiny_config(num_labels=2)).save_pretrained(path)
+    from transformers import BertTokenizerFast
+
+    vocab = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]))
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(path)
+    return path
+
+
+def run_cli(out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    flags = [o for o in overrides if o.startswith("--")]
+    rest = [o for o in overrides if not o.startswith("--")]
+    cmd = [sys.executable, "-m", "tdlight.cli", *flags, f"paths.output_dir={out}", *rest]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def run_dirs(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "decompose").glob("*") if p.is_dir()) if (out / "decompose").exists() else []
+
+
+def test_decompose_writes_a_loadable_model_and_report(tmp_path, teacher_dir):
+    r = run_cli(tmp_path, "stage=decompose", f"teacher.path={teacher_dir}", "compression=tucker",
+                "compression.rank=8", "compression.bank=12")
+    assert r.returncode == 0, r.stderr
+    assert "rank: 8" in r.stdout  # the composed config is printed
+    assert "encoder ratio" in r.stdout and "rel. error" in r.stdout
+    (run,) = run_dirs(tmp_path)
+    assert (run / ".hydra" / "config.yaml").is_file()
+    report = json.loads((run / "report.json").read_text())
+    assert report["spec"]["rank_in"] == 8 and report["spec"]["banks"] == {"encoder": 12}
+    assert set(report["type_errors"]) == {"query", "key", "value", "attn_out", "ffn_in", "ffn_out"}
+    assert report["ratio"] > 1
+    import tdlight
+
+    model = tdlight.load_compressed(run / "model")
+    from transformers import AutoTokenizer
+
+    text = "w1 w2 [MASK]"
+    assert tdlight.load_tokenizer(run / "model")(text)["input_ids"] == AutoTokenizer.from_pretrained(teacher_dir)(text)["input_ids"]
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert model.bert.encoder.compression.rank_in == 8
+
+
+@pytest.mark.parametrize("preset", ["paper_1_7", "shared", "lowrank"])
+def test_presets_resolve_on_any_teacher(tmp_path, teacher_dir, preset):
+    r = run_cli(tmp_path, f"teacher.path={teacher_dir}", f"compression={preset}", "stage.save_model=false")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((run_dirs(tmp_path)[0] / "report.json").read_text())
+    if preset == "paper_1_7":
+        assert report["spec"]["rank_in"] == 16 and report["spec"]["banks"] == {"encoder": 12}
+
+
+def test_multirun_gives_one_run_dir_per_job(tmp_path, teacher_dir):
+    r = run_cli(tmp_path, "--multirun", f"teacher.path={teacher_dir}", "compression.rank=4,8",
+                "stage.save_model=false")
+    assert r.returncode == 0, r.stderr
+    reports = sorted((tmp_path / "multirun").rglob("report.json"))
+    assert [json.loads(p.read_text())["spec"]["rank_in"] for p in reports] == [4, 8]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["compression.rank=0"], "rank_in=0"),
+    (["compression.rank=-2"], "rank_in=-2"),
+    (["compression.rank=33"], "rank_in=33"),
+    (["compression.rank=8", "compression.bank=25"], "bank=25"),
+    (["compression.variant=V"], "unknown variant 'V'"),
+    (["compression.scope=heads"], "unknown layout scope 'heads'"),
+    (["teacher.path=/does/not/exist"], "does not exist"),
+    (["compression.rnak=3"], "Key 'rnak' not in 'CompressionConfig'"),
+    (["compression.rank=abc"], "could not be converted to Integer"),
+    (["compression=nope"], "nope"),
+    # a 2-layer D=32 encoder is mostly biases and LayerNorms: 1/48 cannot be reached
+    (["compression=paper_1_48"], "target_ratio=48.0 is out of reach"),
+    (["stage=nope"], "nope"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, teacher_dir, overrides, message):
+    if not any(o.startswith("teacher.path") for o in overrides):
+        overrides = [f"teacher.path={teacher_dir}", *overrides]
+    r = run_cli(tmp_path, *overrides)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert run_dirs(tmp_path) == []
+
+
+def test_not_bert_shaped_teacher_exits_2(tmp_path):
+    from transformers import GPT2Config, GPT2Model
+
+    path = tmp_path / "gpt2"
+    GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(path)
+    r = run_cli(tmp_path / "out", f"teacher.path={path}", "compression.rank=4")
+    assert r.returncode == 2 and "not BERT-shaped" in r.stderr, r.stderr
+    assert run_dirs(tmp_path / "out") == []
