@@ -291,7 +291,7 @@ def _slice_scales(tensor: torch.Tensor, balance: str, labels: Sequence[str] | No
             raise SpecError("balance='type' needs one block-type label per stacked slice")
         scales = torch.empty_like(norms)
         for t in set(labels):
-            sel = torch.tensor([l == t for l in labels])
+            sel = torch.tensor([l == t for l in labels], device=norms.device)
             scales[sel] = norms[sel].square().mean().sqrt()
     scales = scales / scales.square().mean().sqrt()  # keep the overall scale
     scales[scales == 0] = 1.0
