@@ -318,3 +318,29 @@ def test_paper_presets_resolve_on_minilm_shape():
     assert param_counts(shape, bigger)["ratio"] < 48  # the largest rank that reaches the target
     # an explicit rank on the command line beats a preset's ratio
     assert resolve(CompressionSpec(variant="tucker", rank=64, rank_ratio=0.5, bank=36), shape).rank_in == 64
+
+
+@pytest.mark.parametrize("spec", [None] + SPECS, ids=lambda s: "dense" if s is None else f"{s.variant}-{s.scope}-{s.grouping}")
+def test_mac_accounting_equals_counted_matmuls(spec, token_ids):
+    """tensor.accounting.macs counts exactly the matmul work the model does (no pooler)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import BertModel
+
+    from tests.conftest import tiny_config
+    from tdlight.tensor.accounting import macs
+    from tdlight.tensor.spec import resolve
+
+    torch.manual_seed(0)
+    model = BertModel(tiny_config(), add_pooling_layer=False).eval()
+    shape = encoder_shape(model)
+    resolved = None
+    if spec is not None:
+        quiet_compress(model, spec)
+        resolved = resolve(spec, shape)
+    ids = token_ids["input_ids"]
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(input_ids=ids)
+    predicted = macs(shape, resolved, seq_len=ids.shape[1])
+    expected = predicted["per_token"] * ids.numel() + predicted["core_mixing_per_forward"]
+    assert counter.get_total_flops() / 2 == expected

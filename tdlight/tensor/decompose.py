@@ -270,10 +270,12 @@ def _sq_norm(x: torch.Tensor) -> float:
 
 def _lowrank(tensor: torch.Tensor, a: int, b: int) -> Factors:
     """Variant II: per-slice truncated SVD; C_i = U_iᵀ W_i V_i (diagonal when a = b)."""
-    u, s, vh = torch.linalg.svd(tensor, full_matrices=False)
+    # A rank above min(A, B) (only possible when A != B) needs the full bases.
+    full = max(a, b) > min(tensor.shape[1:])
+    u, s, vh = torch.linalg.svd(tensor, full_matrices=full)
     U = u[:, :, :a].contiguous()
     V = vh[:, :b, :].transpose(-1, -2).contiguous()
-    r = min(a, b)
+    r = min(a, b, s.shape[1])
     core = torch.zeros(tensor.shape[0], a, b, dtype=tensor.dtype, device=tensor.device)
     core[:, torch.arange(r), torch.arange(r)] = s[:, :r]
     return Factors("lowrank", U, V, core)
