@@ -144,17 +144,21 @@ def test_qkv_share_one_input_projection(tiny_bert, token_ids, monkeypatch):
     calls = []
     from tdlight.model import linear
 
-    original = linear.SharedInput.project
+    original = linear.SharedInput.output
 
-    def spy(self, x, U):
-        hit = self._x is x and self._left > 0
-        calls.append(hit)
-        return original(self, x, U)
+    def spy(self, x, slot):
+        calls.append(self.hit(x))
+        return original(self, x, slot)
 
-    monkeypatch.setattr(linear.SharedInput, "project", spy)
+    monkeypatch.setattr(linear.SharedInput, "output", spy)
     with torch.no_grad():
-        tiny_bert(**token_ids)
+        ref = tiny_bert(**token_ids).last_hidden_state
     assert calls == [False, True, True] * 2  # per layer: one miss (query), two hits
+    calls.clear()
+    with torch.inference_mode():  # inference tensors have no version counter
+        out = tiny_bert(**token_ids).last_hidden_state
+    assert calls == [False, True, True] * 2
+    torch.testing.assert_close(out, ref)
 
 
 def test_state_dict_holds_each_bank_once(tiny_bert):

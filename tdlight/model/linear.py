@@ -9,8 +9,8 @@ never builds W:
     z_m = Σ_j xu_j @ C′_jm          one matmul with the cores laid out (n_in·a)×(n_out·b)
     y_m = z_m @ Vᵀ                  for every output chunk m     (…, n_out, D)
 
-Q, K and V read the same input, so they share one ``x @ U`` through a
-:class:`SharedInput`; the FFN-input matrix is one module with n_out = m blocks, so its m
+Q, K and V read the same input, so they share one ``x @ U`` (and one core matmul and
+one ``@ Vᵀ`` for the three) through a :class:`SharedInput`; the FFN-input matrix is one module with n_out = m blocks, so its m
 blocks share ``x @ U`` by construction. ``mode = "reconstructed"`` rebuilds W and calls
 ``F.linear`` instead (for testing; both agree to float precision).
 """
@@ -27,29 +27,52 @@ MODES = ("factorized", "reconstructed")
 
 
 class SharedInput:
-    """Remembers ``x @ U`` so that the linears reading the same ``x`` compute it once.
+    """Q, K and V read the same ``x``: the first of them computes all three outputs.
 
-    A hit needs the very same tensor object, unmodified (same ``_version``), and the
-    memo is dropped once every member has read it, so no activation outlives a layer.
+    ``x @ U`` once, the three mixed cores side by side as one a × 3b matrix, one
+    ``@ Vᵀ`` for the three: three matmuls instead of seven, and larger ones, which is
+    what makes the factorized attention input fast at small batch. The members take
+    their slice (bias added by each). A hit needs the very same tensor object,
+    unmodified (same ``_version``), and the memo is dropped once every member has read
+    it, so no activation outlives a layer.
     """
 
-    def __init__(self, members: int):
-        self.members = members
+    def __init__(self) -> None:
+        self.members: list[FactorizedLinear] = []
         self._x: torch.Tensor | None = None
         self._version = -1
-        self._xu: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
         self._left = 0
 
-    def project(self, x: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-        if self._x is x and self._version == x._version and self._left > 0:
-            xu = self._xu
+    def register(self, linear: FactorizedLinear) -> int:
+        self.members.append(linear)
+        return len(self.members) - 1
+
+    @staticmethod
+    def _version_of(x: torch.Tensor) -> int:
+        # inference tensors (torch.inference_mode, Lightning's predict/test loops) have no
+        # version counter; within one layer nothing writes to the attention input anyway
+        return -2 if x.is_inference() else x._version
+
+    def hit(self, x: torch.Tensor) -> bool:
+        return self._x is x and self._version == self._version_of(x) and self._left > 0
+
+    def output(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """Member ``slot``'s ``x @ W`` (no bias), computing every member's on a miss."""
+        if self.hit(x):
+            y = self._y
             self._left -= 1
         else:
-            xu = x @ U
-            self._x, self._version, self._xu, self._left = x, x._version, xu, self.members - 1
+            bank = self.members[0].bank
+            idx = torch.cat([m.blocks.flatten() for m in self.members])
+            cores = bank.slice_cores(idx)  # (members, a, b)
+            grid = cores.permute(1, 0, 2).reshape(cores.shape[1], -1)  # a × (members·b)
+            z = (x @ bank.U) @ grid
+            y = z.unflatten(-1, (len(self.members), -1)) @ bank.V.t()  # (…, members, D)
+            self._x, self._version, self._y, self._left = x, self._version_of(x), y, len(self.members) - 1
         if self._left == 0:
-            self._x = self._xu = None
-        return xu
+            self._x = self._y = None
+        return y[..., slot, :]
 
 
 class FactorizedLinear(nn.Module):
@@ -70,11 +93,17 @@ class FactorizedLinear(nn.Module):
         self.in_features, self.out_features = self.n_in * D, self.n_out * D
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         object.__setattr__(self, "shared_input", shared_input)
+        self.slot = shared_input.register(self) if shared_input is not None else None
+        if shared_input is not None and (self.n_in, self.n_out) != (1, 1):
+            raise ValueError("a shared input serves single-block linears (Q, K, V) only")
         self.mode = "factorized"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "reconstructed":
             return F.linear(x, self.weight, self.bias)
+        if self.shared_input is not None:
+            y = self.shared_input.output(x, self.slot)
+            return y + self.bias if self.bias is not None else y
         bank = self.bank
         idx = self.blocks.flatten()
         cores = bank.slice_cores(idx)  # (n_in·n_out, a, b)
@@ -83,7 +112,7 @@ class FactorizedLinear(nn.Module):
             y = self._forward_lowrank(x, idx, cores)
         else:
             if self.n_in == 1:
-                xu = self.shared_input.project(x, bank.U) if self.shared_input else x @ bank.U
+                xu = x @ bank.U
             else:
                 xu = x.unflatten(-1, (self.n_in, -1)) @ bank.U  # (…, n_in, a)
             # cores as one (n_in·a) × (n_out·b) matrix: row (j, a), column (m, b)

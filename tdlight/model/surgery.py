@@ -175,7 +175,7 @@ def compress(
     for i, layer in enumerate(encoder.layer):
         qkv_groups = {layout.index[b][0] for t in ("query", "key", "value") if t in layout.types
                       for b in layout.blocks_of(i, t)}
-        shared = SharedInput(3) if rspec.variant != "lowrank" and len(qkv_groups) == 1 and "query" in layout.types else None
+        shared = SharedInput() if rspec.variant != "lowrank" and len(qkv_groups) == 1 and "query" in layout.types else None
         for t in layout.types:
             parent, attr, lin = _get_linear(layer, t, i)
             blks = layout.blocks_of(i, t)
