@@ -24,9 +24,34 @@ _task_started = False
 
 
 def _stages():
-    from tdlight.stages import decompose
+    from tdlight.stages import decompose, evaluate, finetune
 
-    return {"decompose": decompose.run}
+    return {"decompose": decompose.run, "finetune": finetune.run, "evaluate": evaluate.run}
+
+
+def _resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
+    """``resume=<run dir>``: that run's saved config with this command's value overrides on top."""
+    from tdlight.config import Config
+    from tdlight.stages.common import last_checkpoint, saved_config
+
+    src = Path(cfg.resume)
+    saved = saved_config(src)
+    last_checkpoint(src)  # an error, never a silent restart, when there is nothing to resume
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "paths.output_dir="))]
+    dotlist = []
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if "=" not in o or o.startswith(("+", "~")) or OmegaConf.is_config(OmegaConf.select(saved, key)):
+            raise TdlightError(
+                f"when resuming, only value overrides (key.sub=value) apply on top of the saved config; "
+                f"got {o!r}. Valid e.g.: trainer.max_epochs=5"
+            )
+        if OmegaConf.select(saved, key, default="__missing__") == "__missing__":
+            raise TdlightError(f"override {o!r}: the saved config of {str(src)!r} has no key {key!r}")
+        dotlist.append(o)
+    merged = OmegaConf.merge(OmegaConf.structured(Config), saved, OmegaConf.from_dotlist(dotlist))
+    merged.resume = str(src)
+    return merged, src
 
 
 def _discard_fresh_run_dir(run_dir: Path) -> None:
@@ -42,9 +67,16 @@ def _discard_fresh_run_dir(run_dir: Path) -> None:
 def _app(cfg: DictConfig) -> None:
     global _task_started
     _task_started = True
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    fresh = run_dir = Path(HydraConfig.get().runtime.output_dir)
     stages = _stages()
     try:
+        if cfg.get("resume"):
+            cfg, run_dir = _resumed_config(cfg)
+            # log into the resumed run's own tdlight.log; the fresh directory Hydra made is dropped
+            handler = logging.FileHandler(run_dir / "tdlight.log")
+            handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+            logging.getLogger().addHandler(handler)
+            log.info("resuming %s", run_dir)
         if cfg.stage.name not in stages:
             raise TdlightError(f"unknown stage {cfg.stage.name!r}; valid: {sorted(stages)}")
         print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
@@ -52,8 +84,10 @@ def _app(cfg: DictConfig) -> None:
     except TdlightError as e:
         print(f"tdlight: error: {e}", file=sys.stderr, flush=True)
         logging.shutdown()
-        _discard_fresh_run_dir(run_dir)
+        _discard_fresh_run_dir(fresh)
         sys.exit(2)
+    if fresh != run_dir:
+        _discard_fresh_run_dir(fresh)
 
 
 def main() -> None:

@@ -8,11 +8,12 @@ misspelled key or a wrong type is rejected before any work starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from tdlight.tensor.spec import CompressionSpec
 
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class TeacherConfig:
     name: str = "minilm"
     path: str = "minilm"  # an embedded name, an HF model directory, or a hub name
+    run_dir: Optional[str] = None  # a finetune run directory: use its fine-tuned teacher instead of path
 
 
 @dataclass
@@ -46,27 +48,126 @@ class CompressionConfig:
     seed: int = 0
 
 
+class DataSource(str, Enum):
+    auto = "auto"  # the local GLUE directory when the file is there, else the hub
+    local = "local"
+    hub = "hub"
+
+
+class WandbMode(str, Enum):
+    auto = "auto"  # online only when W&B credentials are configured
+    offline = "offline"
+    online = "online"
+
+
 @dataclass
-class StageConfig:
+class DecomposeStage:
     name: str = "decompose"
     save_model: bool = True
+
+
+@dataclass
+class FinetuneStage:
+    """Fine-tune the teacher on ``task``; unset values come from the task's defaults."""
+
+    name: str = "finetune"
+    lr: Optional[float] = None
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    max_length: Optional[int] = None
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    eval_batch_size: int = 64
+    limit_train: Optional[int] = None  # first N training examples (smoke runs, tests)
+    limit_eval: Optional[int] = None
+    num_workers: int = 0
+
+
+@dataclass
+class EvaluateStage:
+    """Evaluate ``model`` (a run directory or a model path; empty: the teacher) on ``task``."""
+
+    name: str = "evaluate"
+    model: str = ""
+    batch_size: int = 64
+    max_length: Optional[int] = None
+    limit_eval: Optional[int] = None
+    num_workers: int = 0
+
+
+@dataclass
+class TaskConfig:
+    """A GLUE task and its fine-tuning defaults (``conf/task/*.yaml``)."""
+
+    name: str = "cola"
+    epochs: int = 3
+    lr: float = 5e-5
+    batch_size: int = 32
+    max_length: int = 128
+    source: DataSource = DataSource.auto
+
+
+@dataclass
+class TrainerConfig:
+    """The subset of ``lightning.Trainer`` arguments tdlight exposes (``conf/trainer/*.yaml``)."""
+
+    name: str = "default"
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    max_epochs: Optional[int] = None  # None: the task's epochs
+    max_steps: int = -1
+    gradient_clip_val: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1
+    val_check_interval: Optional[float] = None
+    limit_train_batches: Optional[float] = None
+    limit_val_batches: Optional[float] = None
+    log_every_n_steps: int = 10
+    num_sanity_val_steps: int = 0
+    checkpoint_every_n_steps: Optional[int] = None  # also save last.ckpt every N steps (mid-epoch resume)
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment loggers (``conf/logger/*.yaml``): a CSV logger unless ``none``, W&B if ``wandb``."""
+
+    name: str = "wandb"
+    wandb: bool = True
+    csv: bool = True
+    project: str = "tdlight"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list = field(default_factory=list)
+    mode: WandbMode = WandbMode.auto
 
 
 @dataclass
 class PathsConfig:
     output_dir: str = "outputs"
     data_dir: str = "../shared/data"
+    cache_dir: str = "outputs/cache"
 
 
 @dataclass
 class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
-    stage: StageConfig = field(default_factory=StageConfig)
+    stage: Any = MISSING  # one of the stage schemas above, chosen by the stage/ group
+    task: Optional[TaskConfig] = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     experiment: Optional[Any] = None
+    resume: Optional[str] = None  # a run directory: reload its config and continue from its last checkpoint
     seed: int = 0
     device: str = "auto"
+
+
+STAGE_SCHEMAS = {"decompose": DecomposeStage, "finetune": FinetuneStage, "evaluate": EvaluateStage}
 
 
 def compression_spec(cfg) -> CompressionSpec:
@@ -79,4 +180,7 @@ def compression_spec(cfg) -> CompressionSpec:
 def register() -> None:
     if not OmegaConf.has_resolver("tdlight_root"):
         OmegaConf.register_new_resolver("tdlight_root", lambda: str(ROOT))
-    ConfigStore.instance().store(name="tdlight_schema", node=Config)
+    cs = ConfigStore.instance()
+    cs.store(name="tdlight_schema", node=Config)
+    for name, node in STAGE_SCHEMAS.items():  # each conf/stage/<name>.yaml extends its schema
+        cs.store(group="stage", name=f"{name}_schema", node=node)

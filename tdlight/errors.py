@@ -21,3 +21,11 @@ class TeacherError(TdlightError):
 
 class ArtifactError(TdlightError):
     """A missing, corrupt or incompatible saved artifact."""
+
+
+class DataError(TdlightError):
+    """Unknown task, missing or malformed data file (the message names file and line)."""
+
+
+class RunError(TdlightError):
+    """A run directory that cannot be used: nothing to resume, wrong stage, missing artifact."""

@@ -62,3 +62,19 @@ def token_ids():
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """A tiny random BertForSequenceClassification + word-level tokenizer saved as an HF directory."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "tiny"
+    BertForSequenceClassification(tiny_config(num_labels=2)).save_pretrained(path)
+    from transformers import BertTokenizerFast
+
+    vocab = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]))
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(path)
+    return path

@@ -11,21 +11,6 @@ import torch
 from tests.conftest import tiny_config
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    from transformers import BertForSequenceClassification
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "tiny"
-    BertForSequenceClassification(tiny_config(num_labels=2)).save_pretrained(path)
-    from transformers import BertTokenizerFast
-
-    vocab = tmp_path_factory.mktemp("vocab") / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]))
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(path)
-    return path
-
-
 def run_cli(out: Path, *overrides: str) -> subprocess.CompletedProcess:
     flags = [o for o in overrides if o.startswith("--")]
     rest = [o for o in overrides if not o.startswith("--")]

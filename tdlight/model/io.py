@@ -160,3 +160,19 @@ def export_dense(path_in: str | os.PathLike, path_out: str | os.PathLike) -> Pat
             tokenizer.save_pretrained(tmp)
 
     return atomic_directory(path_out, write)
+
+
+def save_model(model: nn.Module, tokenizer, path: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Save a trained model atomically: the tdlight format if compressed, else a plain HF directory."""
+    from tdlight.model.surgery import is_compressed
+
+    model = model.cpu().eval()
+    if is_compressed(model):
+        return save_compressed(model, path, tokenizer, extra=extra)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return atomic_directory(path, write)

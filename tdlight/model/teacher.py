@@ -76,3 +76,37 @@ def load_teacher(name_or_path: str) -> tuple[nn.Module, object]:
         ) from e
     encoder_weights(model)  # raises TeacherError unless BERT-shaped
     return model.eval(), tokenizer
+
+
+def load_classifier(name_or_path: str, num_labels: int) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for sequence classification on top of a teacher.
+
+    A model directory saved by tdlight (``tdlight.json``, compressed) loads as it was
+    saved; otherwise ``AutoModelForSequenceClassification`` with ``num_labels`` (1 means
+    regression), a new head when the checkpoint has none (e.g. the embedded MiniLM).
+    """
+    from tdlight.model.io import load_compressed, load_tokenizer
+
+    local = Path(os.path.expanduser(name_or_path))
+    if (local / "tdlight.json").is_file():
+        model = load_compressed(local)
+        return model, load_tokenizer(local)
+    path = resolve_teacher(name_or_path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        new_head = getattr(config, "num_labels", None) != num_labels
+        if new_head:
+            config.num_labels = num_labels
+            config.id2label = {i: str(i) for i in range(num_labels)}
+            config.label2id = {str(i): i for i in range(num_labels)}
+        config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
+        # a head for another label count (e.g. a teacher fine-tuned on another task) starts fresh
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, ignore_mismatched_sizes=new_head)
+        tokenizer = _load_tokenizer(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise TeacherError(
+            f"could not load {name_or_path!r} for sequence classification: {str(e).splitlines()[0]}"
+        ) from e
+    encoder_weights(model)
+    return model, tokenizer

@@ -23,6 +23,7 @@ from tdlight.errors import TdlightError
 from tdlight.model.io import atomic_write_text, save_compressed
 from tdlight.model.surgery import compress, count_parameters, encoder_shape
 from tdlight.model.teacher import load_teacher
+from tdlight.stages.common import teacher_source
 from tdlight.tensor.accounting import param_counts
 from tdlight.tensor.spec import resolve
 
@@ -45,12 +46,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     console = Console(stderr=True)
     device = resolve_device(cfg.device)
     spec = compression_spec(cfg.compression)
-    teacher, tokenizer = load_teacher(cfg.teacher.path)
+    source = teacher_source(cfg)
+    teacher, tokenizer = load_teacher(source)
     shape = encoder_shape(teacher)
     rspec = resolve(spec, shape)  # bad ranks fail here, before any work
     teacher.to(device)
     before = count_parameters(teacher)
-    log.info("teacher %s: %s; resolved spec %s", cfg.teacher.path, shape, rspec.to_dict())
+    log.info("teacher %s: %s; resolved spec %s", source, shape, rspec.to_dict())
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
@@ -76,7 +78,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if after["encoder"] != formula["encoder"]:  # the model and the accounting must agree
         raise AssertionError(f"parameter accounting mismatch: model {after['encoder']} vs formula {formula['encoder']}")
     result = {
-        "teacher": cfg.teacher.path,
+        "teacher": source,
         "spec": rspec.to_dict(),
         "parameters_before": before,
         "parameters_after": after,
@@ -90,7 +92,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "device": str(device),
     }
     if cfg.stage.save_model:
-        save_compressed(teacher.cpu(), run_dir / "model", tokenizer, extra={"teacher": cfg.teacher.path})
+        save_compressed(teacher.cpu(), run_dir / "model", tokenizer, extra={"teacher": source})
     atomic_write_text(run_dir / "report.json", json.dumps(result, indent=2))
     Console().print(_table(result))
     log.info("ratio %.2f, rel. error %.4f, %.1f s; model in %s", result["ratio"], report.rel_error, seconds, run_dir)

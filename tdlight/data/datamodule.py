@@ -1,0 +1,198 @@
+"""``GlueDataModule``: one GLUE task, tokenized once and cached, dynamically padded batches.
+
+Tokenization runs through ``datasets.Dataset.map`` and the result is stored with
+``save_to_disk`` under ``<cache_dir>/glue/<task>/<split>-<key>``, where the key hashes
+the task, split, data source (local file path, size and mtime; or the hub dataset's
+fingerprint), the tokenizer (name and a hash of its full definition), ``max_length`` and
+the example limit. A second run with the same inputs loads the cache and does not
+tokenize again; any change makes a new entry. An entry is written to a temporary
+directory and renamed into place, so a run that fails (say, on a malformed row) leaves
+no entry behind.
+
+Batches are dicts of tensors: ``input_ids``, ``attention_mask``, ``token_type_ids`` (if
+the tokenizer makes them) padded to the longest sequence of the batch, and ``labels``
+(long; float for STS-B).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from tdlight.data.glue import GlueTask, get_task, load_split, resolve_source
+from tdlight.data.sampling import EpochSampler, ResumableDataLoader, trainer_progress
+
+log = logging.getLogger("tdlight.data")
+
+CACHE_VERSION = 1
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of everything that decides how the tokenizer splits text."""
+    h = hashlib.sha1()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(type(tokenizer).__name__.encode())
+    return h.hexdigest()[:16]
+
+
+class GlueDataModule(L.LightningDataModule):
+    """Train / validation / test dataloaders of one GLUE task.
+
+    ``val_dataloader()`` is one loader, or a list in ``task.validation_splits`` order
+    (MNLI: matched, mismatched). The train order is shuffled by ``(seed, epoch)`` with an
+    :class:`~tdlight.data.sampling.EpochSampler`, so a resumed run replays it exactly.
+    ``limit_train`` / ``limit_eval`` keep the first N examples (smoke runs, tests).
+    """
+
+    def __init__(self, task: str | GlueTask, tokenizer, *, data_dir: str | os.PathLike | None, source: str = "auto",
+                 max_length: int = 128, batch_size: int = 32, eval_batch_size: int | None = None,
+                 num_workers: int = 0, cache_dir: str | os.PathLike | None = None, seed: int = 0,
+                 limit_train: int | None = None, limit_eval: int | None = None):
+        super().__init__()
+        self.task = get_task(task)
+        self.tokenizer = tokenizer
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.source = source
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.seed = seed
+        self.limit_train, self.limit_eval = limit_train, limit_eval
+        self.val_split_names = self.task.validation_splits
+        self.datasets: dict[str, object] = {}
+        self.tokenized_now: list[str] = []  # splits tokenized (not loaded from cache) by this instance
+        for name, value in (("max_length", max_length), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        self._collate = None
+
+    # --- tokenization and cache ---------------------------------------------------------
+
+    def _limit(self, split: str) -> int | None:
+        return self.limit_train if split == "train" else self.limit_eval
+
+    def _cache_key(self, split: str) -> tuple[str, dict]:
+        kind, path = resolve_source(self.task, split, self.data_dir, self.source)
+        if kind == "local":
+            st = path.stat()
+            src = {"file": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        else:
+            src = {"hub": f"{self.task.hub_config}/{split}"}
+        info = {"version": CACHE_VERSION, "task": self.task.name, "split": split, "source": src,
+                "tokenizer": getattr(self.tokenizer, "name_or_path", ""), "tokenizer_hash": tokenizer_fingerprint(self.tokenizer),
+                "max_length": self.max_length, "limit": self._limit(split)}
+        return hashlib.sha1(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16], info
+
+    def _tokenize(self, split: str):
+        ds = load_split(self.task, split, data_dir=self.data_dir, source=self.source)
+        limit = self._limit(split)
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        cols = self.task.text_columns
+        tok, max_length = self.tokenizer, self.max_length
+
+        def encode(batch):
+            texts = [batch[c] for c in cols]
+            enc = tok(*texts, truncation=True, max_length=max_length)
+            enc["labels"] = batch["label"]
+            return enc
+
+        self.tokenized_now.append(split)
+        return ds.map(encode, batched=True, remove_columns=list(ds.column_names),
+                      desc=f"tokenizing {self.task.name} {split}", keep_in_memory=True)
+
+    def _load(self, split: str):
+        import datasets
+
+        if self.cache_dir is None:
+            return self._tokenize(split)
+        key, info = self._cache_key(split)
+        entry = self.cache_dir / "glue" / self.task.name / f"{split}-{key}"
+        if (entry / "tdlight_cache.json").is_file():
+            return datasets.load_from_disk(str(entry))
+        ds = self._tokenize(split)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+        try:
+            ds.save_to_disk(str(tmp))
+            (tmp / "tdlight_cache.json").write_text(json.dumps(info, indent=2))
+            try:
+                os.replace(tmp, entry)
+            except OSError:  # another process made the same entry meanwhile: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("cached tokenized %s %s in %s", self.task.name, split, entry)
+        return datasets.load_from_disk(str(entry))
+
+    def _splits_for(self, stage: str | None) -> list[str]:
+        if stage in ("fit", None):
+            return ["train", *self.task.validation_splits] if "train" in self.task.splits else list(self.task.validation_splits)
+        if stage == "validate":
+            return list(self.task.validation_splits)
+        if stage in ("test", "predict"):
+            return list(self.task.test_splits)
+        return []
+
+    def prepare_data(self) -> None:
+        """Tokenize and cache the train and validation splits (once, on one process)."""
+        for split in self._splits_for("fit"):
+            if split not in self.datasets:
+                self.datasets[split] = self._load(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in self._splits_for(stage):
+            if split not in self.datasets:
+                self.datasets[split] = self._load(split)
+
+    # --- loaders -------------------------------------------------------------------------
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if self._collate is None:
+            from transformers import DataCollatorWithPadding
+
+            self._collate = DataCollatorWithPadding(self.tokenizer, return_tensors="pt")
+        batch = dict(self._collate(features))
+        if self.task.is_regression:
+            batch["labels"] = batch["labels"].float()
+        return batch
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        ds = self.datasets[split]
+        # own generator: creating the iterator must not draw from the global RNG (dropout's)
+        gen = torch.Generator().manual_seed(self.seed)
+        kwargs = dict(batch_size=self.batch_size if train else self.eval_batch_size,
+                      sampler=EpochSampler(len(ds), self.seed, shuffle=train), collate_fn=self.collate,
+                      num_workers=self.num_workers, generator=gen, persistent_workers=self.num_workers > 0)
+        if train:
+            trainer = self.trainer
+            progress = (lambda: trainer_progress(trainer)) if trainer is not None else None
+            return ResumableDataLoader(ds, progress=progress, **kwargs)
+        return DataLoader(ds, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self):
+        loaders = [self._loader(s, train=False) for s in self.task.validation_splits]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def test_dataloader(self):
+        loaders = [self._loader(s, train=False) for s in self.task.test_splits]
+        return loaders[0] if len(loaders) == 1 else loaders

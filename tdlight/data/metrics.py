@@ -1,0 +1,92 @@
+"""GLUE metrics on torchmetrics, and the single GLUE score of each task.
+
+All values are fractions in [0, 1] (correlations in [-1, 1]), not ×100. The ``score`` of
+a task is its GLUE leaderboard number: CoLA Matthews correlation; STS-B the mean of
+Pearson and Spearman; MRPC and QQP the mean of F1 (positive class 1) and accuracy; the
+rest accuracy. MNLI is scored per validation split (matched, mismatched); its task score
+is the mean of the two, and it counts once in the GLUE average.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchmetrics
+from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
+from torchmetrics.functional.classification import binary_f1_score, matthews_corrcoef, multiclass_accuracy
+from torchmetrics.utilities import dim_zero_cat
+
+from tdlight.data.glue import GlueTask, get_task
+
+
+def glue_metrics(task: GlueTask | str, preds, labels) -> dict[str, float]:
+    """The task's official metrics and ``score`` from 1-D predictions (class indices, or floats for STS-B)."""
+    task = get_task(task)
+    p, y = torch.as_tensor(preds), torch.as_tensor(labels)
+    if task.is_regression:
+        p, y = p.double().flatten(), y.double().flatten()
+        out = {"pearson": pearson_corrcoef(p, y).item(), "spearman": spearman_corrcoef(p, y).item()}
+        out["score"] = (out["pearson"] + out["spearman"]) / 2
+        return out
+    p, y = p.long().flatten(), y.long().flatten()
+    n = task.num_labels
+    out: dict[str, float] = {}
+    for m in task.metrics:
+        if m == "accuracy":
+            out[m] = multiclass_accuracy(p, y, num_classes=n, average="micro").item() if len(y) else 0.0
+        elif m == "f1":
+            out[m] = binary_f1_score(p, y).item()
+        elif m == "matthews_correlation":
+            out[m] = matthews_corrcoef(p, y, task="multiclass", num_classes=n).item()
+        else:  # pragma: no cover - the registry only names the metrics above
+            raise KeyError(m)
+    out["score"] = sum(out[m] for m in task.metrics) / len(task.metrics)
+    return out
+
+
+class GlueMetric(torchmetrics.Metric):
+    """Accumulates predictions and targets of one evaluation split; ``compute()`` -> :func:`glue_metrics`.
+
+    ``update(preds, target)``: ``preds`` are logits (N, C), or (N,) / (N, 1) scores for STS-B;
+    ``target`` (N,). The states are concatenated across processes under DDP, so the
+    result equals a single-process evaluation of the same examples. ``compute()``
+    returns a dict of Python floats.
+    """
+
+    full_state_update = False
+
+    def __init__(self, task: GlueTask | str, **kwargs):
+        super().__init__(**kwargs)
+        self.task = get_task(task)
+        self.add_state("preds", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        if self.task.is_regression:
+            p = preds.detach().float().reshape(-1)
+        else:
+            p = preds.detach().argmax(dim=-1) if preds.ndim > 1 else preds.detach().long()
+        self.preds.append(p)
+        self.target.append(target.detach().reshape(-1))
+
+    def compute(self) -> dict[str, float]:
+        preds = dim_zero_cat(self.preds) if self.preds else torch.empty(0)
+        target = dim_zero_cat(self.target) if self.target else torch.empty(0)
+        return glue_metrics(self.task, preds.cpu(), target.cpu())
+
+
+def glue_average(scores: dict[str, float]) -> float:
+    """The GLUE average of per-task scores ``{task: score}``.
+
+    MNLI counts once: pass ``"mnli"`` (already the matched/mismatched mean), or
+    ``"mnli_matched"`` and ``"mnli_mismatched"``, which are averaged into one. ``"ax"``
+    (a diagnostic) is not part of the average.
+    """
+    folded = {k: v for k, v in scores.items() if not k.startswith("mnli_") and k != "ax"}
+    parts = [v for k, v in scores.items() if k.startswith("mnli_")]
+    if parts:
+        if "mnli" in folded:
+            raise ValueError("give MNLI either as 'mnli' or as 'mnli_matched'/'mnli_mismatched', not both")
+        folded["mnli"] = sum(parts) / len(parts)
+    if not folded:
+        raise ValueError("no task scores to average")
+    return sum(folded.values()) / len(folded)

@@ -1,0 +1,224 @@
+"""What every training stage shares: run directories, loggers, the Trainer, resume.
+
+A run directory (``outputs/<stage>/<run id>/``) holds ``.hydra/`` (the composed config),
+``tdlight.log``, ``checkpoints/`` (``last.ckpt`` to resume, ``best.ckpt``), ``csv/version_N/``
+(Lightning's CSV logger; one version per start or resume), ``wandb/`` and ``wandb_id`` (so a resume continues the same W&B
+run), and the artifact the next stage reads (``model/``) plus ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from tdlight.errors import RunError, TdlightError
+
+log = logging.getLogger("tdlight")
+
+CHECKPOINTS = "checkpoints"
+LAST = "last.ckpt"
+
+
+# --- run directories ----------------------------------------------------------------
+
+
+def saved_config(run_dir: str | os.PathLike) -> DictConfig:
+    """The composed config a run was started with (``.hydra/config.yaml``)."""
+    p = Path(run_dir)
+    if not p.is_dir():
+        raise RunError(f"run directory {str(p)!r} does not exist")
+    f = p / ".hydra" / "config.yaml"
+    if not f.is_file():
+        raise RunError(f"{str(p)!r} is not a tdlight run directory: it has no .hydra/config.yaml")
+    return OmegaConf.load(f)
+
+
+def last_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """``checkpoints/last.ckpt`` of a run; an error (never a silent restart) if there is none."""
+    ckpt = Path(run_dir) / CHECKPOINTS / LAST
+    if not ckpt.is_file():
+        raise RunError(
+            f"cannot resume {str(run_dir)!r}: it has no checkpoint ({CHECKPOINTS}/{LAST}). A run can be resumed "
+            "once it has saved one (at the end of each epoch, or every trainer.checkpoint_every_n_steps); "
+            "start a new run instead"
+        )
+    return ckpt
+
+
+def stage_artifact(run_dir: str | os.PathLike, stages: tuple[str, ...], what: str = "model") -> Path:
+    """``<run_dir>/<what>`` of a finished run of one of ``stages``, checked."""
+    cfg = saved_config(run_dir)
+    stage = cfg.get("stage", {}).get("name")
+    if stage not in stages:
+        raise RunError(f"run directory {str(run_dir)!r} is a {stage!r} run; expected one of {list(stages)}")
+    art = Path(run_dir) / what
+    if not art.exists():
+        raise RunError(f"run directory {str(run_dir)!r} has no {what}/: the run did not finish; resume it first")
+    return art
+
+
+def teacher_source(cfg: DictConfig) -> str:
+    """The teacher to load: the fine-tuned model of ``teacher.run_dir`` if set, else ``teacher.path``."""
+    if cfg.teacher.get("run_dir"):
+        return str(stage_artifact(cfg.teacher.run_dir, ("finetune",)))
+    return cfg.teacher.path
+
+
+# --- loggers --------------------------------------------------------------------------
+
+
+def _wandb_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> list:
+    """CSV logger (unless ``logger=none``) and W&B (``logger=wandb``), both inside ``run_dir``.
+
+    The W&B run id is stored in ``run_dir/wandb_id`` so a resumed run logs into the same
+    W&B run. W&B runs offline unless credentials are configured (or ``logger.mode=online``).
+    """
+    lc = cfg.logger
+    loggers: list = []
+    if lc.csv:
+        from lightning.pytorch.loggers import CSVLogger
+
+        # csv/version_N/metrics.csv: a resumed run starts a new version instead of overwriting
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv"))
+    if lc.wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        mode = getattr(lc.mode, "value", lc.mode)
+        offline = mode == "offline" or (mode == "auto" and not _wandb_configured())
+        if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+            offline = True
+        id_file = run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id + "\n")
+        wb = WandbLogger(
+            project=lc.project, entity=lc.entity, group=lc.group, tags=list(lc.tags) or None,
+            name=f"{cfg.stage.name}/{run_dir.name}", id=run_id, resume="allow", offline=offline,
+            save_dir=str(run_dir), job_type=cfg.stage.name,
+        )
+        loggers.append(wb)
+    for lg in loggers:
+        lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), **summary})
+    return loggers
+
+
+# --- resumable RNG -------------------------------------------------------
+
+
+class RestoreRng(Callback):
+    """Saves the torch (and CUDA) RNG state in checkpoints and restores it on resume.
+
+    Lightning restores the model, optimizer, scheduler and loops but not the global RNG
+    that dropout draws from; without it a resumed run diverges from an uninterrupted
+    one. (The data order is restored by :class:`tdlight.data.sampling.ResumableDataLoader`.)
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch_rng"])
+        if "cuda_rng" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda_rng"])
+
+
+# --- the Trainer ----------------------------------------------------------------------------
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, *, max_epochs: int, monitor: str | None,
+                  summary: dict[str, Any], extra_callbacks: list | None = None) -> L.Trainer:
+    """A Trainer from ``cfg.trainer`` with tdlight's checkpointing in ``run_dir/checkpoints``.
+
+    ``last.ckpt`` is written at the end of every epoch (and every
+    ``trainer.checkpoint_every_n_steps`` steps when set, and on an exception such as
+    Ctrl-C) for resuming; ``best.ckpt`` keeps the best ``monitor`` value (mode max).
+    The loggers (:func:`build_loggers`, with ``summary``) are attached after the Trainer
+    accepted its settings, so a bad setting leaves nothing in ``run_dir``.
+    """
+    t = cfg.trainer
+    ckpt_dir = run_dir / CHECKPOINTS
+    callbacks: list = [
+        # not OnExceptionCheckpoint: its teardown deletes the file it wrote
+        ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False,
+                        every_n_train_steps=t.checkpoint_every_n_steps, save_on_train_epoch_end=True,
+                        save_on_exception=True),
+        RestoreRng(),
+    ]
+    if monitor:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
+                                         save_top_k=1, enable_version_counter=False, save_weights_only=True))
+    if t.enable_progress_bar:
+        callbacks.append(RichProgressBar(leave=True))
+    callbacks += extra_callbacks or []
+    kwargs: dict[str, Any] = dict(
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+        precision=t.precision, max_epochs=t.max_epochs if t.max_epochs is not None else max_epochs,
+        max_steps=t.max_steps, gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches, log_every_n_steps=t.log_every_n_steps,
+        num_sanity_val_steps=t.num_sanity_val_steps, deterministic=t.deterministic,
+        enable_progress_bar=t.enable_progress_bar, default_root_dir=str(run_dir),
+        logger=False, callbacks=callbacks, enable_model_summary=False,
+    )
+    for key in ("val_check_interval", "limit_train_batches", "limit_val_batches"):
+        if t.get(key) is not None:
+            kwargs[key] = t[key]
+    try:
+        trainer = L.Trainer(**kwargs)
+    except Exception as e:  # Lightning reports bad accelerator/strategy/precision values as exceptions
+        if type(e).__name__ in ("MisconfigurationException", "ValueError", "RuntimeError"):
+            raise TdlightError(f"invalid trainer settings: {e}") from e
+        raise
+    trainer.loggers = build_loggers(cfg, run_dir, summary)
+    return trainer
+
+
+def write_json(path: Path, data: dict) -> None:
+    from tdlight.model.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, default=float))
+
+
+class EpochTimer(Callback):
+    """Seconds of training per epoch (``.seconds``, validation excluded) and of validation."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.val_seconds: list[float] = []
+        self._t0 = self._v0 = 0.0
+        self._in_val = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0, self._in_val = time.perf_counter(), 0.0
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._v0 = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        dt = time.perf_counter() - self._v0
+        self.val_seconds.append(dt)
+        self._in_val += dt
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.seconds.append(time.perf_counter() - self._t0 - self._in_val)

@@ -1,0 +1,230 @@
+"""``stage=finetune``: fine-tune the teacher on a GLUE task.
+
+AdamW (no weight decay on biases and LayerNorms), linear warm-up then linear decay,
+gradient clipping and mixed precision from the trainer config, validation every epoch,
+the best epoch by the task's GLUE score kept in ``checkpoints/best.ckpt``. At the end the
+best weights are saved as an HF model directory in ``model/`` (the input of the later
+stages: ``teacher.run_dir=<this run>``) and ``metrics.json`` records the dev scores.
+
+:class:`GlueModule` is the LightningModule of every stage that trains or evaluates a
+sequence classifier on a GLUE task.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from tdlight.errors import TdlightError
+from tdlight.stages.common import EpochTimer, build_trainer, last_checkpoint, teacher_source, write_json
+
+log = logging.getLogger("tdlight.finetune")
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class GlueModule(L.LightningModule):
+    """A sequence classifier (any HF ``*ForSequenceClassification``, dense or compressed) on a task.
+
+    Logs ``train/loss``, ``val/<split>/<metric>`` and ``val/score`` (the task's GLUE score;
+    MNLI: the mean over matched and mismatched), and counts evaluation throughput.
+    """
+
+    def __init__(self, model: nn.Module, task, *, lr: float = 5e-5, weight_decay: float = 0.01,
+                 warmup_ratio: float = 0.1):
+        super().__init__()
+        from tdlight.data.metrics import GlueMetric
+
+        self.model = model
+        self.task = task
+        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.val_metrics = nn.ModuleList([GlueMetric(task) for _ in task.validation_splits])
+        self.total_steps: int | None = None  # set by the stage (see training_steps)
+        self.results: dict[str, float] = {}
+        self.eval_examples = 0
+        self.eval_seconds = 0.0
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.model(**{k: batch[k] for k in MODEL_INPUTS + ("labels",) if k in batch})
+        self.log("train/loss", out.loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["labels"]))
+        return out.loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._t0 = time.perf_counter()
+        self._n = 0
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        logits = self(batch)
+        self.val_metrics[dataloader_idx].update(logits, batch["labels"])
+        self._n += len(batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        self.eval_seconds = time.perf_counter() - self._t0
+        self.eval_examples = self._n
+        results: dict[str, float] = {}
+        scores = []
+        for split, metric in zip(self.task.validation_splits, self.val_metrics):
+            values = {k: float(v) for k, v in metric.compute().items()}
+            metric.reset()
+            prefix = split if len(self.task.validation_splits) > 1 else ""
+            for k, v in values.items():
+                results[f"{prefix}/{k}".lstrip("/")] = v
+            scores.append(values["score"])
+        results["score"] = sum(scores) / len(scores)
+        self.results = results
+        for k, v in results.items():
+            self.log(f"val/{k}", v, prog_bar=k == "score", sync_dist=False)
+
+    def configure_optimizers(self):
+        from transformers import get_linear_schedule_with_warmup
+
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
+        total = self.total_steps or int(self.trainer.estimated_stepping_batches)
+        sched = get_linear_schedule_with_warmup(opt, int(self.warmup_ratio * total), total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def training_steps(trainer: L.Trainer, num_examples: int, batch_size: int) -> int:
+    """Optimizer steps of the whole run, for the LR schedule.
+
+    ``trainer.estimated_stepping_batches`` would give the same number, but it builds the
+    train dataloader before a checkpoint's loop state is restored, which stops Lightning
+    from restoring the loader's position — so a resumed run would replay the epoch.
+    """
+    per_rank = math.ceil(num_examples / trainer.world_size)
+    batches = math.ceil(per_rank / batch_size)
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int):
+        batches = min(batches, limit)
+    elif limit is not None:
+        batches = int(batches * limit)
+    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+    by_epochs = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+    if trainer.max_steps and trainer.max_steps > 0:
+        return trainer.max_steps if by_epochs is None else min(trainer.max_steps, by_epochs)
+    return by_epochs or per_epoch
+
+
+def require_task(cfg: DictConfig):
+    from tdlight.data.glue import TASKS, get_task
+
+    if cfg.get("task") is None:
+        raise TdlightError(f"stage={cfg.stage.name} needs a task: add task=<name>; valid: {sorted(TASKS)}")
+    return get_task(cfg.task.name)
+
+
+def datamodule(cfg: DictConfig, task, tokenizer, *, max_length: int, batch_size: int, eval_batch_size: int,
+               limit_train: int | None, limit_eval: int | None, num_workers: int):
+    from tdlight.data.datamodule import GlueDataModule
+
+    if tokenizer is None:
+        raise TdlightError("the model directory has no tokenizer files; GLUE stages need one to tokenize the text")
+    return GlueDataModule(
+        task.name, tokenizer, data_dir=Path(cfg.paths.data_dir) / "glue", source=getattr(cfg.task.source, "value", cfg.task.source),
+        max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+        cache_dir=cfg.paths.cache_dir, seed=cfg.seed, limit_train=limit_train, limit_eval=limit_eval,
+    )
+
+
+def model_summary(model: nn.Module) -> dict[str, float]:
+    """Encoder parameters and compression ratio (1.0 for a dense model)."""
+    from tdlight.model.surgery import count_parameters, encoder_shape, get_encoder, is_compressed
+    from tdlight.tensor.accounting import dense_counts
+
+    counts = count_parameters(model)
+    encoder = counts["encoder_weights"] + counts["encoder_biases"] + counts["encoder_layernorms"]
+    dense = dense_counts(encoder_shape(model))["encoder"] if is_compressed(model) else encoder
+    out = {"encoder_params": encoder, "ratio": dense / encoder}
+    if is_compressed(model):
+        spec = get_encoder(model).compression
+        out.update(rank_in=spec.rank_in, rank_out=spec.rank_out, variant=spec.variant)
+    return out
+
+
+def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> dict:
+    """Fine-tune; ``extra_callbacks`` are added to the Trainer (programmatic use, tests)."""
+    from tdlight.model.teacher import load_classifier
+
+    task = require_task(cfg)
+    if not task.splits.get("train"):
+        raise TdlightError(f"task {task.name!r} has no training data (it is a test-only diagnostic set)")
+    st, tc = cfg.stage, cfg.task
+    lr = st.lr if st.lr is not None else tc.lr
+    epochs = st.epochs if st.epochs is not None else tc.epochs
+    batch_size = st.batch_size if st.batch_size is not None else tc.batch_size
+    max_length = st.max_length if st.max_length is not None else tc.max_length
+    ckpt = last_checkpoint(run_dir) if cfg.get("resume") else None  # before any work
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    source = teacher_source(cfg)
+    model, tokenizer = load_classifier(source, task.num_labels)
+    dm = datamodule(cfg, task, tokenizer, max_length=max_length, batch_size=batch_size,
+                    eval_batch_size=st.eval_batch_size, limit_train=st.limit_train, limit_eval=st.limit_eval,
+                    num_workers=st.num_workers)
+    dm.prepare_data()  # a missing or malformed data file fails here, before training starts
+    dm.setup("fit")
+    module = GlueModule(model, task, lr=lr, weight_decay=st.weight_decay, warmup_ratio=st.warmup_ratio)
+    summary = {"task": task.name, "teacher": source, **model_summary(model)}
+    timer = EpochTimer()
+    trainer = build_trainer(cfg, run_dir, max_epochs=epochs, monitor="val/score", summary=summary,
+                            extra_callbacks=[timer, *(extra_callbacks or [])])
+    module.total_steps = training_steps(trainer, len(dm.datasets["train"]), batch_size)
+    log.info("fine-tuning %s on %s: lr %g, %d epochs, batch %d, max length %d%s", source, task.name, lr,
+             trainer.max_epochs, batch_size, max_length, f", resuming from {ckpt}" if ckpt else "")
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+
+    best_path = run_dir / "checkpoints" / "best.ckpt"
+    if best_path.is_file():
+        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    results = trainer.validate(module, datamodule=dm, verbose=False) and module.results
+    if trainer.is_global_zero:
+        from tdlight.model.io import save_model
+
+        save_model(module.model, tokenizer, run_dir / "model", extra={"teacher": source, "task": task.name})
+    out = {
+        "stage": "finetune", "task": task.name, "teacher": source, "dev": results, "score": results["score"],
+        "lr": lr, "epochs": trainer.max_epochs, "batch_size": batch_size, "max_length": max_length,
+        "epoch_seconds": timer.seconds, "global_step": trainer.global_step, **summary,
+    }
+    if trainer.is_global_zero:
+        write_json(run_dir / "metrics.json", out)
+        Console().print(results_table(f"tdlight finetune: {task.name} — best of {trainer.max_epochs} epochs", out))
+    for lg in trainer.loggers:
+        if hasattr(lg, "experiment") and type(lg).__name__ == "WandbLogger":
+            lg.experiment.summary.update({f"best/{k}": v for k, v in results.items()})
+            lg.finalize("success")
+    return out
+
+
+def results_table(title: str, r: dict) -> Table:
+    t = Table(title=title)
+    t.add_column("")
+    t.add_column("value", justify="right")
+    for k, v in r["dev"].items():
+        t.add_row(f"dev {k}" if k != "score" else "[bold]GLUE score", f"{v:.4f}")
+    t.add_row("encoder parameters", f"{r['encoder_params']:,}")
+    t.add_row("compression ratio", f"{r['ratio']:.2f}×")
+    if r.get("epoch_seconds"):
+        t.add_row("s / epoch (train)", ", ".join(f"{s:.0f}" for s in r["epoch_seconds"]))
+    if r.get("examples_per_second"):
+        t.add_row("examples / s (eval)", f"{r['examples_per_second']:.1f}")
+    return t

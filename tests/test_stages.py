@@ -1,0 +1,169 @@
+"""Training stages: finetune / evaluate end to end, run directories, resume, loggers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import safetensors.torch
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from tdlight.config import ROOT, register
+
+SMALL = ["stage.limit_train=48", "stage.limit_eval=32", "stage.batch_size=16", "stage.max_length=32",
+         "trainer=cpu", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
+
+
+def cli(out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "tdlight.cli", f"paths.output_dir={out}", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def runs(out: Path, stage: str) -> list[Path]:
+    d = out / stage
+    return sorted(p for p in d.iterdir() if p.is_dir()) if d.exists() else []
+
+
+def weights(model_dir: Path) -> dict:
+    return safetensors.torch.load_file(str(model_dir / "model.safetensors"))
+
+
+def compose_cfg(tmp_path: Path, *overrides: str):
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[f"paths.output_dir={tmp_path}", *overrides])
+
+
+def test_finetune_then_evaluate_cli(tmp_path, teacher_dir):
+    r = cli(tmp_path, "stage=finetune", "task=mrpc", f"teacher.path={teacher_dir}", "stage.epochs=2",
+            "logger=wandb", *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = runs(tmp_path, "finetune")
+    for f in (".hydra/config.yaml", "tdlight.log", "checkpoints/last.ckpt", "checkpoints/best.ckpt",
+              "model/config.json", "model/model.safetensors", "model/tokenizer.json", "metrics.json",
+              "wandb_id"):
+        assert (run / f).exists(), f
+    assert list((run / "wandb").glob(f"offline-run-*-{(run / 'wandb_id').read_text().strip()}"))
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["task"] == "mrpc" and set(m["dev"]) == {"f1", "accuracy", "score"}
+    assert m["score"] == pytest.approx((m["dev"]["f1"] + m["dev"]["accuracy"]) / 2)
+    assert len(m["epoch_seconds"]) == 2 and m["global_step"] == 6
+    assert "GLUE score" in r.stdout
+    (csv,) = [p.read_text() for p in (run / "csv").glob("version_*/metrics.csv")]
+    assert "train/loss_step" in csv and "val/score" in csv
+
+    # evaluate the fine-tuned teacher by its run directory: the same dev score
+    r = cli(tmp_path, "stage=evaluate", "task=mrpc", f"stage.model={run}", "stage.limit_eval=32",
+            "stage.max_length=32", "trainer=cpu", "logger=csv")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (ev,) = runs(tmp_path, "evaluate")
+    e = json.loads((ev / "metrics.json").read_text())
+    assert e["score"] == pytest.approx(m["score"], abs=1e-6)
+    assert e["ratio"] == 1.0 and e["examples"] == 32 and e["examples_per_second"] > 0
+    assert "examples / s" in r.stdout
+
+    # a later stage names its input by run directory
+    r = cli(tmp_path, "stage=decompose", f"teacher.run_dir={run}", "compression.rank=8", "compression.bank=12")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (dec,) = runs(tmp_path, "decompose")
+    r = cli(tmp_path, "stage=evaluate", "task=mrpc", f"stage.model={dec}", "stage.limit_eval=32",
+            "stage.max_length=32", "trainer=cpu", "logger=none")
+    assert r.returncode == 0, r.stderr[-3000:]
+    e2 = json.loads((sorted(runs(tmp_path, "evaluate"))[-1] / "metrics.json").read_text())
+    assert e2["ratio"] > 1 and e2["rank_in"] == 8
+
+
+@pytest.mark.parametrize("stop_after", [2, 4, 6], ids=["mid-epoch-0", "end-of-epoch-0", "mid-epoch-1"])
+def test_resume_equals_uninterrupted(tmp_path, teacher_dir, stop_after):
+    """2 epochs of 4 steps straight == crashed after `stop_after` steps + resumed: same weights, same scores."""
+    from tdlight.stages import finetune
+
+    over = ["stage=finetune", "task=stsb", f"teacher.path={teacher_dir}", "stage.epochs=2", "logger=csv",
+            "trainer.checkpoint_every_n_steps=1", *SMALL, "stage.limit_train=64"]
+    straight = tmp_path / "straight"
+    finetune.run(compose_cfg(tmp_path, *over), straight)
+
+    class Crash(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == stop_after:
+                raise RuntimeError("simulated crash")
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        finetune.run(compose_cfg(tmp_path, *over), resumed, extra_callbacks=[Crash()])
+    assert (resumed / "checkpoints" / "last.ckpt").is_file() and not (resumed / "model").exists()
+    cfg = compose_cfg(tmp_path, *over)
+    cfg.resume = str(resumed)
+    out = finetune.run(cfg, resumed)
+    assert out["global_step"] == 8
+    ref = json.loads((straight / "metrics.json").read_text())
+    assert out["dev"] == pytest.approx(ref["dev"], abs=1e-6)
+    for name in ("last.ckpt", "best.ckpt"):
+        a = torch.load(straight / "checkpoints" / name, weights_only=True)["state_dict"]
+        b = torch.load(resumed / "checkpoints" / name, weights_only=True)["state_dict"]
+        assert a.keys() == b.keys()
+        for k in a:
+            assert (a[k] - b[k]).abs().max() <= 1e-6, (name, k)
+    a, b = weights(straight / "model"), weights(resumed / "model")
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-6, k
+
+
+def test_resume_cli_continues_same_run_and_wandb_id(tmp_path, teacher_dir):
+    r = cli(tmp_path, "stage=finetune", "task=cola", f"teacher.path={teacher_dir}", "stage.epochs=1",
+            "logger=wandb", *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = runs(tmp_path, "finetune")
+    wid = (run / "wandb_id").read_text()
+    r = cli(tmp_path, f"resume={run}", "trainer.max_epochs=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert runs(tmp_path, "finetune") == [run]  # no second run directory
+    assert (run / "wandb_id").read_text() == wid
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["global_step"] == 6 and m["epochs"] == 2
+    assert "resuming" in (run / "tdlight.log").read_text()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["stage=finetune"], "needs a task: add task=<name>"),
+        (["stage=finetune", "task=cola", "task.name=colaa"], "unknown GLUE task 'colaa'"),
+        (["stage=finetune", "task=mnli"], "MNLI"),
+        (["stage=evaluate", "task=cola", "stage.model=/no/such/dir"], "does not exist"),
+        (["stage=finetune", "task=cola", "teacher.run_dir=/no/such/run"], "does not exist"),
+        (["resume=/no/such/run"], "does not exist"),
+        (["stage=finetune", "task=cola", "logger=csv", "trainer.precision=17"], "invalid trainer settings"),
+    ],
+)
+def test_bad_input_exit_2_and_nothing_written(tmp_path, teacher_dir, overrides, message):
+    r = cli(tmp_path, f"teacher.path={teacher_dir}", *overrides)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message.lower() in r.stderr.lower()
+    assert r.stderr.strip().splitlines()[-1].startswith("tdlight: error:")
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file() and "cache" not in p.parts]
+    assert leftovers == []
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path, teacher_dir):
+    run = tmp_path / "finetune" / "x"
+    (run / ".hydra").mkdir(parents=True)
+    cfg = compose_cfg(tmp_path, "stage=finetune", "task=cola", f"teacher.path={teacher_dir}")
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    r = cli(tmp_path, f"resume={run}")
+    assert r.returncode == 2
+    assert "has no checkpoint (checkpoints/last.ckpt)" in r.stderr
+    assert sorted(p.name for p in run.rglob("*")) == [".hydra", "config.yaml"]  # untouched
+
+
+def test_misspelled_or_mistyped_stage_keys_are_rejected(tmp_path):
+    for bad in ("stage.lrr=1", "stage.lr=fast", "trainer.max_epoch=3", "logger.mode=7x"):
+        r = cli(tmp_path, "stage=finetune", "task=cola", bad)
+        assert r.returncode == 2, (bad, r.stderr[-500:])
+    assert not (tmp_path / "finetune").exists()
