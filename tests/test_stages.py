@@ -167,3 +167,29 @@ def test_misspelled_or_mistyped_stage_keys_are_rejected(tmp_path):
         r = cli(tmp_path, "stage=finetune", "task=cola", bad)
         assert r.returncode == 2, (bad, r.stderr[-500:])
     assert not (tmp_path / "finetune").exists()
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_single_process(tmp_path, teacher_dir):
+    """trainer=ddp with 2 CPU processes (gloo): the same dev metrics as one process on the same data."""
+    common = ["stage=evaluate", "task=mrpc", f"teacher.path={teacher_dir}", "stage.limit_eval=64",
+              "stage.max_length=32", "trainer=ddp", "trainer.accelerator=cpu", "logger=csv",
+              "trainer.enable_progress_bar=false"]
+    scores = {}
+    for devices in (2, 1):
+        out = tmp_path / f"d{devices}"
+        r = cli(out, *common, f"trainer.devices={devices}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        (run,) = runs(out, "evaluate")
+        scores[devices] = json.loads((run / "metrics.json").read_text())
+    assert scores[2]["examples"] == scores[1]["examples"] == 64
+    assert scores[2]["dev"] == pytest.approx(scores[1]["dev"], abs=1e-7)
+
+    # training under DDP runs end to end and leaves a loadable model
+    r = cli(tmp_path / "ft", "stage=finetune", "task=mrpc", f"teacher.path={teacher_dir}", "stage.epochs=1",
+            *SMALL, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = runs(tmp_path / "ft", "finetune")
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["global_step"] == 2  # 48 examples / (16 per batch × 2 processes), rounded up
+    assert (run / "model" / "model.safetensors").is_file()

@@ -41,7 +41,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     h = hashlib.sha1()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        h.update(backend.to_str().encode())
+        # the backend's JSON also records the truncation/padding of its last call: leave them out
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        h.update(json.dumps(spec, sort_keys=True).encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(type(tokenizer).__name__.encode())
@@ -54,13 +58,14 @@ class GlueDataModule(L.LightningDataModule):
     ``val_dataloader()`` is one loader, or a list in ``task.validation_splits`` order
     (MNLI: matched, mismatched). The train order is shuffled by ``(seed, epoch)`` with an
     :class:`~tdlight.data.sampling.EpochSampler`, so a resumed run replays it exactly.
-    ``limit_train`` / ``limit_eval`` keep the first N examples (smoke runs, tests).
+    ``limit_train`` / ``limit_eval`` keep the first N examples (smoke runs, tests);
+    ``train=False`` prepares only the evaluation splits.
     """
 
     def __init__(self, task: str | GlueTask, tokenizer, *, data_dir: str | os.PathLike | None, source: str = "auto",
                  max_length: int = 128, batch_size: int = 32, eval_batch_size: int | None = None,
                  num_workers: int = 0, cache_dir: str | os.PathLike | None = None, seed: int = 0,
-                 limit_train: int | None = None, limit_eval: int | None = None):
+                 limit_train: int | None = None, limit_eval: int | None = None, train: bool = True):
         super().__init__()
         self.task = get_task(task)
         self.tokenizer = tokenizer
@@ -73,6 +78,7 @@ class GlueDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.seed = seed
         self.limit_train, self.limit_eval = limit_train, limit_eval
+        self.train = train  # False: evaluation only, the train split is never read
         self.val_split_names = self.task.validation_splits
         self.datasets: dict[str, object] = {}
         self.tokenized_now: list[str] = []  # splits tokenized (not loaded from cache) by this instance
@@ -143,7 +149,8 @@ class GlueDataModule(L.LightningDataModule):
 
     def _splits_for(self, stage: str | None) -> list[str]:
         if stage in ("fit", None):
-            return ["train", *self.task.validation_splits] if "train" in self.task.splits else list(self.task.validation_splits)
+            train = ["train"] if self.train and "train" in self.task.splits else []
+            return [*train, *self.task.validation_splits]
         if stage == "validate":
             return list(self.task.validation_splits)
         if stage in ("test", "predict"):

@@ -69,8 +69,11 @@ class GlueMetric(torchmetrics.Metric):
         self.target.append(target.detach().reshape(-1))
 
     def compute(self) -> dict[str, float]:
-        preds = dim_zero_cat(self.preds) if self.preds else torch.empty(0)
-        target = dim_zero_cat(self.target) if self.target else torch.empty(0)
+        # a list of batches, or one tensor once synced across processes
+        def cat(state):
+            return torch.empty(0) if isinstance(state, list) and not state else dim_zero_cat(state)
+
+        preds, target = cat(self.preds), cat(self.target)
         return glue_metrics(self.task, preds.cpu(), target.cpu())
 
 

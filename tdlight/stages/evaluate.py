@@ -50,7 +50,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise TdlightError(f"model {source!r} has {head} output(s) but task {task.name!r} needs {task.num_labels}")
     dm = datamodule(cfg, task, tokenizer, max_length=st.max_length or cfg.task.max_length, batch_size=st.batch_size,
                     eval_batch_size=st.batch_size, limit_train=None, limit_eval=st.limit_eval,
-                    num_workers=st.num_workers)
+                    num_workers=st.num_workers, train=False)
     dm.prepare_data()
     dm.setup("validate")
     module = GlueModule(model, task)

@@ -53,6 +53,11 @@ class GlueModule(L.LightningModule):
         self.eval_examples = 0
         self.eval_seconds = 0.0
 
+    def on_fit_start(self) -> None:
+        # HF's from_pretrained returns the model in eval mode and Lightning keeps each
+        # submodule's mode as it finds it: without this, training would run without dropout.
+        self.model.train()
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
 
@@ -72,7 +77,9 @@ class GlueModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.eval_seconds = time.perf_counter() - self._t0
-        self.eval_examples = self._n
+        # examples over all processes (under DDP each rank saw its share)
+        self.eval_examples = int(self.trainer.strategy.reduce(torch.tensor(self._n, device=self.device),
+                                                               reduce_op="sum"))
         results: dict[str, float] = {}
         scores = []
         for split, metric in zip(self.task.validation_splits, self.val_metrics):
@@ -85,7 +92,8 @@ class GlueModule(L.LightningModule):
         results["score"] = sum(scores) / len(scores)
         self.results = results
         for k, v in results.items():
-            self.log(f"val/{k}", v, prog_bar=k == "score", sync_dist=False)
+            # identical on every rank (GlueMetric syncs its states); sync_dist keeps Lightning's checks quiet
+            self.log(f"val/{k}", v, prog_bar=k == "score", sync_dist=True)
 
     def configure_optimizers(self):
         from transformers import get_linear_schedule_with_warmup
@@ -132,7 +140,7 @@ def require_task(cfg: DictConfig):
 
 
 def datamodule(cfg: DictConfig, task, tokenizer, *, max_length: int, batch_size: int, eval_batch_size: int,
-               limit_train: int | None, limit_eval: int | None, num_workers: int):
+               limit_train: int | None, limit_eval: int | None, num_workers: int, train: bool = True):
     from tdlight.data.datamodule import GlueDataModule
 
     if tokenizer is None:
@@ -140,7 +148,7 @@ def datamodule(cfg: DictConfig, task, tokenizer, *, max_length: int, batch_size:
     return GlueDataModule(
         task.name, tokenizer, data_dir=Path(cfg.paths.data_dir) / "glue", source=getattr(cfg.task.source, "value", cfg.task.source),
         max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-        cache_dir=cfg.paths.cache_dir, seed=cfg.seed, limit_train=limit_train, limit_eval=limit_eval,
+        cache_dir=cfg.paths.cache_dir, seed=cfg.seed, limit_train=limit_train, limit_eval=limit_eval, train=train,
     )
 
 
