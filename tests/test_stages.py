@@ -193,3 +193,34 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path, teacher_dir):
     m = json.loads((run / "metrics.json").read_text())
     assert m["global_step"] == 2  # 48 examples / (16 per batch × 2 processes), rounded up
     assert (run / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("n, batch, epochs, max_steps, accum, limit",
+                         [(50, 8, 3, -1, 1, None), (50, 8, 3, 10, 1, None), (64, 8, 2, -1, 3, None),
+                          (50, 8, 2, -1, 1, 4), (50, 8, 2, -1, 1, 0.5), (7, 8, 1, -1, 1, None)])
+def test_training_steps_matches_lightning_estimate(n, batch, epochs, max_steps, accum, limit):
+    """The LR schedule length, computed without building the train loader early (see training_steps)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tdlight.stages.finetune import training_steps
+
+    seen = {}
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(2, 1)
+
+        def training_step(self, b, i):
+            return self.w(b[0]).sum()
+
+        def configure_optimizers(self):
+            seen["lightning"] = self.trainer.estimated_stepping_batches
+            seen["ours"] = training_steps(self.trainer, n, batch)
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    kw = {"limit_train_batches": limit} if limit is not None else {}
+    trainer = L.Trainer(max_epochs=epochs, max_steps=max_steps, accumulate_grad_batches=accum, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw)
+    trainer.fit(Probe(), DataLoader(TensorDataset(torch.randn(n, 2)), batch_size=batch))
+    assert seen["ours"] == seen["lightning"]
