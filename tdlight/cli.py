@@ -20,6 +20,7 @@ from tdlight.config import ROOT, register
 from tdlight.errors import TdlightError
 
 log = logging.getLogger("tdlight")
+RESUME_OVERRIDES = "resume_overrides.yaml"
 _task_started = False
 
 
@@ -37,6 +38,10 @@ def _resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
     src = Path(cfg.resume)
     saved = saved_config(src)
     last_checkpoint(src)  # an error, never a silent restart, when there is nothing to resume
+    # overrides given at earlier resumes of this run stay in force (.hydra/resume_overrides.yaml)
+    history_file = src / ".hydra" / RESUME_OVERRIDES
+    earlier = list(OmegaConf.load(history_file)) if history_file.is_file() else []
+    saved = OmegaConf.merge(saved, OmegaConf.from_dotlist(earlier)) if earlier else saved
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "paths.output_dir="))]
     dotlist = []
     for o in overrides:
@@ -51,6 +56,10 @@ def _resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
         dotlist.append(o)
     merged = OmegaConf.merge(OmegaConf.structured(Config), saved, OmegaConf.from_dotlist(dotlist))
     merged.resume = str(src)
+    if dotlist:
+        from tdlight.model.io import atomic_write_text
+
+        atomic_write_text(history_file, OmegaConf.to_yaml(OmegaConf.create(earlier + dotlist)))
     return merged, src
 
 

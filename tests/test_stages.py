@@ -128,6 +128,11 @@ def test_resume_cli_continues_same_run_and_wandb_id(tmp_path, teacher_dir):
     m = json.loads((run / "metrics.json").read_text())
     assert m["global_step"] == 6 and m["epochs"] == 2
     assert "resuming" in (run / "tdlight.log").read_text()
+    # the override stays in force for a later resume (recorded next to the saved config)
+    assert "trainer.max_epochs=2" in (run / ".hydra" / "resume_overrides.yaml").read_text()
+    r = cli(tmp_path, f"resume={run}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 6  # nothing left to train
 
 
 @pytest.mark.parametrize(
