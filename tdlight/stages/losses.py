@@ -1,0 +1,107 @@
+"""Distillation losses (TinyBERT-style, as used by the paper) and the student→teacher layer map.
+
+Layers are numbered 1..L as in ``hidden_states`` (0 is the embedding output). Every loss
+is zero when the student's internals equal the teacher's and positive otherwise; padding
+never contributes (token positions with ``attention_mask == 0`` are left out, and for
+attention scores both the query and the key must be real tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tdlight.errors import SpecError
+from tdlight.model.capture import Internals
+
+LAYER_MAPS = ("last", "all", "uniform")
+
+
+def layer_map(kind: str | list, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """``[(student layer, teacher layer), ...]`` for ``kind``:
+
+    * ``last``: the last layers only;
+    * ``all``: one to one (needs the same depth);
+    * ``uniform``: student layer i ↔ teacher layer i·Lt/Ls (TinyBERT's map for a shallower student);
+    * an explicit list of ``[s, t]`` pairs, each checked to be in range.
+    """
+    Ls, Lt = student_layers, teacher_layers
+    if isinstance(kind, str):
+        if kind == "last":
+            return [(Ls, Lt)]
+        if kind == "all":
+            if Ls != Lt:
+                raise SpecError(f"layer map 'all' needs the same depth, got student {Ls} vs teacher {Lt} layers; "
+                                f"use 'uniform' or 'last'")
+            return [(i, i) for i in range(1, Ls + 1)]
+        if kind == "uniform":
+            if Lt % Ls:
+                raise SpecError(f"layer map 'uniform' needs the teacher depth {Lt} to be a multiple of the student "
+                                f"depth {Ls}; give explicit pairs instead")
+            return [(i, i * Lt // Ls) for i in range(1, Ls + 1)]
+        raise SpecError(f"unknown layer map {kind!r}; valid: {list(LAYER_MAPS)} or a list of [student, teacher] pairs")
+    pairs = []
+    for p in kind:
+        try:
+            s, t = (int(x) for x in p)
+        except (TypeError, ValueError):
+            raise SpecError(f"layer map entry {p!r} is not a [student, teacher] pair of layer numbers") from None
+        if not (0 <= s <= Ls) or not (0 <= t <= Lt):
+            raise SpecError(f"layer map entry [{s}, {t}] is out of range: student layers are 0..{Ls}, "
+                            f"teacher layers 0..{Lt} (0 = the embedding output)")
+        pairs.append((s, t))
+    if not pairs:
+        raise SpecError("the layer map is empty; give at least one [student, teacher] pair")
+    return pairs
+
+
+def _masked_mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the positions where ``weight`` (broadcastable) is 1."""
+    diff = (a.float() - b.float()).square() * weight
+    denom = weight.expand_as(diff).sum().clamp_min(1.0)
+    return diff.sum() / denom
+
+
+def hidden_loss(student: Internals, teacher: Internals, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """Mean over mapped layers of the MSE between hidden states (B, S, D), real tokens only."""
+    w = student.attention_mask[..., None].to(student.hidden_states[0].dtype)  # (B, S, 1)
+    losses = [_masked_mse(student.hidden_states[s], teacher.hidden_states[t], w) for s, t in pairs]
+    return torch.stack(losses).mean()
+
+
+def attention_loss(student: Internals, teacher: Internals, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """Mean over mapped layers (≥ 1; layer 0 has none) of the MSE between pre-softmax scores (B, H, S, S)."""
+    m = student.attention_mask.to(student.scores[0].dtype)
+    w = (m[:, None, :, None] * m[:, None, None, :])  # query and key both real
+    use = [(s, t) for s, t in pairs if s >= 1 and t >= 1]
+    if not use:
+        raise SpecError("attention distillation needs at least one pair of transformer layers (not 0)")
+    losses = []
+    for s, t in use:
+        a, b = student.scores[s - 1], teacher.scores[t - 1]
+        if a.shape[1] != b.shape[1]:
+            raise SpecError(f"student layer {s} has {a.shape[1]} heads but teacher layer {t} has {b.shape[1]}")
+        losses.append(_masked_mse(a, b, w))
+    return torch.stack(losses).mean()
+
+
+def embedding_loss(student: Internals, teacher: Internals) -> torch.Tensor:
+    """MSE between the embedding outputs (``hidden_states[0]``), real tokens only."""
+    return hidden_loss(student, teacher, [(0, 0)])
+
+
+def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
+                    regression: bool = False) -> torch.Tensor:
+    """Prediction-layer distillation: MSE for regression (STS-B); for classification the KL
+    divergence from the teacher's to the student's distribution at temperature T, × T²
+    (Hinton's scaling, so gradients keep their size across T). The KL has the gradients of
+    the soft cross-entropy but is zero when the two agree.
+    """
+    if regression:
+        return F.mse_loss(student_logits.float().squeeze(-1), teacher_logits.float().squeeze(-1))
+    if temperature <= 0:
+        raise SpecError(f"temperature={temperature!r} must be > 0")
+    T = temperature
+    log_p = F.log_softmax(student_logits.float() / T, dim=-1)
+    log_q = F.log_softmax(teacher_logits.float() / T, dim=-1)
+    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * T * T
