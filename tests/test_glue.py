@@ -231,3 +231,31 @@ def test_failed_tokenization_leaves_no_cache_entry(tmp_path, tokenizer):
     with pytest.raises(DataError, match=r"train.tsv:3: label 'nope'"):
         dm.prepare_data()
     assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_hub_source_through_the_same_interface(tmp_path, monkeypatch):
+    """source=hub (and auto without a local file, online) reads nyu-mll/glue; mocked, no network."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"premise": ["p"], "hypothesis": ["h"], "label": [2], "idx": [0],
+                                           "extra": ["dropped"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    ds = load_split("mnli", "validation_mismatched", data_dir=tmp_path, source="auto")
+    assert calls == [("nyu-mll/glue", "mnli", "validation_mismatched")]
+    assert ds.column_names == ["premise", "hypothesis", "label", "idx"] and ds[0]["label"] == 2
+    load_split("mnli", "train", data_dir=None, source="hub")
+    assert calls[-1] == ("nyu-mll/glue", "mnli", "train")
+
+    def failing(*a, **k):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(datasets, "load_dataset", failing)
+    with pytest.raises(DataError, match="could not load nyu-mll/glue/qqp split 'train' from the hub: no route"):
+        load_split("qqp", "train", data_dir=tmp_path, source="auto")
