@@ -25,9 +25,9 @@ _task_started = False
 
 
 def _stages():
-    from tdlight.stages import decompose, evaluate, finetune
+    from tdlight.stages import decompose, distill, evaluate, finetune
 
-    return {"decompose": decompose.run, "finetune": finetune.run, "evaluate": evaluate.run}
+    return {"decompose": decompose.run, "finetune": finetune.run, "evaluate": evaluate.run, "distill": distill.run}
 
 
 def _resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:

@@ -84,6 +84,39 @@ class FinetuneStage:
 
 
 @dataclass
+class DistillStage:
+    """Task distillation: fine-tuned teacher (``teacher.run_dir``) -> compressed ``student`` on ``task``.
+
+    Phase 1 (``intermediate_epochs``): hidden-state and attention-score MSE on the mapped
+    layers (+ embedding-output MSE if its weight > 0). Phase 2 (``prediction_epochs``):
+    soft targets at ``temperature`` (MSE for STS-B), mixed with the gold-label loss by
+    ``gold_weight``. Each phase has its own linear warm-up and decay.
+    """
+
+    name: str = "distill"
+    student: str = ""  # a decompose/pretrain run directory or a compressed model directory
+    intermediate_epochs: int = 1
+    prediction_epochs: int = 3
+    lr: Optional[float] = None  # None: the task's lr
+    intermediate_lr: Optional[float] = None  # None: lr
+    batch_size: Optional[int] = None
+    max_length: Optional[int] = None
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    layer_map: Any = "all"  # last | all | uniform | [[student, teacher], ...]
+    hidden_weight: float = 1.0
+    attention_weight: float = 1.0
+    embedding_weight: float = 0.0
+    temperature: float = 1.0
+    gold_weight: float = 0.0
+    train_embeddings: bool = False
+    eval_batch_size: int = 64
+    limit_train: Optional[int] = None
+    limit_eval: Optional[int] = None
+    num_workers: int = 0
+
+
+@dataclass
 class EvaluateStage:
     """Evaluate ``model`` (a run directory or a model path; empty: the teacher) on ``task``."""
 
@@ -167,7 +200,8 @@ class Config:
     device: str = "auto"
 
 
-STAGE_SCHEMAS = {"decompose": DecomposeStage, "finetune": FinetuneStage, "evaluate": EvaluateStage}
+STAGE_SCHEMAS = {"decompose": DecomposeStage, "finetune": FinetuneStage, "evaluate": EvaluateStage,
+                 "distill": DistillStage}
 
 
 def compression_spec(cfg) -> CompressionSpec:

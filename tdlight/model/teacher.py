@@ -89,7 +89,7 @@ def load_classifier(name_or_path: str, num_labels: int) -> tuple[nn.Module, obje
 
     local = Path(os.path.expanduser(name_or_path))
     if (local / "tdlight.json").is_file():
-        model = load_compressed(local)
+        model = as_classifier(load_compressed(local), num_labels)
         return model, load_tokenizer(local)
     path = resolve_teacher(name_or_path)
     try:
@@ -110,3 +110,35 @@ def load_classifier(name_or_path: str, num_labels: int) -> tuple[nn.Module, obje
         ) from e
     encoder_weights(model)
     return model, tokenizer
+
+
+def as_classifier(model: nn.Module, num_labels: int) -> nn.Module:
+    """A ``*ForSequenceClassification`` with ``num_labels`` outputs around ``model``'s encoder.
+
+    ``model`` is returned as is when it already is one with that many labels. Otherwise
+    (a bare ``BertModel``, e.g. a decomposed sentence encoder, or a classifier for another
+    task) a classifier of the same family is built from its config, compressed with the
+    same spec when ``model`` is compressed, and given ``model``'s base weights; the head
+    is new.
+    """
+    import copy
+
+    from tdlight.model.surgery import compress, get_encoder, is_compressed
+
+    if getattr(model, "classifier", None) is not None and model.config.num_labels == num_labels:
+        return model
+    config = copy.deepcopy(model.config)
+    config.num_labels = num_labels
+    config.id2label = {i: str(i) for i in range(num_labels)}
+    config.label2id = {str(i): i for i in range(num_labels)}
+    config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
+    clf = transformers.AutoModelForSequenceClassification.from_config(config)
+    base = getattr(model, "base_model", model)
+    if is_compressed(model):
+        compress(clf, get_encoder(model).compression, init_from_weights=False)
+    missing, unexpected = clf.base_model.load_state_dict(base.state_dict(), strict=False)
+    missing = [k for k in missing if not k.startswith("pooler.")]  # a bare encoder may have no pooler
+    if missing or unexpected:
+        raise TeacherError(f"cannot put a classification head on this model: missing {missing[:4]}, "
+                           f"unexpected {unexpected[:4]}")
+    return clf.to(next(model.parameters()).device).train(model.training)

@@ -91,6 +91,9 @@ class GlueModule(L.LightningModule):
             scores.append(values["score"])
         results["score"] = sum(scores) / len(scores)
         self.results = results
+        self.log_results(results)
+
+    def log_results(self, results: dict[str, float]) -> None:
         for k, v in results.items():
             # identical on every rank (GlueMetric syncs its states); sync_dist keeps Lightning's checks quiet
             self.log(f"val/{k}", v, prog_bar=k == "score", sync_dist=True)
@@ -110,13 +113,8 @@ class GlueModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def training_steps(trainer: L.Trainer, num_examples: int, batch_size: int) -> int:
-    """Optimizer steps of the whole run, for the LR schedule.
-
-    ``trainer.estimated_stepping_batches`` would give the same number, but it builds the
-    train dataloader before a checkpoint's loop state is restored, which stops Lightning
-    from restoring the loader's position — so a resumed run would replay the epoch.
-    """
+def steps_per_epoch(trainer: L.Trainer, num_examples: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch of ``num_examples`` (per rank under DDP)."""
     per_rank = math.ceil(num_examples / trainer.world_size)
     batches = math.ceil(per_rank / batch_size)
     limit = trainer.limit_train_batches
@@ -124,7 +122,17 @@ def training_steps(trainer: L.Trainer, num_examples: int, batch_size: int) -> in
         batches = min(batches, limit)
     elif limit is not None:
         batches = int(batches * limit)
-    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+    return math.ceil(batches / trainer.accumulate_grad_batches)
+
+
+def training_steps(trainer: L.Trainer, num_examples: int, batch_size: int) -> int:
+    """Optimizer steps of the whole run, for the LR schedule.
+
+    ``trainer.estimated_stepping_batches`` would give the same number, but it builds the
+    train dataloader before a checkpoint's loop state is restored, which stops Lightning
+    from restoring the loader's position — so a resumed run would replay the epoch.
+    """
+    per_epoch = steps_per_epoch(trainer, num_examples, batch_size)
     by_epochs = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
     if trainer.max_steps and trainer.max_steps > 0:
         return trainer.max_steps if by_epochs is None else min(trainer.max_steps, by_epochs)

@@ -1,0 +1,214 @@
+"""``stage=distill``: task distillation from the fine-tuned teacher into a compressed student.
+
+Phase 1 (the first ``stage.intermediate_epochs`` epochs) matches the student's hidden
+states and pre-softmax attention scores to the teacher's on the mapped layers; phase 2
+(``stage.prediction_epochs``) matches the predictions (soft targets at a temperature, MSE
+for STS-B), optionally mixed with the gold labels. The phase follows from the epoch, so a
+resumed run picks up in the right phase; each phase has its own linear warm-up and decay.
+The teacher is frozen, in eval mode, and runs under ``no_grad``. Validation reports the
+student's GLUE score every epoch; only phase-2 epochs compete for ``best.ckpt``. The
+best student is saved as a compressed model directory in ``model/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from torch import nn
+
+from tdlight.errors import TdlightError
+from tdlight.model.capture import forward_with_scores
+from tdlight.stages.common import EpochTimer, build_trainer, last_checkpoint, stage_artifact, write_json
+from tdlight.stages.finetune import (
+    MODEL_INPUTS, GlueModule, datamodule, model_summary, require_task, results_table, steps_per_epoch,
+    training_steps,
+)
+from tdlight.stages.losses import attention_loss, embedding_loss, hidden_loss, layer_map, prediction_loss
+
+log = logging.getLogger("tdlight.distill")
+
+
+class DistillModule(GlueModule):
+    """A :class:`GlueModule` for the student that learns from a frozen ``teacher``."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, task, *, intermediate_epochs: int,
+                 pairs: list[tuple[int, int]], weights: dict[str, float], temperature: float,
+                 gold_weight: float, lr: float, intermediate_lr: float, weight_decay: float, warmup_ratio: float,
+                 train_embeddings: bool):
+        super().__init__(student, task, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
+        # not a submodule: the teacher is neither trained, nor checkpointed, nor moved by optimizers
+        object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
+        self.intermediate_epochs = intermediate_epochs
+        self.pairs, self.weights = pairs, weights
+        self.temperature, self.gold_weight = temperature, gold_weight
+        self.intermediate_lr = intermediate_lr
+        self.steps_per_epoch: int | None = None
+        if not train_embeddings:
+            self.model.base_model.embeddings.requires_grad_(False)
+
+    def phase(self, epoch: int | None = None) -> int:
+        epoch = self.current_epoch if epoch is None else epoch
+        return 1 if epoch < self.intermediate_epochs else 2
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.teacher.to(self.device).eval()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        phase = self.phase()
+        with torch.no_grad():
+            t = forward_with_scores(self.teacher, **inputs) if phase == 1 else None
+            t_logits = self.teacher(**inputs).logits if phase == 2 else None
+        parts: dict[str, torch.Tensor] = {}
+        if phase == 1:
+            s = forward_with_scores(self.model, **inputs)
+            if self.weights["hidden"]:
+                parts["hidden"] = hidden_loss(s, t, self.pairs)
+            if self.weights["attention"]:
+                parts["attention"] = attention_loss(s, t, self.pairs)
+            if self.weights["embedding"]:
+                parts["embedding"] = embedding_loss(s, t)
+            loss = sum(self.weights[k] * v for k, v in parts.items())
+        else:
+            logits = self.model(**inputs).logits
+            parts["prediction"] = prediction_loss(logits, t_logits, temperature=self.temperature,
+                                                  regression=self.task.is_regression)
+            loss = (1 - self.gold_weight) * parts["prediction"]
+            if self.gold_weight:
+                out = self.model(**inputs, labels=batch["labels"])
+                parts["gold"] = out.loss
+                loss = loss + self.gold_weight * out.loss
+        n = len(batch["input_ids"])
+        for k, v in parts.items():
+            self.log(f"train/{k}_loss", v, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/phase", float(phase), on_step=True, on_epoch=False, batch_size=n)
+        return loss
+
+    def log_results(self, results: dict[str, float]) -> None:
+        if self.trainer.state.fn == "fit" and self.phase() == 1:
+            # the head has not been trained yet: phase-1 epochs are logged apart and never win best.ckpt
+            for k, v in results.items():
+                self.log(f"val/phase1_{k}", v, sync_dist=True)
+            self.log("val/score", float("-inf"), prog_bar=True, sync_dist=True)  # same args as phase 2
+        else:
+            super().log_results(results)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=1.0)
+        per_epoch = self.steps_per_epoch  # set by the stage, as total_steps (see finetune.training_steps)
+        p1 = per_epoch * self.intermediate_epochs
+        total = self.total_steps
+        p2 = max(1, total - p1)
+        lr1, lr2, warm = self.intermediate_lr, self.lr, self.warmup_ratio
+
+        def factor(step: int) -> float:
+            # piecewise: phase 1 warm-up/decay to 0, then phase 2 warm-up/decay to 0 (absolute lr, base lr 1)
+            if step < p1:
+                w = max(1, int(warm * p1))
+                return lr1 * (step / w if step < w else max(0.0, (p1 - step) / max(1, p1 - w)))
+            s = step - p1
+            w = max(1, int(warm * p2))
+            return lr2 * (s / w if s < w else max(0.0, (p2 - s) / max(1, p2 - w)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def student_source(cfg: DictConfig) -> str:
+    src = cfg.stage.student
+    if not src:
+        raise TdlightError("stage=distill needs a student: stage.student=<decompose or pretrain run directory>")
+    p = Path(src)
+    if (p / ".hydra" / "config.yaml").is_file():
+        return str(stage_artifact(p, ("decompose", "pretrain", "distill")))
+    if not (p / "tdlight.json").is_file():
+        raise TdlightError(f"stage.student={src!r} is neither a decompose/pretrain run directory nor a compressed "
+                           "model directory (with tdlight.json)")
+    return src
+
+
+def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> dict:
+    from tdlight.model.surgery import encoder_shape, is_compressed
+    from tdlight.model.teacher import load_classifier
+
+    task = require_task(cfg)
+    st, tc = cfg.stage, cfg.task
+    if not cfg.teacher.get("run_dir"):
+        raise TdlightError("stage=distill needs the fine-tuned teacher: teacher.run_dir=<finetune run directory>")
+    teacher_dir = stage_artifact(cfg.teacher.run_dir, ("finetune",))
+    student_dir = student_source(cfg)
+    for name, v in (("intermediate_epochs", st.intermediate_epochs), ("prediction_epochs", st.prediction_epochs)):
+        if v < 0:
+            raise TdlightError(f"stage.{name}={v} must be ≥ 0")
+    if st.intermediate_epochs + st.prediction_epochs == 0:
+        raise TdlightError("stage.intermediate_epochs + stage.prediction_epochs must be ≥ 1")
+    if st.intermediate_epochs and not (st.hidden_weight or st.attention_weight or st.embedding_weight):
+        raise TdlightError("phase 1 (stage.intermediate_epochs > 0) needs a hidden, attention or embedding weight > 0")
+    if not 0 <= st.gold_weight <= 1:
+        raise TdlightError(f"stage.gold_weight={st.gold_weight} must be in [0, 1]")
+    lr = st.lr if st.lr is not None else tc.lr
+    batch_size = st.batch_size if st.batch_size is not None else tc.batch_size
+    max_length = st.max_length if st.max_length is not None else tc.max_length
+    ckpt = last_checkpoint(run_dir) if cfg.get("resume") else None
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    teacher, tokenizer = load_classifier(str(teacher_dir), task.num_labels)
+    student, _ = load_classifier(student_dir, task.num_labels)
+    if not is_compressed(student):
+        raise TdlightError(f"student {student_dir!r} is not a compressed model")
+    ls, lt = encoder_shape(student).num_layers, encoder_shape(teacher).num_layers
+    map_spec = OmegaConf.to_container(st.layer_map) if OmegaConf.is_config(st.layer_map) else st.layer_map
+    pairs = layer_map(map_spec, ls, lt)
+    dm = datamodule(cfg, task, tokenizer, max_length=max_length, batch_size=batch_size,
+                    eval_batch_size=st.eval_batch_size, limit_train=st.limit_train, limit_eval=st.limit_eval,
+                    num_workers=st.num_workers)
+    dm.prepare_data()
+    dm.setup("fit")
+    module = DistillModule(
+        student, teacher, task, intermediate_epochs=st.intermediate_epochs, pairs=pairs,
+        weights={"hidden": st.hidden_weight, "attention": st.attention_weight, "embedding": st.embedding_weight},
+        temperature=st.temperature, gold_weight=st.gold_weight, lr=lr,
+        intermediate_lr=st.intermediate_lr if st.intermediate_lr is not None else lr,
+        weight_decay=st.weight_decay, warmup_ratio=st.warmup_ratio, train_embeddings=st.train_embeddings,
+    )
+    summary = {"task": task.name, "teacher": str(teacher_dir), "student": student_dir, **model_summary(student)}
+    timer = EpochTimer()
+    epochs = st.intermediate_epochs + st.prediction_epochs
+    trainer = build_trainer(cfg, run_dir, max_epochs=epochs, monitor="val/score", summary=summary,
+                            extra_callbacks=[timer, *(extra_callbacks or [])])
+    n = len(dm.datasets["train"])
+    module.total_steps = training_steps(trainer, n, batch_size)
+    module.steps_per_epoch = steps_per_epoch(trainer, n, batch_size)
+    log.info("distilling %s -> %s on %s: %d intermediate + %d prediction epochs, layer map %s",
+             teacher_dir, student_dir, task.name, st.intermediate_epochs, st.prediction_epochs, pairs)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+
+    best = run_dir / "checkpoints" / "best.ckpt"
+    if best.is_file():
+        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+    trainer.validate(module, datamodule=dm, verbose=False)
+    results = module.results
+    if trainer.is_global_zero:
+        from tdlight.model.io import save_model
+
+        save_model(module.model, tokenizer, run_dir / "model",
+                   extra={"teacher": str(teacher_dir), "student": student_dir, "task": task.name})
+    out = {"stage": "distill", **summary, "dev": results, "score": results["score"], "pairs": pairs,
+           "intermediate_epochs": st.intermediate_epochs, "prediction_epochs": st.prediction_epochs,
+           "epoch_seconds": timer.seconds, "global_step": trainer.global_step}
+    if trainer.is_global_zero:
+        write_json(run_dir / "metrics.json", out)
+        Console().print(results_table(f"tdlight distill: {task.name} — student", out))
+    return out

@@ -1,0 +1,114 @@
+"""stage=distill: teacher -> compressed student through run directories; frozen teacher; resume."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from tests.test_stages import SMALL, cli, compose_cfg, runs
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, teacher_dir):
+    """A fine-tuned tiny teacher and its decomposition, as run directories."""
+    out = tmp_path_factory.mktemp("chain")
+    r = cli(out, "stage=finetune", "task=mrpc", f"teacher.path={teacher_dir}", "stage.epochs=1", "logger=none",
+            *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (ft,) = runs(out, "finetune")
+    r = cli(out, "stage=decompose", f"teacher.run_dir={ft}", "compression.rank=8", "compression.bank=12")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (dec,) = runs(out, "decompose")
+    return out, ft, dec
+
+
+def test_distill_end_to_end(chain):
+    out, ft, dec = chain
+    r = cli(out, "stage=distill", "task=mrpc", f"teacher.run_dir={ft}", f"stage.student={dec}",
+            "stage.intermediate_epochs=1", "stage.prediction_epochs=2", "stage.temperature=2", "logger=csv", *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = runs(out, "distill")
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["global_step"] == 9 and m["ratio"] > 1 and m["pairs"] == [[1, 1], [2, 2]]
+    (csv,) = [p.read_text() for p in (run / "csv").glob("version_*/metrics.csv")]
+    header = csv.splitlines()[0]
+    for key in ("train/hidden_loss_step", "train/attention_loss_step", "train/prediction_loss_step",
+                "val/phase1_score", "val/score"):
+        assert key in header, key
+    import tdlight
+
+    student = tdlight.load_compressed(run / "model")
+    assert type(student).__name__ == "BertForSequenceClassification" and student.bert.encoder.compression.rank_in == 8
+    r = cli(out, "stage=evaluate", "task=mrpc", f"stage.model={run}", "stage.limit_eval=32", "stage.max_length=32",
+            "trainer=cpu", "logger=none")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads((sorted(runs(out, "evaluate"))[-1] / "metrics.json").read_text())
+    assert ev["score"] == pytest.approx(m["score"], abs=1e-6)
+
+
+def test_teacher_frozen_student_trains(chain, tmp_path):
+    from tdlight.stages import distill
+
+    out, ft, dec = chain
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_after_backward(self, trainer, module):
+            seen["teacher_grads"] = [p.grad for p in module.teacher.parameters() if p.grad is not None]
+            seen["teacher_training"] = module.teacher.training
+            seen["optimized"] = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+            seen["teacher_ids"] = {id(p) for p in module.teacher.parameters()}
+            seen["emb_ids"] = {id(p) for p in module.model.base_model.embeddings.parameters()}
+            seen["factor_grad"] = module.model.bert.encoder.factor_banks["encoder"].core.grad.abs().sum().item()
+
+    cfg = compose_cfg(tmp_path, "stage=distill", "task=mrpc", f"teacher.run_dir={ft}", f"stage.student={dec}",
+                      "stage.intermediate_epochs=1", "stage.prediction_epochs=0", "logger=none", *SMALL)
+    distill.run(cfg, tmp_path / "run", extra_callbacks=[Probe()])
+    assert seen["teacher_grads"] == [] and seen["teacher_training"] is False
+    assert not (seen["optimized"] & seen["teacher_ids"])
+    assert not (seen["optimized"] & seen["emb_ids"])  # embeddings frozen by default
+    assert seen["factor_grad"] > 0
+
+
+def test_distill_resume_equals_uninterrupted(chain, tmp_path):
+    from tdlight.stages import distill
+
+    out, ft, dec = chain
+    over = ["stage=distill", "task=mrpc", f"teacher.run_dir={ft}", f"stage.student={dec}", "logger=none",
+            "stage.intermediate_epochs=1", "stage.prediction_epochs=1", "trainer.checkpoint_every_n_steps=1", *SMALL]
+    distill.run(compose_cfg(tmp_path, *over), tmp_path / "straight")
+
+    class Crash(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 4:  # mid phase 2
+                raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        distill.run(compose_cfg(tmp_path, *over), tmp_path / "resumed", extra_callbacks=[Crash()])
+    cfg = compose_cfg(tmp_path, *over)
+    cfg.resume = str(tmp_path / "resumed")
+    distill.run(cfg, tmp_path / "resumed")
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-6, k
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "needs a student"),
+    (["stage.student=/no/such"], "neither a decompose/pretrain run directory"),
+    (["stage.student=DEC", "stage.layer_map=[[3,1]]"], "out of range: student layers are 0..2"),
+    (["stage.student=DEC", "stage.layer_map=every"], "unknown layer map 'every'"),
+    (["stage.student=DEC", "stage.intermediate_epochs=0", "stage.prediction_epochs=0"], "must be ≥ 1"),
+])
+def test_distill_bad_input(chain, tmp_path, extra, message):
+    out, ft, dec = chain
+    extra = [e.replace("DEC", str(dec)) for e in extra]
+    r = cli(tmp_path, "stage=distill", "task=mrpc", f"teacher.run_dir={ft}", "logger=none", *SMALL, *extra)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr
+    assert not (tmp_path / "distill").exists() or not any((tmp_path / "distill").iterdir())
