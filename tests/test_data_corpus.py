@@ -266,6 +266,7 @@ def test_rank_comes_from_trainer_or_process_group(corpus, tok):
 
     class FakeTrainer:
         global_rank, world_size, current_epoch = 1, 4, 5
+        global_step, accumulate_grad_batches = 0, 1
 
     dm.trainer = FakeTrainer()
     loader = dm.train_dataloader()
@@ -402,3 +403,30 @@ def test_lightning_fit_sets_the_epoch(corpus, tok, tmp_path):
 
     held = module(tok, corpus, max_train_sequences=16, heldout_fraction=0.3, max_heldout_sequences=6)
     assert fit(held).val_seen == 2 * 6
+
+
+def test_train_loader_state_resumes_mid_epoch(corpus, tok):
+    """state_dict after k trained batches + load_state_dict in a fresh run == the rest of the epoch."""
+
+    class FakeTrainer:
+        global_rank, world_size, current_epoch = 0, 1, 1
+        global_step, accumulate_grad_batches = 0, 1
+
+    trainer = FakeTrainer()
+    dm = module(tok, corpus)
+    dm.trainer = trainer
+    loader = dm.train_dataloader()
+    full = [b["input_ids"] for b in loader]
+    assert len(full) > 3
+    trainer.global_step = 3  # three batches trained, then the checkpoint is written
+    state = loader.state_dict()
+    assert state == {"epoch": 1, "epoch_start": 0, "step": 3}
+
+    again = module(tok, corpus)
+    again.trainer = trainer
+    resumed = again.train_dataloader()
+    resumed.load_state_dict(state)
+    rest = [b["input_ids"] for b in resumed]
+    assert len(rest) == len(full) - 3
+    assert all(torch.equal(a, b) for a, b in zip(rest, full[3:]))
+    assert len([b for b in resumed]) == len(full)  # only that one iteration skips

@@ -479,14 +479,35 @@ class EpochAwareLoader(DataLoader):
     Workers receive their copy of the dataset when the iterator starts, so the epoch
     reaches them (do not use ``persistent_workers``). A pending
     :meth:`PackedCorpusDataset.skip_batches` is consumed by that one iteration.
+
+    With ``step_fn`` (batches trained so far, from the trainer's exact step counter) the
+    loader is stateful for Lightning checkpoints: it records the step its epoch started
+    at, and a resumed run skips the batches of the interrupted epoch already trained on.
     """
 
-    def __init__(self, dataset: PackedCorpusDataset, *args: Any, epoch_fn: Callable[[], int], **kwargs: Any):
+    def __init__(self, dataset: PackedCorpusDataset, *args: Any, epoch_fn: Callable[[], int],
+                 step_fn: Callable[[], int] | None = None, **kwargs: Any):
         super().__init__(dataset, *args, **kwargs)
         self.epoch_fn = epoch_fn
+        self.step_fn = step_fn
+        self._epoch_start: int | None = None
+        self._restored = False
+
+    def state_dict(self) -> dict[str, int]:
+        step = self.step_fn() if self.step_fn is not None else 0
+        start = self._epoch_start if self._epoch_start is not None else step
+        return {"epoch": self.epoch_fn(), "epoch_start": start, "step": step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._epoch_start = state["epoch_start"]
+        self._restored = True
+        self.dataset.skip_batches(state["step"] - state["epoch_start"], self.batch_size or 1)
 
     def __iter__(self):
         self.dataset.set_epoch(self.epoch_fn())
+        if not self._restored and self.step_fn is not None:
+            self._epoch_start = self.step_fn()
+        self._restored = False
         try:
             return super().__iter__()
         finally:
@@ -636,8 +657,10 @@ class CorpusDataModule(L.LightningDataModule):
     def train_dataloader(self) -> EpochAwareLoader:
         """Shuffled, sharded train batches; re-seeded from the epoch at each iteration."""
         self._apply_distributed()
+        trainer = getattr(self, "trainer", None)
+        step_fn = (lambda: trainer.global_step * trainer.accumulate_grad_batches) if trainer is not None else None
         return EpochAwareLoader(self.train_dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                                epoch_fn=lambda: self.current_epoch)
+                                epoch_fn=lambda: self.current_epoch, step_fn=step_fn)
 
     def val_dataloader(self) -> DataLoader | list:
         """Held-out batches in stream order, or ``[]`` when nothing is held out."""
