@@ -25,9 +25,10 @@ _task_started = False
 
 
 def _stages():
-    from tdlight.stages import decompose, distill, evaluate, finetune
+    from tdlight.stages import decompose, distill, evaluate, finetune, pretrain
 
-    return {"decompose": decompose.run, "finetune": finetune.run, "evaluate": evaluate.run, "distill": distill.run}
+    return {"decompose": decompose.run, "finetune": finetune.run, "evaluate": evaluate.run,
+            "pretrain": pretrain.run, "distill": distill.run}
 
 
 def _resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:

@@ -84,6 +84,37 @@ class FinetuneStage:
 
 
 @dataclass
+class PretrainStage:
+    """Reconstruction pretraining: the compressed ``student`` mimics the uncompressed teacher on text.
+
+    Hidden-state and attention-score MSE (+ embedding-output MSE if weighted) on the mapped
+    layers over packed corpus sequences; ``steps`` optimizer steps; held-out loss every
+    ``val_every_n_steps``.
+    """
+
+    name: str = "pretrain"
+    student: str = ""  # a decompose run directory or a compressed model directory
+    train_files: Any = "${paths.data_dir}/pretrain_corpus/enwiki_2015_wikiextractor_AA.txt.gz"
+    heldout_files: Any = "${paths.data_dir}/pretrain_corpus/wikitext103_heldout/wiki.valid.tokens.gz"
+    max_length: int = 128
+    batch_size: int = 32
+    steps: int = 1000
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    layer_map: Any = "all"
+    hidden_weight: float = 1.0
+    attention_weight: float = 1.0
+    embedding_weight: float = 0.0
+    train_embeddings: bool = False
+    dropout: Optional[float] = 0.0  # the student's dropout while pretraining; None keeps the model's
+    val_every_n_steps: int = 200
+    max_heldout_sequences: Optional[int] = 256
+    shuffle_buffer: int = 10000
+    num_workers: int = 0
+
+
+@dataclass
 class DistillStage:
     """Task distillation: fine-tuned teacher (``teacher.run_dir``) -> compressed ``student`` on ``task``.
 
@@ -154,7 +185,8 @@ class TrainerConfig:
     max_steps: int = -1
     gradient_clip_val: Optional[float] = 1.0
     accumulate_grad_batches: int = 1
-    val_check_interval: Optional[float] = None
+    val_check_interval: Any = None  # a fraction of an epoch (float) or a number of steps (int)
+    check_val_every_n_epoch: Optional[int] = 1  # None: validate by val_check_interval steps across epochs
     limit_train_batches: Optional[float] = None
     limit_val_batches: Optional[float] = None
     log_every_n_steps: int = 10
@@ -201,7 +233,7 @@ class Config:
 
 
 STAGE_SCHEMAS = {"decompose": DecomposeStage, "finetune": FinetuneStage, "evaluate": EvaluateStage,
-                 "distill": DistillStage}
+                 "distill": DistillStage, "pretrain": PretrainStage}
 
 
 def compression_spec(cfg) -> CompressionSpec:

@@ -247,3 +247,16 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
             out["other"] += p.numel()
     out["encoder"] = out["encoder_weights"] + out["encoder_biases"] + out["encoder_layernorms"]
     return out
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set the probability of every ``nn.Dropout`` in ``model`` (and the config's, for saving)."""
+    if not 0.0 <= p < 1.0:
+        raise SpecError(f"dropout={p!r}; valid: a probability in [0, 1)")
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+    cfg = getattr(model, "config", None)
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if cfg is not None and hasattr(cfg, key):
+            setattr(cfg, key, p)

@@ -184,6 +184,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, max_epochs: int, monitor: s
     for key in ("val_check_interval", "limit_train_batches", "limit_val_batches"):
         if t.get(key) is not None:
             kwargs[key] = t[key]
+    kwargs["check_val_every_n_epoch"] = t.check_val_every_n_epoch
     try:
         trainer = L.Trainer(**kwargs)
     except Exception as e:  # Lightning reports bad accelerator/strategy/precision values as exceptions

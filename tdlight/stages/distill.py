@@ -28,7 +28,7 @@ from tdlight.stages.finetune import (
     MODEL_INPUTS, GlueModule, datamodule, model_summary, require_task, results_table, steps_per_epoch,
     training_steps,
 )
-from tdlight.stages.losses import attention_loss, embedding_loss, hidden_loss, layer_map, prediction_loss
+from tdlight.stages.losses import intermediate_loss, layer_map, prediction_loss
 
 log = logging.getLogger("tdlight.distill")
 
@@ -65,17 +65,10 @@ class DistillModule(GlueModule):
         with torch.no_grad():
             t = forward_with_scores(self.teacher, **inputs) if phase == 1 else None
             t_logits = self.teacher(**inputs).logits if phase == 2 else None
-        parts: dict[str, torch.Tensor] = {}
         if phase == 1:
-            s = forward_with_scores(self.model, **inputs)
-            if self.weights["hidden"]:
-                parts["hidden"] = hidden_loss(s, t, self.pairs)
-            if self.weights["attention"]:
-                parts["attention"] = attention_loss(s, t, self.pairs)
-            if self.weights["embedding"]:
-                parts["embedding"] = embedding_loss(s, t)
-            loss = sum(self.weights[k] * v for k, v in parts.items())
+            loss, parts = intermediate_loss(forward_with_scores(self.model, **inputs), t, self.pairs, self.weights)
         else:
+            parts = {}
             logits = self.model(**inputs).logits
             parts["prediction"] = prediction_loss(logits, t_logits, temperature=self.temperature,
                                                   regression=self.task.is_regression)
@@ -129,7 +122,7 @@ class DistillModule(GlueModule):
 def student_source(cfg: DictConfig) -> str:
     src = cfg.stage.student
     if not src:
-        raise TdlightError("stage=distill needs a student: stage.student=<decompose or pretrain run directory>")
+        raise TdlightError(f"stage={cfg.stage.name} needs a student: stage.student=<decompose or pretrain run directory>")
     p = Path(src)
     if (p / ".hydra" / "config.yaml").is_file():
         return str(stage_artifact(p, ("decompose", "pretrain", "distill")))

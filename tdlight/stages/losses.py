@@ -105,3 +105,21 @@ def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     log_p = F.log_softmax(student_logits.float() / T, dim=-1)
     log_q = F.log_softmax(teacher_logits.float() / T, dim=-1)
     return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * T * T
+
+
+def intermediate_loss(student: Internals, teacher: Internals, pairs: list[tuple[int, int]],
+                      weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of the hidden-state, attention-score and embedding losses (weights 0 skip a term).
+
+    Returns ``(total, {name: term})`` with names ``hidden``, ``attention``, ``embedding``.
+    """
+    parts: dict[str, torch.Tensor] = {}
+    if weights.get("hidden"):
+        parts["hidden"] = hidden_loss(student, teacher, pairs)
+    if weights.get("attention"):
+        parts["attention"] = attention_loss(student, teacher, pairs)
+    if weights.get("embedding"):
+        parts["embedding"] = embedding_loss(student, teacher)
+    if not parts:
+        raise SpecError("no intermediate loss has a weight > 0; valid: hidden, attention and/or embedding weight > 0")
+    return sum(weights[k] * v for k, v in parts.items()), parts

@@ -1,0 +1,155 @@
+"""``stage=pretrain``: reconstruction pretraining of a compressed student on unlabeled text.
+
+The student (a ``stage=decompose`` run) learns to reproduce the uncompressed teacher's
+hidden states and pre-softmax attention scores on packed corpus sequences
+(:class:`tdlight.data.corpus.CorpusDataModule`), for ``stage.steps`` optimizer steps with
+linear warm-up and decay. The teacher is frozen, in eval mode, under ``no_grad``; the
+student's factors, biases and LayerNorms train (embeddings only with
+``stage.train_embeddings``). The held-out loss (WikiText-103 valid by default) is logged
+every ``stage.val_every_n_steps``; the result is a compressed model directory in ``model/``
+for ``stage=distill stage.student=<this run>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from tdlight.errors import TdlightError
+from tdlight.model.capture import forward_with_scores
+from tdlight.stages.common import build_trainer, last_checkpoint, teacher_source, write_json
+from tdlight.stages.distill import student_source
+from tdlight.stages.finetune import MODEL_INPUTS, model_summary
+from tdlight.stages.losses import intermediate_loss, layer_map
+
+log = logging.getLogger("tdlight.pretrain")
+
+
+class PretrainModule(L.LightningModule):
+    def __init__(self, student: nn.Module, teacher: nn.Module, *, pairs: list[tuple[int, int]],
+                 weights: dict[str, float], lr: float, weight_decay: float, warmup_ratio: float,
+                 train_embeddings: bool, total_steps: int):
+        super().__init__()
+        self.model = student
+        object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))  # not a submodule
+        self.pairs, self.weights = pairs, weights
+        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.total_steps = total_steps
+        if not train_embeddings:
+            self.model.base_model.embeddings.requires_grad_(False)
+        self.val_loss: float | None = None
+        self._val = []
+
+    def on_fit_start(self) -> None:
+        self.model.train()
+        self.teacher.to(self.device).eval()
+
+    def _loss(self, batch):
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        with torch.no_grad():
+            t = forward_with_scores(self.teacher, **inputs)
+        return intermediate_loss(forward_with_scores(self.model, **inputs), t, self.pairs, self.weights)
+
+    def training_step(self, batch, batch_idx):
+        loss, parts = self._loss(batch)
+        n = len(batch["input_ids"])
+        for k, v in parts.items():
+            self.log(f"train/{k}_loss", v, on_step=True, batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=n)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = []
+
+    def validation_step(self, batch, batch_idx):
+        loss, parts = self._loss(batch)
+        self._val.append(loss.detach())
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val:
+            self.val_loss = float(torch.stack(self._val).mean())
+
+    def configure_optimizers(self):
+        from transformers import get_linear_schedule_with_warmup
+
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
+        sched = get_linear_schedule_with_warmup(opt, int(self.warmup_ratio * self.total_steps), self.total_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> dict:
+    from tdlight.data.corpus import CorpusDataModule
+    from tdlight.model.io import load_compressed, load_tokenizer, save_model
+    from tdlight.model.surgery import encoder_shape, is_compressed, set_dropout
+    from tdlight.model.teacher import load_teacher
+
+    st = cfg.stage
+    if st.steps < 1:
+        raise TdlightError(f"stage.steps={st.steps} must be ≥ 1")
+    student_dir = student_source(cfg)
+    ckpt = last_checkpoint(run_dir) if cfg.get("resume") else None
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    source = teacher_source(cfg)
+    teacher, tokenizer = load_teacher(source)
+    student = load_compressed(student_dir)
+    if not is_compressed(student):
+        raise TdlightError(f"student {student_dir!r} is not a compressed model")
+    if st.dropout is not None:
+        set_dropout(student, st.dropout)
+    tokenizer = tokenizer or load_tokenizer(student_dir)
+    if tokenizer is None:
+        raise TdlightError("neither the teacher nor the student directory has tokenizer files")
+    if encoder_shape(student).hidden != encoder_shape(teacher).hidden:
+        raise TdlightError(f"student hidden size {encoder_shape(student).hidden} != teacher's "
+                           f"{encoder_shape(teacher).hidden}: pretrain the student of this teacher")
+    ls, lt = encoder_shape(student).num_layers, encoder_shape(teacher).num_layers
+    spec = OmegaConf.to_container(st.layer_map) if OmegaConf.is_config(st.layer_map) else st.layer_map
+    pairs = layer_map(spec, ls, lt)
+    files = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+             for k, v in (("train", st.train_files), ("heldout", st.heldout_files))}
+    dm = CorpusDataModule(tokenizer, train_files=files["train"], heldout_files=files["heldout"] or None,
+                          max_length=st.max_length, batch_size=st.batch_size, seed=cfg.seed,
+                          num_workers=st.num_workers, shuffle_buffer=st.shuffle_buffer,
+                          max_heldout_sequences=st.max_heldout_sequences)
+    module = PretrainModule(student, teacher, pairs=pairs,
+                            weights={"hidden": st.hidden_weight, "attention": st.attention_weight,
+                                     "embedding": st.embedding_weight},
+                            lr=st.lr, weight_decay=st.weight_decay, warmup_ratio=st.warmup_ratio,
+                            train_embeddings=st.train_embeddings, total_steps=st.steps)
+    summary = {"teacher": source, "student": student_dir, **model_summary(student)}
+    # step-based: validate and write last.ckpt every val_every_n_steps (a corpus epoch can be very long)
+    every = cfg.trainer.checkpoint_every_n_steps or st.val_every_n_steps
+    cfg_t = OmegaConf.merge(cfg, {"trainer": {"max_steps": st.steps, "max_epochs": -1, "check_val_every_n_epoch": None,
+                                              "val_check_interval": st.val_every_n_steps,
+                                              "checkpoint_every_n_steps": every}})
+    trainer = build_trainer(cfg_t, run_dir, max_epochs=-1, monitor=None, summary=summary,
+                            extra_callbacks=extra_callbacks)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    if trainer.is_global_zero:
+        save_model(module.model, tokenizer, run_dir / "model", extra={"teacher": source, "student": student_dir})
+    tokens = trainer.global_step * trainer.accumulate_grad_batches * st.batch_size * st.max_length * trainer.world_size
+    out = {"stage": "pretrain", **summary, "steps": trainer.global_step, "tokens": tokens,
+           "heldout_loss": module.val_loss, "pairs": pairs}
+    if trainer.is_global_zero:
+        write_json(run_dir / "metrics.json", out)
+        t = Table(title="tdlight pretrain")
+        t.add_column("")
+        t.add_column("value", justify="right")
+        for k in ("steps", "tokens", "heldout_loss", "encoder_params", "ratio"):
+            v = out[k]
+            t.add_row(k.replace("_", " "), "-" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.4f}"))
+        Console().print(t)
+    return out

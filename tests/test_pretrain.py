@@ -1,0 +1,93 @@
+"""stage=pretrain: the compressed student mimics the teacher on packed text; resumable; chained into distill."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from tests.test_stages import cli, compose_cfg, runs
+
+QUICK = ["stage.max_length=16", "stage.batch_size=4", "stage.steps=6", "stage.val_every_n_steps=3",
+         "stage.max_heldout_sequences=8", "stage.shuffle_buffer=16", "trainer=cpu", "trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, teacher_dir):
+    out = tmp_path_factory.mktemp("pt")
+    words = [f"w{i}" for i in range(94)]
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for doc in range(30):
+        for par in range(3):
+            lines.append(" ".join(words[i] for i in torch.randint(0, 94, (12,), generator=g).tolist()))
+        lines.append("")
+    corpus = out / "corpus.txt.gz"
+    with gzip.open(corpus, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    heldout = out / "heldout.txt"
+    heldout.write_text("\n".join(lines[:40]) + "\n")
+    r = cli(out, "stage=decompose", f"teacher.path={teacher_dir}", "compression.rank=8", "compression.bank=12")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (dec,) = runs(out, "decompose")
+    files = [f"stage.train_files={corpus}", f"stage.heldout_files={heldout}"]
+    return out, dec, files
+
+
+def test_pretrain_reduces_heldout_loss_and_feeds_distill(setup, teacher_dir):
+    out, dec, files = setup
+    r = cli(out, "stage=pretrain", f"teacher.path={teacher_dir}", f"stage.student={dec}", "stage.lr=1e-3",
+            "logger=csv", *files, *QUICK)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = runs(out, "pretrain")
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["steps"] == 6 and m["tokens"] == 6 * 4 * 16 and m["ratio"] > 1
+    (csv,) = [p.read_text() for p in (run / "csv").glob("version_*/metrics.csv")]
+    header = csv.splitlines()[0].split(",")
+    col = header.index("val/loss")
+    vals = [float(row.split(",")[col]) for row in csv.splitlines()[1:] if row.split(",")[col]]
+    assert len(vals) == 2 and vals[-1] < vals[0]  # validated at steps 3 and 6, and it learned
+    import tdlight
+
+    student = tdlight.load_compressed(run / "model")
+    from tdlight.model.surgery import get_encoder
+
+    assert get_encoder(student).compression.rank_in == 8
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_pretrain_resume_equals_uninterrupted(setup, teacher_dir, tmp_path):
+    from tdlight.stages import pretrain
+
+    out, dec, files = setup
+    over = ["stage=pretrain", f"teacher.path={teacher_dir}", f"stage.student={dec}", "logger=none",
+            "trainer.checkpoint_every_n_steps=1", *files, *QUICK]
+    pretrain.run(compose_cfg(tmp_path, *over), tmp_path / "a")
+
+    class Crash(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 4:
+                raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain.run(compose_cfg(tmp_path, *over), tmp_path / "b", extra_callbacks=[Crash()])
+    cfg = compose_cfg(tmp_path, *over)
+    cfg.resume = str(tmp_path / "b")
+    pretrain.run(cfg, tmp_path / "b")
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-6, k
+
+
+def test_pretrain_bad_input(setup, teacher_dir, tmp_path):
+    out, dec, files = setup
+    for extra, msg in ((["stage.student=" + str(dec), "stage.steps=0"], "stage.steps=0 must be ≥ 1"),
+                       (["stage.student=" + str(dec), "stage.train_files=/no/such.txt"], "/no/such.txt"),
+                       ([], "needs a student")):
+        r = cli(tmp_path, "stage=pretrain", f"teacher.path={teacher_dir}", *files, *QUICK, *extra)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert msg in r.stderr
