@@ -64,6 +64,7 @@ class WandbMode(str, Enum):
 class DecomposeStage:
     name: str = "decompose"
     save_model: bool = True
+    cache: bool = True  # reuse a decomposition of the same teacher weights with the same resolved spec
 
 
 @dataclass

@@ -95,3 +95,21 @@ def test_not_bert_shaped_teacher_exits_2(tmp_path):
     r = run_cli(tmp_path / "out", f"teacher.path={path}", "compression.rank=4")
     assert r.returncode == 2 and "not BERT-shaped" in r.stderr, r.stderr
     assert run_dirs(tmp_path / "out") == []
+
+
+def test_decompose_reuses_the_cached_decomposition(tmp_path, teacher_dir):
+    args = ("stage=decompose", f"teacher.path={teacher_dir}", "compression.rank=8", "compression.bank=12")
+    r1 = run_cli(tmp_path, *args)
+    assert r1.returncode == 0, r1.stderr
+    r2 = run_cli(tmp_path, *args)
+    assert r2.returncode == 0, r2.stderr
+    first, second = run_dirs(tmp_path)
+    rep1, rep2 = (json.loads((d / "report.json").read_text()) for d in (first, second))
+    assert "cached" not in rep1 and rep2["cached"].startswith(str(tmp_path / "cache" / "decompose"))
+    assert rep2["rel_error"] == rep1["rel_error"] and "(cached)" in r2.stdout
+    assert (first / "model" / "model.safetensors").read_bytes() == (second / "model" / "model.safetensors").read_bytes()
+    r3 = run_cli(tmp_path, *args[:-1], "compression.bank=6")  # another spec: decomposed afresh
+    assert r3.returncode == 0, r3.stderr
+    assert "cached" not in json.loads((run_dirs(tmp_path)[-1] / "report.json").read_text())
+    r4 = run_cli(tmp_path, *args, "stage.cache=false")
+    assert "cached" not in json.loads((run_dirs(tmp_path)[-1] / "report.json").read_text())

@@ -6,8 +6,10 @@ Writes into the run directory: ``model/`` (a compressed model directory, loadabl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -20,7 +22,7 @@ from rich.table import Table
 
 from tdlight.config import compression_spec
 from tdlight.errors import TdlightError
-from tdlight.model.io import atomic_write_text, save_compressed
+from tdlight.model.io import atomic_directory, atomic_write_text, save_compressed
 from tdlight.model.surgery import compress, count_parameters, encoder_shape
 from tdlight.model.teacher import load_teacher
 from tdlight.stages.common import teacher_source
@@ -42,6 +44,25 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def cache_key(model: torch.nn.Module, rspec) -> str:
+    """Hash of the teacher's weights (every tensor's bytes) and the resolved compression spec."""
+    h = hashlib.sha1(b"tdlight-decompose-v1")
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps(rspec.to_dict(), sort_keys=True).encode())
+    return h.hexdigest()[:20]
+
+
+def _from_cache(entry: Path, run_dir: Path, save_model: bool) -> dict | None:
+    if not (entry / "report.json").is_file() or not (entry / "model" / "tdlight.json").is_file():
+        return None
+    if save_model:
+        atomic_directory(run_dir / "model", lambda tmp: shutil.copytree(entry / "model", tmp, dirs_exist_ok=True))
+    return json.loads((entry / "report.json").read_text())
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     console = Console(stderr=True)
     device = resolve_device(cfg.device)
@@ -50,9 +71,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     teacher, tokenizer = load_teacher(source)
     shape = encoder_shape(teacher)
     rspec = resolve(spec, shape)  # bad ranks fail here, before any work
-    teacher.to(device)
     before = count_parameters(teacher)
     log.info("teacher %s: %s; resolved spec %s", source, shape, rspec.to_dict())
+    entry = None
+    if cfg.stage.get("cache", True):
+        entry = Path(cfg.paths.cache_dir) / "decompose" / cache_key(teacher, rspec)
+        cached = _from_cache(entry, run_dir, cfg.stage.save_model)
+        if cached is not None:
+            cached.update(cached=str(entry), teacher=source)
+            atomic_write_text(run_dir / "report.json", json.dumps(cached, indent=2))
+            Console().print(_table(cached))
+            log.info("reused the cached decomposition %s (same teacher weights and spec)", entry)
+            return cached
+    teacher.to(device)
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
@@ -93,6 +124,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     }
     if cfg.stage.save_model:
         save_compressed(teacher.cpu(), run_dir / "model", tokenizer, extra={"teacher": source})
+        if entry is not None:  # keep a copy for later runs with the same inputs
+            atomic_directory(entry / "model", lambda tmp: shutil.copytree(run_dir / "model", tmp, dirs_exist_ok=True))
+            atomic_write_text(entry / "report.json", json.dumps(result, indent=2))
     atomic_write_text(run_dir / "report.json", json.dumps(result, indent=2))
     Console().print(_table(result))
     log.info("ratio %.2f, rel. error %.4f, %.1f s; model in %s", result["ratio"], report.rel_error, seconds, run_dir)
@@ -115,5 +149,5 @@ def _table(r: dict) -> Table:
     for typ, e in r["type_errors"].items():
         flag = "  [red](dead blocks)" if any(n.split(".")[1] == typ for n in r["dead_blocks"]) else ""
         t.add_row(f"  rel. error {typ}", "", f"{e:.4f}{flag}")
-    t.add_row("time", "", f"{r['seconds']:.2f} s on {r['device']}")
+    t.add_row("time", "", f"{r['seconds']:.2f} s on {r['device']}" + (" (cached)" if r.get("cached") else ""))
     return t
