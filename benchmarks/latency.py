@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tdlight.model.speed import paired_speedup  # noqa: E402
 from tdlight.model.surgery import compress, count_parameters, encoder_shape  # noqa: E402
 from tdlight.model.teacher import load_teacher  # noqa: E402
 from tdlight.tensor.accounting import predicted_speedup  # noqa: E402
@@ -34,16 +33,6 @@ from tdlight.tensor.spec import CompressionSpec, resolve  # noqa: E402
 
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
-
-
-def timed(model, ids, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    model(**ids)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -89,25 +78,12 @@ def main() -> None:
                 "attention_mask": torch.ones(batch, args.seq_len, dtype=torch.long, device=device),
             }
             for d, (model, rspec) in models.items():
-                for _ in range(args.warmup):
-                    timed(dense, ids, device)
-                    timed(model, ids, device)
-                td, tc, ratios = [], [], []
-                for r in range(args.reps):
-                    if r % 2 == 0:
-                        a = timed(dense, ids, device)
-                        b = timed(model, ids, device)
-                    else:
-                        b = timed(model, ids, device)
-                        a = timed(dense, ids, device)
-                    td.append(a)
-                    tc.append(b)
-                    ratios.append(a / b)
-                meas = statistics.median(ratios)
+                r = paired_speedup(dense, model, ids, reps=args.reps, warmup=args.warmup)
+                meas = r["speedup"]
                 pred = predicted_speedup(shape, rspec, args.seq_len, batch * args.seq_len)
                 ratio = count_parameters(dense)["encoder"] / count_parameters(model)["encoder"]
-                print(f"{batch:>5} {d:>4} {ratio:>6.1f} | {1e3 * statistics.median(td):>9.2f} "
-                      f"{1e3 * statistics.median(tc):>9.2f} | {meas:>7.2f}x {pred:>8.2f}x {meas / pred:>8.0%}")
+                print(f"{batch:>5} {d:>4} {ratio:>6.1f} | {r['baseline_ms']:>9.2f} "
+                      f"{r['candidate_ms']:>9.2f} | {meas:>7.2f}x {pred:>8.2f}x {meas / pred:>8.0%}")
                 sys.stdout.flush()
             if args.profile:
                 for name, model in [("dense", dense)] + [(f"d={d}", m) for d, (m, _) in models.items()]:

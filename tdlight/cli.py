@@ -25,10 +25,10 @@ _task_started = False
 
 
 def _stages():
-    from tdlight.stages import decompose, distill, evaluate, finetune, pretrain
+    from tdlight.stages import decompose, distill, evaluate, finetune, pipeline, pretrain
 
     return {"decompose": decompose.run, "finetune": finetune.run, "evaluate": evaluate.run,
-            "pretrain": pretrain.run, "distill": distill.run}
+            "pretrain": pretrain.run, "distill": distill.run, "pipeline": pipeline.run}
 
 
 def _resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:

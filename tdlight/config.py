@@ -161,6 +161,29 @@ class EvaluateStage:
 
 
 @dataclass
+class PipelineStage:
+    """finetune -> decompose -> pretrain -> distill -> evaluate in one command.
+
+    ``steps`` picks which run (finetune, decompose and distill are required; pretrain and
+    evaluate optional). Each step's settings are its stage's defaults with the overrides
+    under ``<step>`` here (e.g. ``stage.pretrain.steps=200``); ``compression.*``,
+    ``task``, ``teacher.*`` and ``trainer.*`` come from the top-level config. Every step
+    runs in ``outputs/<step>/<hash of its inputs>``: a step whose inputs are unchanged
+    reuses that finished run instead of recomputing it, and an unfinished one resumes.
+    """
+
+    name: str = "pipeline"
+    steps: list = field(default_factory=lambda: ["finetune", "decompose", "pretrain", "distill", "evaluate"])
+    finetune: FinetuneStage = field(default_factory=FinetuneStage)
+    decompose: DecomposeStage = field(default_factory=DecomposeStage)
+    pretrain: PretrainStage = field(default_factory=PretrainStage)
+    distill: DistillStage = field(default_factory=DistillStage)
+    evaluate: EvaluateStage = field(default_factory=EvaluateStage)
+    speed_batch_size: int = 32
+    speed_reps: int = 10
+
+
+@dataclass
 class TaskConfig:
     """A GLUE task and its fine-tuning defaults (``conf/task/*.yaml``)."""
 
@@ -234,7 +257,7 @@ class Config:
 
 
 STAGE_SCHEMAS = {"decompose": DecomposeStage, "finetune": FinetuneStage, "evaluate": EvaluateStage,
-                 "distill": DistillStage, "pretrain": PretrainStage}
+                 "distill": DistillStage, "pretrain": PretrainStage, "pipeline": PipelineStage}
 
 
 def compression_spec(cfg) -> CompressionSpec:

@@ -1,0 +1,51 @@
+"""Paired latency measurement of two models on the same inputs.
+
+The machine's speed drifts, so the two models are timed back to back in each repetition
+(alternating which goes first) and the speed-up is the median of the per-pair ratios.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+
+def _timed(model: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    model(**inputs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def paired_speedup(baseline: nn.Module, candidate: nn.Module, inputs: dict[str, torch.Tensor], *,
+                   reps: int = 20, warmup: int = 3) -> dict[str, float]:
+    """``{"baseline_ms", "candidate_ms", "speedup"}``: medians over ``reps`` paired runs (eval mode)."""
+    modes = (baseline.training, candidate.training)
+    baseline.eval()
+    candidate.eval()
+    try:
+        for _ in range(warmup):
+            _timed(baseline, inputs)
+            _timed(candidate, inputs)
+        a, b, ratios = [], [], []
+        for r in range(reps):
+            if r % 2 == 0:
+                ta, tb = _timed(baseline, inputs), _timed(candidate, inputs)
+            else:
+                tb, ta = _timed(candidate, inputs), _timed(baseline, inputs)
+            a.append(ta)
+            b.append(tb)
+            ratios.append(ta / tb)
+    finally:
+        baseline.train(modes[0])
+        candidate.train(modes[1])
+    return {"baseline_ms": 1e3 * statistics.median(a), "candidate_ms": 1e3 * statistics.median(b),
+            "speedup": statistics.median(ratios)}

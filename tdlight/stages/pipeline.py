@@ -1,0 +1,176 @@
+"""``stage=pipeline``: finetune -> decompose -> pretrain -> distill -> evaluate in one command.
+
+Each step runs as its own stage in ``outputs/<step>/<key>``, where ``key`` hashes the
+step's inputs: its stage settings, the top-level settings it reads (teacher, task,
+compression, seed, trainer) and the keys of the steps it consumes. A step whose directory
+already holds its finished artifact is reused instead of recomputed; one that holds only
+a checkpoint resumes. At the end one table compares the fine-tuned teacher and the
+distilled student: dev GLUE score, encoder parameters, ratio, and the measured speed-up
+of a forward pass on dev batches (paired timing, :mod:`tdlight.model.speed`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from tdlight.errors import TdlightError
+from tdlight.stages.common import CHECKPOINTS, LAST, write_json
+
+log = logging.getLogger("tdlight.pipeline")
+
+ORDER = ("finetune", "decompose", "pretrain", "distill", "evaluate")
+REQUIRED = ("finetune", "decompose", "distill")
+# the top-level config each step depends on (beyond its own stage settings and upstream keys)
+READS = {
+    "finetune": ("teacher", "task", "seed", "trainer"),
+    "decompose": ("compression", "teacher"),
+    "pretrain": ("teacher", "seed", "trainer"),
+    "distill": ("task", "seed", "trainer"),
+    "evaluate": ("task",),
+}
+ARTIFACT = {"finetune": "model", "decompose": "model", "pretrain": "model", "distill": "model",
+            "evaluate": "metrics.json"}
+NEVER_KEYED = ("enable_progress_bar", "log_every_n_steps", "name")
+
+
+def _clean(node) -> object:
+    """A config node as plain data without settings that cannot change a result."""
+    data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    if isinstance(data, dict):
+        return {k: _clean(v) for k, v in sorted(data.items()) if k not in NEVER_KEYED}
+    return data
+
+
+def step_key(step: str, stage_cfg, cfg: DictConfig, upstream: dict[str, str]) -> str:
+    payload = {"step": step, "stage": _clean(stage_cfg), "upstream": upstream,
+               **{k: _clean(cfg.get(k)) for k in READS[step]}}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _step_config(cfg: DictConfig, step: str, stage_cfg, run_dir: Path, wiring: dict) -> DictConfig:
+    sub = OmegaConf.to_container(cfg, resolve=False)
+    sub["stage"] = OmegaConf.to_container(stage_cfg, resolve=False)
+    sub["stage"]["name"] = step
+    for dotted, value in wiring.items():
+        node = sub
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    out = OmegaConf.create(sub)
+    out.resume = str(run_dir) if (run_dir / CHECKPOINTS / LAST).is_file() else None
+    return out
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    from tdlight.stages import decompose, distill, evaluate, finetune, pretrain
+
+    runners = {"finetune": finetune.run, "decompose": decompose.run, "pretrain": pretrain.run,
+               "distill": distill.run, "evaluate": evaluate.run}
+    st = cfg.stage
+    steps = list(st.steps)
+    unknown = [s for s in steps if s not in ORDER]
+    if unknown:
+        raise TdlightError(f"unknown pipeline step(s) {unknown}; valid: {list(ORDER)}")
+    missing = [s for s in REQUIRED if s not in steps]
+    if missing:
+        raise TdlightError(f"stage.steps must include {list(REQUIRED)}; missing {missing}")
+    if cfg.get("task") is None:
+        raise TdlightError("stage=pipeline needs a task: add task=<name>")
+    steps = [s for s in ORDER if s in steps]
+
+    out_root = Path(cfg.paths.output_dir)
+    keys: dict[str, str] = {}
+    dirs: dict[str, Path] = {}
+    results: dict[str, dict] = {}
+    for step in steps:
+        # as in the paper: the *pretrained* teacher is decomposed (and pretrained against);
+        # the fine-tuned one only teaches the task in distill
+        student = "pretrain" if "pretrain" in dirs else "decompose"
+        if step == "finetune":
+            upstream, wiring = {}, {}
+        elif step == "decompose":
+            upstream, wiring = {}, {}
+        elif step == "pretrain":
+            upstream = {"decompose": keys["decompose"]}
+            wiring = {"stage.student": str(dirs["decompose"])}
+        elif step == "distill":
+            upstream = {"finetune": keys["finetune"], "student": keys[student]}
+            wiring = {"teacher.run_dir": str(dirs["finetune"]), "stage.student": str(dirs[student])}
+        else:
+            upstream = {"distill": keys["distill"]}
+            wiring = {"stage.model": str(dirs["distill"])}
+        stage_cfg = st[step]
+        key = step_key(step, stage_cfg, cfg, upstream)
+        d = out_root / step / f"pipeline-{key}"
+        keys[step], dirs[step] = key, d
+        if (d / ARTIFACT[step]).exists() and (d / ("metrics.json" if step != "decompose" else "report.json")).is_file():
+            log.info("%s: reusing %s (same inputs)", step, d)
+            results[step] = json.loads((d / ("report.json" if step == "decompose" else "metrics.json")).read_text())
+            continue
+        sub = _step_config(cfg, step, stage_cfg, d, wiring)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / ".hydra").mkdir(exist_ok=True)
+        OmegaConf.save(sub, d / ".hydra" / "config.yaml")
+        log.info("%s: running in %s%s", step, d, " (resuming)" if sub.resume else "")
+        Console().rule(f"[bold]pipeline step: {step}")
+        results[step] = runners[step](sub, d)
+
+    summary = _summary(cfg, dirs, results)
+    write_json(run_dir / "pipeline.json", {"steps": {s: str(p) for s, p in dirs.items()}, **summary})
+    Console().print(_table(summary))
+    return summary
+
+
+def _summary(cfg: DictConfig, dirs: dict[str, Path], results: dict[str, dict]) -> dict:
+    from tdlight.model.speed import paired_speedup
+    from tdlight.model.teacher import load_classifier
+    from tdlight.stages.finetune import datamodule, model_summary, require_task
+
+    task = require_task(cfg)
+    teacher, tokenizer = load_classifier(str(dirs["finetune"] / "model"), task.num_labels)
+    student, _ = load_classifier(str(dirs["distill"] / "model"), task.num_labels)
+    max_length = cfg.stage.distill.max_length or cfg.task.max_length  # what the student was trained on
+    dm = datamodule(cfg, task, tokenizer, max_length=max_length, batch_size=cfg.stage.speed_batch_size,
+                    eval_batch_size=cfg.stage.speed_batch_size, limit_train=None,
+                    limit_eval=cfg.stage.speed_batch_size, num_workers=0, train=False)
+    dm.setup("validate")
+    loader = dm.val_dataloader()
+    batch = next(iter(loader[0] if isinstance(loader, list) else loader))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    speed = paired_speedup(teacher, student, inputs, reps=cfg.stage.speed_reps)
+    t_sum, s_sum = model_summary(teacher), model_summary(student)
+    dense = t_sum["encoder_params"]
+    return {
+        "task": task.name,
+        "teacher_score": results["finetune"]["score"],
+        "student_score": (results.get("evaluate") or results["distill"])["score"],
+        "teacher_encoder_params": dense,
+        "student_encoder_params": s_sum["encoder_params"],
+        "ratio": dense / s_sum["encoder_params"],
+        "speedup": speed["speedup"],
+        "teacher_ms": speed["baseline_ms"],
+        "student_ms": speed["candidate_ms"],
+        "pretrain_tokens": results.get("pretrain", {}).get("tokens"),
+    }
+
+
+def _table(r: dict) -> Table:
+    t = Table(title=f"tdlight pipeline: {r['task']}")
+    for c in ("", "teacher", "student"):
+        t.add_column(c, justify="right" if c else "left")
+    t.add_row("dev GLUE score", f"{r['teacher_score']:.4f}", f"{r['student_score']:.4f}")
+    t.add_row("encoder parameters", f"{r['teacher_encoder_params']:,}", f"{r['student_encoder_params']:,}")
+    t.add_row("compression ratio", "1.00×", f"{r['ratio']:.2f}×")
+    t.add_row("forward ms (dev batch)", f"{r['teacher_ms']:.1f}", f"{r['student_ms']:.1f}")
+    t.add_row("measured speed-up", "", f"{r['speedup']:.2f}×")
+    if r.get("pretrain_tokens"):
+        t.add_row("pretraining tokens", "", f"{r['pretrain_tokens']:,}")
+    return t

@@ -1,0 +1,44 @@
+"""stage=pipeline: all stages chained through run directories in one command; unchanged steps are reused."""
+
+from __future__ import annotations
+
+import json
+
+from tests.test_pretrain import setup  # noqa: F401  (fixture: tiny corpus + files)
+from tests.test_stages import cli, runs
+
+
+def test_tiny_pipeline_end_to_end_and_reuse(setup, teacher_dir, tmp_path):  # noqa: F811
+    _, _, files = setup
+    args = ["stage=pipeline", "task=mrpc", f"teacher.path={teacher_dir}", "compression.rank=8", "compression.bank=12",
+            "trainer=cpu", "trainer.enable_progress_bar=false", "logger=none",
+            "stage.finetune.epochs=1", "stage.finetune.limit_train=48", "stage.finetune.limit_eval=32",
+            "stage.finetune.batch_size=16", "stage.finetune.max_length=32",
+            *[f.replace("stage.", "stage.pretrain.") for f in files],
+            "stage.pretrain.steps=4", "stage.pretrain.val_every_n_steps=2", "stage.pretrain.max_length=16",
+            "stage.pretrain.batch_size=4", "stage.pretrain.max_heldout_sequences=8",
+            "stage.distill.intermediate_epochs=1", "stage.distill.prediction_epochs=1",
+            "stage.distill.limit_train=48", "stage.distill.limit_eval=32", "stage.distill.batch_size=16",
+            "stage.distill.max_length=32", "stage.evaluate.limit_eval=32", "stage.evaluate.max_length=32",
+            "stage.speed_reps=2", "stage.speed_batch_size=8"]
+    r = cli(tmp_path, *args)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for step in ("finetune", "decompose", "pretrain", "distill", "evaluate"):
+        (d,) = runs(tmp_path, step)
+        assert d.name.startswith("pipeline-"), d
+    (p,) = runs(tmp_path, "pipeline")
+    summary = json.loads((p / "pipeline.json").read_text())
+    assert summary["ratio"] > 1 and summary["speedup"] > 0 and summary["pretrain_tokens"] == 4 * 4 * 16
+    ev = json.loads((runs(tmp_path, "evaluate")[0] / "metrics.json").read_text())
+    assert summary["student_score"] == ev["score"]
+    assert "measured speed-up" in r.stdout and "dev GLUE score" in r.stdout
+
+    # the same command again reuses every step; a changed distill setting reruns only distill + evaluate
+    r = cli(tmp_path, *args)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.count("pipeline step:") == 0
+    assert all(len(runs(tmp_path, s)) == 1 for s in ("finetune", "decompose", "pretrain", "distill", "evaluate"))
+    r = cli(tmp_path, *args, "stage.distill.temperature=2")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.count("pipeline step:") == 2
+    assert [len(runs(tmp_path, s)) for s in ("finetune", "decompose", "pretrain", "distill", "evaluate")] == [1, 1, 1, 2, 2]
