@@ -229,3 +229,21 @@ def test_training_steps_matches_lightning_estimate(n, batch, epochs, max_steps, 
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw)
     trainer.fit(Probe(), DataLoader(TensorDataset(torch.randn(n, 2)), batch_size=batch))
     assert seen["ours"] == seen["lightning"]
+
+
+@pytest.mark.parametrize("name", ["paper_1_7", "paper_1_48", "no_pretrain", "no_distill", "variant_iii"])
+def test_experiment_presets_compose_and_resolve(tmp_path, name):
+    from tdlight.config import compression_spec
+    from tdlight.tensor.accounting import param_counts
+    from tdlight.tensor.spec import EncoderShape, resolve
+
+    cfg = compose_cfg(tmp_path, f"experiment={name}", "task=mrpc", "stage.distill.temperature=2")
+    assert cfg.stage.name == "pipeline" and cfg.stage.distill.temperature == 2  # presets stay overridable
+    minilm = EncoderShape(6, 384, 1536, 30522, 512, 2)
+    ratio = param_counts(minilm, resolve(compression_spec(cfg.compression), minilm))["ratio"]
+    expected = {"paper_1_7": (5, 9), "paper_1_48": (48, 60), "no_pretrain": (48, 60), "no_distill": (48, 60),
+                "variant_iii": (7, 9)}[name]
+    assert expected[0] <= ratio < expected[1], ratio
+    assert ("pretrain" in cfg.stage.steps) == (name != "no_pretrain")
+    if name == "no_distill":
+        assert cfg.stage.distill.gold_weight == 1.0 and cfg.stage.distill.intermediate_epochs == 0
