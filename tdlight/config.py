@@ -65,6 +65,15 @@ class DecomposeStage:
     name: str = "decompose"
     save_model: bool = True
     cache: bool = True  # reuse a decomposition of the same teacher weights with the same resolved spec
+    # activation-aware refinement (beyond the paper): train the factors so that each layer's
+    # outputs match the teacher's, on calibration text; 0 steps = off
+    refine_steps: int = 0
+    refine_lr: float = 1e-3
+    refine_batch_size: int = 16
+    refine_max_length: int = 128
+    refine_files: Any = "${paths.data_dir}/pretrain_corpus/enwiki_2015_wikiextractor_AA.txt.gz"
+    refine_heldout_files: Any = "${paths.data_dir}/pretrain_corpus/wikitext103_heldout/wiki.valid.tokens.gz"
+    refine_heldout_batches: int = 4
 
 
 @dataclass

@@ -91,3 +91,28 @@ def test_pretrain_bad_input(setup, teacher_dir, tmp_path):
         r = cli(tmp_path, "stage=pretrain", f"teacher.path={teacher_dir}", *files, *QUICK, *extra)
         assert r.returncode == 2, r.stderr[-2000:]
         assert msg in r.stderr
+
+
+def test_activation_aware_refinement_lowers_layer_output_error(setup, teacher_dir, tmp_path):
+    _, _, files = setup
+    corpus = files[0].split("=", 1)[1]
+    heldout = files[1].split("=", 1)[1]
+    args = ["stage=decompose", f"teacher.path={teacher_dir}", "compression.rank=8", "compression.bank=12",
+            "stage.refine_steps=15", "stage.refine_lr=3e-3", "stage.refine_batch_size=4", "stage.refine_max_length=16",
+            f"stage.refine_files={corpus}", f"stage.refine_heldout_files={heldout}", "stage.refine_heldout_batches=2",
+            "trainer=cpu", "trainer.enable_progress_bar=false", "logger=none"]
+    r = cli(tmp_path, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = runs(tmp_path, "decompose")
+    rep = json.loads((run / "report.json").read_text())
+    f = rep["refine"]
+    assert f["steps"] == 15 and f["layer_error_after"] < f["layer_error_before"]
+    assert "layer-output error" in r.stdout
+    import tdlight
+    from tdlight.model.surgery import get_encoder
+
+    assert get_encoder(tdlight.load_compressed(run / "model")).compression.rank_in == 8
+    # the refined decomposition is cached under its own key (refinement settings included)
+    r = cli(tmp_path, *args)
+    assert json.loads((runs(tmp_path, "decompose")[-1] / "report.json").read_text())["refine"] == f
+    assert "(cached)" in r.stdout

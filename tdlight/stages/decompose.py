@@ -6,6 +6,7 @@ Writes into the run directory: ``model/`` (a compressed model directory, loadabl
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -74,8 +75,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     before = count_parameters(teacher)
     log.info("teacher %s: %s; resolved spec %s", source, shape, rspec.to_dict())
     entry = None
+    refine = cfg.stage.get("refine_steps", 0) or 0
+    if refine < 0:
+        raise TdlightError(f"stage.refine_steps={refine} must be ≥ 0")
     if cfg.stage.get("cache", True):
-        entry = Path(cfg.paths.cache_dir) / "decompose" / cache_key(teacher, rspec)
+        key = cache_key(teacher, rspec)
+        if refine:  # a refined decomposition also depends on how it was refined
+            extra = {k: cfg.stage[k] for k in cfg.stage if str(k).startswith("refine")}
+            key = hashlib.sha1((key + json.dumps(OmegaConf.to_container(OmegaConf.create(extra), resolve=True),
+                                                 sort_keys=True)).encode()).hexdigest()[:20]
+        entry = Path(cfg.paths.cache_dir) / "decompose" / key
         cached = _from_cache(entry, run_dir, cfg.stage.save_model)
         if cached is not None:
             cached.update(cached=str(entry), teacher=source)
@@ -83,6 +92,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             Console().print(_table(cached))
             log.info("reused the cached decomposition %s (same teacher weights and spec)", entry)
             return cached
+    reference = copy.deepcopy(teacher) if refine else None  # compress() works in place
     teacher.to(device)
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
@@ -104,6 +114,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         console.print(f"[bold red]WARNING[/]: {w.message}")
         log.warning("%s", w.message)
 
+    refined = _refine(cfg, teacher, reference, tokenizer, run_dir, console) if refine else None
     after = count_parameters(teacher)
     formula = param_counts(shape, rspec)
     if after["encoder"] != formula["encoder"]:  # the model and the accounting must agree
@@ -122,6 +133,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "seconds": seconds,
         "device": str(device),
     }
+    if refined is not None:
+        result["refine"] = refined
     if cfg.stage.save_model:
         save_compressed(teacher.cpu(), run_dir / "model", tokenizer, extra={"teacher": source})
         if entry is not None:  # keep a copy for later runs with the same inputs
@@ -131,6 +144,35 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     Console().print(_table(result))
     log.info("ratio %.2f, rel. error %.4f, %.1f s; model in %s", result["ratio"], report.rel_error, seconds, run_dir)
     return result
+
+
+def _refine(cfg: DictConfig, student, teacher, tokenizer, run_dir: Path, console: Console) -> dict:
+    """Activation-aware refinement of the factors (see :mod:`tdlight.stages.refine`)."""
+    from tdlight.data.corpus import CorpusDataModule
+    from tdlight.stages.common import build_trainer
+    from tdlight.stages.refine import RefineModule, heldout_error
+
+    st = cfg.stage
+    if tokenizer is None:
+        raise TdlightError("refinement needs the teacher's tokenizer to read calibration text")
+    files = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+             for k, v in (("train", st.refine_files), ("heldout", st.refine_heldout_files))}
+    dm = CorpusDataModule(tokenizer, train_files=files["train"], heldout_files=files["heldout"],
+                          max_length=st.refine_max_length, batch_size=st.refine_batch_size, seed=cfg.seed,
+                          max_heldout_sequences=st.refine_batch_size * st.refine_heldout_batches)
+    heldout = list(dm.val_dataloader())
+    before = heldout_error(student, teacher, heldout)
+    module = RefineModule(student, teacher, lr=st.refine_lr, steps=st.refine_steps)
+    cfg_t = OmegaConf.merge(cfg, {"trainer": {"max_steps": st.refine_steps, "max_epochs": -1,
+                                              "limit_val_batches": 0, "num_sanity_val_steps": 0}})
+    trainer = build_trainer(cfg_t, run_dir, max_epochs=-1, monitor=None, summary={"refine_steps": st.refine_steps})
+    trainer.fit(module, train_dataloaders=dm.train_dataloader())
+    student.requires_grad_(True)
+    after = heldout_error(student.cpu(), teacher.cpu(), heldout)
+    console.print(f"refinement: layer-output rel. error {before:.4f} -> {after:.4f} "
+                  f"({st.refine_steps} steps of {st.refine_batch_size}x{st.refine_max_length} tokens)")
+    return {"steps": st.refine_steps, "layer_error_before": before, "layer_error_after": after,
+            "tokens": st.refine_steps * st.refine_batch_size * st.refine_max_length}
 
 
 def _table(r: dict) -> Table:
@@ -149,5 +191,8 @@ def _table(r: dict) -> Table:
     for typ, e in r["type_errors"].items():
         flag = "  [red](dead blocks)" if any(n.split(".")[1] == typ for n in r["dead_blocks"]) else ""
         t.add_row(f"  rel. error {typ}", "", f"{e:.4f}{flag}")
+    if r.get("refine"):
+        f = r["refine"]
+        t.add_row("layer-output error", f"{f['layer_error_before']:.4f}", f"{f['layer_error_after']:.4f} (refined)")
     t.add_row("time", "", f"{r['seconds']:.2f} s on {r['device']}" + (" (cached)" if r.get("cached") else ""))
     return t
