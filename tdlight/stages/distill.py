@@ -151,6 +151,12 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
         raise TdlightError("phase 1 (stage.intermediate_epochs > 0) needs a hidden, attention or embedding weight > 0")
     if not 0 <= st.gold_weight <= 1:
         raise TdlightError(f"stage.gold_weight={st.gold_weight} must be in [0, 1]")
+    if st.augment and st.gold_weight > 0:
+        raise TdlightError("stage.augment=true makes examples without a trustworthy gold label: "
+                           "use stage.gold_weight=0 (soft targets only) with augmentation")
+    if st.augment and (st.augment_copies < 1 or not 0 < st.augment_prob <= 1 or st.augment_neighbours < 1):
+        raise TdlightError(f"augmentation needs augment_copies ≥ 1, augment_prob in (0, 1], augment_neighbours ≥ 1; "
+                           f"got {st.augment_copies}, {st.augment_prob}, {st.augment_neighbours}")
     lr = st.lr if st.lr is not None else tc.lr
     batch_size = st.batch_size if st.batch_size is not None else tc.batch_size
     max_length = st.max_length if st.max_length is not None else tc.max_length
@@ -164,9 +170,13 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     ls, lt = encoder_shape(student).num_layers, encoder_shape(teacher).num_layers
     map_spec = OmegaConf.to_container(st.layer_map) if OmegaConf.is_config(st.layer_map) else st.layer_map
     pairs = layer_map(map_spec, ls, lt)
+    augment = None
+    if st.augment:
+        augment = {"embeddings": teacher.get_input_embeddings().weight.detach(), "copies": st.augment_copies,
+                   "prob": st.augment_prob, "neighbours": st.augment_neighbours}
     dm = datamodule(cfg, task, tokenizer, max_length=max_length, batch_size=batch_size,
                     eval_batch_size=st.eval_batch_size, limit_train=st.limit_train, limit_eval=st.limit_eval,
-                    num_workers=st.num_workers)
+                    num_workers=st.num_workers, augment=augment)
     dm.prepare_data()
     dm.setup("fit")
     module = DistillModule(

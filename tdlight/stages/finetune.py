@@ -148,7 +148,8 @@ def require_task(cfg: DictConfig):
 
 
 def datamodule(cfg: DictConfig, task, tokenizer, *, max_length: int, batch_size: int, eval_batch_size: int,
-               limit_train: int | None, limit_eval: int | None, num_workers: int, train: bool = True):
+               limit_train: int | None, limit_eval: int | None, num_workers: int, train: bool = True,
+               augment: dict | None = None):
     from tdlight.data.datamodule import GlueDataModule
 
     if tokenizer is None:
@@ -157,6 +158,7 @@ def datamodule(cfg: DictConfig, task, tokenizer, *, max_length: int, batch_size:
         task.name, tokenizer, data_dir=Path(cfg.paths.data_dir) / "glue", source=getattr(cfg.task.source, "value", cfg.task.source),
         max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
         cache_dir=cfg.paths.cache_dir, seed=cfg.seed, limit_train=limit_train, limit_eval=limit_eval, train=train,
+        augment=augment,
     )
 
 
