@@ -6,9 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-from tests.conftest import tiny_config
 
 
 def run_cli(out: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -112,4 +109,5 @@ def test_decompose_reuses_the_cached_decomposition(tmp_path, teacher_dir):
     assert r3.returncode == 0, r3.stderr
     assert "cached" not in json.loads((run_dirs(tmp_path)[-1] / "report.json").read_text())
     r4 = run_cli(tmp_path, *args, "stage.cache=false")
+    assert r4.returncode == 0, r4.stderr
     assert "cached" not in json.loads((run_dirs(tmp_path)[-1] / "report.json").read_text())

@@ -268,7 +268,7 @@ def pack_sequences(paragraphs: Iterable[Paragraph], tokenizer: Any, max_length: 
     pending: list[Paragraph] = []
 
     def tokenize_pending() -> Iterator[list[int]]:
-        nonlocal stream, last_doc
+        nonlocal last_doc
         if not pending:
             return
         ids = tokenizer([p.text for p in pending], add_special_tokens=False, return_attention_mask=False,

@@ -223,3 +223,13 @@ class EpochTimer(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.seconds.append(time.perf_counter() - self._t0 - self._in_val)
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, without weight decay on biases and LayerNorms."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)

@@ -23,7 +23,7 @@ from torch import nn
 
 from tdlight.errors import TdlightError
 from tdlight.model.capture import forward_with_scores
-from tdlight.stages.common import EpochTimer, build_trainer, last_checkpoint, stage_artifact, write_json
+from tdlight.stages.common import EpochTimer, adamw, build_trainer, last_checkpoint, stage_artifact, write_json
 from tdlight.stages.finetune import (
     MODEL_INPUTS, GlueModule, datamodule, model_summary, require_task, results_table, steps_per_epoch,
     training_steps,
@@ -94,12 +94,7 @@ class DistillModule(GlueModule):
             super().log_results(results)
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=1.0)
+        opt = adamw(self.model, 1.0, self.weight_decay)  # base lr 1: the schedule below gives absolute lrs
         per_epoch = self.steps_per_epoch  # set by the stage, as total_steps (see finetune.training_steps)
         p1 = per_epoch * self.intermediate_epochs
         total = self.total_steps

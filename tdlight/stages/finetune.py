@@ -25,7 +25,7 @@ from rich.table import Table
 from torch import nn
 
 from tdlight.errors import TdlightError
-from tdlight.stages.common import EpochTimer, build_trainer, last_checkpoint, teacher_source, write_json
+from tdlight.stages.common import EpochTimer, adamw, build_trainer, last_checkpoint, teacher_source, write_json
 
 log = logging.getLogger("tdlight.finetune")
 
@@ -101,13 +101,7 @@ class GlueModule(L.LightningModule):
     def configure_optimizers(self):
         from transformers import get_linear_schedule_with_warmup
 
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
+        opt = adamw(self.model, self.lr, self.weight_decay)
         total = self.total_steps or int(self.trainer.estimated_stepping_batches)
         sched = get_linear_schedule_with_warmup(opt, int(self.warmup_ratio * total), total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -24,7 +24,7 @@ from torch import nn
 
 from tdlight.errors import TdlightError
 from tdlight.model.capture import forward_with_scores
-from tdlight.stages.common import build_trainer, last_checkpoint, teacher_source, write_json
+from tdlight.stages.common import adamw, build_trainer, last_checkpoint, teacher_source, write_json
 from tdlight.stages.distill import student_source
 from tdlight.stages.finetune import MODEL_INPUTS, model_summary
 from tdlight.stages.losses import intermediate_loss, layer_map
@@ -80,12 +80,7 @@ class PretrainModule(L.LightningModule):
     def configure_optimizers(self):
         from transformers import get_linear_schedule_with_warmup
 
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
+        opt = adamw(self.model, self.lr, self.weight_decay)
         sched = get_linear_schedule_with_warmup(opt, int(self.warmup_ratio * self.total_steps), self.total_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
