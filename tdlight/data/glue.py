@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import math
 import os
 from collections.abc import Iterator
@@ -145,21 +144,32 @@ def local_file(task: GlueTask, split: str, data_dir: str | os.PathLike) -> Path 
     return None
 
 
-def _open(path: Path) -> io.TextIOBase:
-    # utf-8-sig drops the BOM the MRPC header starts with; newline="" as csv requires
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
+def _lines(path: Path) -> Iterator[str]:
+    """The file's physical lines (split at newlines only, as ``wc -l`` and ``sed -n Np`` count them), decoded.
+
+    Each line is decoded on its own so an encoding error names its exact line; the
+    UTF-8 BOM the MRPC header starts with is dropped.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from e
+            yield text[1:] if number == 1 and text.startswith("\ufeff") else text
 
 
 def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
-    with _open(path) as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        try:
-            for row in reader:
-                yield reader.line_num, row
-        except (csv.Error, UnicodeDecodeError, EOFError, OSError) as e:
-            raise DataError(f"{path}:{reader.line_num}: cannot read the file: {e}") from e
+    """``(1-based line number, fields)`` per line, split on tabs with quoting off."""
+    reader = csv.reader(_lines(path), delimiter="\t", quoting=csv.QUOTE_NONE)
+    try:
+        for row in reader:
+            yield reader.line_num, row
+    except csv.Error as e:  # raised while parsing the line just read
+        raise DataError(f"{path}:{reader.line_num}: cannot parse the line: {e}") from e
+    except (EOFError, OSError) as e:  # gzip/IO errors while fetching the next line
+        raise DataError(f"{path}:{reader.line_num + 1}: cannot read the file: {e}") from e
 
 
 def read_tsv(task: GlueTask | str, split: str, path: str | os.PathLike) -> dict[str, list]:

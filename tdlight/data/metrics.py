@@ -39,6 +39,7 @@ def glue_metrics(task: GlueTask | str, preds, labels) -> dict[str, float]:
             out[m] = matthews_corrcoef(p, y, task="multiclass", num_classes=n).item()
         else:  # pragma: no cover - the registry only names the metrics above
             raise KeyError(m)
+    out = {k: float(v) for k, v in out.items()}  # torchmetrics gives an int tensor for a perfect MCC
     out["score"] = sum(out[m] for m in task.metrics) / len(task.metrics)
     return out
 
