@@ -78,6 +78,15 @@ def load_teacher(name_or_path: str) -> tuple[nn.Module, object]:
     return model.eval(), tokenizer
 
 
+def _set_labels(config, num_labels: int) -> None:
+    """Give an HF config ``num_labels`` outputs (1 means regression)."""
+    if getattr(config, "num_labels", None) != num_labels:
+        config.num_labels = num_labels
+        config.id2label = {i: str(i) for i in range(num_labels)}
+        config.label2id = {str(i): i for i in range(num_labels)}
+    config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
+
+
 def load_classifier(name_or_path: str, num_labels: int) -> tuple[nn.Module, object]:
     """(model, tokenizer) for sequence classification on top of a teacher.
 
@@ -95,11 +104,7 @@ def load_classifier(name_or_path: str, num_labels: int) -> tuple[nn.Module, obje
     try:
         config = transformers.AutoConfig.from_pretrained(path)
         new_head = getattr(config, "num_labels", None) != num_labels
-        if new_head:
-            config.num_labels = num_labels
-            config.id2label = {i: str(i) for i in range(num_labels)}
-            config.label2id = {str(i): i for i in range(num_labels)}
-        config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
+        _set_labels(config, num_labels)
         # a head for another label count (e.g. a teacher fine-tuned on another task) starts fresh
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             path, config=config, ignore_mismatched_sizes=new_head)
@@ -128,10 +133,7 @@ def as_classifier(model: nn.Module, num_labels: int) -> nn.Module:
     if getattr(model, "classifier", None) is not None and model.config.num_labels == num_labels:
         return model
     config = copy.deepcopy(model.config)
-    config.num_labels = num_labels
-    config.id2label = {i: str(i) for i in range(num_labels)}
-    config.label2id = {str(i): i for i in range(num_labels)}
-    config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
+    _set_labels(config, num_labels)
     clf = transformers.AutoModelForSequenceClassification.from_config(config)
     base = getattr(model, "base_model", model)
     if is_compressed(model):
