@@ -78,3 +78,15 @@ def teacher_dir(tmp_path_factory):
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]))
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(path)
     return path
+
+
+def crash_at(step: int):
+    """A Lightning callback that raises after optimizer step ``step`` (a simulated crash)."""
+    import lightning as L
+
+    class Crash(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == step:
+                raise RuntimeError("simulated crash")
+
+    return Crash()

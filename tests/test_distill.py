@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 
+from tests.conftest import crash_at
 from tests.test_stages import SMALL, cli, compose_cfg, runs
 
 
@@ -81,13 +82,8 @@ def test_distill_resume_equals_uninterrupted(chain, tmp_path):
             "stage.intermediate_epochs=1", "stage.prediction_epochs=1", "trainer.checkpoint_every_n_steps=1", *SMALL]
     distill.run(compose_cfg(tmp_path, *over), tmp_path / "straight")
 
-    class Crash(L.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == 4:  # mid phase 2
-                raise RuntimeError("simulated crash")
-
     with pytest.raises(RuntimeError, match="simulated crash"):
-        distill.run(compose_cfg(tmp_path, *over), tmp_path / "resumed", extra_callbacks=[Crash()])
+        distill.run(compose_cfg(tmp_path, *over), tmp_path / "resumed", extra_callbacks=[crash_at(4)])
     cfg = compose_cfg(tmp_path, *over)
     cfg.resume = str(tmp_path / "resumed")
     distill.run(cfg, tmp_path / "resumed")

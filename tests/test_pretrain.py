@@ -5,10 +5,10 @@ from __future__ import annotations
 import gzip
 import json
 
-import lightning as L
 import pytest
 import torch
 
+from tests.conftest import crash_at
 from tests.test_stages import cli, compose_cfg, runs
 
 QUICK = ["stage.max_length=16", "stage.batch_size=4", "stage.steps=6", "stage.val_every_n_steps=3",
@@ -67,13 +67,8 @@ def test_pretrain_resume_equals_uninterrupted(setup, teacher_dir, tmp_path):
             "trainer.checkpoint_every_n_steps=1", *files, *QUICK]
     pretrain.run(compose_cfg(tmp_path, *over), tmp_path / "a")
 
-    class Crash(L.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == 4:
-                raise RuntimeError("simulated crash")
-
     with pytest.raises(RuntimeError, match="simulated crash"):
-        pretrain.run(compose_cfg(tmp_path, *over), tmp_path / "b", extra_callbacks=[Crash()])
+        pretrain.run(compose_cfg(tmp_path, *over), tmp_path / "b", extra_callbacks=[crash_at(4)])
     cfg = compose_cfg(tmp_path, *over)
     cfg.resume = str(tmp_path / "b")
     pretrain.run(cfg, tmp_path / "b")

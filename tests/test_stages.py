@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from tdlight.config import ROOT, register
+from tests.conftest import crash_at
 
 SMALL = ["stage.limit_train=48", "stage.limit_eval=32", "stage.batch_size=16", "stage.max_length=32",
          "trainer=cpu", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
@@ -89,14 +90,9 @@ def test_resume_equals_uninterrupted(tmp_path, teacher_dir, stop_after):
     straight = tmp_path / "straight"
     finetune.run(compose_cfg(tmp_path, *over), straight)
 
-    class Crash(L.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == stop_after:
-                raise RuntimeError("simulated crash")
-
     resumed = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        finetune.run(compose_cfg(tmp_path, *over), resumed, extra_callbacks=[Crash()])
+        finetune.run(compose_cfg(tmp_path, *over), resumed, extra_callbacks=[crash_at(stop_after)])
     assert (resumed / "checkpoints" / "last.ckpt").is_file() and not (resumed / "model").exists()
     cfg = compose_cfg(tmp_path, *over)
     cfg.resume = str(resumed)
