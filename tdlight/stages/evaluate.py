@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from tdlight.errors import TdlightError
-from tdlight.stages.common import build_trainer, teacher_source, write_json
+from tdlight.stages.common import build_trainer, stage_artifact, teacher_source, write_json
 from tdlight.stages.finetune import GlueModule, datamodule, model_summary, require_task, results_table
 
 log = logging.getLogger("tdlight.evaluate")
@@ -26,9 +26,7 @@ def model_source(cfg: DictConfig) -> str:
     src = cfg.stage.model or teacher_source(cfg)
     p = Path(src)
     if (p / ".hydra" / "config.yaml").is_file():  # a run directory: its artifact
-        if not (p / "model").is_dir():
-            raise TdlightError(f"run directory {src!r} has no model/: the run did not finish (resume it first)")
-        return str(p / "model")
+        return str(stage_artifact(p, ("finetune", "decompose", "pretrain", "distill")))
     if not p.exists() and (src.startswith(("/", ".", "~")) or src.count("/") > 1):
         raise TdlightError(f"stage.model={src!r} does not exist; valid: a run directory, a model directory, "
                            "a hub name, or empty for the teacher")
