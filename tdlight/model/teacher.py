@@ -10,6 +10,7 @@ from torch import nn
 
 from tdlight.errors import TeacherError
 from tdlight.model.surgery import encoder_weights
+from tdlight.tensor.spec import EncoderShape
 
 EMBEDDED = ("minilm",)
 
@@ -144,3 +145,21 @@ def as_classifier(model: nn.Module, num_labels: int) -> nn.Module:
         raise TeacherError(f"cannot put a classification head on this model: missing {missing[:4]}, "
                            f"unexpected {unexpected[:4]}")
     return clf.to(next(model.parameters()).device).train(model.training)
+
+
+def teacher_shape(name_or_path: str):
+    """The :class:`EncoderShape` of a teacher from its ``config.json`` alone (no weights loaded).
+
+    Used to price a compression config before anything is trained (sweeps compute each
+    trial's ratio this way).
+    """
+    path = resolve_teacher(name_or_path)
+    try:
+        c = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise TeacherError(f"could not read the config of teacher {name_or_path!r}: {str(e).splitlines()[0]}") from e
+    try:
+        return EncoderShape(c.num_hidden_layers, c.hidden_size, c.intermediate_size, getattr(c, "vocab_size", 0),
+                            getattr(c, "max_position_embeddings", 0), getattr(c, "type_vocab_size", 0))
+    except AttributeError as e:
+        raise TeacherError(f"teacher {name_or_path!r} is not BERT-shaped: its config has no {e.name!r}") from e

@@ -87,6 +87,13 @@ def _wandb_configured() -> bool:
         return False
 
 
+def wandb_offline(lc) -> bool:
+    """Whether W&B runs offline for logger config ``lc`` (offline unless credentials or ``mode=online``)."""
+    mode = getattr(lc.mode, "value", lc.mode)
+    offline = mode == "offline" or (mode == "auto" and not _wandb_configured())
+    return offline or os.environ.get("WANDB_MODE") in ("offline", "disabled")
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> list:
     """CSV logger (unless ``logger=none``) and W&B (``logger=wandb``), both inside ``run_dir``.
 
@@ -103,10 +110,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> li
     if lc.wandb:
         from lightning.pytorch.loggers import WandbLogger
 
-        mode = getattr(lc.mode, "value", lc.mode)
-        offline = mode == "offline" or (mode == "auto" and not _wandb_configured())
-        if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
-            offline = True
+        offline = wandb_offline(lc)
         id_file = run_dir / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")

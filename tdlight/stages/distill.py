@@ -205,7 +205,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
                    extra={"teacher": str(teacher_dir), "student": student_dir, "task": task.name})
     out = {"stage": "distill", **summary, "dev": results, "score": results["score"], "pairs": pairs,
            "intermediate_epochs": st.intermediate_epochs, "prediction_epochs": st.prediction_epochs,
-           "epoch_seconds": timer.seconds, "global_step": trainer.global_step}
+           "epoch_seconds": timer.seconds, "global_step": trainer.global_step, "train_examples": n}
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", out)
         Console().print(results_table(f"tdlight distill: {task.name} — student", out))

@@ -16,6 +16,7 @@ import json
 import logging
 from pathlib import Path
 
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -111,22 +112,30 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         key = step_key(step, stage_cfg, cfg, upstream)
         d = out_root / step / f"pipeline-{key}"
         keys[step], dirs[step] = key, d
-        if (d / ARTIFACT[step]).exists() and (d / ("metrics.json" if step != "decompose" else "report.json")).is_file():
-            log.info("%s: reusing %s (same inputs)", step, d)
-            results[step] = json.loads((d / ("report.json" if step == "decompose" else "metrics.json")).read_text())
-            continue
-        sub = _step_config(cfg, step, stage_cfg, d, wiring)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / ".hydra").mkdir(exist_ok=True)
-        OmegaConf.save(sub, d / ".hydra" / "config.yaml")
-        log.info("%s: running in %s%s", step, d, " (resuming)" if sub.resume else "")
-        Console().rule(f"[bold]pipeline step: {step}")
-        results[step] = runners[step](sub, d)
+        d.parent.mkdir(parents=True, exist_ok=True)
+        # concurrent pipelines (sweep trials) share step directories: the first computes a step,
+        # the others wait for it and reuse it
+        with FileLock(str(d) + ".lock"):
+            results[step] = _run_step(cfg, step, stage_cfg, d, wiring, runners[step])
 
     summary = _summary(cfg, dirs, results)
     write_json(run_dir / "pipeline.json", {"steps": {s: str(p) for s, p in dirs.items()}, **summary})
     Console().print(_table(summary))
     return summary
+
+
+def _run_step(cfg: DictConfig, step: str, stage_cfg, d: Path, wiring: dict, runner) -> dict:
+    result_file = d / ("report.json" if step == "decompose" else "metrics.json")
+    if (d / ARTIFACT[step]).exists() and result_file.is_file():
+        log.info("%s: reusing %s (same inputs)", step, d)
+        return json.loads(result_file.read_text())
+    sub = _step_config(cfg, step, stage_cfg, d, wiring)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(sub, d / ".hydra" / "config.yaml")
+    log.info("%s: running in %s%s", step, d, " (resuming)" if sub.resume else "")
+    Console().rule(f"[bold]pipeline step: {step}")
+    return runner(sub, d)
 
 
 def _summary(cfg: DictConfig, dirs: dict[str, Path], results: dict[str, dict]) -> dict:
