@@ -101,6 +101,10 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("sweep", "sweep-report"):
+        from tdlight.sweep.cli import main as sweep_main
+
+        sys.exit(sweep_main(sys.argv[1], sys.argv[2:]))
     register()
     try:
         _app()

@@ -1,0 +1,161 @@
+"""``tdlight sweep-report <sweep dir>``: the Pareto front (PNG) and a Markdown table of all trials.
+
+Also written automatically at the end of ``tdlight sweep``. The plot puts the encoder
+compression ratio on x (log scale) and the GLUE score on y, marks the Pareto-optimal
+trials, the teacher (ratio 1) and the paper's two reference rows as shares of this
+teacher's score (ratio 7.5 at 99%, ratio 48 at 96.7%: the claims of Ren et al., ICLR 2022).
+"""
+
+from __future__ import annotations
+
+import statistics
+from datetime import datetime
+from pathlib import Path
+
+import optuna
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+from rich.console import Console
+from rich.table import Table
+
+from tdlight.sweep.runner import INFEASIBLE, INTERRUPTED, SAVED, SURPLUS, open_storage
+from tdlight.sweep.spec import SweepError, load
+
+PAPER = ((7.5, 0.99, "paper 1/7"), (48.0, 0.967, "paper 1/48"))
+
+
+def _status(t: optuna.trial.FrozenTrial) -> str:
+    if t.state == TrialState.PRUNED and t.user_attrs.get(INFEASIBLE):
+        return f"infeasible ({t.user_attrs[INFEASIBLE]})"
+    if t.state == TrialState.FAIL:
+        if t.user_attrs.get(INTERRUPTED):
+            return "interrupted (re-queued)"
+        if t.user_attrs.get(SURPLUS):
+            return "surplus (not run)"
+        return "failed: " + str(t.user_attrs.get("error", "stale heartbeat")).replace("|", "/")[:200]
+    return t.state.name.lower()
+
+
+def load_study(sweep_dir: str | Path) -> tuple[optuna.Study, object]:
+    d = Path(sweep_dir)
+    if not (d / SAVED).is_file():
+        raise SweepError(f"{str(d)!r} is not a sweep directory (no {SAVED}); valid: the sweep.dir of a tdlight sweep, "
+                         "e.g. outputs/sweeps/<name>")
+    saved = OmegaConf.load(d / SAVED)
+    sweep = load(None, data=OmegaConf.to_container(saved, resolve=True))
+    storage = open_storage(sweep.settings.storage, d)
+    try:
+        study = optuna.load_study(study_name=sweep.settings.name, storage=storage)
+    except KeyError as e:
+        raise SweepError(f"no study {sweep.settings.name!r} in {sweep.settings.storage or d}") from e
+    return study, sweep
+
+
+def report(sweep_dir: str | Path, console: Console | None = None) -> dict:
+    console = console or Console()
+    d = Path(sweep_dir)
+    study, sweep = load_study(d)
+    objectives = sweep.objectives
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    front = study.best_trials if done else []
+    front_ids = {t.number for t in front}
+    tasks = list(sweep.cfg.tasks)
+    teacher = _teacher(done, tasks)
+
+    # the Markdown table of all trials
+    keys = list(sweep.space)
+    head = ["#", *keys, "d_in×d_out", "k", "ratio", *[f"{t}" for t in tasks], "score", "Pareto", "minutes", "status"]
+    lines = [f"# Sweep {sweep.settings.name}", "",
+             f"{len(done)} finished of {sweep.settings.n_trials} trials; objectives "
+             + ", ".join(f"{o} ({d})" for o, d in zip(objectives, sweep.directions)), ""]
+    rate = _trials_per_hour(done)
+    if rate:
+        lines += [f"Throughput: {rate:.2f} finished trials per hour (first start to last finish).", ""]
+    if teacher is not None:
+        lines += [f"Teacher (ratio 1): GLUE score {teacher:.4f} on {', '.join(tasks)}.", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in trials:
+        u = t.user_attrs
+        scores = u.get("scores", {})
+        row = [str(t.number), *[_fmt(t.params.get(k)) for k in keys],
+               f"{u['rank_in']}×{u['rank_out']}" if "rank_in" in u else "–", _fmt(u.get("bank")),
+               f"{u['ratio']:.2f}" if "ratio" in u else "–", *[_fmt(scores.get(x)) for x in tasks],
+               _fmt(statistics.mean(scores.values()) if scores and len(scores) == len(tasks) else None),
+               "★" if t.number in front_ids else "", f"{u['seconds'] / 60:.1f}" if "seconds" in u else "–", _status(t)]
+        lines.append("| " + " | ".join(row) + " |")
+    md = d / "trials.md"
+    md.write_text("\n".join(lines) + "\n")
+
+    png = d / "pareto.png"
+    _plot(png, done, front, teacher, sweep)
+
+    t = Table(title=f"sweep {sweep.settings.name}: Pareto front ({len(front)} of {len(done)} finished trials)")
+    for c in ("#", *keys, "ratio", "score"):
+        t.add_column(c, justify="right")
+    for tr in sorted(front, key=lambda x: x.user_attrs.get("ratio", 0)):
+        sc = tr.user_attrs.get("scores", {})
+        t.add_row(str(tr.number), *[_fmt(tr.params.get(k)) for k in keys], f"{tr.user_attrs.get('ratio', 0):.2f}",
+                  _fmt(statistics.mean(sc.values()) if sc else None))
+    console.print(t)
+    console.print(f"report: {md}  plot: {png}")
+    return {"finished": len(done), "front": [x.number for x in front], "trials_per_hour": rate, "teacher": teacher,
+            "markdown": str(md), "plot": str(png)}
+
+
+def _teacher(done, tasks) -> float | None:
+    for t in done:
+        te = t.user_attrs.get("teacher") or {}
+        if all(x in te for x in tasks):
+            return statistics.mean(te[x] for x in tasks)
+    return None
+
+
+def _trials_per_hour(done) -> float | None:
+    if len(done) < 1:
+        return None
+    start = min(t.datetime_start for t in done if t.datetime_start)
+    end = max(t.datetime_complete for t in done if t.datetime_complete)
+    hours = (end - start).total_seconds() / 3600
+    return len(done) / hours if hours > 0 else None
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e-3 else f"{v:.4f}".rstrip("0").rstrip(".")
+    return str(v)
+
+
+def _plot(path: Path, done, front, teacher, sweep) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    pts = [(t.user_attrs["ratio"], statistics.mean(t.user_attrs["scores"].values())) for t in done
+           if "ratio" in t.user_attrs and t.user_attrs.get("scores")]
+    if pts:
+        ax.scatter(*zip(*pts), c="0.6", s=25, label="trials")
+    fr = sorted((t.user_attrs["ratio"], statistics.mean(t.user_attrs["scores"].values())) for t in front
+                if "ratio" in t.user_attrs and t.user_attrs.get("scores"))
+    if fr:
+        ax.plot(*zip(*fr), "o-", c="tab:red", label="Pareto front")
+    if teacher is not None:
+        ax.scatter([1.0], [teacher], marker="*", s=160, c="black", label="teacher", zorder=3)
+        for r, share, name in PAPER:
+            ax.scatter([r], [share * teacher], marker="D", s=50, c="tab:blue", zorder=3)
+            ax.annotate(name, (r, share * teacher), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("encoder compression ratio (log)")
+    ax.set_ylabel(f"dev GLUE score ({', '.join(sweep.cfg.tasks)})")
+    ax.set_title(f"sweep {sweep.settings.name} — {datetime.now():%Y-%m-%d}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,384 @@
+"""``tdlight sweep``: an Optuna study driven trial by trial, each trial its own tdlight process.
+
+Why not ``hydra-optuna-sweeper``: its release pins optuna<3 (whose RDB storage breaks under
+SQLAlchemy 2), runs trials in blocking batches, cannot resume and dies with one bad trial.
+Here Optuna's ask/tell API drives ``sweep.workers`` independent worker threads on one
+shared study; each trial is a subprocess (so DDP inside a trial works, and a crash or a
+NaN is recorded as that trial's failure). Optuna provides the samplers, the storage (a
+journal file by default, any RDB URL to share a study between machines) and the atomic
+hand-out of queued trials; this module adds what Optuna leaves to the caller: the trial
+budget across restarts, re-queuing interrupted trials, GPU pinning and the constraint check
+before training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import statistics
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from tdlight.errors import TdlightError
+from tdlight.sweep import trial as T
+from tdlight.sweep.spec import Sweep, SweepError, override, sampler
+
+log = logging.getLogger("tdlight.sweep")
+INTERRUPTED = "interrupted"  # user attr: the trial was stopped by Ctrl-C / a killed sweep; a copy is re-queued
+SURPLUS = "surplus"  # user attr: asked after the budget was full (machines racing); not run, not counted
+INFEASIBLE = "infeasible"  # user attr on PRUNED trials: the constraint it violates; not trained, not counted
+SAVED = "sweep.yaml"
+# the parts of a sweep that define its study: a rerun must not change them
+IDENTITY = ("tasks", "base", "space")
+
+
+def counts_toward_budget(t: optuna.trial.FrozenTrial) -> bool:
+    if t.state == TrialState.COMPLETE:
+        return True
+    if t.state == TrialState.FAIL:
+        # our failures always carry "error"; a FAIL without it was failed by the storage's heartbeat check
+        return "error" in t.user_attrs and not t.user_attrs.get(INTERRUPTED) and not t.user_attrs.get(SURPLUS)
+    return False
+
+
+def open_storage(url: str | None, sweep_dir: Path):
+    """The study's storage: ``<sweep dir>/study.journal`` by default, or any Optuna storage URL."""
+    if url is None or url.endswith(".journal"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url) if url else sweep_dir / "study.journal"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+        except OSError as e:
+            raise SweepError(f"cannot open the sweep journal {str(path)!r}: {e}") from e
+    if "://" not in url:
+        raise SweepError(f"sweep.storage={url!r}: valid: null (a journal file in the sweep directory), a path ending "
+                         "in .journal, or an Optuna RDB URL such as sqlite:///sweep.db or postgresql://user@host/db")
+    try:
+        # heartbeats let another machine tell a dead worker's trial from a running one
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120,
+                                              heartbeat_stale_trial_callback=_requeue_stale)
+    except Exception as e:  # SQLAlchemy raises many kinds: any of them means "cannot open"
+        raise SweepError(f"cannot open sweep.storage={url!r}: {str(e).splitlines()[0]}") from e
+
+
+def _requeue_stale(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+    study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+
+
+class Runner:
+    def __init__(self, sweep: Sweep):
+        self.sweep = sweep
+        self.s = sweep.settings
+        self.dir = sweep.directory()
+        self.lock = threading.Lock()  # ask/tell and budget checks within this process
+        self.stop = threading.Event()
+        self.procs: set = set()
+        self.infeasible_streak = 0
+        self.host, self.pid = socket.gethostname(), os.getpid()
+
+    # --- set-up, all before any trial runs -------------------------------------------
+    def prepare(self) -> optuna.Study:
+        sw = self.sweep
+        self._check_saved()
+        # every key, value type and task is checked by composing the config, one part at a time so
+        # that the error names the culprit
+        T.compose(list(sw.cfg.base))
+        probe = [override(k, _probe(d)) for k, d in sw.space.items()]
+        for k, o in zip(sw.space, probe):
+            try:
+                T.compose([*sw.cfg.base, o])
+            except SweepError as e:
+                raise SweepError(f"search space key {k!r}: {e}") from e
+        for task in sw.cfg.tasks:
+            T.price(T.compose([*sw.cfg.base, *probe, f"task={task}"]))
+        for point in self.s.enqueue:
+            unknown = sorted(set(point) - set(sw.space))
+            if unknown:
+                raise SweepError(f"sweep.enqueue point {dict(point)} sets {unknown}, which are not in the search space "
+                                 f"{sorted(sw.space)}")
+        storage = open_storage(self.s.storage, self.dir)
+        try:
+            study = optuna.create_study(study_name=self.s.name, storage=storage, directions=sw.directions,
+                                        sampler=sampler(sw), load_if_exists=True)
+        except ValueError as e:
+            raise SweepError(f"study {self.s.name!r} in {self.s.storage or self.dir}: {e}") from e
+        if [d.name.lower() for d in study.directions] != sw.directions:
+            raise SweepError(f"study {self.s.name!r} exists with directions {[d.name.lower() for d in study.directions]}; "
+                             f"this sweep asks for {sw.directions}. Use a new sweep.name or sweep.dir")
+        if not study.trials:
+            for point in self.s.enqueue:
+                study.enqueue_trial(dict(point))
+        self._save()
+        return study
+
+    def _check_saved(self) -> None:
+        saved = self.dir / SAVED
+        if not saved.is_file():
+            return
+        old = OmegaConf.load(saved)
+        for key in IDENTITY:
+            a = OmegaConf.to_container(old.get(key), resolve=True)
+            b = OmegaConf.to_container(self.sweep.cfg.get(key), resolve=True)
+            if a != b:
+                raise SweepError(f"{self.dir} holds a sweep whose {key} differs ({a} vs {b}); resuming it with another "
+                                 "definition would mix two studies. Use a new sweep.name or sweep.dir")
+
+    def _save(self) -> None:
+        from tdlight.model.io import atomic_write_text
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.dir / SAVED, OmegaConf.to_yaml(self.sweep.cfg))
+
+    def recover(self, study: optuna.Study) -> int:
+        """Trials left RUNNING by a sweep process of this machine that is gone: failed, re-queued."""
+        optuna.storages.fail_stale_trials(study)  # RDB storages: stale heartbeats (any machine)
+        n = 0
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("host") == self.host and not _alive(t.user_attrs.get("pid")):
+                self._interrupt(study, t.number, t._trial_id, t.params)
+                n += 1
+        if n:
+            log.info("re-queued %d interrupted trial(s)", n)
+        return n
+
+    def _interrupt(self, study: optuna.Study, number: int, trial_id: int, params: dict) -> None:
+        storage = study._storage
+        try:
+            storage.set_trial_user_attr(trial_id, INTERRUPTED, True)
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return
+        study.enqueue_trial(params, user_attrs={"retry_of": number}, skip_if_exists=False)
+
+    # --- the budget --------------------------------------------------------------------
+    def _used(self, study: optuna.Study, below: int | None = None) -> int:
+        ts = study.get_trials(deepcopy=False)
+        return sum(1 for t in ts if (below is None or t.number < below)
+                   and (counts_toward_budget(t) or t.state == TrialState.RUNNING))
+
+    # --- workers -------------------------------------------------------------------------
+    def _gpus(self) -> list[str] | None:
+        if self.s.gpus is not None:
+            return [str(g) for g in self.s.gpus] or None
+        vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if vis is not None:
+            return [g for g in vis.split(",") if g.strip()] or None
+        try:
+            import torch
+
+            n = torch.cuda.device_count()
+        except Exception:  # noqa: BLE001 - no usable CUDA means CPU trials
+            n = 0
+        return [str(i) for i in range(n)] or None
+
+    def worker(self, study: optuna.Study, index: int, gpu: str | None, threads: int) -> None:
+        while not self.stop.is_set():
+            with self.lock:
+                if self._used(study) >= self.s.n_trials:
+                    return
+                if self.infeasible_streak >= self.s.max_infeasible:
+                    log.error("%d samples in a row violate the constraints %s; stopping this worker",
+                              self.infeasible_streak, [str(c) for c in self.sweep.constraints])
+                    return
+                trial = study.ask(self.sweep.space)
+                for k, v in {"host": self.host, "pid": self.pid, "worker": index, "gpu": gpu}.items():
+                    trial.set_user_attr(k, v)
+            if self._used(study, below=trial.number) >= self.s.n_trials:  # another machine filled the budget
+                trial.set_user_attr(SURPLUS, True)
+                with self.lock:
+                    study.tell(trial, state=TrialState.FAIL)
+                if "retry_of" in trial.user_attrs:
+                    study.enqueue_trial(trial.params, user_attrs=dict(trial.user_attrs), skip_if_exists=False)
+                return
+            self._run(study, trial, gpu, threads)
+
+    def _run(self, study: optuna.Study, trial: optuna.Trial, gpu: str | None, threads: int) -> None:
+        sw = self.sweep
+        params = [override(k, v) for k, v in trial.params.items()]
+        tdir = self.dir / "trials" / f"{trial.number:04d}"
+        t0 = time.time()
+        try:
+            cfg = T.compose([*sw.cfg.base, *params, f"task={sw.cfg.tasks[0]}"])
+            price = T.price(cfg)
+        except TdlightError as e:
+            self._fail(study, trial, str(e))
+            return
+        for k, v in price.items():
+            trial.set_user_attr(k, v)
+        broken = [str(c) for c in sw.constraints if not c.ok(price[c.key])]
+        if broken:
+            trial.set_user_attr(INFEASIBLE, ", ".join(broken))
+            with self.lock:
+                self.infeasible_streak += 1
+                study.tell(trial, state=TrialState.PRUNED)
+            log.info("trial %d: ratio %.1f violates %s: not trained", trial.number, price["ratio"], broken)
+            return
+        with self.lock:
+            self.infeasible_streak = 0
+        log.info("trial %d: %s (ratio %.1f)%s", trial.number, " ".join(params), price["ratio"],
+                 f" on GPU {gpu}" if gpu is not None else "")
+        tags = [f"trial-{trial.number}", f"ratio={price['ratio']:.1f}", f"d={price['rank_in']}x{price['rank_out']}"]
+        if price["bank"]:
+            tags.append(f"k={price['bank']}")
+        env = T.environment(gpu, threads)
+        beat = _heartbeat(study, trial)
+        per_task, teacher, speed = {}, {}, []
+        try:
+            for task in sw.cfg.tasks:
+                run_dir = tdir / task
+                overrides = [*sw.cfg.base, *params, f"task={task}", f"paths.output_dir={self.dir / 'artifacts'}",
+                             f"hydra.run.dir={run_dir}", f"logger.group={self.s.name}",
+                             "logger.tags=[" + ",".join(f"'{t}'" for t in tags) + "]"]
+                res = T.run_task(T.command(overrides), run_dir, env, timeout=self.s.trial_timeout, stop=self.stop,
+                                 on_wait=beat, procs=self.procs)
+                per_task[task] = res["score"]
+                if res["teacher"] is not None:
+                    teacher[task] = res["teacher"]
+                if res["speedup"] is not None:
+                    speed.append(res["speedup"])
+        except KeyboardInterrupt:
+            with self.lock:
+                self._interrupt(study, trial.number, trial._trial_id, trial.params)
+            return
+        except T.TrialFailed as e:
+            self._fail(study, trial, str(e), per_task)
+            return
+        except Exception as e:  # noqa: BLE001 - a broken trial must not take the sweep down
+            log.exception("trial %d", trial.number)
+            self._fail(study, trial, f"{type(e).__name__}: {e}", per_task)
+            return
+        values = {"score": statistics.mean(per_task.values()), "ratio": price["ratio"], "params": price["params"],
+                  "speedup": statistics.mean(speed) if speed else None}
+        missing = [o for o in sw.objectives if values[o] is None]
+        if missing:
+            self._fail(study, trial, f"objective(s) {missing} not produced by this trial's stage "
+                                     "(speedup needs stage=pipeline)", per_task)
+            return
+        trial.set_user_attr("scores", per_task)
+        if teacher:
+            trial.set_user_attr("teacher", teacher)
+        trial.set_user_attr("seconds", time.time() - t0)
+        with self.lock:
+            study.tell(trial, [values[o] for o in sw.objectives])
+        log.info("trial %d: score %.4f ratio %.1f (%s)", trial.number, values["score"], price["ratio"],
+                 ", ".join(f"{t} {s:.4f}" for t, s in per_task.items()))
+        self._wandb_summary(cfg, trial, price, per_task, values, tags, tdir)
+
+    def _fail(self, study, trial, error: str, per_task: dict | None = None) -> None:
+        trial.set_user_attr("error", error[-2000:])
+        if per_task:
+            trial.set_user_attr("scores", per_task)
+        with self.lock:
+            study.tell(trial, state=TrialState.FAIL)
+        log.warning("trial %d failed: %s", trial.number, error[-500:])
+
+    def _wandb_summary(self, cfg, trial, price, per_task, values, tags, tdir: Path) -> None:
+        """One W&B run per trial (group = the sweep), for side-by-side comparison in the W&B UI."""
+        if not cfg.logger.wandb:
+            return
+        try:
+            import wandb
+
+            from tdlight.stages.common import wandb_offline
+
+            with self.lock:
+                run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, group=self.s.name,
+                                 job_type="trial", name=f"{self.s.name}/trial-{trial.number}",
+                                 tags=[*tags, f"score={values['score']:.3f}"], dir=str(tdir),
+                                 config={**trial.params, **price}, reinit="create_new",
+                                 mode="offline" if wandb_offline(cfg.logger) else "online")
+                run.summary.update({"score": values["score"], "ratio": price["ratio"], "params": price["params"],
+                                    **{f"score/{t}": s for t, s in per_task.items()}})
+                run.finish()
+        except Exception as e:  # noqa: BLE001 - W&B trouble never fails a finished trial
+            log.warning("trial %d: W&B summary run not written: %s", trial.number, e)
+
+    # --- the whole sweep ---------------------------------------------------------------------
+    def run(self) -> optuna.Study:
+        study = self.prepare()
+        self.recover(study)
+        gpus = self._gpus()
+        workers = self.s.workers
+        threads = self.s.threads or max(1, (os.cpu_count() or 1) // (1 if gpus else workers))
+        if gpus and workers > len(gpus):
+            log.warning("%d workers share %d GPU(s)", workers, len(gpus))
+        done = self._used(study)
+        log.info("sweep %s in %s: %d/%d trials done, %d worker(s)%s", self.s.name, self.dir, done, self.s.n_trials,
+                 workers, f" on GPUs {gpus}" if gpus else f", {threads} CPU thread(s) each")
+        pool = [threading.Thread(target=self._guard, args=(study, i, gpus[i % len(gpus)] if gpus else None, threads),
+                                 name=f"sweep-worker-{i}", daemon=True) for i in range(workers)]
+        previous = signal.signal(signal.SIGTERM, _as_interrupt)
+        try:
+            for p in pool:
+                p.start()
+            while any(p.is_alive() for p in pool):
+                for p in pool:
+                    p.join(timeout=0.5)
+        except KeyboardInterrupt:
+            self.stop.set()
+            for p in pool:
+                p.join()
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return study
+
+    def _guard(self, study, index, gpu, threads) -> None:
+        try:
+            self.worker(study, index, gpu, threads)
+        except Exception:  # noqa: BLE001 - logged; the other workers go on
+            log.exception("sweep worker %d stopped", index)
+
+
+def _probe(dist: optuna.distributions.BaseDistribution):
+    """A representative value of a distribution, to check its key composes."""
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return dist.choices[0]
+    return dist.low
+
+
+def _alive(pid) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _heartbeat(study: optuna.Study, trial: optuna.Trial):
+    """Called while a trial runs: records Optuna heartbeats on storages that support them."""
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    storage = study._storage
+    if not (isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)):
+        return None
+    last = [0.0]
+
+    def beat():
+        if time.monotonic() - last[0] >= 10:
+            storage.record_heartbeat(trial._trial_id)
+            last[0] = time.monotonic()
+
+    beat()
+    return beat
+
+
+def _as_interrupt(signum, frame):
+    raise KeyboardInterrupt

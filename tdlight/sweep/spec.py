@@ -1,0 +1,263 @@
+"""A sweep definition (``sweeps/*.yaml``): settings, base overrides, search space, objectives.
+
+The search space is written in Hydra's sweep override syntax and parsed with Hydra's own
+override parser, then mapped onto Optuna distributions:
+
+    choice(a, b, ...)            -> CategoricalDistribution
+    range(start, stop[, step])   -> IntDistribution / FloatDistribution with that step
+    interval(lo, hi)             -> FloatDistribution;  int(interval(lo, hi)) -> IntDistribution
+    tag(log, interval(lo, hi))   -> the same on a log scale
+
+Everything here is checked when the sweep starts, before any trial runs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import optuna
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tdlight.errors import TdlightError
+
+# objective -> natural direction. score: the mean dev GLUE score of the trial's tasks;
+# ratio: encoder compression ratio; params: compressed encoder parameters; speedup: the
+# pipeline's measured forward speed-up over the teacher.
+OBJECTIVES = {"score": "maximize", "ratio": "maximize", "params": "minimize", "speedup": "maximize"}
+# quantities known from the config alone, before training: constraints may only use these
+PRICED = ("ratio", "params")
+SAMPLERS = ("tpe", "nsga2", "random")
+_CONSTRAINT = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
+
+
+class SweepError(TdlightError):
+    """A sweep definition that cannot run."""
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "tpe"  # tpe (multi-objective TPE) | nsga2 | random
+    seed: int = 0
+    n_startup_trials: Optional[int] = None  # tpe: random trials before TPE models kick in (Optuna's default 10)
+    population_size: Optional[int] = None  # nsga2 (Optuna's default 50)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "score"
+    direction: Optional[str] = None  # maximize | minimize; null: the objective's natural direction
+
+
+@dataclass
+class SweepSettings:
+    name: str = "sweep"
+    n_trials: int = 10  # trials that count: finished or failed (not interrupted, not infeasible)
+    workers: int = 1  # trials at once on this machine; each pinned to its own GPU when there are GPUs
+    storage: Optional[str] = None  # null: <dir>/study.journal; or any Optuna URL (sqlite:///..., postgresql://...)
+    dir: Optional[str] = None  # null: ${paths.output_dir}/sweeps/<name> (outputs/sweeps/<name>)
+    gpus: Optional[list] = None  # null: all visible GPUs (none on a CPU machine)
+    threads: Optional[int] = None  # CPU threads per trial; null: the machine's cores / workers
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    objectives: list[ObjectiveConfig] = field(
+        default_factory=lambda: [ObjectiveConfig("score"), ObjectiveConfig("ratio")])
+    constraints: list[str] = field(default_factory=list)  # e.g. "ratio >= 10": violating trials are not trained
+    enqueue: list[Any] = field(default_factory=list)  # {key: value} points tried first (e.g. the paper's ranks)
+    trial_timeout: Optional[float] = None  # seconds; a trial running longer is stopped and recorded as failed
+    max_infeasible: int = 200  # give up after this many samples in a row violate the constraints
+
+
+@dataclass
+class SweepFile:
+    sweep: SweepSettings = field(default_factory=SweepSettings)
+    tasks: list[str] = field(default_factory=lambda: ["rte"])
+    base: list[str] = field(default_factory=list)  # fixed tdlight overrides of every trial
+    space: dict[str, Any] = field(default_factory=dict)  # config key -> Hydra sweep expression
+
+
+@dataclass(frozen=True)
+class Constraint:
+    key: str
+    op: str
+    value: float
+
+    def ok(self, x: float) -> bool:
+        return {">=": x >= self.value, "<=": x <= self.value, ">": x > self.value, "<": x < self.value}[self.op]
+
+    def __str__(self) -> str:
+        return f"{self.key} {self.op} {self.value:g}"
+
+
+@dataclass
+class Sweep:
+    """A loaded, checked sweep definition."""
+
+    cfg: Any  # the merged SweepFile (OmegaConf)
+    space: dict[str, optuna.distributions.BaseDistribution]
+    directions: list[str]
+    constraints: list[Constraint]
+    source: Path | None = None
+
+    @property
+    def settings(self):
+        return self.cfg.sweep
+
+    @property
+    def objectives(self) -> list[str]:
+        return [o.name for o in self.cfg.sweep.objectives]
+
+    def directory(self) -> Path:
+        s = self.cfg.sweep
+        return Path(s.dir) if s.dir else Path("outputs") / "sweeps" / s.name
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": "choice(1,2)"}}`` and ``{"a.b": ...}`` both -> ``{"a.b": ...}``."""
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def distribution(key: str, expr: Any) -> optuna.distributions.BaseDistribution:
+    """One search-space entry (a Hydra sweep expression) as an Optuna distribution."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep, Transformer
+    from hydra.errors import HydraException
+
+    D = optuna.distributions
+    text = f"{key}={expr}"
+    try:
+        o = OverridesParser.create().parse_overrides([text])[0]
+    except HydraException as e:
+        raise SweepError(f"search space {key}: cannot parse {expr!r}: {e}. Valid: choice(a,b,...), range(lo,hi,step), "
+                         "interval(lo,hi), int(interval(lo,hi)), tag(log,interval(lo,hi))") from e
+    if not o.is_sweep_override():
+        raise SweepError(f"search space {key}: {expr!r} is a single value, not a range; put fixed values in base: "
+                         f"[{key}={expr}], or write choice(...), range(...) or interval(...)")
+    v = o.value()
+    if isinstance(v, ChoiceSweep):
+        choices = list(o.sweep_iterator(transformer=Transformer.encode))
+        if not choices:
+            raise SweepError(f"search space {key}: choice() is empty")
+        raw = v.list
+        native = all(isinstance(c, (int, float, str, bool)) or c is None for c in raw)
+        return D.CategoricalDistribution(raw if native else choices)
+    if isinstance(v, RangeSweep):
+        values = list(o.sweep_iterator())
+        if not values:
+            raise SweepError(f"search space {key}: {expr!r} is an empty range")
+        if all(isinstance(x, int) for x in values) and isinstance(v.step, int):
+            return D.IntDistribution(values[0], values[-1], step=v.step)
+        return D.FloatDistribution(float(values[0]), float(values[-1]), step=float(v.step))
+    if isinstance(v, IntervalSweep):
+        lo, hi, log = v.start, v.end, "log" in v.tags
+        if not lo < hi:
+            raise SweepError(f"search space {key}: {expr!r} is an empty range (lower bound {lo} is not below {hi})")
+        if log and lo <= 0:
+            raise SweepError(f"search space {key}: a log-scale interval needs a positive lower bound; got {lo}")
+        if isinstance(lo, int) and isinstance(hi, int):
+            return D.IntDistribution(lo, hi, log=log)
+        return D.FloatDistribution(float(lo), float(hi), log=log)
+    raise SweepError(f"search space {key}: unsupported sweep {expr!r}")  # pragma: no cover
+
+
+def override(key: str, value: Any) -> str:
+    """``key=value`` in Hydra override syntax (categorical non-scalars are stored encoded)."""
+    if isinstance(value, bool):
+        return f"{key}={'true' if value else 'false'}"
+    if value is None:
+        return f"{key}=null"
+    if isinstance(value, float):
+        return f"{key}={value!r}"
+    return f"{key}={value}"
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None, *, data: dict | None = None) -> Sweep:
+    """Read ``path`` (or ``data``), apply ``key=value`` overrides, check everything."""
+    schema = OmegaConf.structured(SweepFile)
+    try:
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise SweepError(f"sweep file {str(p)!r} does not exist; valid: a YAML file such as sweeps/ratio_vs_glue.yaml")
+            raw = OmegaConf.load(p)
+        else:
+            p, raw = None, OmegaConf.create(data or {})
+        # the space's dotted keys are data, not nesting: keep them out of the structured merge
+        space = _flatten(OmegaConf.to_container(raw.get("space") or {}, resolve=True))
+        if "space" in raw:
+            raw = OmegaConf.masked_copy(raw, [k for k in raw if k != "space"])
+        cli_space = {}
+        rest = []
+        for o in overrides or []:
+            if "=" not in o:
+                raise SweepError(f"override {o!r} is not key=value")
+            k, v = o.split("=", 1)
+            if k.startswith("space."):
+                cli_space[k[len("space."):]] = v
+            else:
+                rest.append(o)
+        cfg = OmegaConf.merge(schema, raw, OmegaConf.from_dotlist(rest))
+    except OmegaConfBaseException as e:
+        raise SweepError(f"sweep definition: {str(e).splitlines()[0]}. Valid top-level keys: sweep, tasks, base, space; "
+                         f"sweep.*: {sorted(SweepSettings.__dataclass_fields__)}") from e
+    space.update(cli_space)
+    cfg.space = {}
+    s = cfg.sweep
+    if s.n_trials < 1:
+        raise SweepError(f"sweep.n_trials must be >= 1; got {s.n_trials}")
+    if s.workers < 1:
+        raise SweepError(f"sweep.workers must be >= 1; got {s.workers}")
+    if s.sampler.name not in SAMPLERS:
+        raise SweepError(f"unknown sampler {s.sampler.name!r}; valid: {list(SAMPLERS)}")
+    if not s.objectives:
+        raise SweepError(f"sweep.objectives is empty; valid names: {sorted(OBJECTIVES)}")
+    directions = []
+    for o in s.objectives:
+        if o.name not in OBJECTIVES:
+            raise SweepError(f"unknown objective {o.name!r}; valid: {sorted(OBJECTIVES)}")
+        d = o.direction or OBJECTIVES[o.name]
+        if d not in ("maximize", "minimize"):
+            raise SweepError(f"objective {o.name}: direction {d!r}; valid: maximize, minimize")
+        o.direction = d
+        directions.append(d)
+    if len(set(o.name for o in s.objectives)) != len(s.objectives):
+        raise SweepError(f"sweep.objectives names an objective twice: {[o.name for o in s.objectives]}")
+    constraints = []
+    for c in s.constraints:
+        m = _CONSTRAINT.match(str(c))
+        if not m or m.group(1) not in PRICED:
+            raise SweepError(f"constraint {c!r}: valid form '<{'|'.join(PRICED)}> <op> <number>' with op one of "
+                             ">=, <=, >, < (only quantities known before training can be constrained)")
+        constraints.append(Constraint(m.group(1), m.group(2), float(m.group(3))))
+    if not cfg.tasks:
+        raise SweepError("tasks is empty: name at least one GLUE task, e.g. tasks: [rte]")
+    if not space:
+        raise SweepError("the search space is empty: add entries under space:, e.g. compression.rank: int(interval(16, 192))")
+    for o in cfg.base:
+        if "=" not in str(o):
+            raise SweepError(f"base override {o!r} is not key=value")
+        if str(o).split("=", 1)[0].lstrip("+~") in space:
+            raise SweepError(f"{o!r} is both fixed in base and searched in space; keep one")
+    dists = {k: distribution(k, v) for k, v in space.items()}
+    cfg.space = {k: str(v) for k, v in space.items()}
+    return Sweep(cfg, dists, directions, constraints, p)
+
+
+def sampler(s: Sweep) -> optuna.samplers.BaseSampler:
+    sc = s.settings.sampler
+    if sc.name == "tpe":
+        kw = {} if sc.n_startup_trials is None else {"n_startup_trials": sc.n_startup_trials}
+        return optuna.samplers.TPESampler(seed=sc.seed, **kw)
+    if sc.name == "nsga2":
+        kw = {} if sc.population_size is None else {"population_size": sc.population_size}
+        return optuna.samplers.NSGAIISampler(seed=sc.seed, **kw)
+    return optuna.samplers.RandomSampler(seed=sc.seed)

@@ -1,0 +1,152 @@
+"""One trial: its config (Hydra compose API), its price before training, its process, its result.
+
+A trial runs ``python -m tdlight.cli <base> <sampled params> task=<t>`` once per task of the
+sweep, each in ``<sweep dir>/trials/<number>/<task>/``. All trials share
+``<sweep dir>/artifacts`` as ``paths.output_dir``, so pipeline steps with the same inputs
+(the fine-tuned teacher of a task, a decomposition with the same ranks) are computed once for
+the whole sweep (``stage=pipeline`` reuses them, under a file lock).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from tdlight.errors import TdlightError
+from tdlight.sweep.spec import SweepError
+
+_compose_lock = threading.Lock()  # Hydra's GlobalHydra is process-global state
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The trial's full tdlight config, composed exactly as the ``tdlight`` command would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from tdlight.config import ROOT, register
+
+    register()
+    with _compose_lock:
+        try:
+            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+                return hydra_compose("config", overrides=list(overrides))
+        except (HydraException, OmegaConfBaseException) as e:
+            msg = str(e).strip().splitlines()
+            raise SweepError(f"{msg[0] if msg else type(e).__name__} (composing: {' '.join(overrides)})") from e
+
+
+def price(cfg: DictConfig) -> dict:
+    """Encoder compression ratio, parameters and ranks of a config, from the teacher's config.json only."""
+    from tdlight.config import compression_spec
+    from tdlight.model.teacher import teacher_shape
+    from tdlight.tensor.accounting import param_counts
+    from tdlight.tensor.spec import resolve
+
+    shape = teacher_shape(cfg.teacher.path)
+    rspec = resolve(compression_spec(cfg.compression), shape)
+    counts = param_counts(shape, rspec)
+    return {"ratio": float(counts["ratio"]), "params": int(counts["encoder"]), "rank_in": rspec.rank_in,
+            "rank_out": rspec.rank_out, "bank": max(rspec.banks.values()) if rspec.banks else None,
+            "variant": rspec.variant}
+
+
+@dataclass
+class TrialResult:
+    values: dict  # objective name -> value
+    per_task: dict = field(default_factory=dict)  # task -> student score
+    teacher: dict = field(default_factory=dict)  # task -> teacher score (pipeline trials)
+
+
+def read_result(run_dir: Path) -> dict:
+    """The score a finished tdlight run left: ``pipeline.json`` or ``metrics.json``."""
+    p = run_dir / "pipeline.json"
+    if p.is_file():
+        d = json.loads(p.read_text())
+        return {"score": d["student_score"], "teacher": d.get("teacher_score"), "speedup": d.get("speedup")}
+    m = run_dir / "metrics.json"
+    if m.is_file():
+        d = json.loads(m.read_text())
+        if "score" in d:
+            return {"score": d["score"], "teacher": None, "speedup": None}
+    raise TdlightError(f"{run_dir} has no pipeline.json or metrics.json with a score (did the trial's stage train?)")
+
+
+class TrialFailed(Exception):
+    """A trial's process failed; the message is the tail of its log."""
+
+
+def run_task(cmd: list[str], run_dir: Path, env: dict, *, timeout: float | None, stop: threading.Event,
+             on_wait=None, procs: set | None = None) -> dict:
+    """Run one task of a trial as its own process; its stdout+stderr go to ``<run_dir>.log``."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir.parent / f"{run_dir.name}.log"
+    t0 = time.monotonic()
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if procs is not None:
+            procs.add(proc)
+        try:
+            while True:
+                try:
+                    rc = proc.wait(timeout=2.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    if on_wait:
+                        on_wait()
+                    if stop.is_set():
+                        _stop(proc)
+                        raise KeyboardInterrupt
+                    if timeout and time.monotonic() - t0 > timeout:
+                        _stop(proc)
+                        raise TrialFailed(f"timed out after {timeout:g} s (sweep.trial_timeout)")
+        finally:
+            if procs is not None:
+                procs.discard(proc)
+    if rc != 0:
+        raise TrialFailed(f"exit code {rc}: {_tail(log_path)}")
+    res = read_result(run_dir)
+    if res["score"] is None or not math.isfinite(res["score"]):
+        raise TrialFailed(f"the score is {res['score']} (diverged)")
+    return res
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _tail(path: Path, lines: int = 4) -> str:
+    """The informative end of a failed trial's log: its error line(s), else its last lines."""
+    text = [ln for ln in path.read_text(errors="replace").strip().splitlines()
+            if ln.strip() and "HYDRA_FULL_ERROR" not in ln and not ln.startswith("See https://hydra.cc")]
+    errs = [ln for ln in text if ln.startswith("tdlight: error") or ln.split(":")[0].endswith(("Error", "Exception"))]
+    return " | ".join(errs[-2:] if errs else text[-lines:])[-1500:]
+
+
+def command(overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "tdlight.cli", *overrides]
+
+
+def environment(gpu: str | None, threads: int) -> dict:
+    """A trial's environment: pinned to one GPU, or to its share of the CPU cores."""
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env

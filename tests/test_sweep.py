@@ -1,0 +1,169 @@
+"""tdlight sweep: Optuna multi-objective sweeps of tiny-BERT pipelines, resumable, parallel, reported."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from tdlight.sweep.runner import INTERRUPTED, counts_toward_budget, open_storage
+from tdlight.sweep.spec import SweepError, distribution, load
+
+TRIAL = ["stage=pipeline", "stage.steps=[finetune,decompose,distill]", "trainer=cpu",
+         "trainer.enable_progress_bar=false", "logger=csv",
+         "stage.finetune.epochs=1", "stage.finetune.limit_train=32", "stage.finetune.limit_eval=16",
+         "stage.finetune.batch_size=16", "stage.finetune.max_length=16",
+         "stage.distill.intermediate_epochs=1", "stage.distill.prediction_epochs=1",
+         "stage.distill.limit_train=32", "stage.distill.limit_eval=16", "stage.distill.batch_size=16",
+         "stage.distill.max_length=16", "stage.speed_reps=1", "stage.speed_batch_size=4"]
+
+
+def write_sweep(tmp_path: Path, teacher_dir: Path, **settings) -> Path:
+    spec = {
+        "sweep": {"name": "tiny", "n_trials": 3, "dir": str(tmp_path / "sweep"),
+                  "sampler": {"name": "random", "seed": 0}, **settings},
+        "tasks": ["mrpc"],
+        "base": [f"teacher.path={teacher_dir}", *TRIAL],
+        "space": {"compression.rank": "choice(4, 8, 16)", "compression.bank": "choice(6, 12)",
+                  "stage.distill.layer_map": "choice(all, last)"},
+    }
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+def sweep_cmd(path: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "tdlight.cli", "sweep", str(path), *overrides]
+
+
+def trials(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
+    storage = open_storage(None, tmp_path / "sweep")
+    return optuna.load_study(study_name="tiny", storage=storage).get_trials()
+
+
+def test_search_space_maps_onto_optuna_distributions():
+    D = optuna.distributions
+    assert distribution("a", "choice(1, 2)") == D.CategoricalDistribution([1, 2])
+    assert distribution("a", "int(interval(16, 192))") == D.IntDistribution(16, 192)
+    assert distribution("a", "tag(log, interval(1e-5, 1e-3))") == D.FloatDistribution(1e-5, 1e-3, log=True)
+    assert distribution("a", "range(8, 40, 8)") == D.IntDistribution(8, 32, step=8)
+    # a non-scalar choice is kept in Hydra syntax, so it goes back on the command line as is
+    assert distribution("a", "choice([[1,1]], all)").choices == ("[[1,1]]", "all")
+    for bad, msg in [("interval(5, 5)", "empty range"), ("range(8, 8)", "empty range"), ("choice()", "empty"),
+                     ("7", "single value"), ("tag(log, interval(0, 1))", "positive lower bound")]:
+        with pytest.raises(SweepError, match=msg):
+            distribution("a", bad)
+
+
+@pytest.mark.parametrize("override, msg", [
+    ("space.compression.rnk=choice(4,8)", "compression.rnk"),
+    ("space.compression.rank=interval(9,9)", "empty range"),
+    ("sweep.sampler.name=cma", "unknown sampler 'cma'"),
+    ("sweep.objectives=[{name: accuracy}]", "unknown objective 'accuracy'"),
+    ("sweep.constraints=[speedup>2]", "only quantities known before training"),
+    ("sweep.storage=mysql://nobody@127.0.0.1:1/none", "cannot open sweep.storage"),
+    ("sweep.workerz=2", "workerz"),
+])
+def test_bad_sweep_input_is_one_clear_error_before_any_trial(tmp_path, teacher_dir, override, msg):
+    path = write_sweep(tmp_path, teacher_dir)
+    r = subprocess.run(sweep_cmd(path, override), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert msg in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "sweep" / "trials").exists()
+
+
+def test_sweep_with_two_workers_records_failures_and_reports(tmp_path, teacher_dir):
+    # the enqueued first point has an impossible layer map: that trial fails, the sweep goes on
+    path = write_sweep(tmp_path, teacher_dir, n_trials=4, workers=2,
+                       enqueue=[{"compression.rank": 8, "compression.bank": 6, "stage.distill.layer_map": "[[7,7]]"}])
+    spec = yaml.safe_load(path.read_text())
+    spec["space"]["stage.distill.layer_map"] = "choice(all, last, [[7,7]])"
+    path.write_text(yaml.safe_dump(spec))
+    r = subprocess.run(sweep_cmd(path), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    ts = trials(tmp_path)
+    assert [t.number for t in ts] == list(range(len(ts)))
+    assert sum(counts_toward_budget(t) for t in ts) == 4 and len(ts) == 4  # the budget, exactly
+    failed = [t for t in ts if t.state == TrialState.FAIL]
+    assert failed and all("layer" in t.user_attrs["error"] for t in failed), [t.user_attrs for t in failed]
+    done = [t for t in ts if t.state == TrialState.COMPLETE]
+    assert done, r.stderr[-3000:]
+    for t in done:
+        assert t.values[1] == pytest.approx(t.user_attrs["ratio"]) and t.values[1] > 1
+        assert 0 <= t.values[0] <= 1 and set(t.user_attrs["scores"]) == {"mrpc"}
+        assert {"worker", "gpu", "host"} <= set(t.user_attrs)
+    # two workers, one study: every trial ran once in its own directory
+    sweep = tmp_path / "sweep"
+    assert sorted(p.name for p in (sweep / "trials").iterdir()) == [f"{t.number:04d}" for t in ts]
+    assert {t.user_attrs["worker"] for t in ts} == {0, 1}
+    # the fine-tuned teacher is computed once and shared by all trials (pipeline steps under a lock)
+    assert len([p for p in (sweep / "artifacts" / "finetune").iterdir() if p.is_dir()]) == 1
+    # the report: plot, Markdown table of every trial, the front printed
+    assert (sweep / "pareto.png").stat().st_size > 1000
+    md = (sweep / "trials.md").read_text()
+    assert md.count("\n| ") == len(ts) + 1 and "failed:" in md and "★" in md
+    assert "Pareto front" in r.stdout
+    r2 = subprocess.run([sys.executable, "-m", "tdlight.cli", "sweep-report", str(sweep)], capture_output=True,
+                        text=True, timeout=300)
+    assert r2.returncode == 0 and "Pareto front" in r2.stdout, r2.stderr[-2000:]
+    # rerunning a finished sweep runs nothing more
+    r3 = subprocess.run(sweep_cmd(path), capture_output=True, text=True, timeout=300)
+    assert r3.returncode == 0 and len(trials(tmp_path)) == 4
+
+
+def test_sweep_killed_mid_trial_resumes_without_losing_or_duplicating(tmp_path, teacher_dir):
+    path = write_sweep(tmp_path, teacher_dir, n_trials=3)
+    proc = subprocess.Popen(sweep_cmd(path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:  # wait for one finished trial and the next one running
+            time.sleep(1)
+            if (tmp_path / "sweep" / "study.journal").exists():
+                ts = trials(tmp_path)
+                if any(t.state == TrialState.COMPLETE for t in ts) and any(t.state == TrialState.RUNNING for t in ts):
+                    break
+        else:
+            pytest.fail("the sweep did not get to its second trial")
+        time.sleep(2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole sweep, trial process included, dies at once
+        proc.wait()
+    before = {t.number: t for t in trials(tmp_path)}
+    finished = {n for n, t in before.items() if t.state == TrialState.COMPLETE}
+    running = [t for t in before.values() if t.state == TrialState.RUNNING]
+    assert len(running) == 1
+    r = subprocess.run(sweep_cmd(path), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    ts = trials(tmp_path)
+    after = {t.number: t for t in ts}
+    # finished trials are kept as they were
+    assert all(after[n].state == TrialState.COMPLETE and after[n].values == before[n].values for n in finished)
+    # the killed one is marked and re-queued with the same parameters
+    killed = after[running[0].number]
+    assert killed.state == TrialState.FAIL and killed.user_attrs[INTERRUPTED]
+    retry = [t for t in ts if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retry) == 1 and retry[0].params == killed.params and retry[0].state == TrialState.COMPLETE
+    # and the total is the budget: 3 trials that count, no more
+    assert sum(counts_toward_budget(t) for t in ts) == 3
+    assert sum(t.state == TrialState.COMPLETE for t in ts) == 3
+
+
+def test_resuming_with_another_search_space_is_refused(tmp_path, teacher_dir):
+    path = write_sweep(tmp_path, teacher_dir)
+    sw = load(path)
+    (tmp_path / "sweep").mkdir()
+    from omegaconf import OmegaConf
+
+    (tmp_path / "sweep" / "sweep.yaml").write_text(OmegaConf.to_yaml(sw.cfg))
+    r = subprocess.run(sweep_cmd(path, "space.compression.rank=choice(4,32)"), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "space differs" in r.stderr, r.stderr[-2000:]
