@@ -119,13 +119,14 @@ def test_sweep_with_two_workers_records_failures_and_reports(tmp_path, teacher_d
     assert r3.returncode == 0 and len(trials(tmp_path)) == 4
 
 
-def test_sweep_killed_mid_trial_resumes_without_losing_or_duplicating(tmp_path, teacher_dir):
-    path = write_sweep(tmp_path, teacher_dir, n_trials=3)
+def signal_during_second_trial(tmp_path: Path, path: Path, sig: int) -> int:
+    """Start a sweep in its own process group, send ``sig`` to the whole group (as a terminal's
+    Ctrl-C does) once one trial has finished and the next one runs; return the sweep's exit code."""
     proc = subprocess.Popen(sweep_cmd(path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 600
     try:
-        while time.time() < deadline:  # wait for one finished trial and the next one running
+        while time.time() < deadline:
             time.sleep(1)
             if (tmp_path / "sweep" / "study.journal").exists():
                 ts = trials(tmp_path)
@@ -134,9 +135,18 @@ def test_sweep_killed_mid_trial_resumes_without_losing_or_duplicating(tmp_path, 
         else:
             pytest.fail("the sweep did not get to its second trial")
         time.sleep(2)
+        os.killpg(proc.pid, sig)
+        return proc.wait(timeout=120)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole sweep, trial process included, dies at once
-        proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_sweep_killed_mid_trial_resumes_without_losing_or_duplicating(tmp_path, teacher_dir):
+    path = write_sweep(tmp_path, teacher_dir, n_trials=3)
+    # the whole sweep, trial process included, dies at once
+    assert signal_during_second_trial(tmp_path, path, signal.SIGKILL) == -signal.SIGKILL
     before = {t.number: t for t in trials(tmp_path)}
     finished = {n for n, t in before.items() if t.state == TrialState.COMPLETE}
     running = [t for t in before.values() if t.state == TrialState.RUNNING]
@@ -155,6 +165,21 @@ def test_sweep_killed_mid_trial_resumes_without_losing_or_duplicating(tmp_path, 
     # and the total is the budget: 3 trials that count, no more
     assert sum(counts_toward_budget(t) for t in ts) == 3
     assert sum(t.state == TrialState.COMPLETE for t in ts) == 3
+
+
+def test_ctrl_c_stops_the_sweep_cleanly_and_requeues_the_running_trial(tmp_path, teacher_dir):
+    path = write_sweep(tmp_path, teacher_dir, n_trials=3)
+    assert signal_during_second_trial(tmp_path, path, signal.SIGINT) == 130
+    ts = trials(tmp_path)
+    stopped = [t for t in ts if t.user_attrs.get(INTERRUPTED)]
+    # the trial that was running is interrupted (not failed with an error, not counted) ...
+    assert len(stopped) == 1 and stopped[0].state == TrialState.FAIL and "error" not in stopped[0].user_attrs
+    assert not counts_toward_budget(stopped[0])
+    # ... and waits, re-queued with its parameters, for the next run of the same command
+    retry = [t for t in ts if t.user_attrs.get("retry_of") == stopped[0].number]
+    assert len(retry) == 1 and retry[0].state == TrialState.WAITING
+    assert retry[0].system_attrs["fixed_params"] == stopped[0].params  # an enqueued trial's parameters
+    assert not any(t.state == TrialState.RUNNING for t in ts)
 
 
 def test_resuming_with_another_search_space_is_refused(tmp_path, teacher_dir):

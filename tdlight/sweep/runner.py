@@ -318,29 +318,35 @@ class Runner:
         done = self._used(study)
         log.info("sweep %s in %s: %d/%d trials done, %d worker(s)%s", self.s.name, self.dir, done, self.s.n_trials,
                  workers, f" on GPUs {gpus}" if gpus else f", {threads} CPU thread(s) each")
-        pool = [threading.Thread(target=self._guard, args=(study, i, gpus[i % len(gpus)] if gpus else None, threads),
+        done = [threading.Event() for _ in range(workers)]
+        pool = [threading.Thread(target=self._guard, args=(study, i, gpus[i % len(gpus)] if gpus else None, threads,
+                                                           done[i]),
                                  name=f"sweep-worker-{i}", daemon=True) for i in range(workers)]
+        # The main thread waits by polling events with sleep, not Thread.join: a Ctrl-C that lands
+        # inside join() marks a still-running thread as finished on CPython < 3.13, and the sweep
+        # would exit before its workers had re-queued their trials.
         previous = signal.signal(signal.SIGTERM, _as_interrupt)
         try:
             for p in pool:
                 p.start()
-            while any(p.is_alive() for p in pool):
-                for p in pool:
-                    p.join(timeout=0.5)
+            while not all(e.is_set() for e in done):
+                time.sleep(0.2)
         except KeyboardInterrupt:
             self.stop.set()
-            for p in pool:
-                p.join()
+            while not all(e.is_set() for e in done):
+                time.sleep(0.2)
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
         return study
 
-    def _guard(self, study, index, gpu, threads) -> None:
+    def _guard(self, study, index, gpu, threads, done: threading.Event) -> None:
         try:
             self.worker(study, index, gpu, threads)
         except Exception:  # noqa: BLE001 - logged; the other workers go on
             log.exception("sweep worker %d stopped", index)
+        finally:
+            done.set()
 
 
 def _probe(dist: optuna.distributions.BaseDistribution):

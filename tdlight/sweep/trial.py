@@ -86,6 +86,10 @@ class TrialFailed(Exception):
     """A trial's process failed; the message is the tail of its log."""
 
 
+# exit statuses of a process stopped by SIGINT / SIGTERM (killed by the signal, or exiting 128+n)
+_INTERRUPTED = {-2, -15, 130, 143}
+
+
 def run_task(cmd: list[str], run_dir: Path, env: dict, *, timeout: float | None, stop: threading.Event,
              on_wait=None, procs: set | None = None) -> dict:
     """Run one task of a trial as its own process; its stdout+stderr go to ``<run_dir>.log``."""
@@ -113,6 +117,10 @@ def run_task(cmd: list[str], run_dir: Path, env: dict, *, timeout: float | None,
         finally:
             if procs is not None:
                 procs.discard(proc)
+    if rc != 0 and (stop.is_set() or rc in _INTERRUPTED):
+        # Ctrl-C in a terminal reaches the whole process group: the child may exit on SIGINT
+        # before the sweep has set `stop`. That trial was interrupted, not failed: it is re-queued.
+        raise KeyboardInterrupt
     if rc != 0:
         raise TrialFailed(f"exit code {rc}: {_tail(log_path)}")
     res = read_result(run_dir)
