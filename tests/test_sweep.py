@@ -192,3 +192,21 @@ def test_resuming_with_another_search_space_is_refused(tmp_path, teacher_dir):
     r = subprocess.run(sweep_cmd(path, "space.compression.rank=choice(4,32)"), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2 and "space differs" in r.stderr, r.stderr[-2000:]
+
+
+def test_sweep_on_an_rdb_storage_url_runs_and_resumes(tmp_path, teacher_dir):
+    # any Optuna storage URL: here SQLite (PostgreSQL is the same code path, RDBStorage with heartbeats)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    path = write_sweep(tmp_path, teacher_dir, n_trials=2, storage=url)
+    r = subprocess.run(sweep_cmd(path), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert not (tmp_path / "sweep" / "study.journal").exists() and (tmp_path / "study.db").stat().st_size > 0
+    ts = optuna.load_study(study_name="tiny", storage=url).get_trials()
+    assert [t.state for t in ts] == [TrialState.COMPLETE] * 2
+    assert (tmp_path / "sweep" / "trials.md").is_file()
+    first = [t.values for t in ts]
+    # the same command with a larger budget resumes the study in the database
+    r = subprocess.run(sweep_cmd(path, "sweep.n_trials=3"), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    ts = optuna.load_study(study_name="tiny", storage=url).get_trials()
+    assert [t.state for t in ts] == [TrialState.COMPLETE] * 3 and [t.values for t in ts[:2]] == first
