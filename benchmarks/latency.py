@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tdlight.model.speed import paired_speedup  # noqa: E402
+from tdlight.model.speed import paired_speedup, random_inputs  # noqa: E402
 from tdlight.model.surgery import compress, count_parameters, encoder_shape  # noqa: E402
 from tdlight.model.teacher import load_teacher  # noqa: E402
 from tdlight.tensor.accounting import predicted_speedup  # noqa: E402
@@ -69,14 +69,10 @@ def main() -> None:
            f"{'measured':>8} {'predicted':>9} {'meas/pred':>9}")
     print(hdr)
     print("-" * len(hdr))
-    g = torch.Generator().manual_seed(0)
     vocab = dense.config.vocab_size
     with torch.inference_mode():
-        for batch in args.batches:
-            ids = {
-                "input_ids": torch.randint(1000, vocab, (batch, args.seq_len), generator=g).to(device),
-                "attention_mask": torch.ones(batch, args.seq_len, dtype=torch.long, device=device),
-            }
+        for i, batch in enumerate(args.batches):
+            ids = random_inputs(batch, args.seq_len, vocab, seed=i, device=device)
             for d, (model, rspec) in models.items():
                 r = paired_speedup(dense, model, ids, reps=args.reps, warmup=args.warmup)
                 meas = r["speedup"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tdlight.data.glue import get_task
-from tdlight.model.speed import paired_speedup
+from tdlight.model.speed import paired_speedup, random_inputs
 from tdlight.model.teacher import load_classifier
 
 TASKS = ("sst2", "mrpc", "rte", "cola", "stsb")
@@ -90,9 +90,7 @@ def budget_table(out: Path, runs: dict, ratios: list[str], batch: int, length: i
         if teacher_dir is not None and student_dir.is_dir():
             teacher, _ = load_classifier(str(teacher_dir), 2)
             student, _ = load_classifier(str(student_dir), 2)
-            g = torch.Generator().manual_seed(0)
-            inputs = {"input_ids": torch.randint(1000, 20000, (batch, length), generator=g),
-                      "attention_mask": torch.ones(batch, length, dtype=torch.long)}
+            inputs = random_inputs(batch, length, teacher.config.vocab_size)
             speed = paired_speedup(teacher, student, inputs, reps=reps)["speedup"]
         budget = "–"
         if dist:

@@ -13,6 +13,14 @@ import torch
 from torch import nn
 
 
+def random_inputs(batch: int, length: int, vocab: int, *, seed: int = 0,
+                  device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A fixed (seeded) batch of ``batch`` × ``length`` token ids without padding, for timing."""
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(1000, vocab, (batch, length), generator=g).to(device),
+            "attention_mask": torch.ones(batch, length, dtype=torch.long, device=device)}
+
+
 def _timed(model: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
     device = next(model.parameters()).device
     if device.type == "cuda":

@@ -318,9 +318,9 @@ class Runner:
         done = self._used(study)
         log.info("sweep %s in %s: %d/%d trials done, %d worker(s)%s", self.s.name, self.dir, done, self.s.n_trials,
                  workers, f" on GPUs {gpus}" if gpus else f", {threads} CPU thread(s) each")
-        done = [threading.Event() for _ in range(workers)]
+        finished = [threading.Event() for _ in range(workers)]
         pool = [threading.Thread(target=self._guard, args=(study, i, gpus[i % len(gpus)] if gpus else None, threads,
-                                                           done[i]),
+                                                           finished[i]),
                                  name=f"sweep-worker-{i}", daemon=True) for i in range(workers)]
         # The main thread waits by polling events with sleep, not Thread.join: a Ctrl-C that lands
         # inside join() marks a still-running thread as finished on CPython < 3.13, and the sweep
@@ -329,12 +329,10 @@ class Runner:
         try:
             for p in pool:
                 p.start()
-            while not all(e.is_set() for e in done):
-                time.sleep(0.2)
+            _wait_all(finished)
         except KeyboardInterrupt:
             self.stop.set()
-            while not all(e.is_set() for e in done):
-                time.sleep(0.2)
+            _wait_all(finished)
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -347,6 +345,11 @@ class Runner:
             log.exception("sweep worker %d stopped", index)
         finally:
             done.set()
+
+
+def _wait_all(events: list[threading.Event]) -> None:
+    while not all(e.is_set() for e in events):
+        time.sleep(0.2)
 
 
 def _probe(dist: optuna.distributions.BaseDistribution):
