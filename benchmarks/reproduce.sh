@@ -11,6 +11,8 @@
 #   PRETRAIN_STEPS=100000 PRETRAIN_BATCH=256 LIMIT_TRAIN=null INTERMEDIATE_EPOCHS=10 \
 #   PREDICTION_EPOCHS=3 bash benchmarks/reproduce.sh trainer=gpu
 # and prints the table with  python benchmarks/reproduce_table.py
+# On a 2-core CPU two single-threaded copies, one per ratio, finish sooner than one 2-thread run:
+#   export OMP_NUM_THREADS=1 TABLE=0; RATIOS=48 bash benchmarks/reproduce.sh & RATIOS=7 bash benchmarks/reproduce.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/repro}
@@ -25,10 +27,18 @@ TEACHER_EPOCHS=${TEACHER_EPOCHS:-}         # teacher fine-tuning epochs (empty: 
 SST2_LIMIT=${SST2_LIMIT:-20000}            # SST-2 teacher: one epoch on this many examples
 extra=("$@")
 td() {  # td <run dir> <overrides...>: run a stage in <run dir>, or resume it if it stopped mid-way
-  local dir=$1; shift
-  if [[ -f $dir/checkpoints/last.ckpt ]]; then .venv/bin/tdlight resume="$dir"; return; fi
-  rm -rf "$dir"   # a run that died before its first checkpoint starts over
-  .venv/bin/tdlight paths.output_dir="$OUT" trainer.enable_progress_bar=false "${extra[@]}" "$@" hydra.run.dir="$dir"
+  local dir=$1 lock; shift
+  mkdir -p "$(dirname "$dir")"
+  # one writer per run directory: two copies of this script (e.g. RATIOS=48 and RATIOS=7 side by
+  # side) wait for each other's shared runs (the teachers) instead of both computing them
+  exec {lock}>"$dir.lock"; flock "$lock"
+  if [[ -f $dir/metrics.json || -f $dir/report.json ]]; then :   # the other copy finished it meanwhile
+  elif [[ -f $dir/checkpoints/last.ckpt ]]; then .venv/bin/tdlight resume="$dir"
+  else
+    rm -rf "$dir"   # a run that died before its first checkpoint starts over
+    .venv/bin/tdlight paths.output_dir="$OUT" trainer.enable_progress_bar=false "${extra[@]}" "$@" hydra.run.dir="$dir"
+  fi
+  exec {lock}>&-
 }
 stamp() { echo "=== $* $(date -u +%H:%M:%S)"; }
 
@@ -65,4 +75,5 @@ for t in $TASKS; do
   done
 done
 stamp done
-.venv/bin/python benchmarks/reproduce_table.py --out "$OUT"
+# the table times teacher vs students: TABLE=0 skips it (e.g. while another copy still trains)
+[[ ${TABLE:-1} == 0 ]] || .venv/bin/python benchmarks/reproduce_table.py --out "$OUT"

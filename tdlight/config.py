@@ -54,6 +54,11 @@ class DataSource(str, Enum):
     hub = "hub"
 
 
+class StudentHead(str, Enum):
+    teacher = "teacher"  # pooler + classifier copied from the fine-tuned teacher
+    student = "student"  # the student's own: new (random) when it has none for this task's labels
+
+
 class WandbMode(str, Enum):
     auto = "auto"  # online only when W&B credentials are configured
     offline = "offline"
@@ -150,6 +155,7 @@ class DistillStage:
     embedding_weight: float = 0.0
     temperature: float = 1.0
     gold_weight: float = 0.0
+    head: StudentHead = StudentHead.teacher  # where the student's task head starts
     train_embeddings: bool = False
     augment: bool = False  # TinyBERT-style: add augment_copies neighbour-replaced copies of each train example
     augment_copies: int = 4

@@ -74,6 +74,30 @@ def test_teacher_frozen_student_trains(chain, tmp_path):
     assert seen["factor_grad"] > 0
 
 
+@pytest.mark.parametrize("head", ["teacher", "student"])
+def test_student_head_starts_from_the_teacher_or_its_own(chain, tmp_path, teacher_dir, head):
+    """Phase 1 never touches the head, so after it the saved student's head is still where it started."""
+    from tdlight.model.io import load_compressed
+    from tdlight.model.teacher import head_state, load_classifier
+    from tdlight.stages import distill
+
+    out, ft, _ = chain
+    # as in the pipeline: the student is the *pretrained* teacher decomposed (its head is not the task's)
+    r = cli(tmp_path, "stage=decompose", f"teacher.path={teacher_dir}", "compression.rank=8", "compression.bank=12")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (dec,) = runs(tmp_path, "decompose")
+    cfg = compose_cfg(tmp_path, "stage=distill", "task=mrpc", f"teacher.run_dir={ft}", f"stage.student={dec}",
+                      f"stage.head={head}", "stage.intermediate_epochs=1", "stage.prediction_epochs=0",
+                      "logger=none", *SMALL)
+    m = distill.run(cfg, tmp_path / "run")
+    assert m["head"] == head
+    teacher = head_state(load_classifier(str(ft / "model"), 2)[0])
+    student = head_state(load_compressed(tmp_path / "run" / "model"))
+    assert teacher.keys() == student.keys() and "classifier.weight" in teacher
+    same = [torch.equal(teacher[k], student[k]) for k in teacher]
+    assert all(same) if head == "teacher" else not any(same)
+
+
 def test_distill_resume_equals_uninterrupted(chain, tmp_path):
     from tdlight.stages import distill
 
@@ -101,6 +125,7 @@ def test_distill_resume_equals_uninterrupted(chain, tmp_path):
     (["stage.student=DEC", "stage.layer_map=every"], "unknown layer map 'every'"),
     (["stage.student=DEC", "stage.intermediate_epochs=0", "stage.prediction_epochs=0"], "must be ≥ 1"),
     (["stage.student=DEC", "stage.augment=true", "stage.gold_weight=0.5"], "use stage.gold_weight=0"),
+    (["stage.student=DEC", "stage.head=random"], "stage.head"),
 ])
 def test_distill_bad_input(chain, tmp_path, extra, message):
     out, ft, dec = chain

@@ -310,6 +310,25 @@ def test_teacher_errors(tmp_path):
         load_teacher(str(tmp_path))
 
 
+def test_copy_head_gives_a_compressed_student_the_teachers_head(tiny_bert, tiny_classifier, token_ids):
+    from tdlight.model.teacher import as_classifier, copy_head, head_state
+
+    encoder = copy.deepcopy(tiny_bert)
+    quiet_compress(encoder, SPECS[0])
+    student = as_classifier(encoder, 3)
+    assert (student.classifier.weight - tiny_classifier.classifier.weight).abs().max() > 0  # a new head
+    copied = copy_head(student, tiny_classifier)
+    assert copied == sorted(["bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight",
+                             "classifier.bias"])
+    for k, v in head_state(tiny_classifier).items():
+        assert torch.equal(head_state(student)[k], v), k
+    # the encoder is untouched: the student still runs its own (compressed) layers
+    assert isinstance(student.bert.encoder.layer[0].attention.self.query, FactorizedLinear)
+    student(**token_ids)
+    with pytest.raises(TeacherError, match=r"does not fit the student.*classifier.weight"):
+        copy_head(as_classifier(copy.deepcopy(tiny_bert), 2), tiny_classifier)  # 2 labels vs 3
+
+
 def test_paper_presets_resolve_on_minilm_shape():
     from tdlight.tensor.spec import EncoderShape, resolve
 

@@ -147,6 +147,35 @@ def as_classifier(model: nn.Module, num_labels: int) -> nn.Module:
     return clf.to(next(model.parameters()).device).train(model.training)
 
 
+def head_state(model: nn.Module) -> dict:
+    """The task head of a ``*ForSequenceClassification``: every weight outside its base model
+    (BERT's ``classifier``, RoBERTa's ``classifier.dense``/``out_proj``, DistilBERT's
+    ``pre_classifier``) plus the base model's ``pooler`` when it has one."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or not hasattr(model, prefix):
+        raise TeacherError(f"{type(model).__name__} is not a sequence classifier with a base model and a head")
+    return {k: v for k, v in model.state_dict().items()
+            if not k.startswith(prefix + ".") or k.startswith(f"{prefix}.pooler.")}
+
+
+def copy_head(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """Give ``student`` the task head (pooler + classifier) of the fine-tuned ``teacher``.
+
+    Tucker compression keeps the hidden size, so the teacher's head reads the student's
+    hidden states as they are: it is a far better start than a random head for a student
+    that is distilled on the teacher's task. Returns the names of the copied tensors.
+    Raises :class:`TeacherError` when the heads differ (another family or label count).
+    """
+    src, dst = head_state(teacher), head_state(student)
+    if src.keys() != dst.keys() or any(src[k].shape != dst[k].shape for k in src):
+        diff = sorted(k for k in src.keys() | dst.keys()
+                      if k not in src or k not in dst or src[k].shape != dst[k].shape)
+        raise TeacherError(f"the teacher's task head does not fit the student ({type(teacher).__name__} -> "
+                           f"{type(student).__name__}): {diff[:4]} differ")
+    student.load_state_dict(src, strict=False)
+    return sorted(src)
+
+
 def teacher_shape(name_or_path: str):
     """The :class:`EncoderShape` of a teacher from its ``config.json`` alone (no weights loaded).
 

@@ -129,7 +129,7 @@ def student_source(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> dict:
     from tdlight.model.surgery import encoder_shape, is_compressed
-    from tdlight.model.teacher import load_classifier
+    from tdlight.model.teacher import copy_head, load_classifier
 
     task = require_task(cfg)
     st, tc = cfg.stage, cfg.task
@@ -162,6 +162,10 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     student, _ = load_classifier(student_dir, task.num_labels)
     if not is_compressed(student):
         raise TdlightError(f"student {student_dir!r} is not a compressed model")
+    head = getattr(st.head, "value", st.head)
+    if head == "teacher" and ckpt is None:  # a resumed run restores its own head from the checkpoint
+        copied = copy_head(student, teacher)
+        log.info("student head: the teacher's (%s)", ", ".join(copied))
     ls, lt = encoder_shape(student).num_layers, encoder_shape(teacher).num_layers
     map_spec = OmegaConf.to_container(st.layer_map) if OmegaConf.is_config(st.layer_map) else st.layer_map
     pairs = layer_map(map_spec, ls, lt)
@@ -181,7 +185,8 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
         intermediate_lr=st.intermediate_lr if st.intermediate_lr is not None else lr,
         weight_decay=st.weight_decay, warmup_ratio=st.warmup_ratio, train_embeddings=st.train_embeddings,
     )
-    summary = {"task": task.name, "teacher": str(teacher_dir), "student": student_dir, **model_summary(student)}
+    summary = {"task": task.name, "teacher": str(teacher_dir), "student": student_dir, "head": head,
+               **model_summary(student)}
     timer = EpochTimer()
     epochs = st.intermediate_epochs + st.prediction_epochs
     trainer = build_trainer(cfg, run_dir, max_epochs=epochs, monitor="val/score", summary=summary,
