@@ -6,7 +6,8 @@ Reads every run's ``metrics.json`` under ``--out``; missing runs show as ``–``
 Markdown tables: dev scores per task (teacher; per ratio decomposition alone, distillation
 alone, pretraining + distillation) with the GLUE average and its share of the teacher's, and
 per ratio the encoder parameters, measured speed-up of a forward pass (paired timing,
-``tdlight.model.speed``) and the training budget each student saw.
+``tdlight.model.speed``) and the training budget each student saw (and where its task head
+started: ``stage.head``).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def score_table(runs: dict, ratios: list[str]) -> str:
 
 def budget_table(out: Path, runs: dict, ratios: list[str], batch: int, length: int, reps: int) -> str:
     lines = ["| ratio preset | encoder params | encoder ratio | speed-up (measured) | pretraining tokens | "
-             "distillation (examples × epochs) |", "|---|---|---|---|---|---|"]
+             "distillation (examples × epochs), student head |", "|---|---|---|---|---|---|"]
     teacher_dir = next((out / "finetune" / t / "model" for t in TASKS if (out / "finetune" / t / "model").is_dir()), None)
     for r in ratios:
         c = f"paper_1_{r}"
@@ -96,6 +97,8 @@ def budget_table(out: Path, runs: dict, ratios: list[str], batch: int, length: i
         if dist:
             n = dist.get("train_examples")
             budget = f"{n if n is not None else '?'} × ({dist['intermediate_epochs']} + {dist['prediction_epochs']})"
+            # runs from before stage.head existed started from a new head
+            budget += f", head: {dist.get('head', 'student')}"
         lines.append(f"| `compression={c}` | {params:,} | {ratio:.2f}× | "
                      f"{'–' if speed is None else f'{speed:.2f}×'} | {'–' if not pt else format(pt['tokens'], ',')} | {budget} |"
                      if params is not None else f"| `compression={c}` | – | – | – | – | – |")

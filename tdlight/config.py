@@ -59,6 +59,11 @@ class StudentHead(str, Enum):
     student = "student"  # the student's own: new (random) when it has none for this task's labels
 
 
+class AugmentMethod(str, Enum):
+    neighbours = "neighbours"  # nearest tokens in the teacher's input-embedding space (any teacher)
+    mlm = "mlm"  # a masked LM's in-context predictions (TinyBERT; needs a checkpoint with an MLM head)
+
+
 class WandbMode(str, Enum):
     auto = "auto"  # online only when W&B credentials are configured
     offline = "offline"
@@ -158,6 +163,8 @@ class DistillStage:
     head: StudentHead = StudentHead.teacher  # where the student's task head starts
     train_embeddings: bool = False
     augment: bool = False  # TinyBERT-style: add augment_copies neighbour-replaced copies of each train example
+    augment_method: AugmentMethod = AugmentMethod.neighbours
+    augment_mlm: str = ""  # the masked LM for augment_method=mlm; empty: the fine-tuned teacher's base model
     augment_copies: int = 4
     augment_prob: float = 0.4
     augment_neighbours: int = 10

@@ -126,6 +126,8 @@ def test_distill_resume_equals_uninterrupted(chain, tmp_path):
     (["stage.student=DEC", "stage.intermediate_epochs=0", "stage.prediction_epochs=0"], "must be ≥ 1"),
     (["stage.student=DEC", "stage.augment=true", "stage.gold_weight=0.5"], "use stage.gold_weight=0"),
     (["stage.student=DEC", "stage.head=random"], "stage.head"),
+    # the tiny teacher is a sequence classifier: no masked-LM head to predict replacements with
+    (["stage.student=DEC", "stage.augment=true", "stage.augment_method=mlm"], "has no masked-LM head"),
 ])
 def test_distill_bad_input(chain, tmp_path, extra, message):
     out, ft, dec = chain
@@ -145,3 +147,20 @@ def test_distill_with_augmentation(chain, tmp_path):
     (run,) = runs(tmp_path, "distill")
     m = json.loads((run / "metrics.json").read_text())
     assert m["global_step"] == 9  # 48 examples + 2 x 48 augmented, batches of 16
+
+
+def test_distill_with_masked_lm_augmentation(chain, tmp_path, teacher_dir):
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    from tests.conftest import tiny_config
+
+    out, ft, dec = chain
+    mlm = tmp_path / "mlm"
+    BertForMaskedLM(tiny_config()).save_pretrained(mlm)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(mlm)
+    r = cli(tmp_path, "stage=distill", "task=mrpc", f"teacher.run_dir={ft}", f"stage.student={dec}", "logger=none",
+            "stage.intermediate_epochs=0", "stage.prediction_epochs=1", "stage.augment=true", "stage.augment_copies=1",
+            "stage.augment_method=mlm", f"stage.augment_mlm={mlm}", *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = runs(tmp_path, "distill")
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 6  # 48 + 48 augmented, batches of 16

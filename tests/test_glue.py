@@ -295,3 +295,48 @@ def test_embedding_neighbour_augmentation(tmp_path, tokenizer):
     plain = GlueDataModule("sst2", tokenizer, **kw)
     plain.prepare_data()
     assert plain.tokenized_now == ["train"] and len(plain.datasets["train"]) == 2
+
+
+def test_masked_lm_augmentation_uses_the_models_predictions_in_context(tmp_path, tokenizer):
+    """A masked LM whose output bias makes 'film' (then 'movie') its top prediction everywhere:
+    with prob 1 and k=1 every whole-word token becomes 'film', and 'film' itself 'movie'."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from tdlight.data.augment import MaskedLMCandidates, augment_columns
+    from tdlight.data.datamodule import GlueDataModule
+
+    torch.manual_seed(0)
+    mlm = BertForMaskedLM(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64)).eval()
+    vocab = tokenizer.get_vocab()
+    with torch.no_grad():
+        mlm.cls.predictions.bias[vocab["film"]] = 1e4
+        mlm.cls.predictions.bias[vocab["movie"]] = 5e3
+        mlm.cls.predictions.bias[vocab["[SEP]"]] = 1e5  # a special token is never a candidate
+    cand = MaskedLMCandidates(mlm, tokenizer, k=1)
+    cols = {"sentence": ["the movie was good", "a terrible film", "unbelievably, fine"], "label": [1, 0, 1],
+            "idx": [0, 1, 2]}
+    out = augment_columns(cols, ("sentence",), tokenizer, None, mlm=cand, copies=2, prob=1.0, seed=0)
+    assert out["sentence"][:3] == cols["sentence"]
+    # 'unbelievably,' is not one whole-word token: it stays
+    assert out["sentence"][3:] == ["film film film film", "film film movie", "unbelievably, film"] * 2
+    assert out["label"] == [1, 0, 1] * 3 and out["idx"] == list(range(9))
+    none = augment_columns(cols, ("sentence",), tokenizer, None, mlm=cand, copies=1, prob=0.0, seed=0)
+    assert none["sentence"] == cols["sentence"] * 2
+    with pytest.raises(ValueError, match="exactly one source"):
+        augment_columns(cols, ("sentence",), tokenizer, {}, mlm=cand, copies=1, prob=0.5, seed=0)
+
+    data = tmp_path / "glue"
+    write(data / "SST-2/train.tsv", "sentence\tlabel\nthe movie was good\t1\na terrible film\t0\n")
+    write(data / "SST-2/dev.tsv", "sentence\tlabel\nfine\t1\n")
+    kw = dict(data_dir=data, source="local", cache_dir=tmp_path / "cache", batch_size=2)
+    aug = {"mlm": mlm, "copies": 1, "prob": 1.0, "neighbours": 1}
+    dm = GlueDataModule("sst2", tokenizer, augment=aug, **kw)
+    dm.prepare_data()
+    train = dm.datasets["train"]
+    texts = [tokenizer.decode(list(map(int, train[i]["input_ids"])), skip_special_tokens=True) for i in range(len(train))]
+    assert texts == ["the movie was good", "a terrible film", "film film film film", "film film movie"]
+    emb = {"embeddings": mlm.get_input_embeddings().weight.detach(), "copies": 1, "prob": 1.0, "neighbours": 1}
+    other = GlueDataModule("sst2", tokenizer, augment=emb, **kw)
+    other.prepare_data()
+    assert other.tokenized_now == ["train"]  # neighbour candidates are cached under another key

@@ -329,6 +329,23 @@ def test_copy_head_gives_a_compressed_student_the_teachers_head(tiny_bert, tiny_
         copy_head(as_classifier(copy.deepcopy(tiny_bert), 2), tiny_classifier)  # 2 labels vs 3
 
 
+def test_load_masked_lm_needs_a_trained_mlm_head(tmp_path, teacher_dir):
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    from tdlight.model.teacher import load_masked_lm
+    from tests.conftest import tiny_config
+
+    for name in ("minilm", str(teacher_dir)):  # a sentence encoder, a sequence classifier
+        with pytest.raises(TeacherError, match=r"has no masked-LM head \(its checkpoint lacks \['cls\.predictions"):
+            load_masked_lm(name)
+    path = tmp_path / "mlm"
+    BertForMaskedLM(tiny_config()).save_pretrained(path)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(path)
+    model, tokenizer = load_masked_lm(str(path))
+    assert type(model).__name__ == "BertForMaskedLM" and not model.training \
+        and tokenizer.get_vocab() == AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
+
+
 def test_paper_presets_resolve_on_minilm_shape():
     from tdlight.tensor.spec import EncoderShape, resolve
 

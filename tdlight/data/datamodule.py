@@ -80,7 +80,8 @@ class GlueDataModule(L.LightningDataModule):
         self.seed = seed
         self.limit_train, self.limit_eval = limit_train, limit_eval
         self.train = train  # False: evaluation only, the train split is never read
-        # {"embeddings": (V, D) tensor, "copies", "prob", "neighbours"}: augment the train split
+        # {"copies", "prob", "neighbours"} and either "embeddings" ((V, D) tensor: embedding-neighbour
+        # candidates) or "mlm" (a *ForMaskedLM: its in-context predictions): augment the train split
         # (tdlight.data.augment); the augmented text is cached with the tokenized split
         self.augment = augment
         self.val_split_names = self.task.validation_splits
@@ -105,9 +106,13 @@ class GlueDataModule(L.LightningDataModule):
             src = {"hub": f"{self.task.hub_config}/{split}"}
         aug = None
         if split == "train" and self.augment:
-            emb = self.augment["embeddings"]
+            from tdlight.model.io import state_fingerprint
+
             aug = {k: self.augment[k] for k in ("copies", "prob", "neighbours")}
-            aug["embeddings"] = hashlib.sha1(emb.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:16]
+            if self.augment.get("mlm") is not None:  # the candidates depend on every weight of the MLM
+                aug["mlm"] = state_fingerprint(self.augment["mlm"].state_dict())[:16]
+            else:
+                aug["embeddings"] = state_fingerprint({"embeddings": self.augment["embeddings"]})[:16]
             aug["seed"] = self.seed
         info = {"version": CACHE_VERSION, "task": self.task.name, "split": split, "source": src, "augment": aug,
                 "tokenizer": getattr(self.tokenizer, "name_or_path", ""), "tokenizer_hash": tokenizer_fingerprint(self.tokenizer),
@@ -123,11 +128,15 @@ class GlueDataModule(L.LightningDataModule):
         if split == "train" and self.augment:
             import datasets
 
-            from tdlight.data.augment import augment_columns, neighbour_table
+            from tdlight.data.augment import MaskedLMCandidates, augment_columns, neighbour_table
 
             a = self.augment
-            table = neighbour_table(a["embeddings"], self.tokenizer, a["neighbours"])
-            ds = datasets.Dataset.from_dict(augment_columns(ds.to_dict(), cols, self.tokenizer, table,
+            table = mlm = None
+            if a.get("mlm") is not None:
+                mlm = MaskedLMCandidates(a["mlm"], self.tokenizer, a["neighbours"], max_length=self.max_length)
+            else:
+                table = neighbour_table(a["embeddings"], self.tokenizer, a["neighbours"])
+            ds = datasets.Dataset.from_dict(augment_columns(ds.to_dict(), cols, self.tokenizer, table, mlm=mlm,
                                                             copies=a["copies"], prob=a["prob"], seed=self.seed))
         tok, max_length = self.tokenizer, self.max_length
 

@@ -10,6 +10,7 @@ one is complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import safetensors.torch
 import transformers
+import torch
 from torch import nn
 
 from tdlight.errors import ArtifactError
@@ -29,6 +31,18 @@ from tdlight.tensor.spec import EncoderShape, ResolvedSpec
 FORMAT = 1
 META = "tdlight.json"
 WEIGHTS = "model.safetensors"
+
+
+def state_fingerprint(state: dict[str, torch.Tensor], salt: bytes = b"", extra: str = "") -> str:
+    """SHA-1 (hex) of ``salt``, every tensor of ``state`` (name, dtype, raw bytes; by name) and
+    ``extra``: the identity of a set of weights for caches keyed by them."""
+    h = hashlib.sha1(salt)
+    for name, t in sorted(state.items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(extra.encode())
+    return h.hexdigest()
 
 
 def atomic_directory(path: str | os.PathLike, write) -> Path:

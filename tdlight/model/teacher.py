@@ -147,6 +147,28 @@ def as_classifier(model: nn.Module, num_labels: int) -> nn.Module:
     return clf.to(next(model.parameters()).device).train(model.training)
 
 
+def load_masked_lm(name_or_path: str) -> tuple[nn.Module, object]:
+    """(``*ForMaskedLM`` in eval mode, tokenizer) of a checkpoint that has a trained masked-LM head.
+
+    A checkpoint without one (a sentence encoder such as the embedded MiniLM, or a
+    fine-tuned classifier) would get a randomly initialised head and predict noise, so it
+    is refused with a :class:`TeacherError`.
+    """
+    path = resolve_teacher(name_or_path)
+    try:
+        model, info = transformers.AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+        tokenizer = _load_tokenizer(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise TeacherError(f"could not load {name_or_path!r} as a masked language model: "
+                           f"{str(e).splitlines()[0]}") from e
+    prefix = getattr(model, "base_model_prefix", "")
+    head_missing = [k for k in info["missing_keys"] if not k.startswith(prefix + ".")]
+    if head_missing:
+        raise TeacherError(f"{name_or_path!r} has no masked-LM head (its checkpoint lacks {head_missing[:3]}); "
+                           "valid: a checkpoint pretrained with one, e.g. bert-base-uncased")
+    return model.eval(), tokenizer
+
+
 def head_state(model: nn.Module) -> dict:
     """The task head of a ``*ForSequenceClassification``: every weight outside its base model
     (BERT's ``classifier``, RoBERTa's ``classifier.dense``/``out_proj``, DistilBERT's

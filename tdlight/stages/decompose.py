@@ -47,13 +47,10 @@ def resolve_device(name: str) -> torch.device:
 
 def cache_key(model: torch.nn.Module, rspec) -> str:
     """Hash of the teacher's weights (every tensor's bytes) and the resolved compression spec."""
-    h = hashlib.sha1(b"tdlight-decompose-v1")
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    h.update(json.dumps(rspec.to_dict(), sort_keys=True).encode())
-    return h.hexdigest()[:20]
+    from tdlight.model.io import state_fingerprint
+
+    return state_fingerprint(model.state_dict(), b"tdlight-decompose-v1",
+                             json.dumps(rspec.to_dict(), sort_keys=True))[:20]
 
 
 def _from_cache(entry: Path, run_dir: Path, save_model: bool) -> dict | None:

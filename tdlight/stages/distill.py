@@ -127,6 +127,21 @@ def student_source(cfg: DictConfig) -> str:
     return src
 
 
+def masked_lm_for(cfg: DictConfig, tokenizer) -> nn.Module:
+    """The masked LM of ``stage.augment_method=mlm``: ``stage.augment_mlm``, else the pretrained
+    model the fine-tuned teacher started from (its run's ``teacher.path``). Its vocabulary must
+    be the teacher's, since its predictions replace the teacher tokenizer's words."""
+    from tdlight.model.teacher import load_masked_lm
+    from tdlight.stages.common import saved_config
+
+    name = cfg.stage.augment_mlm or saved_config(cfg.teacher.run_dir).teacher.path
+    mlm, mlm_tokenizer = load_masked_lm(name)
+    if mlm_tokenizer is None or mlm_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise TdlightError(f"stage.augment_mlm={name!r} has another vocabulary than the teacher's tokenizer: "
+                           "its predictions would be other words; use a masked LM with the teacher's vocabulary")
+    return mlm
+
+
 def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> dict:
     from tdlight.model.surgery import encoder_shape, is_compressed
     from tdlight.model.teacher import copy_head, load_classifier
@@ -171,8 +186,11 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     pairs = layer_map(map_spec, ls, lt)
     augment = None
     if st.augment:
-        augment = {"embeddings": teacher.get_input_embeddings().weight.detach(), "copies": st.augment_copies,
-                   "prob": st.augment_prob, "neighbours": st.augment_neighbours}
+        augment = {"copies": st.augment_copies, "prob": st.augment_prob, "neighbours": st.augment_neighbours}
+        if getattr(st.augment_method, "value", st.augment_method) == "mlm":
+            augment["mlm"] = masked_lm_for(cfg, tokenizer)
+        else:
+            augment["embeddings"] = teacher.get_input_embeddings().weight.detach()
     dm = datamodule(cfg, task, tokenizer, max_length=max_length, batch_size=batch_size,
                     eval_batch_size=st.eval_batch_size, limit_train=st.limit_train, limit_eval=st.limit_eval,
                     num_workers=st.num_workers, augment=augment)
