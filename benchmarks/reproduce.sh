@@ -28,10 +28,11 @@ SST2_LIMIT=${SST2_LIMIT:-20000}            # SST-2 teacher: one epoch on this ma
 extra=("$@")
 td() {  # td <run dir> <overrides...>: run a stage in <run dir>, or resume it if it stopped mid-way
   local dir=$1 lock; shift
-  mkdir -p "$(dirname "$dir")"
   # one writer per run directory: two copies of this script (e.g. RATIOS=48 and RATIOS=7 side by
   # side) wait for each other's shared runs (the teachers) instead of both computing them
-  exec {lock}>"$dir.lock"; flock "$lock"
+  local lockfile=$OUT/.locks/${dir#"$OUT"/}.lock
+  mkdir -p "$(dirname "$dir")" "$(dirname "$lockfile")"
+  exec {lock}>"$lockfile"; flock "$lock"
   if [[ -f $dir/metrics.json || -f $dir/report.json ]]; then :   # the other copy finished it meanwhile
   elif [[ -f $dir/checkpoints/last.ckpt ]]; then .venv/bin/tdlight resume="$dir"
   else
