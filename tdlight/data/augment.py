@@ -96,17 +96,17 @@ class MaskedLMCandidates:
         return out
 
 
-def augment_text(text: str, vocab: dict[str, int], inverse: dict[int, str], table: dict[int, list[int]],
-                 prob: float, rng: random.Random, lower: bool) -> str:
-    """``text`` with each replaceable word swapped for a neighbour with probability ``prob``."""
-    out = []
-    for word in text.split(" "):
-        tid = vocab.get(word.lower() if lower else word)
-        if tid is not None and tid in table and rng.random() < prob:
-            out.append(inverse[rng.choice(table[tid])])
-        else:
-            out.append(word)
-    return " ".join(out)
+class NeighbourCandidates:
+    """Context-free candidates: a word's entry of a :func:`neighbour_table`."""
+
+    def __init__(self, table: dict[int, list[int]]):
+        self.table = table
+
+    def replaceable(self, tid: int) -> bool:
+        return tid in self.table
+
+    def __call__(self, requests: list[tuple[list[str], int, int]]) -> list[list[int]]:
+        return [self.table[tid] for _, _, tid in requests]
 
 
 def augment_columns(columns: dict[str, list], text_columns: tuple[str, ...], tokenizer,
@@ -114,40 +114,41 @@ def augment_columns(columns: dict[str, list], text_columns: tuple[str, ...], tok
                     mlm: MaskedLMCandidates | None = None) -> dict[str, list]:
     """The original rows followed by ``copies`` augmented versions of each (same label, new ``idx``).
 
-    Candidates come from the neighbour ``table``, or from ``mlm`` when it is given.
+    Candidates come from the neighbour ``table`` (:func:`neighbour_table`), or from ``mlm``
+    when it is given.
     """
     if copies < 0 or not 0.0 <= prob <= 1.0:
         raise ValueError(f"augmentation needs copies >= 0 and prob in [0, 1], got copies={copies}, prob={prob}")
     if (table is None) == (mlm is None):
         raise ValueError("augmentation needs exactly one source of candidates: a neighbour table or a masked LM")
+    source = mlm if mlm is not None else NeighbourCandidates(table)
     vocab = tokenizer.get_vocab()
     inverse = {i: t for t, i in vocab.items()}
     lower = bool(getattr(tokenizer, "do_lower_case", False) or tokenizer.init_kwargs.get("do_lower_case", False))
     rng = random.Random(seed)
     out = {k: list(v) for k, v in columns.items()}
     n = len(columns["label"])
+    # first choose the words to replace, then ask for all their candidates at once (a masked LM
+    # runs them as batches), then pick one candidate per word
     pending: list[tuple[list, int, list[str], int, int]] = []  # (column, row, words, position, token id)
     for _ in range(copies):
         for i in range(n):
             for c in columns:
-                if c in text_columns and mlm is None:
-                    out[c].append(augment_text(columns[c][i], vocab, inverse, table, prob, rng, lower))
-                elif c in text_columns:
+                if c in text_columns:
                     words = columns[c][i].split(" ")
                     for j, w in enumerate(words):
                         tid = vocab.get(w.lower() if lower else w)
-                        if tid is not None and mlm.replaceable(tid) and rng.random() < prob:
+                        if tid is not None and source.replaceable(tid) and rng.random() < prob:
                             pending.append((out[c], len(out[c]), words, j, tid))
                     out[c].append(list(words))  # edited below, joined at the end
                 elif c == "idx":
                     out[c].append(len(out[c]))
                 else:
                     out[c].append(columns[c][i])
-    if mlm is not None:
-        candidates = mlm([(words, j, tid) for _, _, words, j, tid in pending])
-        for (col, row, _, j, _), cands in zip(pending, candidates):
-            if cands:
-                col[row][j] = inverse[rng.choice(cands)]
-        for c in text_columns:
-            out[c] = [" ".join(x) if isinstance(x, list) else x for x in out[c]]
+    candidates = source([(words, j, tid) for _, _, words, j, tid in pending])
+    for (col, row, _, j, _), cands in zip(pending, candidates):
+        if cands:
+            col[row][j] = inverse[rng.choice(cands)]
+    for c in text_columns:
+        out[c] = [" ".join(x) if isinstance(x, list) else x for x in out[c]]
     return out
