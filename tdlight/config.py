@@ -84,6 +84,14 @@ class DecomposeStage:
     refine_files: Any = "${paths.data_dir}/pretrain_corpus/enwiki_2015_wikiextractor_AA.txt.gz"
     refine_heldout_files: Any = "${paths.data_dir}/pretrain_corpus/wikitext103_heldout/wiki.valid.tokens.gz"
     refine_heldout_batches: int = 4
+    # how the factors are initialised: weights (HOOI on the weights, the paper) or outputs
+    # (function-preserving: fit each block's outputs on calibration text, DESIGN §6)
+    fit: str = "weights"
+    calibration_files: Any = "${paths.data_dir}/pretrain_corpus/enwiki_2015_wikiextractor_AA.txt.gz"
+    calibration_sequences: int = 256
+    calibration_max_length: int = 128
+    calibration_damp: float = 1e-2  # Gram damping, a fraction of its mean diagonal
+    fit_iters: int = 10  # sweeps of the alternation after the closed-form start
 
 
 @dataclass

@@ -20,7 +20,7 @@ from torch import nn
 from tdlight.errors import SpecError, TeacherError
 from tdlight.model.bank import FactorBank
 from tdlight.model.linear import MODES, FactorizedLinear, SharedInput
-from tdlight.tensor.decompose import Decomposition, decompose, warn_dead_blocks
+from tdlight.tensor.decompose import Decomposition, Factors, decompose, warn_dead_blocks
 from tdlight.tensor.layout import stack
 from tdlight.tensor.spec import CompressionSpec, EncoderShape, ResolvedSpec, resolve
 
@@ -188,6 +188,20 @@ def compress(
     encoder.factor_banks = banks
     encoder.compression = rspec
     return report
+
+
+@torch.no_grad()
+def load_factors(model: nn.Module, factors: dict[str, Factors]) -> None:
+    """Copy new factors (e.g. a function-preserving refit) into a compressed model's banks, by group."""
+    banks = get_encoder(model).factor_banks
+    for g, f in factors.items():
+        if g not in banks:
+            raise SpecError(f"no factor bank {g!r} in this model; valid: {list(banks)}")
+        bank = banks[g]
+        if f.variant != bank.variant or f.core.shape != bank.core.shape or f.U.shape != bank.U.shape:
+            raise SpecError(f"factors for group {g!r} ({f.variant}, core {tuple(f.core.shape)}) do not fit its "
+                            f"bank ({bank.variant}, core {tuple(bank.core.shape)})")
+        bank.load_factors(f)
 
 
 def set_mode(model: nn.Module, mode: str) -> None:

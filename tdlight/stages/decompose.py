@@ -2,6 +2,12 @@
 
 Writes into the run directory: ``model/`` (a compressed model directory, loadable with
 ``tdlight.load_compressed``) and ``report.json`` (parameters, ratio, errors, time).
+
+``stage.fit`` chooses what the factors fit: ``weights`` (HOOI on the weights, the paper)
+or ``outputs`` (function-preserving, DESIGN §6: HOOI, then a refit of every block's outputs
+on ``stage.calibration_sequences`` sequences of ``stage.calibration_files``; the report's
+``fit`` section holds the held-out output errors per layer and of the last hidden state for
+the HOOI start and for the fit, and the dead blocks of each).
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ from tdlight.tensor.accounting import param_counts
 from tdlight.tensor.spec import resolve
 
 log = logging.getLogger("tdlight.decompose")
+
+FITS = ("weights", "outputs")
+FIT_KEYS = ("fit", "calibration_files", "calibration_sequences", "calibration_max_length", "calibration_damp",
+            "fit_iters", "refine_heldout_files", "refine_heldout_batches", "refine_batch_size")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,10 +85,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     refine = cfg.stage.get("refine_steps", 0) or 0
     if refine < 0:
         raise TdlightError(f"stage.refine_steps={refine} must be ≥ 0")
+    fit = _check_fit(cfg, tokenizer)
     if cfg.stage.get("cache", True):
         key = cache_key(teacher, rspec)
+        extra = {}
         if refine:  # a refined decomposition also depends on how it was refined
-            extra = {k: cfg.stage[k] for k in cfg.stage if str(k).startswith("refine")}
+            extra.update({k: cfg.stage[k] for k in cfg.stage if str(k).startswith("refine")})
+        if fit == "outputs":  # ... and an output fit on its calibration (and held-out) text
+            extra.update({k: cfg.stage.get(k) for k in FIT_KEYS})
+        if extra:
             key = hashlib.sha1((key + json.dumps(OmegaConf.to_container(OmegaConf.create(extra), resolve=True),
                                                  sort_keys=True)).encode()).hexdigest()[:20]
         entry = Path(cfg.paths.cache_dir) / "decompose" / key
@@ -89,8 +104,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             Console().print(_table(cached))
             log.info("reused the cached decomposition %s (same teacher weights and spec)", entry)
             return cached
-    reference = copy.deepcopy(teacher) if refine else None  # compress() works in place
+    reference = copy.deepcopy(teacher) if refine or fit == "outputs" else None  # compress() works in place
     teacher.to(device)
+    calibration = _calibration(cfg, teacher, tokenizer, console) if fit == "outputs" else None
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
@@ -108,8 +124,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         for g, task in tasks.items():
             progress.update(task, completed=rspec.max_iter)
     for w in caught:
-        console.print(f"[bold red]WARNING[/]: {w.message}")
-        log.warning("%s", w.message)
+        if fit == "outputs":  # HOOI is only the start of the output fit
+            console.print(f"[yellow]note (HOOI start, before the output fit)[/]: {w.message}")
+            log.info("HOOI start: %s", w.message)
+        else:
+            console.print(f"[bold red]WARNING[/]: {w.message}")
+            log.warning("%s", w.message)
+    fitted = None
+    if fit == "outputs":
+        t1 = time.perf_counter()
+        fitted = _fit_outputs(cfg, teacher, reference, report, calibration, device, console)
+        seconds += time.perf_counter() - t1
 
     refined = _refine(cfg, teacher, reference, tokenizer, run_dir, console) if refine else None
     after = count_parameters(teacher)
@@ -130,6 +155,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "seconds": seconds,
         "device": str(device),
     }
+    if fitted is not None:
+        result.update(fitted.pop("weight_errors"))
+        result["fit"] = fitted
     if refined is not None:
         result["refine"] = refined
     if cfg.stage.save_model:
@@ -172,6 +200,114 @@ def _refine(cfg: DictConfig, student, teacher, tokenizer, run_dir: Path, console
             "tokens": st.refine_steps * st.refine_batch_size * st.refine_max_length}
 
 
+def _check_fit(cfg: DictConfig, tokenizer) -> str:
+    """``stage.fit``, checked with its calibration settings before any work."""
+    st = cfg.stage
+    fit = st.get("fit", "weights")
+    if fit not in FITS:
+        raise TdlightError(f"stage.fit={fit!r}; valid: {', '.join(FITS)} "
+                           "(weights = HOOI on the weights, outputs = fit each block's outputs on calibration text)")
+    if fit == "weights":
+        return fit
+    for name, lo in (("calibration_sequences", 1), ("calibration_max_length", 3), ("fit_iters", 0),
+                     ("refine_batch_size", 1), ("refine_heldout_batches", 1)):
+        v = st.get(name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise TdlightError(f"stage.{name}={v!r}; valid: an integer ≥ {lo} (for stage.fit=outputs)")
+    damp = st.get("calibration_damp")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < 1e6:
+        raise TdlightError(f"stage.calibration_damp={damp!r}; valid: a number ≥ 0 (e.g. 0.01)")
+    if tokenizer is None:
+        raise TdlightError("stage.fit=outputs needs the teacher's tokenizer to read calibration text")
+    from tdlight.data.corpus import resolve_corpus_files
+
+    for name in ("calibration_files", "refine_heldout_files"):
+        v = st.get(name)
+        resolve_corpus_files(OmegaConf.to_container(v) if OmegaConf.is_config(v) else v, what=f"stage.{name}")
+    return fit
+
+
+def _calibration(cfg: DictConfig, teacher, tokenizer, console: Console) -> dict:
+    """Calibration batches -> the teacher's input Grams; plus the held-out batches."""
+    from tdlight.data.corpus import CorpusDataModule
+    from tdlight.model.calibration import collect_grams
+
+    st = cfg.stage
+    files = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+             for k, v in (("train", st.calibration_files), ("heldout", st.refine_heldout_files))}
+    want = st.calibration_sequences
+    heldout_n = st.refine_batch_size * st.refine_heldout_batches
+    dm = CorpusDataModule(tokenizer, train_files=files["train"], heldout_files=files["heldout"],
+                          max_length=st.calibration_max_length, batch_size=min(16, want), shuffle_buffer=0,
+                          eval_batch_size=st.refine_batch_size, max_train_sequences=want,
+                          max_heldout_sequences=heldout_n, seed=cfg.seed)
+    batches = list(dm.train_dataloader())
+    got = sum(len(b["input_ids"]) for b in batches)
+    if got < want:
+        raise TdlightError(f"stage.calibration_files={files['train']!r} hold only {got} sequences of "
+                           f"{st.calibration_max_length} tokens; stage.calibration_sequences={want} needs more text "
+                           f"(valid: more or longer files, or stage.calibration_sequences ≤ {got})")
+    heldout = list(dm.val_dataloader())
+    if not heldout:
+        raise TdlightError(f"stage.refine_heldout_files={files['heldout']!r} hold no sequence of "
+                           f"{st.calibration_max_length} tokens; valid: a held-out file with more text")
+    t0 = time.perf_counter()
+    grams, tokens = collect_grams(teacher, batches)
+    console.print(f"calibration: input Grams of every encoder linear from {got} sequences ({tokens:,} tokens) "
+                  f"in {time.perf_counter() - t0:.1f} s")
+    return {"grams": grams, "tokens": tokens, "sequences": got, "heldout": heldout,
+            "heldout_sequences": sum(len(b["input_ids"]) for b in heldout)}
+
+
+def _fit_outputs(cfg: DictConfig, student, teacher, report, calibration: dict, device, console: Console) -> dict:
+    """Refit the HOOI start to the teacher's block outputs; held-out errors of both (see module doc)."""
+    from tdlight.model.calibration import fit_outputs, output_errors
+    from tdlight.model.surgery import encoder_weights
+    from tdlight.tensor.decompose import DEAD_BLOCK_ERROR
+
+    st = cfg.stage
+    teacher.to(device)
+    heldout = calibration["heldout"]
+    before = output_errors(student, teacher, heldout)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        tasks = {g: progress.add_task(f"output fit {g}", total=max(1, st.fit_iters), status="")
+                 for g in report.spec.layout.groups}
+
+        def on_sweep(group: str, sweep: int, err: float) -> None:
+            progress.update(tasks[group], completed=sweep, status=f"sweep {sweep}  rel. output error {err:.4f}")
+
+        fitted = fit_outputs(student, encoder_weights(teacher), calibration["grams"], damp=st.calibration_damp,
+                             iters=st.fit_iters, callback=on_sweep)
+        for task in tasks.values():
+            progress.update(task, completed=max(1, st.fit_iters))
+    after = output_errors(student, teacher, heldout)
+    dead_start = [b for b, e in fitted.start_output_errors.items() if e >= DEAD_BLOCK_ERROR]
+    dead = [b for b, e in fitted.output_errors.items() if e >= DEAD_BLOCK_ERROR]
+    if dead:
+        console.print(f"[bold red]WARNING[/]: {len(dead)} block(s) keep a relative output error ≥ "
+                      f"{DEAD_BLOCK_ERROR} after the output fit: {', '.join(dead[:8])}")
+    console.print(f"output fit: held-out last-hidden-state rel. error {before['last_hidden']:.4f} (HOOI) -> "
+                  f"{after['last_hidden']:.4f}; dead blocks {len(dead_start)} -> {len(dead)}")
+
+    def rms(errs: dict) -> float:
+        return (sum(e * e for e in errs.values()) / max(1, len(errs))) ** 0.5
+
+    return {
+        "method": "outputs",
+        "calibration_sequences": calibration["sequences"],
+        "calibration_tokens": calibration["tokens"],
+        "heldout_sequences": calibration["heldout_sequences"],
+        "iters": st.fit_iters,
+        "sweeps": {g: d.iterations for g, d in fitted.decompositions.items()},
+        "hooi": {**before, "calibration_output_error": rms(fitted.start_output_errors), "dead_blocks": dead_start},
+        "outputs": {**after, "calibration_output_error": rms(fitted.output_errors), "dead_blocks": dead},
+        "block_output_errors": fitted.output_errors,
+        "weight_errors": {"rel_error": fitted.rel_error, "type_errors": fitted.type_errors,
+                          "block_errors": fitted.block_errors, "dead_blocks": dead},
+    }
+
+
 def _table(r: dict) -> Table:
     s = r["spec"]
     ranks = f"d_in={s['rank_in']} d_out={s['rank_out']}" + (
@@ -188,6 +324,16 @@ def _table(r: dict) -> Table:
     for typ, e in r["type_errors"].items():
         flag = "  [red](dead blocks)" if any(n.split(".")[1] == typ for n in r["dead_blocks"]) else ""
         t.add_row(f"  rel. error {typ}", "", f"{e:.4f}{flag}")
+    if r.get("fit"):
+        f = r["fit"]
+        h, o = f["hooi"], f["outputs"]
+        t.add_row("[bold]fit=outputs", "[bold]HOOI", "[bold]output fit")
+        t.add_row("calibration output error", f"{h['calibration_output_error']:.4f}",
+                  f"{o['calibration_output_error']:.4f}")
+        for l, (eh, eo) in enumerate(zip(h["layer_errors"], o["layer_errors"])):
+            t.add_row(f"  held-out layer {l + 1} output error", f"{eh:.4f}", f"{eo:.4f}")
+        t.add_row("held-out last hidden state error", f"{h['last_hidden']:.4f}", f"{o['last_hidden']:.4f}")
+        t.add_row("dead blocks", f"{len(h['dead_blocks'])}", f"{len(o['dead_blocks'])}")
     if r.get("refine"):
         f = r["refine"]
         t.add_row("layer-output error", f"{f['layer_error_before']:.4f}", f"{f['layer_error_after']:.4f} (refined)")
