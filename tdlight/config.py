@@ -20,11 +20,18 @@ from tdlight.tensor.spec import CompressionSpec
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class Pooling(str, Enum):
+    auto = "auto"  # the pooling saved with the model, else the checkpoint's own (mean for sentence-transformers)
+    cls = "cls"  # [CLS] + pooler (BERT)
+    mean = "mean"  # masked mean of the last hidden states (sentence encoders such as all-MiniLM-L6-v2)
+
+
 @dataclass
 class TeacherConfig:
     name: str = "minilm"
     path: str = "minilm"  # an embedded name, an HF model directory, or a hub name
     run_dir: Optional[str] = None  # a finetune run directory: use its fine-tuned teacher instead of path
+    pooling: Pooling = Pooling.auto  # what the task head reads (teacher, student and evaluation alike)
 
 
 @dataclass

@@ -44,6 +44,35 @@ def glue_metrics(task: GlueTask | str, preds, labels) -> dict[str, float]:
     return out
 
 
+CONSTANT_SHARE = 0.95  # more of the dev predictions than this in one class: a constant predictor
+CONSTANT_SPREAD = 0.05  # regression: prediction std below this fraction of the labels' std
+
+
+def prediction_stats(task: GlueTask | str, preds, labels) -> dict[str, float]:
+    """What a score alone hides: is the model a constant predictor?
+
+    * ``majority_score``: the task's score of always predicting the dev set's most frequent
+      label (0 for STS-B, whose correlations a constant cannot have);
+    * ``top_share`` (classification): the share of the most frequent predicted class;
+    * ``spread`` (regression): std of the predictions / std of the labels;
+    * ``constant``: 1.0 when ``top_share`` > :data:`CONSTANT_SHARE` (or ``spread`` <
+      :data:`CONSTANT_SPREAD`), else 0.0 — a model that has learned nothing, whatever its score.
+    """
+    task = get_task(task)
+    p, y = torch.as_tensor(preds), torch.as_tensor(labels)
+    if not len(y):
+        return {}
+    if task.is_regression:
+        p, y = p.double().flatten(), y.double().flatten()
+        spread = (p.std() / y.std()).item() if len(y) > 1 and y.std() > 0 else 0.0
+        return {"majority_score": 0.0, "spread": spread, "constant": float(spread < CONSTANT_SPREAD)}
+    p, y = p.long().flatten(), y.long().flatten()
+    top_share = torch.bincount(p, minlength=task.num_labels).max().item() / len(p)
+    majority = torch.full_like(y, int(torch.bincount(y, minlength=task.num_labels).argmax()))
+    return {"majority_score": glue_metrics(task, majority, y)["score"], "top_share": top_share,
+            "constant": float(top_share > CONSTANT_SHARE)}
+
+
 class GlueMetric(torchmetrics.Metric):
     """Accumulates predictions and targets of one evaluation split; ``compute()`` -> :func:`glue_metrics`.
 
@@ -74,8 +103,8 @@ class GlueMetric(torchmetrics.Metric):
         def cat(state):
             return torch.empty(0) if isinstance(state, list) and not state else dim_zero_cat(state)
 
-        preds, target = cat(self.preds), cat(self.target)
-        return glue_metrics(self.task, preds.cpu(), target.cpu())
+        preds, target = cat(self.preds).cpu(), cat(self.target).cpu()
+        return {**glue_metrics(self.task, preds, target), **prediction_stats(self.task, preds, target)}
 
 
 def glue_average(scores: dict[str, float]) -> float:

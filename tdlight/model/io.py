@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from tdlight.errors import ArtifactError
+from tdlight.model.pooling import saved_pooling, set_pooling
 from tdlight.model.surgery import compress, densify, encoder_shape, get_encoder
 from tdlight.model.teacher import model_class
 from tdlight.tensor.spec import EncoderShape, ResolvedSpec
@@ -134,6 +135,8 @@ def load_compressed(path: str | os.PathLike, device: str | None = None) -> nn.Mo
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         cls = model_class(config)
     model = cls(config) if cls is not transformers.AutoModel else transformers.AutoModel.from_config(config)
+    if saved_pooling(config):  # before the weights: a mean-pooling model has no [CLS] pooler weights
+        set_pooling(model, saved_pooling(config))
     shape = EncoderShape(**meta["shape"])
     if encoder_shape(model) != shape:
         raise ArtifactError(f"{path}: config.json does not match the saved encoder shape {shape}")

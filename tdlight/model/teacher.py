@@ -9,6 +9,7 @@ import transformers
 from torch import nn
 
 from tdlight.errors import TeacherError
+from tdlight.model.pooling import resolve_pooling, saved_pooling, set_pooling
 from tdlight.model.surgery import encoder_weights
 from tdlight.tensor.spec import EncoderShape
 
@@ -88,18 +89,21 @@ def _set_labels(config, num_labels: int) -> None:
     config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
 
 
-def load_classifier(name_or_path: str, num_labels: int) -> tuple[nn.Module, object]:
+def load_classifier(name_or_path: str, num_labels: int, pooling: str | None = None) -> tuple[nn.Module, object]:
     """(model, tokenizer) for sequence classification on top of a teacher.
 
     A model directory saved by tdlight (``tdlight.json``, compressed) loads as it was
     saved; otherwise ``AutoModelForSequenceClassification`` with ``num_labels`` (1 means
     regression), a new head when the checkpoint has none (e.g. the embedded MiniLM).
+    ``pooling`` (``cls``, ``mean``; ``None``/``auto``: the one saved with the model, else
+    the checkpoint's own, see :mod:`tdlight.model.pooling`) is what the classifier reads.
     """
     from tdlight.model.io import load_compressed, load_tokenizer
 
     local = Path(os.path.expanduser(name_or_path))
     if (local / "tdlight.json").is_file():
         model = as_classifier(load_compressed(local), num_labels)
+        set_pooling(model, resolve_pooling(pooling, model.config, str(local)))
         return model, load_tokenizer(local)
     path = resolve_teacher(name_or_path)
     try:
@@ -115,6 +119,7 @@ def load_classifier(name_or_path: str, num_labels: int) -> tuple[nn.Module, obje
             f"could not load {name_or_path!r} for sequence classification: {str(e).splitlines()[0]}"
         ) from e
     encoder_weights(model)
+    set_pooling(model, resolve_pooling(pooling, config, path))
     return model, tokenizer
 
 
@@ -144,6 +149,8 @@ def as_classifier(model: nn.Module, num_labels: int) -> nn.Module:
     if missing or unexpected:
         raise TeacherError(f"cannot put a classification head on this model: missing {missing[:4]}, "
                            f"unexpected {unexpected[:4]}")
+    if saved_pooling(config):
+        set_pooling(clf, saved_pooling(config))
     return clf.to(next(model.parameters()).device).train(model.training)
 
 

@@ -75,6 +75,12 @@ def teacher_source(cfg: DictConfig) -> str:
     return cfg.teacher.path
 
 
+def teacher_pooling(cfg: DictConfig) -> str:
+    """``teacher.pooling`` as a plain string (``auto``, ``cls`` or ``mean``)."""
+    value = cfg.teacher.get("pooling") or "auto"
+    return getattr(value, "value", value)
+
+
 # --- loggers --------------------------------------------------------------------------
 
 

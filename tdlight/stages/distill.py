@@ -25,8 +25,8 @@ from tdlight.errors import TdlightError
 from tdlight.model.capture import forward_with_scores
 from tdlight.stages.common import EpochTimer, adamw, build_trainer, last_checkpoint, stage_artifact, write_json
 from tdlight.stages.finetune import (
-    MODEL_INPUTS, GlueModule, datamodule, model_summary, require_task, results_table, steps_per_epoch,
-    training_steps,
+    MODEL_INPUTS, GlueModule, datamodule, is_constant, model_summary, require_task, results_table, steps_per_epoch,
+    training_steps, warn_if_constant,
 )
 from tdlight.stages.losses import intermediate_loss, layer_map, prediction_loss
 
@@ -144,6 +144,7 @@ def masked_lm_for(cfg: DictConfig, tokenizer) -> nn.Module:
 
 def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> dict:
     from tdlight.model.surgery import encoder_shape, is_compressed
+    from tdlight.model.pooling import pooling_of, set_pooling
     from tdlight.model.teacher import copy_head, load_classifier
 
     task = require_task(cfg)
@@ -177,6 +178,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     student, _ = load_classifier(student_dir, task.num_labels)
     if not is_compressed(student):
         raise TdlightError(f"student {student_dir!r} is not a compressed model")
+    pooling = set_pooling(student, pooling_of(teacher)) and pooling_of(teacher)  # the head reads what the teacher's read
     head = getattr(st.head, "value", st.head)
     if head == "teacher" and ckpt is None:  # a resumed run restores its own head from the checkpoint
         copied = copy_head(student, teacher)
@@ -203,7 +205,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
         intermediate_lr=st.intermediate_lr if st.intermediate_lr is not None else lr,
         weight_decay=st.weight_decay, warmup_ratio=st.warmup_ratio, train_embeddings=st.train_embeddings,
     )
-    summary = {"task": task.name, "teacher": str(teacher_dir), "student": student_dir, "head": head,
+    summary = {"task": task.name, "teacher": str(teacher_dir), "student": student_dir, "head": head, "pooling": pooling,
                **model_summary(student)}
     timer = EpochTimer()
     epochs = st.intermediate_epochs + st.prediction_epochs
@@ -229,7 +231,9 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     out = {"stage": "distill", **summary, "dev": results, "score": results["score"], "pairs": pairs,
            "intermediate_epochs": st.intermediate_epochs, "prediction_epochs": st.prediction_epochs,
            "epoch_seconds": timer.seconds, "global_step": trainer.global_step, "train_examples": n}
+    out["constant_predictions"] = is_constant(results)
     if trainer.is_global_zero:
+        warn_if_constant(results, "the distilled student")
         write_json(run_dir / "metrics.json", out)
         Console().print(results_table(f"tdlight distill: {task.name} — student", out))
     return out

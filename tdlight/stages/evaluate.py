@@ -16,8 +16,10 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from tdlight.errors import TdlightError
-from tdlight.stages.common import build_trainer, stage_artifact, teacher_source, write_json
-from tdlight.stages.finetune import GlueModule, datamodule, model_summary, require_task, results_table
+from tdlight.stages.common import build_trainer, stage_artifact, teacher_pooling, teacher_source, write_json
+from tdlight.stages.finetune import (
+    GlueModule, datamodule, is_constant, model_summary, require_task, results_table, warn_if_constant,
+)
 
 log = logging.getLogger("tdlight.evaluate")
 
@@ -42,7 +44,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     st = cfg.stage
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     source = model_source(cfg)
-    model, tokenizer = load_classifier(source, task.num_labels)
+    model, tokenizer = load_classifier(source, task.num_labels, pooling=teacher_pooling(cfg))
     head = getattr(getattr(model, "config", None), "num_labels", task.num_labels)
     if head != task.num_labels:
         raise TdlightError(f"model {source!r} has {head} output(s) but task {task.name!r} needs {task.num_labels}")
@@ -59,7 +61,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
            "examples": module.eval_examples,
            "examples_per_second": module.eval_examples / module.eval_seconds if module.eval_seconds else None,
            "device": str(module.device)}
+    out["constant_predictions"] = is_constant(module.results)
     if trainer.is_global_zero:
+        warn_if_constant(module.results, f"model {source}")
         write_json(run_dir / "metrics.json", out)
         Console().print(results_table(f"tdlight evaluate: {Path(source).name or source} on {task.name}", out))
     return out

@@ -25,7 +25,9 @@ from rich.table import Table
 from torch import nn
 
 from tdlight.errors import TdlightError
-from tdlight.stages.common import EpochTimer, adamw, build_trainer, last_checkpoint, teacher_source, write_json
+from tdlight.stages.common import (
+    EpochTimer, adamw, build_trainer, last_checkpoint, teacher_pooling, teacher_source, write_json,
+)
 
 log = logging.getLogger("tdlight.finetune")
 
@@ -187,7 +189,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     source = teacher_source(cfg)
-    model, tokenizer = load_classifier(source, task.num_labels)
+    model, tokenizer = load_classifier(source, task.num_labels, pooling=teacher_pooling(cfg))
     dm = datamodule(cfg, task, tokenizer, max_length=max_length, batch_size=batch_size,
                     eval_batch_size=st.eval_batch_size, limit_train=st.limit_train, limit_eval=st.limit_eval,
                     num_workers=st.num_workers)
@@ -217,7 +219,9 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
         "lr": lr, "epochs": trainer.max_epochs, "batch_size": batch_size, "max_length": max_length,
         "epoch_seconds": timer.seconds, "global_step": trainer.global_step, **summary,
     }
+    out["constant_predictions"] = is_constant(results)
     if trainer.is_global_zero:
+        warn_if_constant(results, "the fine-tuned teacher")
         write_json(run_dir / "metrics.json", out)
         Console().print(results_table(f"tdlight finetune: {task.name} — best of {trainer.max_epochs} epochs", out))
     for lg in trainer.loggers:
@@ -227,12 +231,43 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     return out
 
 
+DIAGNOSTIC_LABELS = {"majority_score": "majority-class baseline", "top_share": "top-prediction share",
+                     "spread": "prediction spread (std / label std)"}
+
+
+def is_constant(results: dict[str, float]) -> bool:
+    """Whether any evaluated split's predictions were (nearly) constant (see ``prediction_stats``)."""
+    return any(v for k, v in results.items() if k.split("/")[-1] == "constant")
+
+
+def warn_if_constant(results: dict[str, float], who: str) -> bool:
+    """A loud console warning (and a log line) when ``who`` predicts (nearly) one class; returns the flag."""
+    from tdlight.data.metrics import CONSTANT_SHARE
+
+    if not is_constant(results):
+        return False
+    share = {k: v for k, v in results.items() if k.split("/")[-1] in ("top_share", "spread")}
+    msg = (f"{who} is a constant predictor ({', '.join(f'{k} {v:.3f}' for k, v in share.items())}; more than "
+           f"{CONSTANT_SHARE:.0%} of dev predictions in one class, or no spread): it has learned nothing, "
+           "whatever its score")
+    Console(stderr=True).print(f"[bold red]WARNING[/]: {msg}")
+    log.warning("%s", msg)
+    return True
+
+
 def results_table(title: str, r: dict) -> Table:
     t = Table(title=title)
     t.add_column("")
     t.add_column("value", justify="right")
     for k, v in r["dev"].items():
-        t.add_row(f"dev {k}" if k != "score" else "[bold]GLUE score", f"{v:.4f}")
+        split, _, name = k.rpartition("/")
+        if name == "constant":
+            continue
+        label = DIAGNOSTIC_LABELS.get(name, f"dev {name}")
+        label = "[bold]GLUE score" if k == "score" else f"{split} {label}".strip()
+        t.add_row(label, f"{v:.4f}")
+    if is_constant(r["dev"]):
+        t.add_row("[bold red]constant predictor", "[bold red]yes")
     t.add_row("encoder parameters", f"{r['encoder_params']:,}")
     t.add_row("compression ratio", f"{r['ratio']:.2f}×")
     if r.get("epoch_seconds"):

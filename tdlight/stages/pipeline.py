@@ -141,7 +141,7 @@ def _run_step(cfg: DictConfig, step: str, stage_cfg, d: Path, wiring: dict, runn
 def _summary(cfg: DictConfig, dirs: dict[str, Path], results: dict[str, dict]) -> dict:
     from tdlight.model.speed import paired_speedup
     from tdlight.model.teacher import load_classifier
-    from tdlight.stages.finetune import datamodule, model_summary, require_task
+    from tdlight.stages.finetune import datamodule, is_constant, model_summary, require_task
 
     task = require_task(cfg)
     teacher, tokenizer = load_classifier(str(dirs["finetune"] / "model"), task.num_labels)
@@ -157,10 +157,15 @@ def _summary(cfg: DictConfig, dirs: dict[str, Path], results: dict[str, dict]) -
     speed = paired_speedup(teacher, student, inputs, reps=cfg.stage.speed_reps)
     t_sum, s_sum = model_summary(teacher), model_summary(student)
     dense = t_sum["encoder_params"]
+    t_dev, s_dev = results["finetune"]["dev"], (results.get("evaluate") or results["distill"])["dev"]
     return {
         "task": task.name,
         "teacher_score": results["finetune"]["score"],
         "student_score": (results.get("evaluate") or results["distill"])["score"],
+        "majority_score": t_dev.get("majority_score"),
+        "teacher_top_share": t_dev.get("top_share"),
+        "student_top_share": s_dev.get("top_share"),
+        "student_constant": is_constant(s_dev),
         "teacher_encoder_params": dense,
         "student_encoder_params": s_sum["encoder_params"],
         "ratio": dense / s_sum["encoder_params"],
@@ -176,6 +181,11 @@ def _table(r: dict) -> Table:
     for c in ("", "teacher", "student"):
         t.add_column(c, justify="right" if c else "left")
     t.add_row("dev GLUE score", f"{r['teacher_score']:.4f}", f"{r['student_score']:.4f}")
+    if r.get("majority_score") is not None:
+        t.add_row("majority-class baseline", f"{r['majority_score']:.4f}", f"{r['majority_score']:.4f}")
+    if r.get("student_top_share") is not None:
+        flag = "  [bold red](constant)" if r.get("student_constant") else ""
+        t.add_row("top-prediction share", f"{r['teacher_top_share']:.3f}", f"{r['student_top_share']:.3f}{flag}")
     t.add_row("encoder parameters", f"{r['teacher_encoder_params']:,}", f"{r['student_encoder_params']:,}")
     t.add_row("compression ratio", "1.00×", f"{r['ratio']:.2f}×")
     t.add_row("forward ms (dev batch)", f"{r['teacher_ms']:.1f}", f"{r['student_ms']:.1f}")

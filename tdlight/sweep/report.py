@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
+from tdlight.data.metrics import CONSTANT_SHARE
 from tdlight.sweep.runner import INFEASIBLE, INTERRUPTED, SAVED, SURPLUS, open_storage
 from tdlight.sweep.spec import SweepError, load
 
@@ -65,7 +66,8 @@ def report(sweep_dir: str | Path, console: Console | None = None) -> dict:
 
     # the Markdown table of all trials
     keys = list(sweep.space)
-    head = ["#", *keys, "d_in×d_out", "k", "ratio", *[f"{t}" for t in tasks], "score", "Pareto", "minutes", "status"]
+    head = ["#", *keys, "d_in×d_out", "k", "ratio", *[f"{t}" for t in tasks], "score", "top share", "Pareto", "minutes",
+            "status"]
     lines = [f"# Sweep {sweep.settings.name}", "",
              f"{len(done)} finished of {sweep.settings.n_trials} trials; objectives "
              + ", ".join(f"{o} ({d})" for o, d in zip(objectives, sweep.directions)), ""]
@@ -74,6 +76,11 @@ def report(sweep_dir: str | Path, console: Console | None = None) -> dict:
         lines += [f"Throughput: {rate:.2f} finished trials per hour (first start to last finish).", ""]
     if teacher is not None:
         lines += [f"Teacher (ratio 1): GLUE score {teacher:.4f} on {', '.join(tasks)}.", ""]
+    majority = _majority(done, tasks)
+    if majority is not None:
+        lines += [f"Majority-class baseline (always the most frequent dev label): {majority:.4f}. 'top share' is the "
+                  f"largest share of dev predictions in one class (the maximum over tasks); above "
+                  f"{CONSTANT_SHARE:.2f} the student is a constant predictor, flagged ⚠.", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in trials:
         u = t.user_attrs
@@ -82,6 +89,7 @@ def report(sweep_dir: str | Path, console: Console | None = None) -> dict:
                f"{u['rank_in']}×{u['rank_out']}" if "rank_in" in u else "–", _fmt(u.get("bank")),
                f"{u['ratio']:.2f}" if "ratio" in u else "–", *[_fmt(scores.get(x)) for x in tasks],
                _fmt(statistics.mean(scores.values()) if scores and len(scores) == len(tasks) else None),
+               _share(u.get("top_share")),
                "★" if t.number in front_ids else "", f"{u['seconds'] / 60:.1f}" if "seconds" in u else "–", _status(t)]
         lines.append("| " + " | ".join(row) + " |")
     md = d / "trials.md"
@@ -109,6 +117,21 @@ def _teacher(done, tasks) -> float | None:
         if all(x in te for x in tasks):
             return statistics.mean(te[x] for x in tasks)
     return None
+
+
+def _majority(done, tasks) -> float | None:
+    for t in done:
+        m = t.user_attrs.get("majority") or {}
+        if all(x in m for x in tasks):
+            return statistics.mean(m[x] for x in tasks)
+    return None
+
+
+def _share(shares: dict | None) -> str:
+    if not shares:
+        return "–"
+    top = max(shares.values())
+    return f"{top:.3f}" + (" ⚠" if top > CONSTANT_SHARE else "")
 
 
 def _trials_per_hour(done) -> float | None:

@@ -235,7 +235,7 @@ class Runner:
             tags.append(f"k={price['bank']}")
         env = T.environment(gpu, threads)
         beat = _heartbeat(study, trial)
-        per_task, teacher, speed = {}, {}, []
+        per_task, teacher, speed, shares, majority = {}, {}, [], {}, {}
         try:
             for task in sw.cfg.tasks:
                 run_dir = tdir / task
@@ -249,6 +249,10 @@ class Runner:
                     teacher[task] = res["teacher"]
                 if res["speedup"] is not None:
                     speed.append(res["speedup"])
+                if res.get("top_share") is not None:
+                    shares[task] = res["top_share"]
+                if res.get("majority") is not None:
+                    majority[task] = res["majority"]
         except KeyboardInterrupt:
             with self.lock:
                 self._interrupt(study, trial.number, trial._trial_id, trial.params)
@@ -270,6 +274,10 @@ class Runner:
         trial.set_user_attr("scores", per_task)
         if teacher:
             trial.set_user_attr("teacher", teacher)
+        if shares:  # the share of the most frequent dev prediction: a constant student shows here
+            trial.set_user_attr("top_share", shares)
+        if majority:
+            trial.set_user_attr("majority", majority)
         trial.set_user_attr("seconds", time.time() - t0)
         with self.lock:
             study.tell(trial, [values[o] for o in sw.objectives])

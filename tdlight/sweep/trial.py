@@ -73,12 +73,15 @@ def read_result(run_dir: Path) -> dict:
     p = run_dir / "pipeline.json"
     if p.is_file():
         d = json.loads(p.read_text())
-        return {"score": d["student_score"], "teacher": d.get("teacher_score"), "speedup": d.get("speedup")}
+        return {"score": d["student_score"], "teacher": d.get("teacher_score"), "speedup": d.get("speedup"),
+                "top_share": d.get("student_top_share"), "majority": d.get("majority_score")}
     m = run_dir / "metrics.json"
     if m.is_file():
         d = json.loads(m.read_text())
         if "score" in d:
-            return {"score": d["score"], "teacher": None, "speedup": None}
+            dev = d.get("dev", {})
+            return {"score": d["score"], "teacher": None, "speedup": None, "top_share": dev.get("top_share"),
+                    "majority": dev.get("majority_score")}
     raise TdlightError(f"{run_dir} has no pipeline.json or metrics.json with a score (did the trial's stage train?)")
 
 
