@@ -74,6 +74,31 @@ def test_teacher_frozen_student_trains(chain, tmp_path):
     assert seen["factor_grad"] > 0
 
 
+@pytest.mark.parametrize("gold_weight", [0.0, 0.5, 1.0])
+def test_prediction_phase_losses_follow_the_gold_weight(chain, tmp_path, gold_weight):
+    """Soft targets weigh 1 - gold_weight, gold labels gold_weight; at 1 the teacher is never run."""
+    from tdlight.stages import distill
+
+    out, ft, dec = chain
+    seen = {"teacher_calls": 0, "parts": set()}
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, module):
+            module.teacher.register_forward_hook(lambda *a: seen.__setitem__("teacher_calls", seen["teacher_calls"] + 1))
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen["parts"] |= {k.split("/")[1] for k in trainer.callback_metrics if k.endswith("_loss_step")}
+
+    cfg = compose_cfg(tmp_path, "stage=distill", "task=mrpc", f"teacher.run_dir={ft}", f"stage.student={dec}",
+                      "stage.intermediate_epochs=0", "stage.prediction_epochs=1", f"stage.gold_weight={gold_weight}",
+                      "logger=none", *SMALL)
+    distill.run(cfg, tmp_path / "run", extra_callbacks=[Probe()])
+    expected = {0.0: {"prediction_loss_step"}, 0.5: {"prediction_loss_step", "gold_loss_step"},
+                1.0: {"gold_loss_step"}}[gold_weight]
+    assert seen["parts"] == expected
+    assert (seen["teacher_calls"] == 0) == (gold_weight == 1.0)
+
+
 @pytest.mark.parametrize("head", ["teacher", "student"])
 def test_student_head_starts_from_the_teacher_or_its_own(chain, tmp_path, teacher_dir, head):
     """Phase 1 never touches the head, so after it the saved student's head is still where it started."""

@@ -103,3 +103,13 @@ def test_layer_maps():
             layer_map(kind, ls, lt)
     with pytest.raises(SpecError, match="temperature"):
         prediction_loss(torch.zeros(2, 3), torch.zeros(2, 3), temperature=0)
+
+
+def test_gold_loss_is_the_classifiers_own(tiny_classifier, token_ids):
+    from tdlight.stages.losses import gold_loss
+
+    labels = torch.tensor([0, 2, 1])
+    out = tiny_classifier(**token_ids, labels=labels)
+    torch.testing.assert_close(gold_loss(out.logits, labels), out.loss)
+    scores, target = torch.tensor([[0.5], [2.0]]), torch.tensor([1.0, 2.0])
+    torch.testing.assert_close(gold_loss(scores, target, regression=True), torch.tensor(0.125))

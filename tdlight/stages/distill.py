@@ -28,7 +28,7 @@ from tdlight.stages.finetune import (
     MODEL_INPUTS, GlueModule, datamodule, is_constant, model_summary, require_task, results_table, steps_per_epoch,
     training_steps, warn_if_constant,
 )
-from tdlight.stages.losses import intermediate_loss, layer_map, prediction_loss
+from tdlight.stages.losses import gold_loss, intermediate_loss, layer_map, prediction_loss
 
 log = logging.getLogger("tdlight.distill")
 
@@ -62,21 +62,23 @@ class DistillModule(GlueModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         phase = self.phase()
-        with torch.no_grad():
-            t = forward_with_scores(self.teacher, **inputs) if phase == 1 else None
-            t_logits = self.teacher(**inputs).logits if phase == 2 else None
         if phase == 1:
+            with torch.no_grad():
+                t = forward_with_scores(self.teacher, **inputs)
             loss, parts = intermediate_loss(forward_with_scores(self.model, **inputs), t, self.pairs, self.weights)
         else:
             parts = {}
             logits = self.model(**inputs).logits
-            parts["prediction"] = prediction_loss(logits, t_logits, temperature=self.temperature,
-                                                  regression=self.task.is_regression)
-            loss = (1 - self.gold_weight) * parts["prediction"]
-            if self.gold_weight:
-                out = self.model(**inputs, labels=batch["labels"])
-                parts["gold"] = out.loss
-                loss = loss + self.gold_weight * out.loss
+            loss = logits.new_zeros(())
+            if self.gold_weight < 1:  # gold_weight 1 is plain fine-tuning: the teacher is not needed
+                with torch.no_grad():
+                    t_logits = self.teacher(**inputs).logits
+                parts["prediction"] = prediction_loss(logits, t_logits, temperature=self.temperature,
+                                                      regression=self.task.is_regression)
+                loss = loss + (1 - self.gold_weight) * parts["prediction"]
+            if self.gold_weight > 0:
+                parts["gold"] = gold_loss(logits, batch["labels"], regression=self.task.is_regression)
+                loss = loss + self.gold_weight * parts["gold"]
         n = len(batch["input_ids"])
         for k, v in parts.items():
             self.log(f"train/{k}_loss", v, on_step=True, on_epoch=True, batch_size=n)

@@ -107,6 +107,13 @@ def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * T * T
 
 
+def gold_loss(logits: torch.Tensor, labels: torch.Tensor, *, regression: bool = False) -> torch.Tensor:
+    """The gold-label loss of HF's sequence classifiers: cross-entropy, or MSE for regression (STS-B)."""
+    if regression:
+        return F.mse_loss(logits.float().squeeze(-1), labels.float())
+    return F.cross_entropy(logits.float(), labels.long())
+
+
 def intermediate_loss(student: Internals, teacher: Internals, pairs: list[tuple[int, int]],
                       weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the hidden-state, attention-score and embedding losses (weights 0 skip a term).
