@@ -99,6 +99,13 @@ class DecomposeStage:
     calibration_max_length: int = 128
     calibration_damp: float = 1e-2  # Gram damping, a fraction of its mean diagonal
     fit_iters: int = 10  # sweeps of the alternation after the closed-form start
+    # fit=outputs, then refit on the compressed model's own inputs (errors do not compound):
+    # passes (0 = off; a pass is kept only if the held-out last-hidden-state error improves),
+    # how (layerwise: every linear in forward order, shared factors fixed | global: every
+    # factor at once | both), and whether the biases are refit in closed form
+    fit_passes: int = 2
+    fit_refit: str = "global"
+    fit_bias: bool = True
 
 
 @dataclass

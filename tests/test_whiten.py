@@ -176,6 +176,12 @@ def test_stage_fit_outputs_end_to_end(tmp_path, teacher_dir, corpus):
     assert f["outputs"]["calibration_output_error"] < f["hooi"]["calibration_output_error"]
     assert f["outputs"]["last_hidden"] < f["hooi"]["last_hidden"]
     assert rep["dead_blocks"] == f["outputs"]["dead_blocks"] == []
+    refit = f["refit"]  # stage.fit_passes=2, fit_refit=global (defaults): refit on the student's own inputs
+    assert refit["passes"] == 2 and refit["mode"] == "global" and refit["bias"] is True
+    assert [r["pass"] for r in refit["records"]][:2] == [0, 1]
+    assert refit["records"][0]["last_hidden"] == pytest.approx(f["outputs"]["last_hidden"])
+    assert refit["last_hidden"] <= f["outputs"]["last_hidden"]
+    assert "refit pass 1" in r.stdout
     assert "last hidden state error" in r.stdout and "output fit" in r.stdout
     import tdlight
     from tdlight.model.calibration import output_errors
@@ -199,6 +205,8 @@ def test_stage_fit_outputs_end_to_end(tmp_path, teacher_dir, corpus):
     (["stage.fit=outputs", "stage.calibration_files=/no/such.txt"], "/no/such.txt"),
     (["stage.fit=outputs", "stage.calibration_sequences=5000"], "stage.calibration_sequences=5000 needs more text"),
     (["stage.fit=outputs", "stage.fit_iters=-1"], "stage.fit_iters=-1; valid: an integer ≥ 0"),
+    (["stage.fit=outputs", "stage.fit_passes=-1"], "stage.fit_passes=-1; valid: an integer ≥ 0"),
+    (["stage.fit=outputs", "stage.fit_refit=sideways"], "stage.fit_refit='sideways'; valid: layerwise, global, both"),
 ])
 def test_stage_fit_bad_input(tmp_path, teacher_dir, corpus, extra, msg):
     path, heldout = corpus
@@ -208,3 +216,70 @@ def test_stage_fit_bad_input(tmp_path, teacher_dir, corpus, extra, msg):
     assert r.returncode == 2, r.stderr[-2000:]
     assert msg in r.stderr and "tdlight: error:" in r.stderr
     assert not any((d / "report.json").exists() or (d / "model").exists() for d in runs(tmp_path, "decompose"))
+
+
+def test_corrected_target_and_bias_refit():
+    """W' makes the whitened fit in H̃ the student-input fit; the bias refit undoes a pure mean shift."""
+    from tdlight.tensor.whiten import corrected_target, refit_bias
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(400, 10, generator=g, dtype=torch.float64) @ torch.randn(10, 10, generator=g, dtype=torch.float64)
+    Xs = X + 0.3 * torch.randn(400, 10, generator=g, dtype=torch.float64)
+    W = torch.randn(6, 10, generator=g, dtype=torch.float64)  # nn.Linear orientation
+    H, C = Xs.t() @ Xs / 400, Xs.t() @ X / 400
+    assert torch.allclose(corrected_target(W, X.t() @ X / 400, X.t() @ X / 400), W, atol=1e-10)  # X̃ = X: W' = W
+    Wp = corrected_target(W, H, C, damp=0.0)
+    best = torch.linalg.lstsq(Xs, X @ W.t()).solution.t()  # argmin ‖X̃Ŵᵀ − XWᵀ‖
+    assert torch.allclose(Wp, best, atol=1e-8)
+    # a student whose inputs are the teacher's shifted by a constant: the refit bias is exact
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+    shift = torch.randn(10, generator=g, dtype=torch.float64)
+    b_hat = refit_bias(b, W, W, X.mean(0), (X + shift).mean(0))
+    assert torch.allclose((X + shift) @ W.t() + b_hat, X @ W.t() + b, atol=1e-10)
+
+
+def test_refit_blocks_is_exact_per_block():
+    """With the bank fixed, each refit P row is the exact minimiser of its block's output error."""
+    from tdlight.tensor.whiten import refit_blocks
+
+    W, H = _problem()
+    fit = decompose_whitened(W, H, "tucker", Ranks(6, 5, 4), iters=3)
+    target = W[[2, 7]] + 0.2 * torch.randn(2, *W.shape[1:], generator=torch.Generator().manual_seed(1))
+    new = refit_blocks(fit.factors, torch.tensor([2, 7]), target, H[[2, 7]])
+    rows = torch.tensor([2, 7])
+    err = whitened_errors(target, type(new)(new.variant, new.U, new.V, new.core, new.P[rows]), H[[2, 7]])
+    for i in range(2):  # no other P row does better
+        for _ in range(5):
+            P = new.P[rows].clone()
+            P[i] += 0.01 * torch.randn(P.shape[1], dtype=P.dtype)
+            e = whitened_errors(target, type(new)(new.variant, new.U, new.V, new.core, P), H[[2, 7]])
+            assert e[i] >= err[i] - 1e-6
+    keep = [i for i in range(W.shape[0]) if i not in (2, 7)]
+    assert torch.equal(new.P[keep], fit.factors.P[keep]) and new.core is fit.factors.core
+
+
+@pytest.mark.parametrize("mode", ["layerwise", "global"])
+def test_refit_on_student_inputs_lowers_last_hidden_error(tiny_bert, mode):
+    from tdlight.model.calibration import collect_grams, fit_outputs, output_errors, refit_outputs
+    from tdlight.model.surgery import compress, encoder_weights
+    from tdlight.tensor.spec import CompressionSpec
+
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(5, 99, (8, 16), generator=g)} for _ in range(6)]
+    heldout = [{"input_ids": torch.randint(5, 99, (8, 16), generator=g)} for _ in range(2)]
+    teacher = copy.deepcopy(tiny_bert)
+    grams, _ = collect_grams(teacher, batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compress(tiny_bert, CompressionSpec(rank=8, bank=12))
+    fit_outputs(tiny_bert, encoder_weights(teacher), grams, iters=5)
+    before = output_errors(tiny_bert, teacher, heldout)["last_hidden"]
+    records = refit_outputs(tiny_bert, teacher, batches, heldout, passes=2, iters=3, mode=mode)
+    assert records[0]["pass"] == 0 and records[0]["last_hidden"] == pytest.approx(before)
+    kept = [r for r in records if r["kept"]]
+    after = output_errors(tiny_bert, teacher, heldout)["last_hidden"]
+    assert after == pytest.approx(kept[-1]["last_hidden"], rel=1e-5)  # a pass not kept is undone
+    if mode == "layerwise":
+        assert len(kept) >= 2 and after < before
+    else:
+        assert after <= before

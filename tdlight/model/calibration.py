@@ -6,7 +6,10 @@ of the given batches (``attention_mask`` = 1), each linear's input second moment
 H = XᵀX / T in float64. Q, K and V read one input, so they get one Gram (the same tensor
 object). :func:`output_errors` measures a compressed student against its teacher on
 held-out batches, per layer and for the last hidden state. :func:`fit_outputs` refits a
-compressed model's banks to its teacher's block outputs (DESIGN §6). No Lightning, no data imports:
+compressed model's banks to its teacher's block outputs (DESIGN §6); :func:`refit_outputs`
+then refits them on the compressed model's *own* inputs (:func:`collect_pair_stats`: the
+student's input Gram and its cross-Gram with the teacher's input on the same tokens), pass
+by pass, with the biases refit in closed form, so that errors do not compound. No Lightning, no data imports:
 batches are plain dicts of tensors.
 """
 
@@ -18,10 +21,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tdlight.model.surgery import LINEAR_PATHS, _get_linear, get_encoder, load_factors
+from tdlight.model.surgery import LINEAR_PATHS, _get_linear, encoder_weights, get_encoder, load_factors
 from tdlight.tensor.decompose import Decomposition, Factors, slice_errors
 from tdlight.tensor.layout import stack
-from tdlight.tensor.whiten import DEFAULT_DAMP, block_grams, decompose_whitened, whitened_errors
+from tdlight.tensor.whiten import (
+    DEFAULT_DAMP,
+    block_grams,
+    corrected_target,
+    decompose_whitened,
+    refit_bias,
+    whitened_errors,
+)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -212,3 +222,344 @@ def fit_outputs(model: nn.Module, weights: dict[tuple[int, str], torch.Tensor],
     total = sum(type_sq_norm.values())
     out.rel_error = (sum(type_sq_err.values()) / total) ** 0.5 if total else 0.0
     return out
+
+
+# --- refit on the student's own inputs ---------------------------------------------------------
+
+REFIT_MODES = ("layerwise", "global", "both")
+STAT_TYPES = ("query", "attn_out", "ffn_in", "ffn_out")  # key / value read the query's input
+
+
+@dataclass
+class PairStats:
+    """Input statistics of one linear over T calibration tokens, student X̃ vs teacher X.
+
+    ``gram`` X̃ᵀX̃ / T and ``cross`` X̃ᵀX / T (float64, centred when collected with
+    ``center=True``: then of X̃ − μ̃ and X − μ), ``mean_student`` μ̃ and ``mean_teacher`` μ.
+    """
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    mean_student: torch.Tensor
+    mean_teacher: torch.Tensor
+    tokens: int
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture(model: nn.Module, layers: list[int], fn) -> list:
+    """Forward pre-hooks ``fn((layer, type), x)`` on the linears of ``layers`` (one per input)."""
+    encoder = get_encoder(model)
+    handles = []
+    for i in layers:
+        for t in STAT_TYPES:
+            _, _, lin = _get_linear(encoder.layer[i], t, i)
+            handles.append(lin.register_forward_pre_hook(lambda m, a, key=(i, t): fn(key, a[0])))
+    return handles
+
+
+def _run_upto(model: nn.Module, inputs: dict, last: int) -> None:
+    """Forward ``model`` on ``inputs``, stopping after encoder layer ``last`` (nothing later is needed)."""
+    layers = get_encoder(model).layer
+    h = None
+    if last < len(layers) - 1:
+        def stop(module, args, out):
+            raise _Stop
+        h = layers[last].register_forward_hook(stop)
+    try:
+        model(**inputs)
+    except _Stop:
+        pass
+    finally:
+        if h is not None:
+            h.remove()
+
+
+@torch.no_grad()
+def collect_pair_stats(student: nn.Module, teacher: nn.Module, batches: Iterable[dict], *,
+                       layers: Iterable[int] | None = None, center: bool = True) -> dict[tuple[int, str], PairStats]:
+    """:class:`PairStats` of every encoder linear of ``layers`` (default: all) over the real tokens.
+
+    Runs ``teacher`` and ``student`` on each batch (the student's linears are read at the
+    same attribute paths); ``key`` / ``value`` map to the ``query``'s stats. Each forward
+    stops after the last layer asked for.
+    """
+    L = len(get_encoder(student).layer)
+    layers = sorted(set(range(L) if layers is None else layers))
+    if not layers:
+        return {}
+    device = next(student.parameters()).device
+    sums: dict[tuple[int, str], list] = {}
+    captured: dict[tuple[int, str], torch.Tensor] = {}
+    state = {"mask": None}
+
+    def rows(x):
+        m = state["mask"]
+        return (x[m] if m is not None and m.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])).double()
+
+    def on_teacher(key, x):
+        captured[key] = rows(x)
+
+    def on_student(key, x):
+        xs, xt = rows(x), captured[key]
+        acc = sums.get(key)
+        if acc is None:
+            sums[key] = [xs.t() @ xs, xs.t() @ xt, xs.sum(0), xt.sum(0)]
+        else:
+            acc[0] += xs.t() @ xs
+            acc[1] += xs.t() @ xt
+            acc[2] += xs.sum(0)
+            acc[3] += xt.sum(0)
+
+    modes = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    handles = _capture(teacher, layers, on_teacher) + _capture(student, layers, on_student)
+    tokens = 0
+    try:
+        for batch in batches:
+            inputs = _inputs(batch, device)
+            state["mask"] = inputs["attention_mask"].bool()
+            tokens += int(state["mask"].sum())
+            _run_upto(teacher, inputs, layers[-1])
+            _run_upto(student, inputs, layers[-1])
+            captured.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        student.train(modes[0])
+        teacher.train(modes[1])
+    out = {}
+    if tokens == 0:
+        return out
+    for (i, t), (hs, c, ss, st) in sums.items():
+        ms, mt = ss / tokens, st / tokens
+        H, C = hs / tokens, c / tokens
+        if center:
+            H = H - torch.outer(ms, ms)
+            C = C - torch.outer(ms, mt)
+        out[(i, t)] = PairStats(H, C, ms, mt, tokens)
+        if t == "query":
+            out[(i, "key")] = out[(i, "value")] = out[(i, t)]
+    return out
+
+
+def _linears(model: nn.Module) -> dict[tuple[int, str], nn.Module]:
+    return {(i, t): _get_linear(layer, t, i)[2]
+            for i, layer in enumerate(get_encoder(model).layer) for t in LINEAR_PATHS}
+
+
+@torch.no_grad()
+def refit_biases(student: nn.Module, teacher: nn.Module, stats: dict[tuple[int, str], PairStats]) -> None:
+    """Set every student bias (of the linears in ``stats``) to :func:`~tdlight.tensor.whiten.refit_bias`."""
+    s_lin, t_lin = _linears(student), _linears(teacher)
+    for key, st in stats.items():
+        ls, lt = s_lin[key], t_lin[key]
+        if ls.bias is None:
+            continue
+        b = refit_bias(lt.bias, lt.weight, ls.weight, st.mean_teacher, st.mean_student)
+        ls.bias.copy_(b.to(ls.bias.dtype))
+
+
+@torch.no_grad()
+def refit_outputs(student: nn.Module, teacher: nn.Module, batches: list[dict], heldout: list[dict], *,
+                  passes: int = 2, damp: float = DEFAULT_DAMP, iters: int = 10, bias: bool = True,
+                  mode: str = "layerwise",
+                  callback: Callable[[int, str, int, float], None] | None = None) -> list[dict]:
+    """Refit the compressed ``student`` (in place) on its own inputs, ``passes`` times.
+
+    ``mode``: ``layerwise`` (each pass: :func:`refit_layerwise`, every linear in forward
+    order on its exact own inputs, the shared factors fixed), ``global`` (each pass as below,
+    every factor refit at once on stale inputs) or ``both`` (global, then layerwise).
+    A global pass runs teacher and student side by side on ``batches``
+    (:func:`collect_pair_stats`, centred when ``bias``), replaces every teacher weight W by
+    the corrected target W' (:func:`~tdlight.tensor.whiten.corrected_target`: the best
+    student weight for the student's inputs X̃ is the whitened fit of W' in H̃), refits every
+    group (:func:`fit_outputs`, warm-started from the current factors) and, with ``bias``,
+    every bias in closed form (b̂ = b + Wμ − Ŵμ̃; with the centred Grams this is the joint
+    optimum). A pass is kept only if the held-out last-hidden-state error improves;
+    otherwise the student is restored and the refit stops. ``callback(pass, group, sweep,
+    rel_error)`` reports progress. Returns one record per pass, the first (pass 0) for the
+    student as given: ``{pass, kept, last_hidden, hidden_errors, layer_errors,
+    calibration_output_error}`` (the last: RMS over blocks on the pass's calibration inputs).
+    """
+    if not isinstance(passes, int) or passes < 0:
+        raise ValueError(f"passes={passes!r}; valid: an integer ≥ 0")
+    if mode not in REFIT_MODES:
+        raise ValueError(f"mode={mode!r}; valid: {', '.join(REFIT_MODES)}")
+    weights = {k: w.double() for k, w in encoder_weights(teacher).items()}
+    best = output_errors(student, teacher, heldout)
+    records = [{"pass": 0, "kept": True, **best, "calibration_output_error": None}]
+    for p in range(1, passes + 1):
+        saved = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        cal = {}
+        if mode in ("global", "both"):
+            stats = collect_pair_stats(student, teacher, batches, center=bias)
+            targets = {k: corrected_target(weights[k], st.gram, st.cross, damp) for k, st in stats.items()}
+            grams = {k: st.gram for k, st in stats.items()}
+            cb = (lambda g, it, e, p=p: callback(p, g, it, e)) if callback else None
+            cal = fit_outputs(student, targets, grams, damp=damp, iters=iters, callback=cb).output_errors
+            if bias:
+                refit_biases(student, teacher, stats)
+        if mode in ("layerwise", "both"):
+            cal = refit_layerwise(student, teacher, batches, damp=damp, bias=bias)
+        errs = output_errors(student, teacher, heldout)
+        cal = cal.values()
+        rec = {"pass": p, "kept": errs["last_hidden"] < best["last_hidden"], **errs,
+               "calibration_output_error": (sum(e * e for e in cal) / max(1, len(cal))) ** 0.5}
+        records.append(rec)
+        if not rec["kept"]:
+            student.load_state_dict(saved)
+            break
+        best = errs
+    return records
+
+
+
+def _layer_inputs(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """The hidden state entering encoder layer 0 and the rest of that call (masks), without running it."""
+    got = {}
+
+    def pre(module, args, kwargs):
+        got["args"], got["kwargs"] = args, kwargs
+        raise _Stop
+
+    h = get_encoder(model).layer[0].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        model(**inputs)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    args, kwargs = got["args"], dict(got["kwargs"])
+    if args:
+        return args[0], tuple(args[1:]), kwargs
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+def _call_layer(layer: nn.Module, hidden: torch.Tensor, rest: tuple, kwargs: dict) -> torch.Tensor:
+    out = layer(hidden, *rest, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def refit_layerwise(student: nn.Module, teacher: nn.Module, batches: list[dict], *, damp: float = DEFAULT_DAMP,
+                    bias: bool = True) -> dict[str, float]:
+    """Refit the student (in place) linear by linear, in forward order, on its exact own inputs.
+
+    Layer by layer and, within a layer, Q/K/V -> attention output -> FFN input -> FFN output:
+    the student's inputs X̃ of that linear (everything before it already refit) and the
+    teacher's X on the same tokens give the corrected target W'
+    (:func:`~tdlight.tensor.whiten.corrected_target`, centred when ``bias``); its blocks are
+    refit with the shared factors fixed (:func:`~tdlight.tensor.whiten.refit_blocks`: P rows,
+    own cores) and, with ``bias``, its bias in closed form. Each step minimises that linear's
+    output error on its true inputs exactly, so errors do not compound. Returns each block's
+    relative output error on those inputs after the refit (by block name).
+    """
+    from tdlight.tensor.layout import Block, linear_to_blocks
+    from tdlight.tensor.whiten import prepare_gram, refit_blocks
+
+    enc_s, enc_t = get_encoder(student), get_encoder(teacher)
+    layout = enc_s.compression.layout
+    D = layout.hidden
+    weights = {k: w.double() for k, w in encoder_weights(teacher).items()}
+    s_lin, t_lin = _linears(student), _linears(teacher)
+    device = next(student.parameters()).device
+    modes = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    states = []  # per batch: mask, teacher hidden, student hidden, the rest of the layer call
+    for batch in batches:
+        inputs = _inputs(batch, device)
+        ht, rest, kw = _layer_inputs(teacher, inputs)
+        hs, _, _ = _layer_inputs(student, inputs)
+        states.append([inputs["attention_mask"].bool(), ht, hs, rest, kw])
+    errors: dict[str, float] = {}
+    try:
+        for l in range(len(enc_s.layer)):
+            for t in STAT_TYPES:
+                sums: list = []
+                cap = {}
+
+                def rows(x, m):
+                    return (x[m] if m.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])).double()
+
+                def on_t(module, args):
+                    cap["x"] = rows(args[0], cap["m"])
+                    raise _Stop
+
+                def on_s(module, args):
+                    xs, xt = rows(args[0], cap["m"]), cap["x"]
+                    parts = (xs.t() @ xs, xs.t() @ xt, xs.sum(0), xt.sum(0), xt.t() @ xt)
+                    if sums:
+                        for acc, v in zip(sums, parts):
+                            acc += v
+                    else:
+                        sums.extend(parts)
+                    raise _Stop
+
+                hooks = [t_lin[(l, t)].register_forward_pre_hook(on_t), s_lin[(l, t)].register_forward_pre_hook(on_s)]
+                tokens = 0
+                try:
+                    for m, ht, hs, rest, kw in states:
+                        cap["m"] = m
+                        tokens += int(m.sum())
+                        for layer, h in ((enc_t.layer[l], ht), (enc_s.layer[l], hs)):
+                            try:
+                                _call_layer(layer, h, rest, kw)
+                            except _Stop:
+                                pass
+                finally:
+                    for h in hooks:
+                        h.remove()
+                Hs, C, ms, mt, Ht = (v / tokens for v in sums)
+                if bias:
+                    Hs, C = Hs - torch.outer(ms, ms), C - torch.outer(ms, mt)
+                types = ("query", "key", "value") if t == "query" else (t,)
+                by_group: dict[str, list] = {}
+                for tt in types:
+                    target = corrected_target(weights[(l, tt)], Hs, C, damp)
+                    for part, blk_w in enumerate(linear_to_blocks(target, tt, D)):
+                        blk = Block(l, tt, part)
+                        if blk not in layout.index:
+                            continue
+                        g, i = layout.index[blk]
+                        p = part if tt == "ffn_out" else 0
+                        h = Hs[p * D:(p + 1) * D, p * D:(p + 1) * D] if Hs.shape[0] > D else Hs
+                        by_group.setdefault(g, []).append((i, blk.name, blk_w, (tt, p), h))
+                for g, items in by_group.items():
+                    bank = enc_s.factor_banks[g]
+                    keys, grams = {}, []
+                    for *_, key, h in items:
+                        if key not in keys:
+                            keys[key] = len(grams)
+                            grams.append(prepare_gram(h, damp))
+                    index = torch.tensor([keys[it[3]] for it in items])
+                    f = bank.factors()
+                    f = Factors(f.variant, *(x.detach() if x is not None else None for x in (f.U, f.V, f.core, f.P)))
+                    target = torch.stack([it[2] for it in items]).to(f.core.device)
+                    H = torch.stack(grams)
+                    new = refit_blocks(f, torch.tensor([it[0] for it in items]), target, H, index)
+                    bank.load_factors(new)
+                    idx = torch.tensor([it[0] for it in items])
+                    Wf = new.reconstruct(idx)
+                    E = (target.double() - Wf.double())
+                    Hb = H[index].double()
+                    num = (E * (Hb @ E)).sum((1, 2)).clamp_min(0).sqrt()
+                    den = (target.double() * (Hb @ target.double())).sum((1, 2)).clamp_min(1e-300).sqrt()
+                    for it, e in zip(items, (num / den).tolist()):
+                        errors[it[1]] = e
+                if bias:
+                    for tt in types:
+                        ls, lt = s_lin[(l, tt)], t_lin[(l, tt)]
+                        if ls.bias is not None:
+                            ls.bias.copy_(refit_bias(lt.bias, lt.weight, ls.weight, mt, ms).to(ls.bias.dtype))
+            for st in states:
+                st[1] = _call_layer(enc_t.layer[l], st[1], st[3], st[4])
+                st[2] = _call_layer(enc_s.layer[l], st[2], st[3], st[4])
+    finally:
+        student.train(modes[0])
+        teacher.train(modes[1])
+    return errors

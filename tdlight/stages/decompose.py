@@ -7,7 +7,12 @@ Writes into the run directory: ``model/`` (a compressed model directory, loadabl
 or ``outputs`` (function-preserving, DESIGN §6: HOOI, then a refit of every block's outputs
 on ``stage.calibration_sequences`` sequences of ``stage.calibration_files``; the report's
 ``fit`` section holds the held-out output errors per layer and of the last hidden state for
-the HOOI start and for the fit, and the dead blocks of each).
+the HOOI start and for the fit, and the dead blocks of each). Then ``stage.fit_passes``
+passes refit the factors on the compressed model's own inputs (``stage.fit_refit``:
+layerwise | global | both; ``stage.fit_bias``: biases in closed form), each kept only if the
+held-out last-hidden-state error improves; ``fit.refit`` holds every pass's held-out errors.
+The saved model is the last kept pass; the weight errors in the report are those of the
+output fit before the refit.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ log = logging.getLogger("tdlight.decompose")
 
 FITS = ("weights", "outputs")
 FIT_KEYS = ("fit", "calibration_files", "calibration_sequences", "calibration_max_length", "calibration_damp",
-            "fit_iters", "refine_heldout_files", "refine_heldout_batches", "refine_batch_size")
+            "fit_iters", "fit_passes", "fit_refit", "fit_bias", "refine_heldout_files", "refine_heldout_batches", "refine_batch_size")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -209,11 +214,17 @@ def _check_fit(cfg: DictConfig, tokenizer) -> str:
                            "(weights = HOOI on the weights, outputs = fit each block's outputs on calibration text)")
     if fit == "weights":
         return fit
-    for name, lo in (("calibration_sequences", 1), ("calibration_max_length", 3), ("fit_iters", 0),
+    for name, lo in (("calibration_sequences", 1), ("calibration_max_length", 3), ("fit_iters", 0), ("fit_passes", 0),
                      ("refine_batch_size", 1), ("refine_heldout_batches", 1)):
         v = st.get(name)
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise TdlightError(f"stage.{name}={v!r}; valid: an integer ≥ {lo} (for stage.fit=outputs)")
+    from tdlight.model.calibration import REFIT_MODES
+
+    if st.get("fit_refit", "layerwise") not in REFIT_MODES:
+        raise TdlightError(f"stage.fit_refit={st.get('fit_refit')!r}; valid: {', '.join(REFIT_MODES)}")
+    if not isinstance(st.get("fit_bias", True), bool):
+        raise TdlightError(f"stage.fit_bias={st.get('fit_bias')!r}; valid: true, false")
     damp = st.get("calibration_damp")
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < 1e6:
         raise TdlightError(f"stage.calibration_damp={damp!r}; valid: a number ≥ 0 (e.g. 0.01)")
@@ -255,7 +266,7 @@ def _calibration(cfg: DictConfig, teacher, tokenizer, console: Console) -> dict:
     grams, tokens = collect_grams(teacher, batches)
     console.print(f"calibration: input Grams of every encoder linear from {got} sequences ({tokens:,} tokens) "
                   f"in {time.perf_counter() - t0:.1f} s")
-    return {"grams": grams, "tokens": tokens, "sequences": got, "heldout": heldout,
+    return {"grams": grams, "tokens": tokens, "sequences": got, "heldout": heldout, "batches": batches,
             "heldout_sequences": sum(len(b["input_ids"]) for b in heldout)}
 
 
@@ -282,6 +293,22 @@ def _fit_outputs(cfg: DictConfig, student, teacher, report, calibration: dict, d
         for task in tasks.values():
             progress.update(task, completed=max(1, st.fit_iters))
     after = output_errors(student, teacher, heldout)
+    refit = None
+    passes = st.get("fit_passes", 0) or 0
+    if passes:
+        from tdlight.model.calibration import refit_outputs
+
+        mode, bias = st.get("fit_refit", "layerwise"), st.get("fit_bias", True)
+        t0 = time.perf_counter()
+        records = refit_outputs(student, teacher, calibration["batches"], heldout, passes=passes,
+                                damp=st.calibration_damp, iters=st.fit_iters, bias=bias, mode=mode)
+        kept = [r for r in records if r["kept"]]
+        for r in records[1:]:
+            console.print(f"refit pass {r['pass']} ({mode}{', biases' if bias else ''}) on the compressed model's own "
+                          f"inputs: held-out last-hidden-state rel. error {r['last_hidden']:.4f}"
+                          + ("" if r["kept"] else " (no better: not kept)"))
+        refit = {"passes": passes, "mode": mode, "bias": bias, "seconds": time.perf_counter() - t0,
+                 "records": records, "last_hidden": kept[-1]["last_hidden"], "kept_passes": len(kept) - 1}
     dead_start = [b for b, e in fitted.start_output_errors.items() if e >= DEAD_BLOCK_ERROR]
     dead = [b for b, e in fitted.output_errors.items() if e >= DEAD_BLOCK_ERROR]
     if dead:
@@ -302,6 +329,7 @@ def _fit_outputs(cfg: DictConfig, student, teacher, report, calibration: dict, d
         "sweeps": {g: d.iterations for g, d in fitted.decompositions.items()},
         "hooi": {**before, "calibration_output_error": rms(fitted.start_output_errors), "dead_blocks": dead_start},
         "outputs": {**after, "calibration_output_error": rms(fitted.output_errors), "dead_blocks": dead},
+        "refit": refit,
         "block_output_errors": fitted.output_errors,
         "weight_errors": {"rel_error": fitted.rel_error, "type_errors": fitted.type_errors,
                           "block_errors": fitted.block_errors, "dead_blocks": dead},
@@ -334,6 +362,9 @@ def _table(r: dict) -> Table:
             t.add_row(f"  held-out layer {l + 1} output error", f"{eh:.4f}", f"{eo:.4f}")
         t.add_row("held-out last hidden state error", f"{h['last_hidden']:.4f}", f"{o['last_hidden']:.4f}")
         t.add_row("dead blocks", f"{len(h['dead_blocks'])}", f"{len(o['dead_blocks'])}")
+        for rec in (f.get("refit") or {}).get("records", [])[1:]:
+            t.add_row(f"held-out last hidden state error, refit pass {rec['pass']}", "",
+                      f"{rec['last_hidden']:.4f}" + ("" if rec["kept"] else " (not kept)"))
     if r.get("refine"):
         f = r["refine"]
         t.add_row("layer-output error", f"{f['layer_error_before']:.4f}", f"{f['layer_error_after']:.4f} (refined)")

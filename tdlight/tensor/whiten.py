@@ -125,6 +125,42 @@ def block_grams(layout: Layout, group: str, input_grams: dict[tuple[int, str], t
     return torch.stack(grams), torch.tensor(index)
 
 
+def corrected_target(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor,
+                     damp: float = DEFAULT_DAMP) -> torch.Tensor:
+    """The weight to fit when the student's inputs X̃ differ from the teacher's X (float64).
+
+    ``weight``: the teacher's ``nn.Linear.weight`` W (out × in); ``gram`` H̃ = X̃ᵀX̃ / T (the
+    student's input second moment); ``cross`` C = X̃ᵀX / T. Returns W' (out × in) with
+    ‖X̃Ŵᵀ − XWᵀ‖² / T = tr((Ŵ − W') H̃ (Ŵ − W')ᵀ) + const for every Ŵ, i.e. W'ᵀ = H̃⁻¹ C Wᵀ —
+    so the best student weight is the whitened fit (in H̃) of W'. Damped as in
+    :func:`prepare_gram` (λ = ``damp`` × the mean diagonal of H̃), the objective is
+    ‖X̃Ŵᵀ − XWᵀ‖² / T + λ‖Ŵ − W‖² (the damping pulls towards the teacher's weight, not
+    towards 0), so W'ᵀ = (H̃ + λI)⁻¹ (C + λI) Wᵀ and the fit in the prepared H̃ is its exact
+    minimiser; with X̃ = X, W' = W exactly.
+    """
+    H = gram.double()
+    H = (H + H.t()) / 2
+    scale = H.diagonal().mean().clamp_min(1e-300)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    Hd = H / scale + damp * eye
+    rhs = (cross.double().to(H.device) / scale + damp * eye) @ weight.double().t().to(H.device)
+    return _spd_solve(Hd, rhs).t()
+
+
+def refit_bias(bias: torch.Tensor | None, weight: torch.Tensor, fitted: torch.Tensor,
+               mean_teacher: torch.Tensor, mean_student: torch.Tensor) -> torch.Tensor:
+    """The bias b̂ = b + W μ − Ŵ μ̃ that makes the student's mean output the teacher's.
+
+    ``weight`` W / ``fitted`` Ŵ: teacher / student ``nn.Linear.weight`` (out × in);
+    ``mean_teacher`` μ / ``mean_student`` μ̃: their mean inputs over the calibration tokens.
+    Given Ŵ it is the least-squares optimal bias (the mean of the teacher's output minus
+    the mean of the student's weight product); exact for a pure mean shift.
+    """
+    W, Wf = weight.double(), fitted.double().to(weight.device)
+    b = W @ mean_teacher.double().to(W.device) - Wf @ mean_student.double().to(W.device)
+    return b if bias is None else b + bias.double().to(W.device)
+
+
 # --- objective ---------------------------------------------------------------------------------
 
 
@@ -485,3 +521,52 @@ def _from_factors(f: Factors, W: torch.Tensor, use_bank: bool, eye, need_u: bool
     elif P is None:
         return None
     return Uq, Vq, P, C
+
+
+def refit_blocks(factors: Factors, rows: torch.Tensor, tensor: torch.Tensor, grams: torch.Tensor,
+                 gram_index: torch.Tensor | None = None, ridge: float = 1e-8) -> Factors:
+    """Refit only the blocks ``rows`` of ``factors`` to ``tensor`` (len(rows), A, B), the bank fixed.
+
+    Each selected block i minimises its output error ‖L_iᵀ(W_i − Ŵ_i)‖² exactly over what is
+    its own: ``tucker`` with a bank, its row P_i (k×k solve, Q[j, l] = tr(C_jᵀ S C_l VᵀV),
+    S = Uᵀ H_i U); ``shared`` / ``tucker`` without a bank, its core (S⁻¹ Uᵀ H_i W_i V (VᵀV)⁻¹);
+    ``lowrank``, its own U_i, V_i, core (the whitened SVD). ``grams`` (m, A, A) prepared,
+    ``gram_index`` (len(rows),) which Gram each selected block reads. Returns new factors
+    (the other blocks and the shared factors unchanged), in ``factors``' dtype.
+    """
+    rows = torch.as_tensor(rows).long().flatten()
+    if gram_index is None:
+        gram_index = torch.arange(len(rows))
+    dt = factors.core.dtype
+    dev = factors.core.device
+    W = tensor.double().to(dev)
+    H = grams.double().to(dev)
+    gidx = gram_index.long().to(dev)
+    if factors.variant == "lowrank":
+        a, b = factors.core.shape[-2:]
+        f = _lowrank_whitened(W, H, gidx, a, b)
+        U, V, core = factors.U.clone(), factors.V.clone(), factors.core.clone()
+        U[rows], V[rows], core[rows] = f.U.to(dt), f.V.to(dt), f.core.to(dt)
+        return Factors("lowrank", U, V, core)
+    U, V, C = factors.U.double(), factors.V.double(), factors.core.double()
+    VtV = V.t() @ V
+    S = U.t() @ H @ U  # (m, a, a)
+    Y = U.t() @ H[gidx] @ W @ V  # (n_sel, a, b): Uᵀ H_i W_i V
+    if factors.P is None:  # one free core per block
+        G = _spd_solve(S[gidx], Y)
+        G = _spd_solve(VtV, G.transpose(1, 2)).transpose(1, 2)
+        core = factors.core.clone()
+        core[rows.to(dev)] = G.to(dt)
+        return Factors(factors.variant, factors.U, factors.V, core, None)
+    k, a, b = C.shape
+    Cf = C.reshape(k, -1)
+    P = factors.P.clone()
+    R = Y.reshape(len(rows), -1) @ Cf.t()  # (n_sel, k): r_j = tr(C_jᵀ Y_i)
+    for g in torch.unique(gidx).tolist():
+        sel = torch.nonzero(gidx == g).flatten()
+        Q = Cf @ ((S[g] @ C) @ VtV).reshape(k, -1).t()  # (k, k)
+        Q = (Q + Q.t()) / 2
+        scale = Q.diagonal().mean().clamp_min(1e-300)
+        p = torch.linalg.solve(Q + ridge * scale * torch.eye(k, dtype=Q.dtype, device=dev), R[sel].t()).t()
+        P[rows.to(dev)[sel]] = p.to(dt)
+    return Factors(factors.variant, factors.U, factors.V, factors.core, P)
