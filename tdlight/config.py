@@ -103,8 +103,8 @@ class DecomposeStage:
     # passes (0 = off; a pass is kept only if the held-out last-hidden-state error improves),
     # how (layerwise: every linear in forward order, shared factors fixed | global: every
     # factor at once | both), and whether the biases are refit in closed form
-    fit_passes: int = 2
-    fit_refit: str = "global"
+    fit_passes: int = 1
+    fit_refit: str = "layerwise"
     fit_bias: bool = True
 
 
@@ -180,6 +180,7 @@ class DistillStage:
     hidden_weight: float = 1.0
     attention_weight: float = 1.0
     embedding_weight: float = 0.0
+    relative_losses: bool = False  # phase 1: each term relative to the teacher's squared norm (scale-free)
     temperature: float = 1.0
     gold_weight: float = 0.0
     head: StudentHead = StudentHead.teacher  # where the student's task head starts

@@ -176,8 +176,8 @@ def test_stage_fit_outputs_end_to_end(tmp_path, teacher_dir, corpus):
     assert f["outputs"]["calibration_output_error"] < f["hooi"]["calibration_output_error"]
     assert f["outputs"]["last_hidden"] < f["hooi"]["last_hidden"]
     assert rep["dead_blocks"] == f["outputs"]["dead_blocks"] == []
-    refit = f["refit"]  # stage.fit_passes=2, fit_refit=global (defaults): refit on the student's own inputs
-    assert refit["passes"] == 2 and refit["mode"] == "global" and refit["bias"] is True
+    refit = f["refit"]  # stage.fit_passes=1, fit_refit=layerwise (defaults): refit on the student's own inputs
+    assert refit["passes"] == 1 and refit["mode"] == "layerwise" and refit["bias"] is True
     assert [r["pass"] for r in refit["records"]][:2] == [0, 1]
     assert refit["records"][0]["last_hidden"] == pytest.approx(f["outputs"]["last_hidden"])
     assert refit["last_hidden"] <= f["outputs"]["last_hidden"]
