@@ -113,3 +113,23 @@ def test_gold_loss_is_the_classifiers_own(tiny_classifier, token_ids):
     torch.testing.assert_close(gold_loss(out.logits, labels), out.loss)
     scores, target = torch.tensor([[0.5], [2.0]]), torch.tensor([1.0, 2.0])
     torch.testing.assert_close(gold_loss(scores, target, regression=True), torch.tensor(0.125))
+
+
+def test_relative_intermediate_losses_are_scale_free(tiny_classifier, token_ids):
+    from tdlight.stages.losses import intermediate_loss
+
+    with torch.no_grad():
+        t = forward_with_scores(tiny_classifier, **token_ids)
+    pairs = [(1, 1), (2, 2)]
+    zero = copy.copy(t)
+    zero.hidden_states = tuple(torch.zeros_like(h) for h in t.hidden_states)
+    zero.scores = [torch.zeros_like(x) for x in t.scores]
+    weights = {"hidden": 1.0, "attention": 1.0, "embedding": 1.0}
+    total, parts = intermediate_loss(zero, t, pairs, weights, relative=True)
+    for name in ("hidden", "attention", "embedding"):  # a student that outputs zeros is at 1 on every term
+        assert parts[name].item() == pytest.approx(1.0)
+    scaled = copy.copy(t)  # 10x larger teacher and student: the relative loss does not change, plain MSE does
+    scaled.hidden_states = tuple(10 * h for h in t.hidden_states)
+    assert hidden_loss(zero, scaled, pairs, relative=True).item() == pytest.approx(1.0)
+    assert hidden_loss(zero, scaled, pairs).item() == pytest.approx(100 * hidden_loss(zero, t, pairs).item(), rel=1e-5)
+    assert intermediate_loss(t, t, pairs, weights, relative=True)[0].item() == 0

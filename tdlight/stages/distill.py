@@ -39,7 +39,7 @@ class DistillModule(GlueModule):
     def __init__(self, student: nn.Module, teacher: nn.Module, task, *, intermediate_epochs: int,
                  pairs: list[tuple[int, int]], weights: dict[str, float], temperature: float,
                  gold_weight: float, lr: float, intermediate_lr: float, weight_decay: float, warmup_ratio: float,
-                 train_embeddings: bool):
+                 train_embeddings: bool, relative_losses: bool = False):
         super().__init__(student, task, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
         # not a submodule: the teacher is neither trained, nor checkpointed, nor moved by optimizers
         object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
@@ -47,6 +47,7 @@ class DistillModule(GlueModule):
         self.pairs, self.weights = pairs, weights
         self.temperature, self.gold_weight = temperature, gold_weight
         self.intermediate_lr = intermediate_lr
+        self.relative_losses = relative_losses
         self.steps_per_epoch: int | None = None
         if not train_embeddings:
             self.model.base_model.embeddings.requires_grad_(False)
@@ -65,7 +66,8 @@ class DistillModule(GlueModule):
         if phase == 1:
             with torch.no_grad():
                 t = forward_with_scores(self.teacher, **inputs)
-            loss, parts = intermediate_loss(forward_with_scores(self.model, **inputs), t, self.pairs, self.weights)
+            loss, parts = intermediate_loss(forward_with_scores(self.model, **inputs), t, self.pairs, self.weights,
+                                            relative=self.relative_losses)
         else:
             parts = {}
             logits = self.model(**inputs).logits
@@ -206,6 +208,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
         temperature=st.temperature, gold_weight=st.gold_weight, lr=lr,
         intermediate_lr=st.intermediate_lr if st.intermediate_lr is not None else lr,
         weight_decay=st.weight_decay, warmup_ratio=st.warmup_ratio, train_embeddings=st.train_embeddings,
+        relative_losses=st.relative_losses,
     )
     summary = {"task": task.name, "teacher": str(teacher_dir), "student": student_dir, "head": head, "pooling": pooling,
                **model_summary(student)}
