@@ -183,7 +183,7 @@ class DistillStage:
     relative_losses: bool = False  # phase 1: each term relative to the teacher's squared norm (scale-free)
     temperature: float = 1.0
     gold_weight: float = 0.0
-    head: StudentHead = StudentHead.teacher  # where the student's task head starts
+    head: StudentHead = StudentHead.student  # where the student's task head starts (docs/RESULTS.md §7: teacher fails lossy students)
     train_embeddings: bool = False
     augment: bool = False  # TinyBERT-style: add augment_copies neighbour-replaced copies of each train example
     augment_method: AugmentMethod = AugmentMethod.neighbours

@@ -90,3 +90,24 @@ def crash_at(step: int):
                 raise RuntimeError("simulated crash")
 
     return Crash()
+
+
+def write_corpus(folder):
+    """A tiny gzipped text corpus of the tiny tokenizer's words (30 documents of 3 paragraphs) and a
+    plain held-out file of its first 40 lines: ``(corpus path, held-out path)``."""
+    import gzip
+
+    words = [f"w{i}" for i in range(94)]
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for doc in range(30):
+        for par in range(3):
+            lines.append(" ".join(words[i] for i in torch.randint(0, 94, (12,), generator=g).tolist()))
+        lines.append("")
+    corpus = folder / "corpus.txt.gz"
+    with gzip.open(corpus, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    heldout = folder / "heldout.txt"
+    heldout.write_text("\n".join(lines[:40]) + "\n")
+    return corpus, heldout
+

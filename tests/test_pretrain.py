@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import pytest
 import torch
 
-from tests.conftest import crash_at
+from tests.conftest import crash_at, write_corpus
 from tests.test_stages import cli, compose_cfg, runs
 
 QUICK = ["stage.max_length=16", "stage.batch_size=4", "stage.steps=6", "stage.val_every_n_steps=3",
@@ -18,18 +17,7 @@ QUICK = ["stage.max_length=16", "stage.batch_size=4", "stage.steps=6", "stage.va
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, teacher_dir):
     out = tmp_path_factory.mktemp("pt")
-    words = [f"w{i}" for i in range(94)]
-    g = torch.Generator().manual_seed(0)
-    lines = []
-    for doc in range(30):
-        for par in range(3):
-            lines.append(" ".join(words[i] for i in torch.randint(0, 94, (12,), generator=g).tolist()))
-        lines.append("")
-    corpus = out / "corpus.txt.gz"
-    with gzip.open(corpus, "wt") as f:
-        f.write("\n".join(lines) + "\n")
-    heldout = out / "heldout.txt"
-    heldout.write_text("\n".join(lines[:40]) + "\n")
+    corpus, heldout = write_corpus(out)
     r = cli(out, "stage=decompose", f"teacher.path={teacher_dir}", "compression.rank=8", "compression.bank=12")
     assert r.returncode == 0, r.stderr[-3000:]
     (dec,) = runs(out, "decompose")

@@ -229,7 +229,8 @@ def test_training_steps_matches_lightning_estimate(n, batch, epochs, max_steps, 
     assert seen["ours"] == seen["lightning"]
 
 
-@pytest.mark.parametrize("name", ["paper_1_7", "paper_1_48", "no_pretrain", "no_distill", "variant_iii", "quickstart"])
+@pytest.mark.parametrize("name", ["paper_1_7", "paper_1_48", "no_pretrain", "no_distill", "variant_iii", "quickstart",
+                                  "cpu_7", "cpu_48"])
 def test_experiment_presets_compose_and_resolve(tmp_path, name):
     from tdlight.config import compression_spec
     from tdlight.tensor.accounting import param_counts
@@ -240,8 +241,10 @@ def test_experiment_presets_compose_and_resolve(tmp_path, name):
     minilm = EncoderShape(6, 384, 1536, 30522, 512, 2)
     ratio = param_counts(minilm, resolve(compression_spec(cfg.compression), minilm))["ratio"]
     expected = {"paper_1_7": (5, 9), "paper_1_48": (48, 60), "no_pretrain": (48, 60), "no_distill": (48, 60),
-                "variant_iii": (7, 9), "quickstart": (48, 60)}[name]
+                "variant_iii": (7, 9), "quickstart": (5, 9), "cpu_7": (5, 9), "cpu_48": (48, 60)}[name]
     assert expected[0] <= ratio < expected[1], ratio
-    assert ("pretrain" in cfg.stage.steps) == (name != "no_pretrain")
+    assert ("pretrain" in cfg.stage.steps) == (name not in ("no_pretrain", "quickstart", "cpu_7", "cpu_48"))
+    if name in ("quickstart", "cpu_7", "cpu_48"):  # the recipes that fit a CPU hour
+        assert cfg.stage.decompose.fit == "outputs" and cfg.stage.distill.head == "student"
     if name == "no_distill":
         assert cfg.stage.distill.gold_weight == 1.0 and cfg.stage.distill.intermediate_epochs == 0

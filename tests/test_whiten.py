@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-import gzip
 import json
 import warnings
 
@@ -13,6 +12,7 @@ import torch
 
 from tdlight.tensor.decompose import Ranks, decompose
 from tdlight.tensor.whiten import block_grams, decompose_whitened, prepare_gram, whitened_errors
+from tests.conftest import write_corpus
 from tests.test_stages import cli, runs
 
 
@@ -119,9 +119,11 @@ def test_grams_of_a_tiny_bert(tiny_bert):
     assert torch.allclose(H[7 + 5], h / h.diagonal().mean(), atol=1e-8)  # layer 1's FFN-out part 2
 
 
-def test_fit_outputs_lowers_output_error(tiny_bert):
-    from tdlight.model.calibration import collect_grams, fit_outputs, output_errors
-    from tdlight.model.surgery import compress, encoder_weights
+def _compressed_with_grams(tiny_bert):
+    """Compress ``tiny_bert`` in place (HOOI, rank 8, bank 12): (teacher copy, calibration batches,
+    held-out batches, the teacher's input Grams on the calibration batches)."""
+    from tdlight.model.calibration import collect_grams
+    from tdlight.model.surgery import compress
     from tdlight.tensor.spec import CompressionSpec
 
     g = torch.Generator().manual_seed(3)
@@ -132,6 +134,14 @@ def test_fit_outputs_lowers_output_error(tiny_bert):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compress(tiny_bert, CompressionSpec(rank=8, bank=12))
+    return teacher, batches, heldout, grams
+
+
+def test_fit_outputs_lowers_output_error(tiny_bert):
+    from tdlight.model.calibration import fit_outputs, output_errors
+    from tdlight.model.surgery import encoder_weights
+
+    teacher, batches, heldout, grams = _compressed_with_grams(tiny_bert)
     before = output_errors(tiny_bert, teacher, heldout)
     fitted = fit_outputs(tiny_bert, encoder_weights(teacher), grams, iters=5)
     after = output_errors(tiny_bert, teacher, heldout)
@@ -143,20 +153,7 @@ def test_fit_outputs_lowers_output_error(tiny_bert):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("calib")
-    words = [f"w{i}" for i in range(94)]
-    g = torch.Generator().manual_seed(0)
-    lines = []
-    for doc in range(30):
-        for par in range(3):
-            lines.append(" ".join(words[i] for i in torch.randint(0, 94, (12,), generator=g).tolist()))
-        lines.append("")
-    path = out / "corpus.txt.gz"
-    with gzip.open(path, "wt") as f:
-        f.write("\n".join(lines) + "\n")
-    heldout = out / "heldout.txt"
-    heldout.write_text("\n".join(lines[:40]) + "\n")
-    return path, heldout
+    return write_corpus(tmp_path_factory.mktemp("calib"))
 
 
 def test_stage_fit_outputs_end_to_end(tmp_path, teacher_dir, corpus):
@@ -260,18 +257,10 @@ def test_refit_blocks_is_exact_per_block():
 
 @pytest.mark.parametrize("mode", ["layerwise", "global"])
 def test_refit_on_student_inputs_lowers_last_hidden_error(tiny_bert, mode):
-    from tdlight.model.calibration import collect_grams, fit_outputs, output_errors, refit_outputs
-    from tdlight.model.surgery import compress, encoder_weights
-    from tdlight.tensor.spec import CompressionSpec
+    from tdlight.model.calibration import fit_outputs, output_errors, refit_outputs
+    from tdlight.model.surgery import encoder_weights
 
-    g = torch.Generator().manual_seed(3)
-    batches = [{"input_ids": torch.randint(5, 99, (8, 16), generator=g)} for _ in range(6)]
-    heldout = [{"input_ids": torch.randint(5, 99, (8, 16), generator=g)} for _ in range(2)]
-    teacher = copy.deepcopy(tiny_bert)
-    grams, _ = collect_grams(teacher, batches)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        compress(tiny_bert, CompressionSpec(rank=8, bank=12))
+    teacher, batches, heldout, grams = _compressed_with_grams(tiny_bert)
     fit_outputs(tiny_bert, encoder_weights(teacher), grams, iters=5)
     before = output_errors(tiny_bert, teacher, heldout)["last_hidden"]
     records = refit_outputs(tiny_bert, teacher, batches, heldout, passes=2, iters=3, mode=mode)
