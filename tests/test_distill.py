@@ -96,7 +96,32 @@ def test_prediction_phase_losses_follow_the_gold_weight(chain, tmp_path, gold_we
     expected = {0.0: {"prediction_loss_step"}, 0.5: {"prediction_loss_step", "gold_loss_step"},
                 1.0: {"gold_loss_step"}}[gold_weight]
     assert seen["parts"] == expected
-    assert (seen["teacher_calls"] == 0) == (gold_weight == 1.0)
+    assert seen["teacher_calls"] == 0  # soft targets come from the cache computed before training
+
+
+def test_cached_teacher_logits_are_the_teachers_and_replace_its_forward(chain, tmp_path):
+    """The cached column equals a fresh teacher forward on every example; phase 2 reads it."""
+    from tdlight.model.teacher import load_classifier
+    from tdlight.stages import distill
+    from tdlight.stages.finetune import MODEL_INPUTS
+
+    out, ft, dec = chain
+    cfg = compose_cfg(tmp_path, "stage=distill", "task=mrpc", f"teacher.run_dir={ft}", f"stage.student={dec}",
+                      "stage.intermediate_epochs=0", "stage.prediction_epochs=2", "logger=none", *SMALL)
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.setdefault("batches", []).append({k: v.clone() for k, v in batch.items()})
+
+    distill.run(cfg, tmp_path / "run", extra_callbacks=[Probe()])
+    teacher, _ = load_classifier(str(ft / "model"), 2)
+    teacher.eval()
+    assert len(seen["batches"]) == 6  # 2 epochs x 3 batches (SMALL: 48 examples, batch 16)
+    with torch.no_grad():
+        for batch in seen["batches"]:
+            fresh = teacher(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
+            torch.testing.assert_close(batch[distill.TEACHER_LOGITS], fresh, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("head", ["teacher", "student"])

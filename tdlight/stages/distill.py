@@ -5,7 +5,9 @@ states and pre-softmax attention scores to the teacher's on the mapped layers; p
 (``stage.prediction_epochs``) matches the predictions (soft targets at a temperature, MSE
 for STS-B), optionally mixed with the gold labels. The phase follows from the epoch, so a
 resumed run picks up in the right phase; each phase has its own linear warm-up and decay.
-The teacher is frozen, in eval mode, and runs under ``no_grad``. Validation reports the
+The teacher is frozen, in eval mode, and runs under ``no_grad``; its logits on the training set
+are computed once before training (:func:`cache_teacher_logits`) and read by every phase-2
+epoch instead of a teacher forward per step. Validation reports the
 student's GLUE score every epoch; only phase-2 epochs compete for ``best.ckpt``. The
 best student is saved as a compressed model directory in ``model/``.
 """
@@ -13,6 +15,7 @@ best student is saved as a compressed model directory in ``model/``.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import lightning as L
@@ -31,6 +34,8 @@ from tdlight.stages.finetune import (
 from tdlight.stages.losses import gold_loss, intermediate_loss, layer_map, prediction_loss
 
 log = logging.getLogger("tdlight.distill")
+
+TEACHER_LOGITS = "teacher_logits"  # the train split's column of cached soft targets (see cache_teacher_logits)
 
 
 class DistillModule(GlueModule):
@@ -73,8 +78,11 @@ class DistillModule(GlueModule):
             logits = self.model(**inputs).logits
             loss = logits.new_zeros(())
             if self.gold_weight < 1:  # gold_weight 1 is plain fine-tuning: the teacher is not needed
-                with torch.no_grad():
-                    t_logits = self.teacher(**inputs).logits
+                if TEACHER_LOGITS in batch:  # computed once before training
+                    t_logits = batch[TEACHER_LOGITS].to(logits.dtype)
+                else:
+                    with torch.no_grad():
+                        t_logits = self.teacher(**inputs).logits
                 parts["prediction"] = prediction_loss(logits, t_logits, temperature=self.temperature,
                                                       regression=self.task.is_regression)
                 loss = loss + (1 - self.gold_weight) * parts["prediction"]
@@ -116,6 +124,34 @@ class DistillModule(GlueModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@torch.no_grad()
+def cache_teacher_logits(teacher: nn.Module, dm, device: torch.device) -> float:
+    """Add the frozen teacher's logits on every training example as the train split's
+    ``teacher_logits`` column; returns the seconds it took.
+
+    The teacher is in eval mode (no dropout) and its pooling masks padding, so its output on an
+    example is the same every epoch: one pass here, at the evaluation batch size and sorted by
+    length (little padding), replaces a teacher forward in every training step of every phase-2
+    epoch. Under DDP every rank computes the whole column (the split is shared).
+    """
+    t0 = time.perf_counter()
+    ds = dm.datasets["train"]
+    lengths = [len(x) for x in ds["input_ids"]]
+    order = sorted(range(len(ds)), key=lengths.__getitem__)
+    teacher.to(device).eval()
+    out = torch.empty(0)
+    for start in range(0, len(order), dm.eval_batch_size):
+        idx = order[start:start + dm.eval_batch_size]
+        rows = ds[idx]  # columns of lists
+        batch = dm.collate([dict(zip(rows, values)) for values in zip(*rows.values())])
+        logits = teacher(**{k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}).logits.float().cpu()
+        if not out.numel():
+            out = torch.empty(len(ds), logits.shape[-1])
+        out[idx] = logits
+    dm.datasets["train"] = ds.add_column(TEACHER_LOGITS, out.tolist())
+    return time.perf_counter() - t0
 
 
 def student_source(cfg: DictConfig) -> str:
@@ -216,6 +252,9 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     epochs = st.intermediate_epochs + st.prediction_epochs
     trainer = build_trainer(cfg, run_dir, max_epochs=epochs, monitor="val/score", summary=summary,
                             extra_callbacks=[timer, *(extra_callbacks or [])])
+    if st.prediction_epochs and st.gold_weight < 1:
+        secs = cache_teacher_logits(teacher, dm, trainer.strategy.root_device)
+        log.info("cached the teacher's logits on %d training examples in %.1f s", len(dm.datasets["train"]), secs)
     n = len(dm.datasets["train"])
     module.total_steps = training_steps(trainer, n, batch_size)
     module.steps_per_epoch = steps_per_epoch(trainer, n, batch_size)
