@@ -130,3 +130,26 @@ def test_mean_pooling_through_finetune_distill_evaluate(tmp_path, teacher_dir):
     r = cli(tmp_path, "stage=finetune", "task=mrpc", f"teacher.path={teacher_dir}", "teacher.pooling=max",
             "logger=none", *SMALL)
     assert r.returncode == 2 and "max" in r.stderr and "mean" in r.stderr
+
+
+def test_a_mean_pooling_teacher_decomposed_untrained_evaluates_as_it_was_trained(tmp_path, teacher_dir):
+    """Decompose-only students of a fine-tuned mean-pooling teacher: the saved model pools by mean
+    (no stray [CLS] pooler weights), and at full rank it scores what the teacher scores."""
+    r = cli(tmp_path, "stage=finetune", "task=mrpc", f"teacher.path={teacher_dir}", "teacher.pooling=mean",
+            "stage.epochs=1", "logger=none", *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (ft,) = runs(tmp_path, "finetune")
+    shape = json.loads((ft / "model" / "config.json").read_text())
+    full = [f"compression.rank={shape['hidden_size']}", f"compression.bank={12 * shape['num_hidden_layers']}"]
+    r = cli(tmp_path, "stage=decompose", f"teacher.run_dir={ft}", *full)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (dec,) = runs(tmp_path, "decompose")
+    assert json.loads((dec / "model" / "config.json").read_text())["tdlight_pooling"] == "mean"
+    r = cli(tmp_path, "stage=evaluate", "task=mrpc", f"stage.model={dec}", "stage.limit_eval=32",
+            "stage.max_length=32", "trainer=cpu", "logger=none")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = cli(tmp_path, "stage=evaluate", "task=mrpc", f"stage.model={ft}", "stage.limit_eval=32",
+            "stage.max_length=32", "trainer=cpu", "logger=none")
+    assert r.returncode == 0, r.stderr[-3000:]
+    student, teacher = (json.loads((d / "metrics.json").read_text())["score"] for d in runs(tmp_path, "evaluate"))
+    assert student == pytest.approx(teacher, abs=1e-6)

@@ -77,6 +77,8 @@ def load_teacher(name_or_path: str) -> tuple[nn.Module, object]:
             f"a hub name (needs a network), or one of {list(EMBEDDED)}"
         ) from e
     encoder_weights(model)  # raises TeacherError unless BERT-shaped
+    if saved_pooling(config):  # a model fine-tuned with mean pooling was saved without [CLS] pooler weights:
+        set_pooling(model, saved_pooling(config))  # from_pretrained gave it a random pooler; pool as it was trained
     return model.eval(), tokenizer
 
 
