@@ -256,6 +256,42 @@ def test_load_errors(tiny_bert, tmp_path):
         load_compressed(path)
 
 
+@pytest.mark.parametrize("edit", [
+    lambda m: None, lambda m: [m], lambda m: 3,
+    lambda m: {**m, "spec": {k: v for k, v in m["spec"].items() if k != "banks"}},
+    lambda m: {**m, "spec": {**m["spec"], "rank_in": -5}},
+    lambda m: {**m, "spec": {**m["spec"], "rank_out": 10_000}},
+    lambda m: {**m, "spec": {**m["spec"], "banks": {"encoder": 0}}},
+    lambda m: {**m, "spec": {**m["spec"], "banks": {"nope": 2}}},
+    lambda m: {**m, "spec": {**m["spec"], "variant": "IV+"}},
+    lambda m: {**m, "spec": None},
+    lambda m: {**m, "shape": {**m["shape"], "num_layers": -1}},
+], ids=["null", "list", "number", "spec-without-banks", "negative-rank", "rank-above-D", "empty-bank",
+        "unknown-group", "unknown-variant", "spec-null", "negative-layers"])
+def test_malformed_metadata_is_an_artifact_error(tiny_bert, tmp_path, edit):
+    """Whatever a hand-edited tdlight.json holds, loading says it is corrupt (never a crash deeper in)."""
+    import json
+
+    quiet_compress(tiny_bert, SPECS[0])
+    path = save_compressed(tiny_bert, tmp_path / "m")
+    meta = json.loads((path / "tdlight.json").read_text())
+    (path / "tdlight.json").write_text(json.dumps(edit(meta)))
+    with pytest.raises(ArtifactError, match="tdlight.json"):
+        load_compressed(path)
+
+
+def test_compressed_weights_without_metadata_are_refused(tiny_bert, tmp_path):
+    """Deleting tdlight.json must not turn a compressed model into a random dense one."""
+    from tdlight.model.teacher import load_classifier, load_teacher
+
+    quiet_compress(tiny_bert, SPECS[0])
+    path = save_compressed(tiny_bert, tmp_path / "m")
+    (path / "tdlight.json").unlink()
+    for load in (lambda: load_teacher(str(path)), lambda: load_classifier(str(path), 2)):
+        with pytest.raises(ArtifactError, match="no tdlight.json"):
+            load()
+
+
 def test_compress_twice_is_an_error(tiny_bert):
     quiet_compress(tiny_bert, SPECS[0])
     with pytest.raises(SpecError, match="already compressed"):

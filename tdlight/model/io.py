@@ -114,11 +114,18 @@ def read_meta(path: str | os.PathLike) -> dict:
         raise ArtifactError(f"{str(path)!r} is not a compressed model directory: {META} is missing")
     try:
         meta = json.loads(f.read_text())
+        if not isinstance(meta, dict):
+            raise ArtifactError(f"{f} is corrupt: expected a JSON object, got {type(meta).__name__}")
         if meta.get("format") != FORMAT:
             raise ArtifactError(f"{f}: unsupported format {meta.get('format')!r}; this tdlight reads format {FORMAT}")
-        EncoderShape(**meta["shape"])
-        meta["spec"]["variant"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        if not isinstance(meta.get("shape"), dict) or not isinstance(meta.get("spec"), dict):
+            raise ArtifactError(f"{f} is corrupt: 'shape' and 'spec' must be JSON objects")
+        # every value the loader will build the model from, checked here (a bad rank would otherwise
+        # surface as a RuntimeError deep in the surgery)
+        ResolvedSpec.from_dict(meta["spec"], EncoderShape(**meta["shape"]))
+    except ArtifactError:
+        raise
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:  # SpecError is a ValueError
         raise ArtifactError(f"{f} is corrupt ({type(e).__name__}: {e})") from e
     return meta
 

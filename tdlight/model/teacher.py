@@ -33,6 +33,7 @@ def resolve_teacher(name_or_path: str) -> str:
     if p.exists():
         if not (p / "config.json").is_file():
             raise TeacherError(f"teacher path {str(p)!r} has no config.json: not a Hugging Face model directory")
+        _refuse_compressed_without_meta(p)
         return str(p)
     looks_local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
     if looks_local:
@@ -41,6 +42,28 @@ def resolve_teacher(name_or_path: str) -> str:
             f"a hub name such as 'bert-base-uncased' (needs a network), or one of {list(EMBEDDED)}"
         )
     return name_or_path
+
+
+def _refuse_compressed_without_meta(path: Path) -> None:
+    """A directory holding factor-bank weights but no ``tdlight.json`` is a compressed model that
+    lost its metadata: loaded as a dense model it would be a random BERT (every encoder weight
+    missing, the factors ignored) that still gives a score. Reads the safetensors header only."""
+    from safetensors import safe_open
+
+    from tdlight.errors import ArtifactError
+
+    weights = path / "model.safetensors"
+    if (path / "tdlight.json").is_file() or not weights.is_file():
+        return
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            compressed = any(".factor_banks." in k for k in f.keys())
+    except Exception:  # a corrupt file is reported by the loader that reads it
+        return
+    if compressed:
+        raise ArtifactError(f"{str(path)!r} holds compressed (factor-bank) weights but no tdlight.json: its "
+                            "compression spec is lost, so it cannot be loaded; valid: the model directory as "
+                            "tdlight saved it (with tdlight.json)")
 
 
 def model_class(config) -> type[nn.Module]:

@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from tdlight.errors import SpecError
-from tdlight.tensor.decompose import BALANCES, INITS, Ranks, canonical_variant
+from tdlight.tensor.decompose import BALANCES, INITS, VARIANTS, Ranks, canonical_variant
 from tdlight.tensor.layout import Layout
 
 
@@ -103,9 +103,22 @@ class ResolvedSpec:
 
     @classmethod
     def from_dict(cls, d: dict, shape: EncoderShape) -> ResolvedSpec:
+        """The inverse of :meth:`to_dict`, checked: the dict comes from a file (``tdlight.json``)."""
         layout = Layout(shape.num_layers, shape.hidden, shape.ffn_blocks, d["scope"], d["grouping"], d["layers_per_group"])
         keys = ("balance", "init", "max_iter", "tol", "seed")
-        return cls(d["variant"], layout, d["rank_in"], d["rank_out"], dict(d["banks"]), **{k: d[k] for k in keys})
+        out = cls(d["variant"], layout, d["rank_in"], d["rank_out"], dict(d["banks"]), **{k: d[k] for k in keys})
+        if out.variant not in VARIANTS:
+            raise SpecError(f"variant={out.variant!r}; valid: {', '.join(VARIANTS)}")
+        for name, r in (("rank_in", out.rank_in), ("rank_out", out.rank_out)):
+            if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= shape.hidden:
+                raise SpecError(f"{name}={r!r}; valid: an integer in [1, {shape.hidden}]")
+        groups = layout.groups
+        if set(out.banks) != set(groups):
+            raise SpecError(f"banks for groups {sorted(out.banks)}; valid: one per group {sorted(groups)}")
+        for g, k in out.banks.items():
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(groups[g]):
+                raise SpecError(f"bank of group {g!r} = {k!r}; valid: an integer in [1, {len(groups[g])}]")
+        return out
 
 
 def _check_ratio(name: str, value, lo: float, hi: float) -> None:
