@@ -64,6 +64,28 @@ def _resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
     return merged, src
 
 
+def refuse_unknown_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
+    """``+key=value`` / ``++key=value`` may add keys that no schema declares (Hydra opens the
+    struct flag for them): refuse any whose parent node is a validated config (a dataclass)."""
+    import dataclasses
+
+    for o in overrides:
+        if not o.startswith("+") or "=" not in o:
+            continue
+        key = o.lstrip("+").split("=", 1)[0]
+        if key.startswith("hydra."):
+            continue
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        schema = OmegaConf.get_type(parent) if OmegaConf.is_dict(parent) else None
+        if schema is not None and dataclasses.is_dataclass(schema):
+            names = [f.name for f in dataclasses.fields(schema)]
+            if leaf not in names:
+                where = f"'{parent_key}'" if parent_key else "the top level"
+                raise TdlightError(f"override {o!r}: {where} has no key {leaf!r} ({schema.__name__}); "
+                                   f"valid keys: {', '.join(names)}")
+
+
 def _discard_fresh_run_dir(run_dir: Path) -> None:
     """Remove a run directory that holds nothing but what Hydra wrote at start-up."""
     if not run_dir.is_dir():
@@ -87,6 +109,8 @@ def _app(cfg: DictConfig) -> None:
             handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
             logging.getLogger().addHandler(handler)
             log.info("resuming %s", run_dir)
+        else:
+            refuse_unknown_added_keys(cfg, list(HydraConfig.get().overrides.task))
         if cfg.stage.name not in stages:
             raise TdlightError(f"unknown stage {cfg.stage.name!r}; valid: {sorted(stages)}")
         print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)

@@ -73,6 +73,11 @@ def test_multirun_gives_one_run_dir_per_job(tmp_path, teacher_dir):
     # a 2-layer D=32 encoder is mostly biases and LayerNorms: 1/48 cannot be reached
     (["compression=paper_1_48"], "target_ratio=48.0 is out of reach"),
     (["stage=nope"], "nope"),
+    # a key added with + / ++ under a validated group is refused like a typo
+    (["+compression.foo=1"], "'compression' has no key 'foo'"),
+    (["++compression.foo=1"], "'compression' has no key 'foo'"),
+    (["stage=distill", "+stage.foo=2"], "'stage' has no key 'foo'"),
+    (["+foo=3"], "the top level has no key 'foo'"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, teacher_dir, overrides, message):
     if not any(o.startswith("teacher.path") for o in overrides):
