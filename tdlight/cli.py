@@ -16,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tdlight.config import ROOT, register
+from tdlight.config import ROOT, check_ranges, register
 from tdlight.errors import TdlightError
 
 log = logging.getLogger("tdlight")
@@ -111,6 +111,7 @@ def _app(cfg: DictConfig) -> None:
             log.info("resuming %s", run_dir)
         else:
             refuse_unknown_added_keys(cfg, list(HydraConfig.get().overrides.task))
+        check_ranges(cfg)
         if cfg.stage.name not in stages:
             raise TdlightError(f"unknown stage {cfg.stage.name!r}; valid: {sorted(stages)}")
         print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)

@@ -248,3 +248,47 @@ def test_experiment_presets_compose_and_resolve(tmp_path, name):
         assert cfg.stage.decompose.fit == "outputs" and cfg.stage.distill.head == "student"
     if name == "no_distill":
         assert cfg.stage.distill.gold_weight == 1.0 and cfg.stage.distill.intermediate_epochs == 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["stage=finetune", "stage.lr=-1"], "stage.lr=-1.0; valid: > 0"),
+    (["stage=finetune", "stage.epochs=0"], "stage.epochs=0;"),
+    (["stage=distill", "stage.temperature=0"], "stage.temperature=0.0;"),
+    (["stage=distill", "stage.gold_weight=1.5"], "stage.gold_weight=1.5; valid: in [0, 1]"),
+    (["stage=pipeline", "stage.distill.lr=-1.0"], "stage.distill.lr=-1.0;"),
+    (["stage=finetune", "trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0;"),
+    (["stage=finetune", "stage.warmup_ratio=1"], "stage.warmup_ratio=1.0; valid: in [0, 1)"),
+])
+def test_out_of_range_hyperparameters_exit_2_before_any_work(tmp_path, teacher_dir, overrides, message):
+    small = SMALL if "stage=pipeline" not in overrides else ["trainer=cpu"]
+    r = cli(tmp_path, *overrides, "task=mrpc", f"teacher.path={teacher_dir}", "logger=none", *small)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no run directory, no checkpoint
+
+
+def test_a_diverging_run_stops_with_one_error(tmp_path, teacher_dir):
+    """A huge (but positive) learning rate: the loss explodes; the run says so instead of scoring."""
+    r = cli(tmp_path, "stage=finetune", "task=mrpc", f"teacher.path={teacher_dir}", "stage.lr=1e4", "stage.epochs=2",
+            "trainer.gradient_clip_val=null", "logger=none", *SMALL)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "training diverged" in r.stderr and "Traceback" not in r.stderr
+    (run,) = runs(tmp_path, "finetune")
+    assert not (run / "metrics.json").exists()
+
+
+def test_non_finite_weights_are_an_error_not_a_score(tmp_path, teacher_dir):
+    import shutil
+
+    import safetensors.torch
+
+    bad = tmp_path / "nan-model"
+    shutil.copytree(teacher_dir, bad)
+    weights = safetensors.torch.load_file(bad / "model.safetensors")
+    name = sorted(k for k in weights if k.endswith("attention.self.query.weight"))[0]
+    weights[name][0, 0] = float("nan")
+    safetensors.torch.save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    r = cli(tmp_path, "stage=evaluate", "task=mrpc", f"stage.model={bad}", "stage.limit_eval=32",
+            "stage.max_length=32", "trainer=cpu", "logger=none")
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "not finite" in r.stderr and name.split(".", 1)[1] in r.stderr and "Traceback" not in r.stderr

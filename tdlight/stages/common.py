@@ -175,6 +175,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, max_epochs: int, monitor: s
                         every_n_train_steps=t.checkpoint_every_n_steps, save_on_train_epoch_end=True,
                         save_on_exception=True),
         RestoreRng(),
+        DivergenceGuard(),
     ]
     if monitor:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
@@ -203,6 +204,47 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, max_epochs: int, monitor: s
         raise
     trainer.loggers = build_loggers(cfg, run_dir, summary)
     return trainer
+
+
+class DivergenceGuard(Callback):
+    """Stops training whose loss is not finite or has exploded: more than ``EXPLODED`` times the
+    larger of 1 and the median of the first ``WINDOW`` steps' losses. Such a run would otherwise go
+    on to a meaningless but finite score (a negative learning rate reached a loss of 6e24 and then
+    won its sweep). Raises :class:`TdlightError`: the run ends with one error line, exit 2, and a
+    sweep marks the trial failed."""
+
+    WINDOW, EXPLODED = 10, 1e3
+
+    def __init__(self) -> None:
+        self.first: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import math
+        import statistics
+
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        v = float(loss.detach())
+        if not math.isfinite(v):
+            raise TdlightError(f"training diverged: the loss is {v} at step {trainer.global_step} "
+                               f"(first non-finite parameter: {first_nonfinite(pl_module) or 'none'}); "
+                               "valid: a smaller learning rate, or gradient clipping (trainer.gradient_clip_val)")
+        if self.first:
+            ref = max(1.0, statistics.median(self.first))
+            if v > self.EXPLODED * ref:
+                raise TdlightError(f"training diverged: the loss is {v:.3g} at step {trainer.global_step}, over "
+                                   f"{self.EXPLODED:g}× its start ({ref:.3g}); valid: a smaller learning rate")
+        if len(self.first) < self.WINDOW:
+            self.first.append(v)
+
+
+def first_nonfinite(module: torch.nn.Module) -> str | None:
+    """The name of the first parameter or buffer of ``module`` holding a NaN or an infinity."""
+    for name, t in (*module.named_parameters(), *module.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            return name
+    return None
 
 
 def write_json(path: Path, data: dict) -> None:

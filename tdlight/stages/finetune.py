@@ -26,7 +26,7 @@ from torch import nn
 
 from tdlight.errors import TdlightError
 from tdlight.stages.common import (
-    EpochTimer, adamw, build_trainer, last_checkpoint, teacher_pooling, teacher_source, write_json,
+    EpochTimer, adamw, build_trainer, first_nonfinite, last_checkpoint, teacher_pooling, teacher_source, write_json,
 )
 
 log = logging.getLogger("tdlight.finetune")
@@ -74,6 +74,9 @@ class GlueModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self(batch)
+        if not torch.isfinite(logits).all():  # a score of NaN logits would still be a finite number
+            raise TdlightError(f"the model's outputs are not finite (first non-finite parameter: "
+                               f"{first_nonfinite(self.model) or 'none'}); its score would be meaningless")
         self.val_metrics[dataloader_idx].update(logits, batch["labels"])
         self._n += len(batch["labels"])
 

@@ -97,11 +97,12 @@ class Runner:
         # that the error names the culprit
         T.compose(list(sw.cfg.base))
         probe = [override(k, _probe(d)) for k, d in sw.space.items()]
-        for k, o in zip(sw.space, probe):
-            try:
-                T.compose([*sw.cfg.base, o])
-            except SweepError as e:
-                raise SweepError(f"search space key {k!r}: {e}") from e
+        for k, d in sw.space.items():
+            for v in _extremes(d):  # both ends of a range: its values are range-checked too
+                try:
+                    T.compose([*sw.cfg.base, override(k, v)])
+                except SweepError as e:
+                    raise SweepError(f"search space key {k!r}: {e}") from e
         for task in sw.cfg.tasks:
             T.price(T.compose([*sw.cfg.base, *probe, f"task={task}"]))
         for point in self.s.enqueue:
@@ -365,6 +366,13 @@ def _probe(dist: optuna.distributions.BaseDistribution):
     if isinstance(dist, optuna.distributions.CategoricalDistribution):
         return dist.choices[0]
     return dist.low
+
+
+def _extremes(dist: optuna.distributions.BaseDistribution) -> list:
+    """Every value of a categorical distribution, both bounds of a numeric one."""
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return list(dist.choices)
+    return [dist.low, dist.high]
 
 
 def _alive(pid) -> bool:

@@ -34,16 +34,21 @@ def compose(overrides: list[str]) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from tdlight.config import ROOT, register
+    from tdlight.config import ROOT, check_ranges, register
 
     register()
     with _compose_lock:
         try:
             with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-                return hydra_compose("config", overrides=list(overrides))
+                cfg = hydra_compose("config", overrides=list(overrides))
         except (HydraException, OmegaConfBaseException) as e:
             msg = str(e).strip().splitlines()
             raise SweepError(f"{msg[0] if msg else type(e).__name__} (composing: {' '.join(overrides)})") from e
+    try:
+        check_ranges(cfg)  # as the tdlight command does: e.g. a negative learning rate never trains
+    except TdlightError as e:
+        raise SweepError(f"{e} (composing: {' '.join(overrides)})") from e
+    return cfg
 
 
 def price(cfg: DictConfig) -> dict:
