@@ -7,6 +7,7 @@ misspelled key or a wrong type is rejected before any work starts.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -379,9 +380,16 @@ def compression_spec(cfg) -> CompressionSpec:
     return CompressionSpec(**{k: v for k, v in d.items() if k in keys})
 
 
+# One id per process: default run directories are <time>_<id>, so two runs started in the same
+# second (two terminals, two sweep hosts on a shared disk) never share a directory.
+RUN_ID = os.urandom(3).hex()
+
+
 def register() -> None:
     if not OmegaConf.has_resolver("tdlight_root"):
         OmegaConf.register_new_resolver("tdlight_root", lambda: str(ROOT))
+    if not OmegaConf.has_resolver("tdlight_run_id"):
+        OmegaConf.register_new_resolver("tdlight_run_id", lambda: RUN_ID)
     cs = ConfigStore.instance()
     cs.store(name="tdlight_schema", node=Config)
     for name, node in STAGE_SCHEMAS.items():  # each conf/stage/<name>.yaml extends its schema

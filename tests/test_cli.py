@@ -51,6 +51,21 @@ def test_presets_resolve_on_any_teacher(tmp_path, teacher_dir, preset):
         assert report["spec"]["rank_in"] == 16 and report["spec"]["banks"] == {"encoder": 12}
 
 
+def test_runs_started_together_get_their_own_run_directories(tmp_path, teacher_dir):
+    """Two runs started in the same second: two run directories, each with its own log and report."""
+    cmd = [sys.executable, "-m", "tdlight.cli", f"paths.output_dir={tmp_path}", f"teacher.path={teacher_dir}",
+           "stage.save_model=false", "stage.cache=false"]
+    procs = [subprocess.Popen([*cmd, f"compression.rank={r}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for r in (4, 8)]
+    assert all(p.wait(timeout=300) == 0 for p in procs), [p.stderr.read()[-2000:] for p in procs]
+    dirs = run_dirs(tmp_path)
+    assert len(dirs) == 2
+    ranks = sorted(json.loads((d / "report.json").read_text())["spec"]["rank_in"] for d in dirs)
+    assert ranks == [4, 8]
+    for d in dirs:
+        assert (d / "tdlight.log").read_text().count("resolved spec") == 1  # one run per log
+
+
 def test_multirun_gives_one_run_dir_per_job(tmp_path, teacher_dir):
     r = run_cli(tmp_path, "--multirun", f"teacher.path={teacher_dir}", "compression.rank=4,8",
                 "stage.save_model=false")
