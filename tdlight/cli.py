@@ -93,6 +93,10 @@ def _discard_fresh_run_dir(run_dir: Path) -> None:
     hydra_only = all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())
     if hydra_only:
         shutil.rmtree(run_dir, ignore_errors=True)
+        try:
+            run_dir.parent.rmdir()  # and the <stage>/ folder, when it held only this run
+        except OSError:
+            pass
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")

@@ -165,6 +165,47 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, teacher_dir):
     assert sorted(p.name for p in run.rglob("*")) == [".hydra", "config.yaml"]  # untouched
 
 
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_resume_from_a_corrupt_checkpoint_is_one_error_and_writes_nothing(tmp_path, teacher_dir, damage):
+    r = cli(tmp_path, "stage=finetune", "task=mrpc", f"teacher.path={teacher_dir}", "stage.epochs=1", "logger=csv",
+            *SMALL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run,) = runs(tmp_path, "finetune")
+    ckpt = run / "checkpoints" / "last.ckpt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a checkpoint" * 100)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    r = cli(tmp_path, f"resume={run}")
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "last.ckpt is corrupt" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # no csv/version_N, no stray run directory
+
+
+class NotAWeight:  # a pickled object that torch.load(weights_only=True) refuses
+    pass
+
+
+def test_a_pickled_teacher_that_torch_refuses_is_one_error(tmp_path, teacher_dir):
+    import collections
+    import shutil
+
+    import torch
+
+    bad = tmp_path / "pickled"
+    shutil.copytree(teacher_dir, bad)
+    (bad / "model.safetensors").unlink()
+    for i, payload in enumerate((NotAWeight(), collections.Counter(a=1))):  # refused by torch; not a tensor
+        torch.save({"bert.embeddings.word_embeddings.weight": payload}, bad / "pytorch_model.bin")
+        r = cli(tmp_path / "out", "stage=decompose", f"teacher.path={bad}")
+        assert r.returncode == 2, (i, r.returncode, r.stderr[-2000:])
+        assert str(bad) in r.stderr and "Traceback" not in r.stderr
+    for stage in (["stage=decompose"], ["stage=finetune", "task=mrpc", *SMALL]):
+        r = cli(tmp_path / "out", *stage, f"teacher.path={bad}")
+        assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+        assert str(bad) in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # no empty <stage>/ left
+
+
 def test_misspelled_or_mistyped_stage_keys_are_rejected(tmp_path):
     for bad in ("stage.lrr=1", "stage.lr=fast", "trainer.max_epoch=3", "logger.mode=7x"):
         r = cli(tmp_path, "stage=finetune", "task=cola", bad)

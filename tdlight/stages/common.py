@@ -53,6 +53,16 @@ def last_checkpoint(run_dir: str | os.PathLike) -> Path:
             "once it has saved one (at the end of each epoch, or every trainer.checkpoint_every_n_steps); "
             "start a new run instead"
         )
+    import zipfile
+
+    try:  # torch checkpoints are zip archives: a truncated or overwritten one fails its CRCs here
+        with zipfile.ZipFile(ckpt) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        bad = f"{type(e).__name__}: {e}"
+    if bad is not None:
+        raise RunError(f"cannot resume {str(run_dir)!r}: {CHECKPOINTS}/{LAST} is corrupt ({bad}); valid: a checkpoint "
+                       "as the run wrote it — delete it to restart the run from its previous state, or start anew")
     return ckpt
 
 
