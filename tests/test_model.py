@@ -280,6 +280,18 @@ def test_malformed_metadata_is_an_artifact_error(tiny_bert, tmp_path, edit):
         load_compressed(path)
 
 
+def test_flipped_bytes_in_the_weights_are_detected(tiny_bert, tmp_path):
+    """A changed model.safetensors (same size, still parseable) no longer loads silently."""
+    quiet_compress(tiny_bert, SPECS[0])
+    path = save_compressed(tiny_bert, tmp_path / "m")
+    load_compressed(path)  # intact: loads
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-5] ^= 0xFF  # inside the last tensor's data: the header still parses
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="SHA-256 differs"):
+        load_compressed(path)
+
+
 def test_compressed_weights_without_metadata_are_refused(tiny_bert, tmp_path):
     """Deleting tdlight.json must not turn a compressed model into a random dense one."""
     from tdlight.model.teacher import load_classifier, load_teacher

@@ -46,6 +46,15 @@ def state_fingerprint(state: dict[str, torch.Tensor], salt: bytes = b"", extra: 
     return h.hexdigest()
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 4 MiB chunks (about 1 s per GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def atomic_directory(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmpdir)`` then move the result to ``path`` (replacing it only on success)."""
     path = Path(path)
@@ -98,6 +107,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer=None, e
     def write(tmp: Path) -> None:
         model.config.save_pretrained(tmp)
         safetensors.torch.save_model(model, str(tmp / WEIGHTS))
+        meta["weights_sha256"] = file_sha256(tmp / WEIGHTS)  # verified by load_compressed
         (tmp / META).write_text(json.dumps(meta, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -151,6 +161,10 @@ def load_compressed(path: str | os.PathLike, device: str | None = None) -> nn.Mo
     weights = path / WEIGHTS
     if not weights.is_file():
         raise ArtifactError(f"{path}: {WEIGHTS} is missing")
+    expected = meta.get("weights_sha256")  # absent in directories written before it was recorded
+    if expected is not None and file_sha256(weights) != expected:
+        raise ArtifactError(f"{weights} is corrupt: its SHA-256 differs from the one recorded in {META} when it "
+                            "was saved (the file was changed or damaged since)")
     try:
         missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False, device=device or "cpu")
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
