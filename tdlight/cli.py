@@ -22,6 +22,7 @@ from tdlight.errors import TdlightError
 log = logging.getLogger("tdlight")
 RESUME_OVERRIDES = "resume_overrides.yaml"
 _task_started = False
+_RESUME_OVERRIDES: list[str] = []  # set by main(): the value overrides given with resume=<run>
 
 
 def _stages():
@@ -31,9 +32,12 @@ def _stages():
             "pretrain": pretrain.run, "distill": distill.run, "pipeline": pipeline.run}
 
 
-def _resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
-    """``resume=<run dir>``: that run's saved config with this command's value overrides on top."""
-    from tdlight.config import Config
+def _resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Path, list[str]]:
+    """``resume=<run dir>``: that run's saved config with ``overrides`` (this command's value
+    overrides) on top, checked against the run's own stage schema. Returns the config, the run
+    directory and the full list of overrides in force (earlier resumes' + these), which the
+    caller records once the resumed run has started cleanly (:func:`_resume_recorder`)."""
+    from tdlight.config import STAGE_SCHEMAS, Config
     from tdlight.stages.common import last_checkpoint, saved_config
 
     src = Path(cfg.resume)
@@ -43,25 +47,53 @@ def _resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
     history_file = src / ".hydra" / RESUME_OVERRIDES
     earlier = list(OmegaConf.load(history_file)) if history_file.is_file() else []
     saved = OmegaConf.merge(saved, OmegaConf.from_dotlist(earlier)) if earlier else saved
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "paths.output_dir="))]
+    stage = saved.stage.name
     dotlist = []
     for o in overrides:
         key = o.split("=", 1)[0].lstrip("+~")
+        if key in ("stage", "stage.name", "task", "task.name"):
+            what = "stage" if key.startswith("stage") else "task"
+            raise TdlightError(f"override {o!r}: a resumed run keeps its {what} ({OmegaConf.select(saved, what + '.name')!r}); "
+                               f"start a new run for another {what}")
         if "=" not in o or o.startswith(("+", "~")) or OmegaConf.is_config(OmegaConf.select(saved, key)):
             raise TdlightError(
                 f"when resuming, only value overrides (key.sub=value) apply on top of the saved config; "
                 f"got {o!r}. Valid e.g.: trainer.max_epochs=5"
             )
         if OmegaConf.select(saved, key, default="__missing__") == "__missing__":
-            raise TdlightError(f"override {o!r}: the saved config of {str(src)!r} has no key {key!r}")
+            raise TdlightError(f"override {o!r}: the saved config of {str(src)!r} ({stage} run) has no key {key!r}")
         dotlist.append(o)
-    merged = OmegaConf.merge(OmegaConf.structured(Config), saved, OmegaConf.from_dotlist(dotlist))
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), saved, OmegaConf.from_dotlist(dotlist))
+        if stage in STAGE_SCHEMAS:  # Config.stage is untyped: check the stage's values against its own schema
+            OmegaConf.merge(OmegaConf.structured(STAGE_SCHEMAS[stage]), merged.stage)
+    except Exception as e:  # OmegaConf's ValidationError & co: a value of the wrong type
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TdlightError(f"resume override(s) {dotlist} do not fit the saved {stage} config: {first}") from e
     merged.resume = str(src)
-    if dotlist:
-        from tdlight.model.io import atomic_write_text
+    return merged, src, earlier + dotlist if dotlist else []
 
-        atomic_write_text(history_file, OmegaConf.to_yaml(OmegaConf.create(earlier + dotlist)))
-    return merged, src
+
+def _resume_recorder(run_dir: Path, overrides: list[str]):
+    """A Lightning callback that writes a resume's overrides next to the run's saved config once
+    training has started (``.record()`` writes them too), so that an override that fails before
+    never sticks to the run."""
+    import lightning as L
+
+    from tdlight.model.io import atomic_write_text
+
+    class RecordResumeOverrides(L.Callback):
+        done = False
+
+        def record(self) -> None:
+            if overrides and not self.done:
+                atomic_write_text(run_dir / ".hydra" / RESUME_OVERRIDES, OmegaConf.to_yaml(OmegaConf.create(overrides)))
+            self.done = True
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.record()
+
+    return RecordResumeOverrides()
 
 
 def refuse_unknown_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
@@ -105,9 +137,11 @@ def _app(cfg: DictConfig) -> None:
     _task_started = True
     fresh = run_dir = Path(HydraConfig.get().runtime.output_dir)
     stages = _stages()
+    record = None
     try:
         if cfg.get("resume"):
-            cfg, run_dir = _resumed_config(cfg)
+            cfg, run_dir, in_force = _resumed_config(cfg, _RESUME_OVERRIDES)
+            record = _resume_recorder(run_dir, in_force)
             # log into the resumed run's own tdlight.log; the fresh directory Hydra made is dropped
             handler = logging.FileHandler(run_dir / "tdlight.log")
             handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
@@ -119,7 +153,11 @@ def _app(cfg: DictConfig) -> None:
         if cfg.stage.name not in stages:
             raise TdlightError(f"unknown stage {cfg.stage.name!r}; valid: {sorted(stages)}")
         print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
-        stages[cfg.stage.name](cfg, run_dir)
+        if record is not None:
+            stages[cfg.stage.name](cfg, run_dir, extra_callbacks=[record])
+            record.record()  # also when nothing was left to train
+        else:
+            stages[cfg.stage.name](cfg, run_dir)
     except TdlightError as e:
         print(f"tdlight: error: {e}", file=sys.stderr, flush=True)
         logging.shutdown()
@@ -135,6 +173,14 @@ def main() -> None:
 
         sys.exit(sweep_main(sys.argv[1], sys.argv[2:]))
     register()
+    args = sys.argv[1:]
+    if any(a.startswith("resume=") for a in args):
+        # A resume's overrides belong to the resumed run's saved config, not to the config Hydra
+        # composes from the defaults (whose stage is decompose): keep them away from Hydra.
+        global _RESUME_OVERRIDES
+        keep = ("-", "resume=", "paths.output_dir=", "hydra.")
+        _RESUME_OVERRIDES = [a for a in args if not a.startswith(keep)]
+        sys.argv = [sys.argv[0], *(a for a in args if a.startswith(keep))]
     try:
         _app()
     except SystemExit as e:

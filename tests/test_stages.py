@@ -133,6 +133,30 @@ def test_resume_cli_continues_same_run_and_wandb_id(tmp_path, teacher_dir):
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 6  # nothing left to train
 
 
+def test_resume_overrides_are_checked_against_the_runs_own_stage_and_kept_only_when_they_work(tmp_path, teacher_dir):
+    r = cli(tmp_path, "stage=finetune", "task=cola", f"teacher.path={teacher_dir}", "stage.epochs=1", "logger=csv",
+            *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = runs(tmp_path, "finetune")
+    history = run / ".hydra" / "resume_overrides.yaml"
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for bad, message in ((["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0; valid"),
+                         (["stage.epochs=abc"], "do not fit the saved finetune config"),
+                         (["stage.name=decompose", "compression.rank=8"], "keeps its stage ('finetune')"),
+                         (["task.name=mrpc"], "keeps its task ('cola')"),
+                         (["stage.refine_steps=3"], "has no key 'stage.refine_steps'")):
+        r = cli(tmp_path, f"resume={run}", *bad)
+        assert r.returncode == 2, (bad, r.returncode, r.stderr[-2000:])
+        assert message in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr[-2000:])
+        assert not history.exists()  # a refused override never sticks to the run
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # and leaves nothing behind
+    # a value of the run's own stage (not the default stage's) works, and stays in force
+    r = cli(tmp_path, f"resume={run}", "stage.epochs=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+    assert "stage.epochs=2" in history.read_text()
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
