@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from omegaconf import OmegaConf
+
 from tests.test_pretrain import setup  # noqa: F401  (fixture: tiny corpus + files)
 from tests.test_stages import cli, runs
 
@@ -11,7 +13,7 @@ from tests.test_stages import cli, runs
 def test_tiny_pipeline_end_to_end_and_reuse(setup, teacher_dir, tmp_path):  # noqa: F811
     _, _, files = setup
     args = ["stage=pipeline", "task=mrpc", f"teacher.path={teacher_dir}", "compression.rank=8", "compression.bank=12",
-            "trainer=cpu", "trainer.enable_progress_bar=false", "logger=none",
+            "trainer=cpu", "trainer.enable_progress_bar=false", "logger=wandb",
             "stage.finetune.epochs=1", "stage.finetune.limit_train=48", "stage.finetune.limit_eval=32",
             "stage.finetune.batch_size=16", "stage.finetune.max_length=32",
             *[f.replace("stage.", "stage.pretrain.") for f in files],
@@ -32,6 +34,14 @@ def test_tiny_pipeline_end_to_end_and_reuse(setup, teacher_dir, tmp_path):  # no
     ev = json.loads((runs(tmp_path, "evaluate")[0] / "metrics.json").read_text())
     assert summary["student_score"] == ev["score"]
     assert "measured speed-up" in r.stdout and "dev GLUE score" in r.stdout
+    # each training step is its own W&B run (its wandb_id), grouped by the pipeline
+    ids = {}
+    for step in ("finetune", "pretrain", "distill", "evaluate"):
+        (d,) = runs(tmp_path, step)
+        ids[step] = (d / "wandb_id").read_text().strip()
+        assert len(list((d / "wandb").glob(f"offline-run-*-{ids[step]}"))) == 1  # logged there, not elsewhere
+        assert OmegaConf.load(d / ".hydra" / "config.yaml").logger.group == f"pipeline-{p.name}"
+    assert len(set(ids.values())) == 4
 
     # the same command again reuses every step; a changed distill setting reruns only distill + evaluate
     r = cli(tmp_path, *args)

@@ -144,6 +144,17 @@ def build_loggers(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> li
 # --- resumable RNG -------------------------------------------------------
 
 
+def finish_wandb() -> None:
+    """End this process's active W&B run, if any. A pipeline runs its steps in one process, and
+    Lightning's WandbLogger adopts a run that is still active: without this, every later step
+    would log into the first step's W&B run instead of its own (its ``wandb_id``)."""
+    import sys
+
+    wandb = sys.modules.get("wandb")  # never import it just to find that nothing runs
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
 class RestoreRng(Callback):
     """Saves the torch (and CUDA) RNG state in checkpoints and restores it on resume.
 

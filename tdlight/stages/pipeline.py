@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tdlight.errors import TdlightError
-from tdlight.stages.common import CHECKPOINTS, LAST, write_json
+from tdlight.stages.common import CHECKPOINTS, LAST, finish_wandb, write_json
 
 log = logging.getLogger("tdlight.pipeline")
 
@@ -55,7 +55,8 @@ def step_key(step: str, stage_cfg, cfg: DictConfig, upstream: dict[str, str]) ->
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _step_config(cfg: DictConfig, step: str, stage_cfg, run_dir: Path, wiring: dict) -> DictConfig:
+def _step_config(cfg: DictConfig, step: str, stage_cfg, run_dir: Path, wiring: dict,
+                 pipeline_id: str = "pipeline") -> DictConfig:
     sub = OmegaConf.to_container(cfg, resolve=False)
     sub["stage"] = OmegaConf.to_container(stage_cfg, resolve=False)
     sub["stage"]["name"] = step
@@ -65,6 +66,14 @@ def _step_config(cfg: DictConfig, step: str, stage_cfg, run_dir: Path, wiring: d
         for p in parents:
             node = node[p]
         node[leaf] = value
+    # W&B: the steps of one pipeline are grouped (a sweep's trials are grouped by the sweep, which
+    # sets logger.group; the pipeline is then a tag)
+    lg = sub.get("logger") or {}
+    if lg.get("wandb"):
+        if lg.get("group"):
+            lg["tags"] = [*(lg.get("tags") or []), pipeline_id]
+        else:
+            lg["group"] = pipeline_id
     out = OmegaConf.create(sub)
     out.resume = str(run_dir) if (run_dir / CHECKPOINTS / LAST).is_file() else None
     return out
@@ -116,7 +125,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         # concurrent pipelines (sweep trials) share step directories: the first computes a step,
         # the others wait for it and reuse it
         with FileLock(str(d) + ".lock"):
-            results[step] = _run_step(cfg, step, stage_cfg, d, wiring, runners[step])
+            results[step] = _run_step(cfg, step, stage_cfg, d, wiring, runners[step], f"pipeline-{run_dir.name}")
 
     summary = _summary(cfg, dirs, results)
     write_json(run_dir / "pipeline.json", {"steps": {s: str(p) for s, p in dirs.items()}, **summary})
@@ -124,18 +133,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
-def _run_step(cfg: DictConfig, step: str, stage_cfg, d: Path, wiring: dict, runner) -> dict:
+def _run_step(cfg: DictConfig, step: str, stage_cfg, d: Path, wiring: dict, runner, pipeline_id: str) -> dict:
     result_file = d / ("report.json" if step == "decompose" else "metrics.json")
     if (d / ARTIFACT[step]).exists() and result_file.is_file():
         log.info("%s: reusing %s (same inputs)", step, d)
         return json.loads(result_file.read_text())
-    sub = _step_config(cfg, step, stage_cfg, d, wiring)
+    sub = _step_config(cfg, step, stage_cfg, d, wiring, pipeline_id)
     d.mkdir(parents=True, exist_ok=True)
     (d / ".hydra").mkdir(exist_ok=True)
     OmegaConf.save(sub, d / ".hydra" / "config.yaml")
     log.info("%s: running in %s%s", step, d, " (resuming)" if sub.resume else "")
     Console().rule(f"[bold]pipeline step: {step}")
-    return runner(sub, d)
+    try:
+        return runner(sub, d)
+    finally:
+        finish_wandb()  # each step is its own W&B run
 
 
 def _summary(cfg: DictConfig, dirs: dict[str, Path], results: dict[str, dict]) -> dict:
