@@ -167,6 +167,17 @@ def test_sweep_killed_mid_trial_resumes_without_losing_or_duplicating(tmp_path, 
     # and the total is the budget: 3 trials that count, no more
     assert sum(counts_toward_budget(t) for t in ts) == 3
     assert sum(t.state == TrialState.COMPLETE for t in ts) == 3
+    # the resumed process sampled with its own (recorded) seed, not the first process's again
+    seeds = {t.user_attrs["pid"]: t.user_attrs["sampler_seed"] for t in ts if "sampler_seed" in t.user_attrs}
+    assert len(seeds) == 2 and len(set(seeds.values())) == 2
+
+
+def test_each_sweep_process_and_resume_samples_with_its_own_seed():
+    from tdlight.sweep.runner import process_seed
+
+    seeds = {process_seed(0, n, host, pid) for n in (0, 3) for host in ("a", "b") for pid in (1, 2)}
+    assert len(seeds) == 8 and all(0 <= s < 2**31 for s in seeds)
+    assert process_seed(0, 3, "a", 1) == process_seed(0, 3, "a", 1)  # reproducible from what is recorded
 
 
 def test_ctrl_c_stops_the_sweep_cleanly_and_requeues_the_running_trial(tmp_path, teacher_dir):

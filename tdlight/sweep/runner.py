@@ -122,6 +122,12 @@ class Runner:
         if not study.trials:
             for point in self.s.enqueue:
                 study.enqueue_trial(dict(point))
+        # a fixed seed would replay the same points after every resume, and in every process on one
+        # study: each process (and each resume) gets its own, recorded on its trials
+        self.sampler_seed = process_seed(self.s.sampler.seed, len(study.trials), self.host, self.pid)
+        study.sampler = sampler(sw, self.sampler_seed)
+        log.info("sampler %s seeded %d (sweep.sampler.seed %d, %d trials in the study, %s:%d)", self.s.sampler.name,
+                 self.sampler_seed, self.s.sampler.seed, len(study.trials), self.host, self.pid)
         self._save()
         return study
 
@@ -195,7 +201,8 @@ class Runner:
                               self.infeasible_streak, [str(c) for c in self.sweep.constraints])
                     return
                 trial = study.ask(self.sweep.space)
-                for k, v in {"host": self.host, "pid": self.pid, "worker": index, "gpu": gpu}.items():
+                for k, v in {"host": self.host, "pid": self.pid, "worker": index, "gpu": gpu,
+                             "sampler_seed": self.sampler_seed}.items():
                     trial.set_user_attr(k, v)
             if self._used(study, below=trial.number) >= self.s.n_trials:  # another machine filled the budget
                 trial.set_user_attr(SURPLUS, True)
@@ -366,6 +373,15 @@ def _probe(dist: optuna.distributions.BaseDistribution):
     if isinstance(dist, optuna.distributions.CategoricalDistribution):
         return dist.choices[0]
     return dist.low
+
+
+def process_seed(seed: int, n_trials: int, host: str, pid: int) -> int:
+    """The sampler seed of one sweep process: ``sweep.sampler.seed`` mixed with the number of trials
+    already in the study and the process identity (reproducible from the values recorded)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{n_trials}:{host}:{pid}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 def _extremes(dist: optuna.distributions.BaseDistribution) -> list:

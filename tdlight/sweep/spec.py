@@ -41,7 +41,7 @@ class SweepError(TdlightError):
 @dataclass
 class SamplerConfig:
     name: str = "tpe"  # tpe (multi-objective TPE) | nsga2 | random
-    seed: int = 0
+    seed: int = 0  # combined with the trials already in the study and the process: see runner.process_seed
     n_startup_trials: Optional[int] = None  # tpe: random trials before TPE models kick in (Optuna's default 10)
     population_size: Optional[int] = None  # nsga2 (Optuna's default 50)
 
@@ -252,12 +252,14 @@ def load(path: str | Path | None, overrides: list[str] | None = None, *, data: d
     return Sweep(cfg, dists, directions, constraints, p)
 
 
-def sampler(s: Sweep) -> optuna.samplers.BaseSampler:
+def sampler(s: Sweep, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """The configured sampler, seeded by ``seed`` (default: ``sweep.sampler.seed``)."""
     sc = s.settings.sampler
+    seed = sc.seed if seed is None else seed
     if sc.name == "tpe":
         kw = {} if sc.n_startup_trials is None else {"n_startup_trials": sc.n_startup_trials}
-        return optuna.samplers.TPESampler(seed=sc.seed, **kw)
+        return optuna.samplers.TPESampler(seed=seed, **kw)
     if sc.name == "nsga2":
         kw = {} if sc.population_size is None else {"population_size": sc.population_size}
-        return optuna.samplers.NSGAIISampler(seed=sc.seed, **kw)
-    return optuna.samplers.RandomSampler(seed=sc.seed)
+        return optuna.samplers.NSGAIISampler(seed=seed, **kw)
+    return optuna.samplers.RandomSampler(seed=seed)
