@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from omegaconf import OmegaConf
 
 from tests.test_pretrain import setup  # noqa: F401  (fixture: tiny corpus + files)
+from tdlight.config import ROOT
 from tests.test_stages import cli, runs
 
 
@@ -52,3 +54,13 @@ def test_tiny_pipeline_end_to_end_and_reuse(setup, teacher_dir, tmp_path):  # no
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stdout.count("pipeline step:") == 2
     assert [len(runs(tmp_path, s)) for s in ("finetune", "decompose", "pretrain", "distill", "evaluate")] == [1, 1, 1, 2, 2]
+
+    # the same command on other data (a copy of the task's files elsewhere) reuses nothing that read it
+    data = tmp_path / "data"
+    shutil.copytree(ROOT.parent / "shared" / "data" / "glue" / "MRPC", data / "glue" / "MRPC")
+    r = cli(tmp_path, *args, "stage.distill.temperature=2", f"paths.data_dir={data}")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "finetune: reusing" not in r.stderr + r.stdout
+    counts = [len(runs(tmp_path, s)) for s in ("finetune", "decompose", "pretrain", "distill", "evaluate")]
+    # (decompose and pretrain rerun too: their settings name files under paths.data_dir, read or not)
+    assert counts[0] == 2 and counts[3:] == [3, 3]

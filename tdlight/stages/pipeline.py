@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 from filelock import FileLock
@@ -28,14 +29,18 @@ log = logging.getLogger("tdlight.pipeline")
 
 ORDER = ("finetune", "decompose", "pretrain", "distill", "evaluate")
 REQUIRED = ("finetune", "decompose", "distill")
-# the top-level config each step depends on (beyond its own stage settings and upstream keys)
+# What each step reads, for its cache key (beyond its own stage settings and upstream keys): the
+# top-level config nodes, and whether it reads the task's data files. Files named anywhere in the
+# step's config (the teacher's directory, corpora, calibration text) are keyed by their content's
+# stamp (path, size, mtime) as well, see step_inputs.
 READS = {
     "finetune": ("teacher", "task", "seed", "trainer"),
-    "decompose": ("compression", "teacher"),
+    "decompose": ("compression", "teacher", "seed"),  # seed: which calibration sequences are read
     "pretrain": ("teacher", "seed", "trainer"),
     "distill": ("task", "seed", "trainer"),
-    "evaluate": ("task",),
+    "evaluate": ("task", "trainer"),
 }
+READS_TASK_DATA = ("finetune", "distill", "evaluate")
 ARTIFACT = {"finetune": "model", "decompose": "model", "pretrain": "model", "distill": "model",
             "evaluate": "metrics.json"}
 NEVER_KEYED = ("enable_progress_bar", "log_every_n_steps", "name")
@@ -49,9 +54,54 @@ def _clean(node) -> object:
     return data
 
 
+def _stamp(path: Path) -> list:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def step_inputs(step: str, stage_cfg, cfg: DictConfig) -> list:
+    """The files a step reads, each as (resolved path, size, mtime): the task's data files
+    (finetune, distill, evaluate), and every existing file, directory (its files) or glob named by
+    a string in the step's config or under ``teacher`` — so that changing ``paths.data_dir`` or
+    editing a corpus never reuses a step computed from other data."""
+    import glob as globlib
+
+    from tdlight.data.glue import get_task, resolve_source
+
+    stamps: list = []
+    if step in READS_TASK_DATA and cfg.get("task") is not None:
+        task = get_task(cfg.task.name)
+        source = getattr(cfg.task.source, "value", cfg.task.source)
+        for split in task.splits:
+            try:
+                kind, path = resolve_source(task, split, Path(cfg.paths.data_dir) / "glue", source)
+            except TdlightError:  # a split that is not there is the stage's error to report, not the key's
+                continue
+            stamps.append(_stamp(path) if kind == "local" else [f"hub:{task.name}/{split}"])
+
+    def strings(node):
+        data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        if isinstance(data, dict):
+            for v in data.values():
+                yield from strings(v)
+        elif isinstance(data, list):
+            for v in data:
+                yield from strings(v)
+        elif isinstance(data, str) and ("/" in data or "*" in data):
+            yield data
+
+    for text in [*strings(stage_cfg), *strings(cfg.get("teacher"))]:
+        for name in sorted(globlib.glob(os.path.expanduser(text))):
+            p = Path(name)
+            files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+            stamps.extend(_stamp(f) for f in files if f.is_file())
+    return stamps
+
+
 def step_key(step: str, stage_cfg, cfg: DictConfig, upstream: dict[str, str]) -> str:
+    reads = READS[step] + (("trainer",) if step == "decompose" and stage_cfg.get("refine_steps") else ())
     payload = {"step": step, "stage": _clean(stage_cfg), "upstream": upstream,
-               **{k: _clean(cfg.get(k)) for k in READS[step]}}
+               **{k: _clean(cfg.get(k)) for k in reads}, "inputs": step_inputs(step, stage_cfg, cfg)}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
