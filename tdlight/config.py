@@ -310,40 +310,33 @@ STAGE_SCHEMAS = {"decompose": DecomposeStage, "finetune": FinetuneStage, "evalua
                  "distill": DistillStage, "pretrain": PretrainStage, "pipeline": PipelineStage}
 
 
-# Range of every numeric hyperparameter, by field name (a name means the same in every schema).
-# The schema checks types; these are the values a run can use. A negative learning rate, for
-# one, trains "fine" (the loss explodes) and would otherwise give a finite, ranked score.
-_POSITIVE, _NONNEG, _COUNT, _NONNEG_INT = "> 0", "≥ 0", "an integer ≥ 1", "an integer ≥ 0"
+# Range of every numeric hyperparameter, by field name (a name means the same in every schema):
+# the rule's text (what the error says is valid) -> its test. The schema checks types; these are
+# the values a run can use. A negative learning rate, for one, trains "fine" (the loss explodes)
+# and would otherwise give a finite, ranked score.
+_RULES = {
+    "> 0": lambda v: v > 0,
+    "≥ 0": lambda v: v >= 0,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+    "an integer ≥ 1": lambda v: isinstance(v, int) and v >= 1,
+    "an integer ≥ 3": lambda v: isinstance(v, int) and v >= 3,
+    "an integer ≥ 0": lambda v: isinstance(v, int) and v >= 0,
+}
 RANGES: dict[str, str] = {
-    **dict.fromkeys(("lr", "refine_lr", "intermediate_lr", "temperature", "tol"), _POSITIVE),
+    **dict.fromkeys(("lr", "refine_lr", "intermediate_lr", "temperature", "tol"), "> 0"),
     **dict.fromkeys(("weight_decay", "hidden_weight", "attention_weight", "embedding_weight", "calibration_damp",
-                     "gradient_clip_val"), _NONNEG),
+                     "gradient_clip_val"), "≥ 0"),
     **dict.fromkeys(("warmup_ratio", "dropout"), "in [0, 1)"),
     "gold_weight": "in [0, 1]",
     **dict.fromkeys(("batch_size", "eval_batch_size", "refine_batch_size", "speed_batch_size", "speed_reps",
                      "accumulate_grad_batches", "log_every_n_steps", "val_every_n_steps", "max_iter", "num_nodes",
                      "limit_train", "limit_eval", "max_heldout_sequences", "refine_heldout_batches",
-                     "check_val_every_n_epoch", "checkpoint_every_n_steps", "max_epochs", "epochs"), _COUNT),
+                     "check_val_every_n_epoch", "checkpoint_every_n_steps", "max_epochs", "epochs"), "an integer ≥ 1"),
     **dict.fromkeys(("max_length", "refine_max_length"), "an integer ≥ 3"),
     **dict.fromkeys(("intermediate_epochs", "prediction_epochs", "refine_steps", "fit_iters", "fit_passes",
-                     "num_workers", "shuffle_buffer"), _NONNEG_INT),
+                     "num_workers", "shuffle_buffer"), "an integer ≥ 0"),
 }
-
-
-def _in_range(v, rule: str) -> bool:
-    if rule == _POSITIVE:
-        return v > 0
-    if rule == _NONNEG:
-        return v >= 0
-    if rule == "in [0, 1)":
-        return 0 <= v < 1
-    if rule == "in [0, 1]":
-        return 0 <= v <= 1
-    if rule == _COUNT:
-        return isinstance(v, int) and v >= 1
-    if rule == "an integer ≥ 3":
-        return isinstance(v, int) and v >= 3
-    return isinstance(v, int) and v >= 0  # _NONNEG_INT
 
 
 def check_ranges(cfg, path: str = "") -> None:
@@ -354,22 +347,19 @@ def check_ranges(cfg, path: str = "") -> None:
 
     from tdlight.errors import TdlightError
 
-    if not OmegaConf.is_dict(cfg):
-        return
     for key in cfg:
-        node = cfg._get_node(key)
-        where = f"{path}.{key}" if path else str(key)
-        if OmegaConf.is_dict(node):
-            check_ranges(node, where)
-            continue
         try:
             v = cfg[key]
         except Exception:  # an unresolvable interpolation is reported by whoever reads it
             continue
+        where = f"{path}.{key}" if path else str(key)
+        if OmegaConf.is_dict(v):
+            check_ranges(v, where)
+            continue
         rule = RANGES.get(str(key))
         if rule is None or v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
-        if (isinstance(v, float) and not math.isfinite(v)) or not _in_range(v, rule):
+        if (isinstance(v, float) and not math.isfinite(v)) or not _RULES[rule](v):
             raise TdlightError(f"{where}={v!r}; valid: {rule}")
 
 

@@ -124,8 +124,8 @@ def test_sweep_with_two_workers_records_failures_and_reports(tmp_path, teacher_d
 def signal_during_second_trial(tmp_path: Path, path: Path, sig: int) -> int:
     """Start a sweep in its own process group, send ``sig`` to the whole group (as a terminal's
     Ctrl-C does) once one trial has finished and the next one runs; return the sweep's exit code."""
-    proc = subprocess.Popen(sweep_cmd(path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log = open(tmp_path / "sweep-under-signal.log", "wb")  # read by the callers' failure messages
+    proc = subprocess.Popen(sweep_cmd(path), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 600
     try:
         while time.time() < deadline:
@@ -143,12 +143,18 @@ def signal_during_second_trial(tmp_path: Path, path: Path, sig: int) -> int:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        log.close()
+
+
+def sweep_log(tmp_path: Path) -> str:
+    return (tmp_path / "sweep-under-signal.log").read_text(errors="replace")[-3000:]
 
 
 def test_sweep_killed_mid_trial_resumes_without_losing_or_duplicating(tmp_path, teacher_dir):
     path = write_sweep(tmp_path, teacher_dir, n_trials=3)
     # the whole sweep, trial process included, dies at once
-    assert signal_during_second_trial(tmp_path, path, signal.SIGKILL) == -signal.SIGKILL
+    rc = signal_during_second_trial(tmp_path, path, signal.SIGKILL)
+    assert rc == -signal.SIGKILL, sweep_log(tmp_path)
     before = {t.number: t for t in trials(tmp_path)}
     finished = {n for n, t in before.items() if t.state == TrialState.COMPLETE}
     running = [t for t in before.values() if t.state == TrialState.RUNNING]
@@ -182,7 +188,8 @@ def test_each_sweep_process_and_resume_samples_with_its_own_seed():
 
 def test_ctrl_c_stops_the_sweep_cleanly_and_requeues_the_running_trial(tmp_path, teacher_dir):
     path = write_sweep(tmp_path, teacher_dir, n_trials=3)
-    assert signal_during_second_trial(tmp_path, path, signal.SIGINT) == 130
+    rc = signal_during_second_trial(tmp_path, path, signal.SIGINT)
+    assert rc == 130, (rc, sweep_log(tmp_path), [(t.number, t.state.name, t.params) for t in trials(tmp_path)])
     ts = trials(tmp_path)
     stopped = [t for t in ts if t.user_attrs.get(INTERRUPTED)]
     # the trial that was running is interrupted (not failed with an error, not counted) ...

@@ -100,8 +100,9 @@ class GlueDataModule(L.LightningDataModule):
     def _cache_key(self, split: str) -> tuple[str, dict]:
         kind, path = resolve_source(self.task, split, self.data_dir, self.source)
         if kind == "local":
-            st = path.stat()
-            src = {"file": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            from tdlight.model.io import file_stamp
+
+            src = file_stamp(path)
         else:
             src = {"hub": f"{self.task.hub_config}/{split}"}
         aug = None

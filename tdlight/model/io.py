@@ -46,6 +46,12 @@ def state_fingerprint(state: dict[str, torch.Tensor], salt: bytes = b"", extra: 
     return h.hexdigest()
 
 
+def file_stamp(path: str | os.PathLike) -> dict:
+    """A cheap identity of a file's content for cache keys: resolved path, size, mtime (ns)."""
+    st = Path(path).stat()
+    return {"file": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 (hex) of a file's bytes, read in 4 MiB chunks (about 1 s per GB)."""
     h = hashlib.sha256()

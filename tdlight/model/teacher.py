@@ -26,6 +26,12 @@ def embedded_path(name: str) -> str:
     raise TeacherError(f"unknown embedded teacher {name!r}; valid: {list(EMBEDDED)}")
 
 
+# What transformers raises for a checkpoint it cannot read: a missing or broken file (OSError,
+# ValueError, KeyError), a pickled .bin that torch's weights_only loader refuses (UnpicklingError),
+# a state dict holding something other than tensors (AttributeError, TypeError).
+LOAD_ERRORS = (OSError, ValueError, KeyError, pickle.UnpicklingError, AttributeError, TypeError)
+
+
 def resolve_teacher(name_or_path: str) -> str:
     """Local directory for embedded names and paths; hub names are returned unchanged."""
     if name_or_path in EMBEDDED:
@@ -95,9 +101,7 @@ def load_teacher(name_or_path: str) -> tuple[nn.Module, object]:
         cls = model_class(config)
         model = (cls.from_pretrained if cls is not transformers.AutoModel else transformers.AutoModel.from_pretrained)(path)
         tokenizer = _load_tokenizer(path)
-    # UnpicklingError: a .bin that torch's weights_only loader refuses; Attribute/TypeError: a state dict
-    # that holds something other than tensors
-    except (OSError, ValueError, KeyError, pickle.UnpicklingError, AttributeError, TypeError) as e:
+    except LOAD_ERRORS as e:
         raise TeacherError(
             f"could not load teacher {name_or_path!r}: {str(e).splitlines()[0]}. Valid: an HF model directory, "
             f"a hub name (needs a network), or one of {list(EMBEDDED)}"
@@ -142,9 +146,7 @@ def load_classifier(name_or_path: str, num_labels: int, pooling: str | None = No
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             path, config=config, ignore_mismatched_sizes=new_head)
         tokenizer = _load_tokenizer(path)
-    # UnpicklingError: a .bin that torch's weights_only loader refuses; Attribute/TypeError: a state dict
-    # that holds something other than tensors
-    except (OSError, ValueError, KeyError, pickle.UnpicklingError, AttributeError, TypeError) as e:
+    except LOAD_ERRORS as e:
         raise TeacherError(
             f"could not load {name_or_path!r} for sequence classification: {str(e).splitlines()[0]}"
         ) from e
@@ -195,9 +197,7 @@ def load_masked_lm(name_or_path: str) -> tuple[nn.Module, object]:
     try:
         model, info = transformers.AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
         tokenizer = _load_tokenizer(path)
-    # UnpicklingError: a .bin that torch's weights_only loader refuses; Attribute/TypeError: a state dict
-    # that holds something other than tensors
-    except (OSError, ValueError, KeyError, pickle.UnpicklingError, AttributeError, TypeError) as e:
+    except LOAD_ERRORS as e:
         raise TeacherError(f"could not load {name_or_path!r} as a masked language model: "
                            f"{str(e).splitlines()[0]}") from e
     prefix = getattr(model, "base_model_prefix", "")
@@ -246,9 +246,7 @@ def teacher_shape(name_or_path: str):
     path = resolve_teacher(name_or_path)
     try:
         c = transformers.AutoConfig.from_pretrained(path)
-    # UnpicklingError: a .bin that torch's weights_only loader refuses; Attribute/TypeError: a state dict
-    # that holds something other than tensors
-    except (OSError, ValueError, KeyError, pickle.UnpicklingError, AttributeError, TypeError) as e:
+    except LOAD_ERRORS as e:
         raise TeacherError(f"could not read the config of teacher {name_or_path!r}: {str(e).splitlines()[0]}") from e
     try:
         return EncoderShape(c.num_hidden_layers, c.hidden_size, c.intermediate_size, getattr(c, "vocab_size", 0),

@@ -54,19 +54,15 @@ def _clean(node) -> object:
     return data
 
 
-def _stamp(path: Path) -> list:
-    st = path.stat()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
-
-
 def step_inputs(step: str, stage_cfg, cfg: DictConfig) -> list:
-    """The files a step reads, each as (resolved path, size, mtime): the task's data files
+    """The files a step reads, each as its :func:`~tdlight.model.io.file_stamp`: the task's data files
     (finetune, distill, evaluate), and every existing file, directory (its files) or glob named by
     a string in the step's config or under ``teacher`` — so that changing ``paths.data_dir`` or
     editing a corpus never reuses a step computed from other data."""
     import glob as globlib
 
     from tdlight.data.glue import get_task, resolve_source
+    from tdlight.model.io import file_stamp
 
     stamps: list = []
     if step in READS_TASK_DATA and cfg.get("task") is not None:
@@ -77,7 +73,7 @@ def step_inputs(step: str, stage_cfg, cfg: DictConfig) -> list:
                 kind, path = resolve_source(task, split, Path(cfg.paths.data_dir) / "glue", source)
             except TdlightError:  # a split that is not there is the stage's error to report, not the key's
                 continue
-            stamps.append(_stamp(path) if kind == "local" else [f"hub:{task.name}/{split}"])
+            stamps.append(file_stamp(path) if kind == "local" else {"hub": f"{task.name}/{split}"})
 
     def strings(node):
         data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
@@ -94,7 +90,7 @@ def step_inputs(step: str, stage_cfg, cfg: DictConfig) -> list:
         for name in sorted(globlib.glob(os.path.expanduser(text))):
             p = Path(name)
             files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
-            stamps.extend(_stamp(f) for f in files if f.is_file())
+            stamps.extend(file_stamp(f) for f in files if f.is_file())
     return stamps
 
 

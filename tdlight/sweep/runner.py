@@ -96,7 +96,7 @@ class Runner:
         # every key, value type and task is checked by composing the config, one part at a time so
         # that the error names the culprit
         T.compose(list(sw.cfg.base))
-        probe = [override(k, _probe(d)) for k, d in sw.space.items()]
+        probe = [override(k, _extremes(d)[0]) for k, d in sw.space.items()]  # a representative point
         for k, d in sw.space.items():
             for v in _extremes(d):  # both ends of a range: its values are range-checked too
                 try:
@@ -366,13 +366,6 @@ class Runner:
 def _wait_all(events: list[threading.Event]) -> None:
     while not all(e.is_set() for e in events):
         time.sleep(0.2)
-
-
-def _probe(dist: optuna.distributions.BaseDistribution):
-    """A representative value of a distribution, to check its key composes."""
-    if isinstance(dist, optuna.distributions.CategoricalDistribution):
-        return dist.choices[0]
-    return dist.low
 
 
 def process_seed(seed: int, n_trials: int, host: str, pid: int) -> int:
