@@ -1,0 +1,88 @@
+"""How far apart does a classifier's input lie? Pooled states and logits of models on a dev set.
+
+    python benchmarks/pooled_spread.py --task sst2 LABEL=MODEL [LABEL=MODEL ...] [--pooling mean] [--head-from RUN]
+
+For each model (a run directory with ``model/`` or a model directory, dense or compressed) on
+the first ``--n`` dev examples of the task: the mean pairwise cosine of the pooled states the
+classifier reads (its own pooling: [CLS] pooler or masked mean; near 1 = every input looks the
+same to the head), the standard deviation of its logits, and — with ``--head-from`` — of the
+logits the head of that run's model gives on these pooled states (what a student that copies
+the teacher's head starts from). Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tdlight.data.glue import get_task, load_split  # noqa: E402
+from tdlight.model.teacher import load_classifier  # noqa: E402
+
+
+def _model_dir(p: str) -> str:
+    return str(Path(p) / "model") if (Path(p) / "model").is_dir() else p
+
+
+@torch.no_grad()
+def pooled_and_logits(model, tokenizer, texts: list[tuple[str, ...]], max_length: int):
+    """The pooled states the classifier reads (``base_model.pooler``'s output) and the logits."""
+    seen = {}
+    hook = model.base_model.pooler.register_forward_hook(lambda m, a, out: seen.__setitem__("pooled", out))
+    try:
+        enc = tokenizer(*zip(*texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        logits = model.eval()(**enc).logits
+    finally:
+        hook.remove()
+    return seen["pooled"], logits
+
+
+def mean_pairwise_cosine(x: torch.Tensor) -> float:
+    x = torch.nn.functional.normalize(x.float(), dim=-1)
+    sim = x @ x.T
+    n = len(x)
+    return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+
+
+def head_logits(head_model, pooled: torch.Tensor) -> torch.Tensor:
+    """``head_model``'s classifier applied to pooled states (BERT family: dropout then a linear)."""
+    return head_model.eval().classifier(pooled)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="+", help="LABEL=RUN_OR_MODEL_DIR")
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--n", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "glue"))
+    p.add_argument("--pooling", default=None, choices=["cls", "mean"],
+                   help="what every model pools (default: each model's own, see teacher.pooling)")
+    p.add_argument("--head-from", default=None, help="a fine-tuned run whose head is applied to every model's pooled states")
+    args = p.parse_args()
+    task = get_task(args.task)
+    split = task.validation_splits[0]
+    ds = load_split(task, split, data_dir=args.data_dir, source="local").select(range(args.n))
+    texts = [tuple(ds[i][c] for c in task.text_columns) for i in range(len(ds))]
+    head = load_classifier(_model_dir(args.head_from), task.num_labels)[0] if args.head_from else None
+    cols = ["model", "pooled states: mean pairwise cosine", "logit std (own head)"]
+    if head is not None:
+        cols.append(f"logit std ({args.head_from} head)")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for item in args.models:
+        label, _, path = item.partition("=")
+        model, tok = load_classifier(_model_dir(path), task.num_labels, pooling=args.pooling)
+        pooled, logits = pooled_and_logits(model, tok, texts, args.max_length)
+        row = [label, f"{mean_pairwise_cosine(pooled):.3f}", f"{float(logits.float().std(0).mean()):.3f}"]
+        if head is not None:
+            row.append(f"{float(head_logits(head, pooled).float().std(0).mean()):.3f}")
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
