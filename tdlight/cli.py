@@ -8,6 +8,7 @@ behind; anything else is a bug and exits 1 with a traceback.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -168,6 +169,10 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if os.environ.get("TDLIGHT_SWEEP_PID"):  # (trial.SWEEP_PID) a sweep trial: it must not outlive its sweep
+        from tdlight.sweep.trial import die_with_sweep
+
+        die_with_sweep()
     if len(sys.argv) > 1 and sys.argv[1] in ("sweep", "sweep-report"):
         from tdlight.sweep.cli import main as sweep_main
 

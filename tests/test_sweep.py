@@ -14,7 +14,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from tdlight.sweep.runner import INTERRUPTED, counts_toward_budget, open_storage
+from tdlight.sweep.runner import DUPLICATE, INTERRUPTED, TRIAL_PID, Runner, counts_toward_budget, open_storage
 from tdlight.sweep.spec import SweepError, distribution, load
 
 TRIAL = ["stage=pipeline", "stage.steps=[finetune,decompose,distill]", "trainer=cpu",
@@ -44,9 +44,12 @@ def sweep_cmd(path: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "tdlight.cli", "sweep", str(path), *overrides]
 
 
-def trials(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
+def trials(tmp_path: Path, duplicates: bool = True) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials; ``duplicates=False`` leaves out samples that repeated a finished point
+    (pruned untrained: a small random space repeats points by chance)."""
     storage = open_storage(None, tmp_path / "sweep")
-    return optuna.load_study(study_name="tiny", storage=storage).get_trials()
+    ts = optuna.load_study(study_name="tiny", storage=storage).get_trials()
+    return ts if duplicates else [t for t in ts if DUPLICATE not in t.user_attrs]
 
 
 def test_search_space_maps_onto_optuna_distributions():
@@ -91,8 +94,7 @@ def test_sweep_with_two_workers_records_failures_and_reports(tmp_path, teacher_d
     path.write_text(yaml.safe_dump(spec))
     r = subprocess.run(sweep_cmd(path), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
-    ts = trials(tmp_path)
-    assert [t.number for t in ts] == list(range(len(ts)))
+    ts = trials(tmp_path, duplicates=False)
     assert sum(counts_toward_budget(t) for t in ts) == 4 and len(ts) == 4  # the budget, exactly
     failed = [t for t in ts if t.state == TrialState.FAIL]
     assert failed and all("layer" in t.user_attrs["error"] for t in failed), [t.user_attrs for t in failed]
@@ -117,8 +119,9 @@ def test_sweep_with_two_workers_records_failures_and_reports(tmp_path, teacher_d
                         text=True, timeout=300)
     assert r2.returncode == 0 and "Pareto front" in r2.stdout, r2.stderr[-2000:]
     # rerunning a finished sweep runs nothing more
+    n = len(trials(tmp_path))
     r3 = subprocess.run(sweep_cmd(path), capture_output=True, text=True, timeout=300)
-    assert r3.returncode == 0 and len(trials(tmp_path)) == 4
+    assert r3.returncode == 0 and len(trials(tmp_path)) == n
 
 
 def signal_during_second_trial(tmp_path: Path, path: Path, sig: int) -> int:
@@ -221,12 +224,118 @@ def test_sweep_on_an_rdb_storage_url_runs_and_resumes(tmp_path, teacher_dir):
     r = subprocess.run(sweep_cmd(path), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     assert not (tmp_path / "sweep" / "study.journal").exists() and (tmp_path / "study.db").stat().st_size > 0
-    ts = optuna.load_study(study_name="tiny", storage=url).get_trials()
+    ran = lambda: [t for t in optuna.load_study(study_name="tiny", storage=url).get_trials()  # noqa: E731
+                   if DUPLICATE not in t.user_attrs]
+    ts = ran()
     assert [t.state for t in ts] == [TrialState.COMPLETE] * 2
     assert (tmp_path / "sweep" / "trials.md").is_file()
     first = [t.values for t in ts]
     # the same command with a larger budget resumes the study in the database
     r = subprocess.run(sweep_cmd(path, "sweep.n_trials=3"), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
-    ts = optuna.load_study(study_name="tiny", storage=url).get_trials()
+    ts = ran()
     assert [t.state for t in ts] == [TrialState.COMPLETE] * 3 and [t.values for t in ts[:2]] == first
+
+
+def test_a_point_already_finished_is_not_run_again_unless_asked(tmp_path, teacher_dir):
+    # a one-point space: the first trial runs; every later sample repeats it and is pruned untrained
+    path = write_sweep(tmp_path, teacher_dir, n_trials=3, max_infeasible=2)
+    spec = yaml.safe_load(path.read_text())
+    spec["space"] = {"compression.rank": "choice(4, 8)"}
+    spec["sweep"]["enqueue"] = [{"compression.rank": 4}]
+    path.write_text(yaml.safe_dump(spec))
+    r = subprocess.run(sweep_cmd(path, "space.compression.rank=choice(4)"), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    ts = trials(tmp_path)
+    assert [t.state for t in ts] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED], r.stderr[-3000:]
+    assert [t.user_attrs.get(DUPLICATE) for t in ts] == [None, 0, 0]
+    assert not any(counts_toward_budget(t) for t in ts[1:])
+    assert "space may be exhausted" in r.stderr and (tmp_path / "sweep" / "trials").is_dir()
+    assert sorted(p.name for p in (tmp_path / "sweep" / "trials").iterdir()) == ["0000"]
+    assert "2 sampled point(s) repeated a finished trial" in (tmp_path / "sweep" / "trials.md").read_text()
+    # asked for, a finished point runs again (one more trial that counts)
+    r = subprocess.run(sweep_cmd(path, "space.compression.rank=choice(4)", "sweep.allow_duplicates=true",
+                                 "sweep.n_trials=2"), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert [t.state for t in trials(tmp_path)][3:] == [TrialState.COMPLETE]
+
+
+def _sleeper(*argv: str) -> subprocess.Popen:
+    """A long-lived process whose command line carries ``argv`` (as a trial's carries its directory)."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", *argv])
+
+
+def test_rerun_stops_a_trial_process_its_dead_sweep_left_running(tmp_path, teacher_dir):
+    path = write_sweep(tmp_path, teacher_dir)
+    runner = Runner(load(path))
+    study = optuna.create_study(study_name="tiny", storage=open_storage(None, runner.dir),
+                                directions=["maximize", "maximize"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = _sleeper(f"hydra.run.dir={runner.dir / 'trials' / '0000' / 'mrpc'}")
+    stranger = _sleeper(f"hydra.run.dir={runner.dir / 'trials' / '0007' / 'mrpc'}")  # a recycled pid
+    try:
+        t = study.ask({"compression.rank": optuna.distributions.CategoricalDistribution([4, 8])})
+        for k, v in {"host": runner.host, "pid": dead.pid, TRIAL_PID: orphan.pid}.items():
+            t.set_user_attr(k, v)
+        u = study.ask({"compression.rank": optuna.distributions.CategoricalDistribution([4, 8])})
+        for k, v in {"host": runner.host, "pid": dead.pid, TRIAL_PID: stranger.pid}.items():
+            u.set_user_attr(k, v)
+        assert runner.recover(study) == 2
+        assert orphan.poll() is not None  # stopped (and reaped) before its trial was re-queued
+        assert stranger.poll() is None  # its command line is not trial 1's: left alone
+        ts = study.get_trials()
+        assert ts[0].state == TrialState.FAIL and ts[0].user_attrs[INTERRUPTED]
+        assert [x.user_attrs.get("retry_of") for x in ts[2:]] == [0, 1]
+    finally:
+        for p in (orphan, stranger):
+            p.kill()
+            p.wait()
+
+
+def test_a_sweep_killed_alone_takes_its_running_trial_with_it(tmp_path, teacher_dir):
+    # kill -9 of the sweep process only (not its process group): the trial must not train on
+    path = write_sweep(tmp_path, teacher_dir, n_trials=3)
+    spec = yaml.safe_load(path.read_text())
+    spec["base"].append("stage.finetune.epochs=1000")  # a trial that would train on for many minutes
+    path.write_text(yaml.safe_dump(spec))
+    proc = subprocess.Popen(sweep_cmd(path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline, child = time.time() + 600, None
+        while time.time() < deadline and child is None:
+            time.sleep(0.5)
+            if (tmp_path / "sweep" / "study.journal").exists():
+                child = next((t.user_attrs[TRIAL_PID] for t in trials(tmp_path)
+                              if t.state == TrialState.RUNNING and TRIAL_PID in t.user_attrs), None)
+        assert child is not None, "no trial started"
+        time.sleep(1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+        def gone() -> bool:
+            try:
+                return Path(f"/proc/{child}/stat").read_text().split(")")[-1].split()[0] == "Z"
+            except OSError:
+                return True
+
+        deadline = time.time() + 60
+        while time.time() < deadline and not gone():
+            time.sleep(0.2)
+        assert gone(), f"trial process {child} outlived its killed sweep"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything left in the group, whatever the outcome
+        except ProcessLookupError:
+            pass
+
+
+def test_sweep_subcommands_answer_help():
+    for sub in ("sweep", "sweep-report"):
+        r = subprocess.run([sys.executable, "-m", "tdlight.cli", sub, "--help"], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0 and r.stdout.startswith("usage: tdlight sweep"), (sub, r.stdout, r.stderr)

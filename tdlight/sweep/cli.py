@@ -13,7 +13,16 @@ USAGE = ("usage: tdlight sweep <sweeps/NAME.yaml> [sweep.workers=N sweep.n_trial
          "       tdlight sweep-report <sweep dir>")
 
 
+HELP = ("\n\nsweep: run (or resume: the same command again) an Optuna study whose trials are tdlight runs; "
+        "the sweep file's\n  sweep:, tasks:, base: and space: keys, and any of them as key=value overrides, are "
+        "described in the README\n  (section 'Sweeps'); examples in sweeps/.\n"
+        "sweep-report: print the Pareto front and rewrite trials.md and pareto.png of a sweep directory.")
+
+
 def main(command: str, args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE + HELP)
+        return 0
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     logging.getLogger("optuna").setLevel(logging.WARNING)
     try:

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tdlight.data.metrics import CONSTANT_SHARE
-from tdlight.sweep.runner import INFEASIBLE, INTERRUPTED, SAVED, SURPLUS, open_storage
+from tdlight.sweep.runner import DUPLICATE, INFEASIBLE, INTERRUPTED, SAVED, SURPLUS, open_storage
 from tdlight.sweep.spec import SweepError, load
 
 PAPER = ((7.5, 0.99, "paper 1/7"), (48.0, 0.967, "paper 1/48"))
@@ -81,8 +81,14 @@ def report(sweep_dir: str | Path, console: Console | None = None) -> dict:
         lines += [f"Majority-class baseline (always the most frequent dev label): {majority:.4f}. 'top share' is the "
                   f"largest share of dev predictions in one class (the maximum over tasks); above "
                   f"{CONSTANT_SHARE:.2f} the student is a constant predictor, flagged ⚠.", ""]
+    repeats = [t for t in trials if DUPLICATE in t.user_attrs]
+    if repeats:  # not rows: they were never run (sweep.allow_duplicates=false)
+        lines += [f"{len(repeats)} sampled point(s) repeated a finished trial and were not run again "
+                  "(not listed; sweep.allow_duplicates=true runs them).", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in trials:
+        if DUPLICATE in t.user_attrs:
+            continue
         u = t.user_attrs
         scores = u.get("scores", {})
         row = [str(t.number), *[_fmt(t.params.get(k)) for k in keys],

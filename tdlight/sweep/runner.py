@@ -35,6 +35,8 @@ log = logging.getLogger("tdlight.sweep")
 INTERRUPTED = "interrupted"  # user attr: the trial was stopped by Ctrl-C / a killed sweep; a copy is re-queued
 SURPLUS = "surplus"  # user attr: asked after the budget was full (machines racing); not run, not counted
 INFEASIBLE = "infeasible"  # user attr on PRUNED trials: the constraint it violates; not trained, not counted
+TRIAL_PID = "trial_pid"  # user attr: the running task process of the trial (stopped if its sweep died)
+DUPLICATE = "duplicate_of"  # user attr on PRUNED trials: the finished trial with the same point; not trained
 SAVED = "sweep.yaml"
 # the parts of a sweep that define its study: a rerun must not change them
 IDENTITY = ("tasks", "base", "space")
@@ -86,7 +88,7 @@ class Runner:
         self.lock = threading.Lock()  # ask/tell and budget checks within this process
         self.stop = threading.Event()
         self.procs: set = set()
-        self.infeasible_streak = 0
+        self.skipped_streak = 0  # samples in a row not trained: infeasible, or a point already finished
         self.host, self.pid = socket.gethostname(), os.getpid()
 
     # --- set-up, all before any trial runs -------------------------------------------
@@ -150,11 +152,16 @@ class Runner:
         atomic_write_text(self.dir / SAVED, OmegaConf.to_yaml(self.sweep.cfg))
 
     def recover(self, study: optuna.Study) -> int:
-        """Trials left RUNNING by a sweep process of this machine that is gone: failed, re-queued."""
+        """Trials left RUNNING by a sweep process of this machine that is gone: failed, re-queued.
+        A trial process that outlived its sweep (it should not: see ``trial.die_with_sweep``) is
+        stopped first, so that the retry never waits on its locks or adopts its half-done work."""
         optuna.storages.fail_stale_trials(study)  # RDB storages: stale heartbeats (any machine)
         n = 0
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.user_attrs.get("host") == self.host and not _alive(t.user_attrs.get("pid")):
+                orphan = t.user_attrs.get(TRIAL_PID)
+                if orphan and T.stop_orphan(int(orphan), self.dir / "trials" / f"{t.number:04d}"):
+                    log.warning("trial %d: stopped its process %s, left running by a sweep that died", t.number, orphan)
                 self._interrupt(study, t.number, t._trial_id, t.params)
                 n += 1
         if n:
@@ -196,14 +203,24 @@ class Runner:
             with self.lock:
                 if self._used(study) >= self.s.n_trials:
                     return
-                if self.infeasible_streak >= self.s.max_infeasible:
-                    log.error("%d samples in a row violate the constraints %s; stopping this worker",
-                              self.infeasible_streak, [str(c) for c in self.sweep.constraints])
+                if self.skipped_streak >= self.s.max_infeasible:
+                    log.error("%d samples in a row were not trained (they violate the constraints %s or repeat a "
+                              "finished point: the space may be exhausted); stopping this worker",
+                              self.skipped_streak, [str(c) for c in self.sweep.constraints])
                     return
                 trial = study.ask(self.sweep.space)
                 for k, v in {"host": self.host, "pid": self.pid, "worker": index, "gpu": gpu,
                              "sampler_seed": self.sampler_seed}.items():
                     trial.set_user_attr(k, v)
+                same = None if self.s.allow_duplicates else _finished_twin(study, trial)
+                if same is not None:
+                    # samplers repeat points of a small discrete space; a finished point is not run again
+                    trial.set_user_attr(DUPLICATE, same)
+                    study.tell(trial, state=TrialState.PRUNED)
+                    self.skipped_streak += 1
+                    log.info("trial %d: %s was finished by trial %d: not run again (sweep.allow_duplicates=true "
+                             "runs it)", trial.number, trial.params, same)
+                    continue
             if self._used(study, below=trial.number) >= self.s.n_trials:  # another machine filled the budget
                 trial.set_user_attr(SURPLUS, True)
                 with self.lock:
@@ -230,12 +247,12 @@ class Runner:
         if broken:
             trial.set_user_attr(INFEASIBLE, ", ".join(broken))
             with self.lock:
-                self.infeasible_streak += 1
+                self.skipped_streak += 1
                 study.tell(trial, state=TrialState.PRUNED)
             log.info("trial %d: ratio %.1f violates %s: not trained", trial.number, price["ratio"], broken)
             return
         with self.lock:
-            self.infeasible_streak = 0
+            self.skipped_streak = 0
         log.info("trial %d: %s (ratio %.1f)%s", trial.number, " ".join(params), price["ratio"],
                  f" on GPU {gpu}" if gpu is not None else "")
         tags = [f"trial-{trial.number}", f"ratio={price['ratio']:.1f}", f"d={price['rank_in']}x{price['rank_out']}"]
@@ -251,7 +268,8 @@ class Runner:
                              f"hydra.run.dir={run_dir}", f"logger.group={self.s.name}",
                              "logger.tags=[" + ",".join(f"'{t}'" for t in tags) + "]"]
                 res = T.run_task(T.command(overrides), run_dir, env, timeout=self.s.trial_timeout, stop=self.stop,
-                                 on_wait=beat, procs=self.procs)
+                                 on_wait=beat, procs=self.procs,
+                                 on_start=lambda p: trial.set_user_attr(TRIAL_PID, p.pid))
                 per_task[task] = res["score"]
                 if res["teacher"] is not None:
                     teacher[task] = res["teacher"]
@@ -366,6 +384,16 @@ class Runner:
 def _wait_all(events: list[threading.Event]) -> None:
     while not all(e.is_set() for e in events):
         time.sleep(0.2)
+
+
+def _finished_twin(study: optuna.Study, trial: optuna.Trial) -> int | None:
+    """The number of a finished trial with ``trial``'s point, unless the point was enqueued (asked for)."""
+    if study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params"):
+        return None
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.params == trial.params:
+            return t.number
+    return None
 
 
 def process_seed(seed: int, n_trials: int, host: str, pid: int) -> int:

@@ -67,7 +67,8 @@ class SweepSettings:
     constraints: list[str] = field(default_factory=list)  # e.g. "ratio >= 10": violating trials are not trained
     enqueue: list[Any] = field(default_factory=list)  # {key: value} points tried first (e.g. the paper's ranks)
     trial_timeout: Optional[float] = None  # seconds; a trial running longer is stopped and recorded as failed
-    max_infeasible: int = 200  # give up after this many samples in a row violate the constraints
+    max_infeasible: int = 200  # give up after this many samples in a row are not trained (infeasible or duplicate)
+    allow_duplicates: bool = False  # run a sampled point again although a finished trial already has it
 
 
 @dataclass

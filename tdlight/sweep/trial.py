@@ -99,7 +99,7 @@ _INTERRUPTED = {-2, -15, 130, 143}
 
 
 def run_task(cmd: list[str], run_dir: Path, env: dict, *, timeout: float | None, stop: threading.Event,
-             on_wait=None, procs: set | None = None) -> dict:
+             on_wait=None, procs: set | None = None, on_start=None) -> dict:
     """Run one task of a trial as its own process; its stdout+stderr go to ``<run_dir>.log``."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = run_dir.parent / f"{run_dir.name}.log"
@@ -108,6 +108,8 @@ def run_task(cmd: list[str], run_dir: Path, env: dict, *, timeout: float | None,
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         if procs is not None:
             procs.add(proc)
+        if on_start:
+            on_start(proc)
         try:
             while True:
                 try:
@@ -154,6 +156,64 @@ def _tail(path: Path, lines: int = 4) -> str:
     return " | ".join(errs[-2:] if errs else text[-lines:])[-1500:]
 
 
+SWEEP_PID = "TDLIGHT_SWEEP_PID"  # environment of a trial process: the pid of the sweep that started it
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_sweep() -> None:
+    """Called first thing in a trial process: have the kernel send it SIGTERM when the sweep that
+    started it dies, even by ``kill -9`` (Linux ``PR_SET_PDEATHSIG``), so that no trial trains on
+    unsupervised. Set in the child itself: a ``preexec_fn`` is unsafe with the sweep's threads."""
+    parent = os.environ.pop(SWEEP_PID, None)  # not inherited by the trial's own children
+    if parent is None or not sys.platform.startswith("linux"):
+        return  # elsewhere the next run of the sweep stops an orphan (stop_orphan)
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return
+    if os.getppid() != int(parent):  # the sweep died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def stop_orphan(pid: int, trial_dir: Path, grace: float = 30.0) -> bool:
+    """Stop process ``pid`` if it is still a task process of the trial in ``trial_dir`` (its
+    command line names that directory: a recycled pid is left alone). True if one was stopped."""
+    import signal
+
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False  # gone (or no /proc: nothing to check it against, leave it)
+    if str(trial_dir) not in cmdline:
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+        t0 = time.monotonic()
+        while Path(f"/proc/{pid}").exists() and time.monotonic() - t0 < grace:
+            if _reap(pid):
+                break
+            time.sleep(0.1)
+        else:
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return True
+
+
+def _reap(pid: int) -> bool:
+    """True once ``pid`` has exited: reaped if it is our child, or a zombie of someone else's."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+        except OSError:
+            return True
+
+
 def command(overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "tdlight.cli", *overrides]
 
@@ -165,4 +225,5 @@ def environment(gpu: str | None, threads: int) -> dict:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     env["TOKENIZERS_PARALLELISM"] = "false"
+    env[SWEEP_PID] = str(os.getpid())  # the trial dies with this sweep (die_with_sweep)
     return env
