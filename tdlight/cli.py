@@ -26,20 +26,14 @@ _task_started = False
 _RESUME_OVERRIDES: list[str] = []  # set by main(): the value overrides given with resume=<run>
 
 
-def _stages():
-    from tdlight.stages import decompose, distill, evaluate, finetune, pipeline, pretrain
-
-    return {"decompose": decompose.run, "finetune": finetune.run, "evaluate": evaluate.run,
-            "pretrain": pretrain.run, "distill": distill.run, "pipeline": pipeline.run}
-
-
 def _resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Path, list[str]]:
     """``resume=<run dir>``: that run's saved config with ``overrides`` (this command's value
     overrides) on top, checked against the run's own stage schema. Returns the config, the run
     directory and the full list of overrides in force (earlier resumes' + these), which the
     caller records once the resumed run has started cleanly (:func:`_resume_recorder`)."""
-    from tdlight.config import STAGE_SCHEMAS, Config
+    from tdlight.config import Config
     from tdlight.stages.common import last_checkpoint, saved_config
+    from tdlight.stages.registry import STAGES
 
     src = Path(cfg.resume)
     saved = saved_config(src)
@@ -66,8 +60,8 @@ def _resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, 
         dotlist.append(o)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), saved, OmegaConf.from_dotlist(dotlist))
-        if stage in STAGE_SCHEMAS:  # Config.stage is untyped: check the stage's values against its own schema
-            OmegaConf.merge(OmegaConf.structured(STAGE_SCHEMAS[stage]), merged.stage)
+        if stage in STAGES:  # Config.stage is untyped: check the stage's values against its own schema
+            OmegaConf.merge(OmegaConf.structured(STAGES[stage].schema), merged.stage)
     except Exception as e:  # OmegaConf's ValidationError & co: a value of the wrong type
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TdlightError(f"resume override(s) {dotlist} do not fit the saved {stage} config: {first}") from e
@@ -137,7 +131,8 @@ def _app(cfg: DictConfig) -> None:
     global _task_started
     _task_started = True
     fresh = run_dir = Path(HydraConfig.get().runtime.output_dir)
-    stages = _stages()
+    from tdlight.stages.registry import STAGES
+
     record = None
     try:
         if cfg.get("resume"):
@@ -151,14 +146,14 @@ def _app(cfg: DictConfig) -> None:
         else:
             refuse_unknown_added_keys(cfg, list(HydraConfig.get().overrides.task))
         check_ranges(cfg)
-        if cfg.stage.name not in stages:
-            raise TdlightError(f"unknown stage {cfg.stage.name!r}; valid: {sorted(stages)}")
+        if cfg.stage.name not in STAGES:
+            raise TdlightError(f"unknown stage {cfg.stage.name!r}; valid: {sorted(STAGES)}")
         print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
         if record is not None:
-            stages[cfg.stage.name](cfg, run_dir, extra_callbacks=[record])
+            STAGES[cfg.stage.name].run(cfg, run_dir, extra_callbacks=[record])
             record.record()  # also when nothing was left to train
         else:
-            stages[cfg.stage.name](cfg, run_dir)
+            STAGES[cfg.stage.name].run(cfg, run_dir)
     except TdlightError as e:
         print(f"tdlight: error: {e}", file=sys.stderr, flush=True)
         logging.shutdown()

@@ -306,10 +306,6 @@ class Config:
     device: str = "auto"
 
 
-STAGE_SCHEMAS = {"decompose": DecomposeStage, "finetune": FinetuneStage, "evaluate": EvaluateStage,
-                 "distill": DistillStage, "pretrain": PretrainStage, "pipeline": PipelineStage}
-
-
 # Range of every numeric hyperparameter, by field name (a name means the same in every schema):
 # the rule's text (what the error says is valid) -> its test. The schema checks types; these are
 # the values a run can use. A negative learning rate, for one, trains "fine" (the loss explodes)
@@ -382,5 +378,7 @@ def register() -> None:
         OmegaConf.register_new_resolver("tdlight_run_id", lambda: RUN_ID)
     cs = ConfigStore.instance()
     cs.store(name="tdlight_schema", node=Config)
-    for name, node in STAGE_SCHEMAS.items():  # each conf/stage/<name>.yaml extends its schema
-        cs.store(group="stage", name=f"{name}_schema", node=node)
+    from tdlight.stages.registry import STAGES
+
+    for name, record in STAGES.items():  # each conf/stage/<name>.yaml extends its schema
+        cs.store(group="stage", name=f"{name}_schema", node=record.schema)

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from tdlight.errors import TdlightError
 from tdlight.stages.common import build_trainer, stage_artifact, teacher_pooling, teacher_source, write_json
+from tdlight.stages.registry import MODEL_STAGES
 from tdlight.stages.finetune import (
     GlueModule, datamodule, is_constant, model_summary, require_task, results_table, warn_if_constant,
 )
@@ -28,7 +29,7 @@ def model_source(cfg: DictConfig) -> str:
     src = cfg.stage.model or teacher_source(cfg)
     p = Path(src)
     if (p / ".hydra" / "config.yaml").is_file():  # a run directory: its artifact
-        return str(stage_artifact(p, ("finetune", "decompose", "pretrain", "distill")))
+        return str(stage_artifact(p, MODEL_STAGES))
     if not p.exists() and (src.startswith(("/", ".", "~")) or src.count("/") > 1):
         raise TdlightError(f"stage.model={src!r} does not exist; valid: a run directory, a model directory, "
                            "a hub name, or empty for the teacher")

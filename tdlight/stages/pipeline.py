@@ -24,25 +24,15 @@ from rich.table import Table
 
 from tdlight.errors import TdlightError
 from tdlight.stages.common import CHECKPOINTS, LAST, finish_wandb, write_json
+from tdlight.stages.registry import STAGES
 
 log = logging.getLogger("tdlight.pipeline")
 
 ORDER = ("finetune", "decompose", "pretrain", "distill", "evaluate")
 REQUIRED = ("finetune", "decompose", "distill")
-# What each step reads, for its cache key (beyond its own stage settings and upstream keys): the
-# top-level config nodes, and whether it reads the task's data files. Files named anywhere in the
-# step's config (the teacher's directory, corpora, calibration text) are keyed by their content's
-# stamp (path, size, mtime) as well, see step_inputs.
-READS = {
-    "finetune": ("teacher", "task", "seed", "trainer"),
-    "decompose": ("compression", "teacher", "seed"),  # seed: which calibration sequences are read
-    "pretrain": ("teacher", "seed", "trainer"),
-    "distill": ("task", "seed", "trainer"),
-    "evaluate": ("task", "trainer"),
-}
-READS_TASK_DATA = ("finetune", "distill", "evaluate")
-ARTIFACT = {"finetune": "model", "decompose": "model", "pretrain": "model", "distill": "model",
-            "evaluate": "metrics.json"}
+# A step's cache key: its own stage settings, the keys of the steps it consumes, the top-level
+# config nodes its stage record reads (tdlight.stages.registry), and the stamps (path, size,
+# mtime) of the files it reads (step_inputs).
 NEVER_KEYED = ("enable_progress_bar", "log_every_n_steps", "name")
 
 
@@ -65,7 +55,7 @@ def step_inputs(step: str, stage_cfg, cfg: DictConfig) -> list:
     from tdlight.model.io import file_stamp
 
     stamps: list = []
-    if step in READS_TASK_DATA and cfg.get("task") is not None:
+    if STAGES[step].reads_task_data and cfg.get("task") is not None:
         task = get_task(cfg.task.name)
         source = getattr(cfg.task.source, "value", cfg.task.source)
         for split in task.splits:
@@ -95,9 +85,8 @@ def step_inputs(step: str, stage_cfg, cfg: DictConfig) -> list:
 
 
 def step_key(step: str, stage_cfg, cfg: DictConfig, upstream: dict[str, str]) -> str:
-    reads = READS[step] + (("trainer",) if step == "decompose" and stage_cfg.get("refine_steps") else ())
     payload = {"step": step, "stage": _clean(stage_cfg), "upstream": upstream,
-               **{k: _clean(cfg.get(k)) for k in reads}, "inputs": step_inputs(step, stage_cfg, cfg)}
+               **{k: _clean(cfg.get(k)) for k in STAGES[step].keyed_nodes(stage_cfg)}, "inputs": step_inputs(step, stage_cfg, cfg)}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -126,10 +115,6 @@ def _step_config(cfg: DictConfig, step: str, stage_cfg, run_dir: Path, wiring: d
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    from tdlight.stages import decompose, distill, evaluate, finetune, pretrain
-
-    runners = {"finetune": finetune.run, "decompose": decompose.run, "pretrain": pretrain.run,
-               "distill": distill.run, "evaluate": evaluate.run}
     st = cfg.stage
     steps = list(st.steps)
     unknown = [s for s in steps if s not in ORDER]
@@ -171,7 +156,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         # concurrent pipelines (sweep trials) share step directories: the first computes a step,
         # the others wait for it and reuse it
         with FileLock(str(d) + ".lock"):
-            results[step] = _run_step(cfg, step, stage_cfg, d, wiring, runners[step], f"pipeline-{run_dir.name}")
+            results[step] = _run_step(cfg, step, stage_cfg, d, wiring, f"pipeline-{run_dir.name}")
 
     summary = _summary(cfg, dirs, results)
     write_json(run_dir / "pipeline.json", {"steps": {s: str(p) for s, p in dirs.items()}, **summary})
@@ -179,11 +164,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
-def _run_step(cfg: DictConfig, step: str, stage_cfg, d: Path, wiring: dict, runner, pipeline_id: str) -> dict:
-    result_file = d / ("report.json" if step == "decompose" else "metrics.json")
-    if (d / ARTIFACT[step]).exists() and result_file.is_file():
+def _run_step(cfg: DictConfig, step: str, stage_cfg, d: Path, wiring: dict, pipeline_id: str) -> dict:
+    record = STAGES[step]
+    if record.finished(d):
         log.info("%s: reusing %s (same inputs)", step, d)
-        return json.loads(result_file.read_text())
+        return json.loads((d / record.result).read_text())
     sub = _step_config(cfg, step, stage_cfg, d, wiring, pipeline_id)
     d.mkdir(parents=True, exist_ok=True)
     (d / ".hydra").mkdir(exist_ok=True)
@@ -191,7 +176,7 @@ def _run_step(cfg: DictConfig, step: str, stage_cfg, d: Path, wiring: dict, runn
     log.info("%s: running in %s%s", step, d, " (resuming)" if sub.resume else "")
     Console().rule(f"[bold]pipeline step: {step}")
     try:
-        return runner(sub, d)
+        return record.run(sub, d)
     finally:
         finish_wandb()  # each step is its own W&B run
 

@@ -1,0 +1,54 @@
+"""Every stage of tdlight, one record each: what the CLI dispatches and validates, what the
+pipeline chains, reuses and keys, what a finished run leaves behind.
+
+Adding a stage: its module ``tdlight/stages/<name>.py`` with ``run(cfg, run_dir)`` (training stages also
+take ``extra_callbacks``),
+its schema in :mod:`tdlight.config` with ``conf/stage/<name>.yaml``, and one line in :data:`STAGES`.
+The stage modules are imported only when a stage runs, so reading the registry stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from tdlight.config import DecomposeStage, DistillStage, EvaluateStage, FinetuneStage, PipelineStage, PretrainStage
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    name: str
+    schema: type  # the structured config of ``stage`` (conf/stage/<name>.yaml extends it)
+    artifact: str = "model"  # what a finished run leaves for the next stage (a directory or a file)
+    result: str = "metrics.json"  # its scores or report
+    # the top-level config nodes that change what the stage computes: with its own stage settings,
+    # its upstream steps and the files it reads, they key a pipeline step for reuse
+    reads: tuple[str, ...] = ()
+    reads_task_data: bool = False  # reads the task's GLUE files (their stamps join the key)
+    # (stage key, top-level node): the node is read only when that stage setting is truthy
+    reads_if: tuple[tuple[str, str], ...] = ()
+
+    def run(self, cfg, run_dir: Path, **kwargs):
+        return importlib.import_module(f"tdlight.stages.{self.name}").run(cfg, run_dir, **kwargs)
+
+    def keyed_nodes(self, stage_cfg) -> tuple[str, ...]:
+        return self.reads + tuple(node for key, node in self.reads_if if stage_cfg.get(key))
+
+    def finished(self, run_dir: Path) -> bool:
+        return (run_dir / self.artifact).exists() and (run_dir / self.result).is_file()
+
+
+STAGES: dict[str, StageRecord] = {r.name: r for r in (
+    StageRecord("finetune", FinetuneStage, reads=("teacher", "task", "seed", "trainer"), reads_task_data=True),
+    # seed: which calibration sequences are read; trainer: only when the decomposition is refined by training
+    StageRecord("decompose", DecomposeStage, result="report.json", reads=("compression", "teacher", "seed"),
+                reads_if=(("refine_steps", "trainer"),)),
+    StageRecord("pretrain", PretrainStage, reads=("teacher", "seed", "trainer")),
+    StageRecord("distill", DistillStage, reads=("task", "seed", "trainer"), reads_task_data=True),
+    StageRecord("evaluate", EvaluateStage, artifact="metrics.json", reads=("task", "trainer"), reads_task_data=True),
+    StageRecord("pipeline", PipelineStage, artifact="pipeline.json", result="pipeline.json"),
+)}
+
+# the stages whose finished run holds a model (a run directory another stage can read a model from)
+MODEL_STAGES: tuple[str, ...] = tuple(n for n, r in STAGES.items() if r.artifact == "model")
