@@ -126,10 +126,32 @@ def _discard_fresh_run_dir(run_dir: Path) -> None:
             pass
 
 
+def _quiet_dependencies() -> None:
+    """One line per event on the console: Lightning's own stream handlers duplicate every line
+    that Hydra's logging already prints (and writes to tdlight.log); its cloud-logger tip, the
+    weight-loading bars of transformers and a deprecation inside Lightning that only its next
+    release fixes are noise on every run."""
+    import warnings
+
+    import lightning.pytorch  # noqa: F401 - importing it installs the handlers removed here
+    import transformers
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for h in [h for h in lg.handlers if type(h) is logging.StreamHandler]:
+            lg.removeHandler(h)
+        lg.propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("💡 Tip"))
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    transformers.utils.logging.disable_progress_bar()
+
+
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
 def _app(cfg: DictConfig) -> None:
     global _task_started
     _task_started = True
+    _quiet_dependencies()
     fresh = run_dir = Path(HydraConfig.get().runtime.output_dir)
     from tdlight.stages.registry import STAGES
 

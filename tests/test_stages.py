@@ -58,6 +58,14 @@ def test_finetune_then_evaluate_cli(tmp_path, teacher_dir):
     assert m["score"] == pytest.approx((m["dev"]["f1"] + m["dev"]["accuracy"]) / 2)
     assert len(m["epoch_seconds"]) == 2 and m["global_step"] == 6
     assert "GLUE score" in r.stdout
+    # a quiet console: each Lightning line once, no advertisements, no dependency deprecations or
+    # W&B chatter, no weight-loading bars; the W&B run is named in one line of ours
+    console = r.stdout + r.stderr
+    assert console.count("GPU available") == 1, console[-3000:]
+    for noise in ("💡", "litlogger", "anonymous setting", "LeafSpec", "wandb leet", "Tracking run with wandb",
+                  "Loading weights", "Writing model shards", "Saving the dataset"):
+        assert noise not in console, (noise, console[-3000:])
+    assert "upload it with `wandb sync" in r.stdout
     (csv,) = [p.read_text() for p in (run / "csv").glob("version_*/metrics.csv")]
     assert "train/loss_step" in csv and "val/score" in csv
 

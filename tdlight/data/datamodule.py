@@ -16,6 +16,7 @@ the tokenizer makes them) padded to the longest sequence of the batch, and ``lab
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -164,7 +165,8 @@ class GlueDataModule(L.LightningDataModule):
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
         try:
-            ds.save_to_disk(str(tmp))
+            with _no_datasets_bars():  # the tokenizing bar above is the step's one bar
+                ds.save_to_disk(str(tmp))
             (tmp / "tdlight_cache.json").write_text(json.dumps(info, indent=2))
             try:
                 os.replace(tmp, entry)
@@ -232,3 +234,16 @@ class GlueDataModule(L.LightningDataModule):
     def test_dataloader(self):
         loaders = [self._loader(s, train=False) for s in self.task.test_splits]
         return loaders[0] if len(loaders) == 1 else loaders
+
+
+@contextlib.contextmanager
+def _no_datasets_bars():
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was:
+            datasets.enable_progress_bars()

@@ -110,6 +110,14 @@ def wandb_offline(lc) -> bool:
     return offline or os.environ.get("WANDB_MODE") in ("offline", "disabled")
 
 
+def _wandb_settings():
+    """No console output of W&B's own (banner, offline notices, `wandb leet` hint, sync hint):
+    :func:`build_loggers` logs the one line a user acts on."""
+    import wandb
+
+    return wandb.Settings(silent=True)
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> list:
     """CSV logger (unless ``logger=none``) and W&B (``logger=wandb``), both inside ``run_dir``.
 
@@ -133,8 +141,14 @@ def build_loggers(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> li
         wb = WandbLogger(
             project=lc.project, entity=lc.entity, group=lc.group, tags=list(lc.tags) or None,
             name=f"{cfg.stage.name}/{run_dir.name}", id=run_id, resume="allow", offline=offline,
-            save_dir=str(run_dir), job_type=cfg.stage.name,
+            save_dir=str(run_dir), job_type=cfg.stage.name, settings=_wandb_settings(),
         )
+        # Lightning always passes `anonymous`, which this wandb ignores with a deprecation warning
+        # on every run; WandbLogger has no way to leave it out but its init-kwargs dict
+        wb._wandb_init.pop("anonymous", None)
+        log.info("W&B run %s (%s) in %s%s", run_id, "offline" if offline else f"project {lc.project}",
+                 run_dir / "wandb", f"; upload it with `wandb sync {run_dir / 'wandb'}/offline-run-*-{run_id}`"
+                 if offline else "")
         loggers.append(wb)
     for lg in loggers:
         lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), **summary})
