@@ -103,7 +103,7 @@ def test_cached_teacher_logits_are_the_teachers_and_replace_its_forward(chain, t
     """The cached column equals a fresh teacher forward on every example; phase 2 reads it."""
     from tdlight.model.teacher import load_classifier
     from tdlight.stages import distill
-    from tdlight.stages.finetune import MODEL_INPUTS
+    from tdlight.stages.classifier import MODEL_INPUTS
 
     out, ft, dec = chain
     cfg = compose_cfg(tmp_path, "stage=distill", "task=mrpc", f"teacher.run_dir={ft}", f"stage.student={dec}",

@@ -278,7 +278,7 @@ def test_training_steps_matches_lightning_estimate(n, batch, epochs, max_steps, 
     """The LR schedule length, computed without building the train loader early (see training_steps)."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from tdlight.stages.finetune import training_steps
+    from tdlight.stages.classifier import training_steps
 
     seen = {}
 

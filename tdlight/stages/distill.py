@@ -27,7 +27,7 @@ from torch import nn
 from tdlight.errors import TdlightError
 from tdlight.model.capture import forward_with_scores
 from tdlight.stages.common import EpochTimer, adamw, build_trainer, last_checkpoint, stage_artifact, write_json
-from tdlight.stages.finetune import (
+from tdlight.stages.classifier import (
     MODEL_INPUTS, GlueModule, datamodule, is_constant, model_summary, require_task, results_table, steps_per_epoch,
     training_steps, warn_if_constant,
 )
@@ -107,7 +107,7 @@ class DistillModule(GlueModule):
 
     def configure_optimizers(self):
         opt = adamw(self.model, 1.0, self.weight_decay)  # base lr 1: the schedule below gives absolute lrs
-        per_epoch = self.steps_per_epoch  # set by the stage, as total_steps (see finetune.training_steps)
+        per_epoch = self.steps_per_epoch  # set by the stage, as total_steps (see classifier.training_steps)
         p1 = per_epoch * self.intermediate_epochs
         total = self.total_steps
         p2 = max(1, total - p1)

@@ -18,7 +18,7 @@ from rich.console import Console
 from tdlight.errors import TdlightError
 from tdlight.stages.common import build_trainer, stage_artifact, teacher_pooling, teacher_source, write_json
 from tdlight.stages.registry import MODEL_STAGES
-from tdlight.stages.finetune import (
+from tdlight.stages.classifier import (
     GlueModule, datamodule, is_constant, model_summary, require_task, results_table, warn_if_constant,
 )
 

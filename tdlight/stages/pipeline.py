@@ -184,7 +184,7 @@ def _run_step(cfg: DictConfig, step: str, stage_cfg, d: Path, wiring: dict, pipe
 def _summary(cfg: DictConfig, dirs: dict[str, Path], results: dict[str, dict]) -> dict:
     from tdlight.model.speed import paired_speedup
     from tdlight.model.teacher import load_classifier
-    from tdlight.stages.finetune import datamodule, is_constant, model_summary, require_task
+    from tdlight.stages.classifier import datamodule, is_constant, model_summary, require_task
 
     task = require_task(cfg)
     teacher, tokenizer = load_classifier(str(dirs["finetune"] / "model"), task.num_labels)

@@ -26,7 +26,7 @@ from tdlight.errors import TdlightError
 from tdlight.model.capture import forward_with_scores
 from tdlight.stages.common import adamw, build_trainer, last_checkpoint, teacher_source, write_json
 from tdlight.stages.distill import student_source
-from tdlight.stages.finetune import MODEL_INPUTS, model_summary
+from tdlight.stages.classifier import MODEL_INPUTS, model_summary
 from tdlight.stages.losses import intermediate_loss, layer_map
 
 log = logging.getLogger("tdlight.pretrain")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tdlight.model.surgery import get_encoder
-from tdlight.stages.finetune import MODEL_INPUTS
+from tdlight.stages.classifier import MODEL_INPUTS
 
 
 @contextmanager

@@ -1,0 +1,214 @@
+"""The classifier kit: what every stage that trains or evaluates a GLUE sequence classifier
+shares — :class:`GlueModule` (the LightningModule), the task's datamodule, step counts for the
+LR schedule, the model summary (encoder parameters, ratio) and the constant-predictor report.
+finetune, distill, evaluate, pretrain, refine and the pipeline build on it; it knows no stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from tdlight.errors import TdlightError
+from tdlight.stages.common import adamw, first_nonfinite
+
+log = logging.getLogger("tdlight")
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class GlueModule(L.LightningModule):
+    """A sequence classifier (any HF ``*ForSequenceClassification``, dense or compressed) on a task.
+
+    Logs ``train/loss``, ``val/<split>/<metric>`` and ``val/score`` (the task's GLUE score;
+    MNLI: the mean over matched and mismatched), and counts evaluation throughput.
+    """
+
+    def __init__(self, model: nn.Module, task, *, lr: float = 5e-5, weight_decay: float = 0.01,
+                 warmup_ratio: float = 0.1):
+        super().__init__()
+        from tdlight.data.metrics import GlueMetric
+
+        self.model = model
+        self.task = task
+        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.val_metrics = nn.ModuleList([GlueMetric(task) for _ in task.validation_splits])
+        self.total_steps: int | None = None  # set by the stage (see training_steps)
+        self.results: dict[str, float] = {}
+        self.eval_examples = 0
+        self.eval_seconds = 0.0
+
+    def on_fit_start(self) -> None:
+        # HF's from_pretrained returns the model in eval mode and Lightning keeps each
+        # submodule's mode as it finds it: without this, training would run without dropout.
+        self.model.train()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.model(**{k: batch[k] for k in MODEL_INPUTS + ("labels",) if k in batch})
+        self.log("train/loss", out.loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["labels"]))
+        return out.loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._t0 = time.perf_counter()
+        self._n = 0
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        logits = self(batch)
+        if not torch.isfinite(logits).all():  # a score of NaN logits would still be a finite number
+            raise TdlightError(f"the model's outputs are not finite (first non-finite parameter: "
+                               f"{first_nonfinite(self.model) or 'none'}); its score would be meaningless")
+        self.val_metrics[dataloader_idx].update(logits, batch["labels"])
+        self._n += len(batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        self.eval_seconds = time.perf_counter() - self._t0
+        # examples over all processes (under DDP each rank saw its share)
+        self.eval_examples = int(self.trainer.strategy.reduce(torch.tensor(self._n, device=self.device),
+                                                               reduce_op="sum"))
+        results: dict[str, float] = {}
+        scores = []
+        for split, metric in zip(self.task.validation_splits, self.val_metrics):
+            values = {k: float(v) for k, v in metric.compute().items()}
+            metric.reset()
+            prefix = split if len(self.task.validation_splits) > 1 else ""
+            for k, v in values.items():
+                results[f"{prefix}/{k}".lstrip("/")] = v
+            scores.append(values["score"])
+        results["score"] = sum(scores) / len(scores)
+        self.results = results
+        self.log_results(results)
+
+    def log_results(self, results: dict[str, float]) -> None:
+        for k, v in results.items():
+            # identical on every rank (GlueMetric syncs its states); sync_dist keeps Lightning's checks quiet
+            self.log(f"val/{k}", v, prog_bar=k == "score", sync_dist=True)
+
+    def configure_optimizers(self):
+        from transformers import get_linear_schedule_with_warmup
+
+        opt = adamw(self.model, self.lr, self.weight_decay)
+        total = self.total_steps or int(self.trainer.estimated_stepping_batches)
+        sched = get_linear_schedule_with_warmup(opt, int(self.warmup_ratio * total), total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def steps_per_epoch(trainer: L.Trainer, num_examples: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch of ``num_examples`` (per rank under DDP)."""
+    per_rank = math.ceil(num_examples / trainer.world_size)
+    batches = math.ceil(per_rank / batch_size)
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int):
+        batches = min(batches, limit)
+    elif limit is not None:
+        batches = int(batches * limit)
+    return math.ceil(batches / trainer.accumulate_grad_batches)
+
+
+def training_steps(trainer: L.Trainer, num_examples: int, batch_size: int) -> int:
+    """Optimizer steps of the whole run, for the LR schedule.
+
+    ``trainer.estimated_stepping_batches`` would give the same number, but it builds the
+    train dataloader before a checkpoint's loop state is restored, which stops Lightning
+    from restoring the loader's position — so a resumed run would replay the epoch.
+    """
+    per_epoch = steps_per_epoch(trainer, num_examples, batch_size)
+    by_epochs = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+    if trainer.max_steps and trainer.max_steps > 0:
+        return trainer.max_steps if by_epochs is None else min(trainer.max_steps, by_epochs)
+    return by_epochs or per_epoch
+
+
+def require_task(cfg: DictConfig):
+    from tdlight.data.glue import TASKS, get_task
+
+    if cfg.get("task") is None:
+        raise TdlightError(f"stage={cfg.stage.name} needs a task: add task=<name>; valid: {sorted(TASKS)}")
+    return get_task(cfg.task.name)
+
+
+def datamodule(cfg: DictConfig, task, tokenizer, *, max_length: int, batch_size: int, eval_batch_size: int,
+               limit_train: int | None, limit_eval: int | None, num_workers: int, train: bool = True,
+               augment: dict | None = None):
+    from tdlight.data.datamodule import GlueDataModule
+
+    if tokenizer is None:
+        raise TdlightError("the model directory has no tokenizer files; GLUE stages need one to tokenize the text")
+    return GlueDataModule(
+        task.name, tokenizer, data_dir=Path(cfg.paths.data_dir) / "glue", source=getattr(cfg.task.source, "value", cfg.task.source),
+        max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+        cache_dir=cfg.paths.cache_dir, seed=cfg.seed, limit_train=limit_train, limit_eval=limit_eval, train=train,
+        augment=augment,
+    )
+
+
+def model_summary(model: nn.Module) -> dict[str, float]:
+    """Encoder parameters and compression ratio (1.0 for a dense model)."""
+    from tdlight.model.surgery import count_parameters, encoder_shape, get_encoder, is_compressed
+    from tdlight.tensor.accounting import dense_counts
+
+    counts = count_parameters(model)
+    encoder = counts["encoder_weights"] + counts["encoder_biases"] + counts["encoder_layernorms"]
+    dense = dense_counts(encoder_shape(model))["encoder"] if is_compressed(model) else encoder
+    out = {"encoder_params": encoder, "ratio": dense / encoder}
+    if is_compressed(model):
+        spec = get_encoder(model).compression
+        out.update(rank_in=spec.rank_in, rank_out=spec.rank_out, variant=spec.variant)
+    return out
+
+
+DIAGNOSTIC_LABELS = {"majority_score": "majority-class baseline", "top_share": "top-prediction share",
+                     "spread": "prediction spread (std / label std)"}
+
+
+def is_constant(results: dict[str, float]) -> bool:
+    """Whether any evaluated split's predictions were (nearly) constant (see ``prediction_stats``)."""
+    return any(v for k, v in results.items() if k.split("/")[-1] == "constant")
+
+
+def warn_if_constant(results: dict[str, float], who: str) -> bool:
+    """A loud console warning (and a log line) when ``who`` predicts (nearly) one class; returns the flag."""
+    from tdlight.data.metrics import CONSTANT_SHARE
+
+    if not is_constant(results):
+        return False
+    share = {k: v for k, v in results.items() if k.split("/")[-1] in ("top_share", "spread")}
+    msg = (f"{who} is a constant predictor ({', '.join(f'{k} {v:.3f}' for k, v in share.items())}; more than "
+           f"{CONSTANT_SHARE:.0%} of dev predictions in one class, or no spread): it has learned nothing, "
+           "whatever its score")
+    Console(stderr=True).print(f"[bold red]WARNING[/]: {msg}")
+    log.warning("%s", msg)
+    return True
+
+
+def results_table(title: str, r: dict) -> Table:
+    t = Table(title=title)
+    t.add_column("")
+    t.add_column("value", justify="right")
+    for k, v in r["dev"].items():
+        split, _, name = k.rpartition("/")
+        if name == "constant":
+            continue
+        label = DIAGNOSTIC_LABELS.get(name, f"dev {name}")
+        label = "[bold]GLUE score" if k == "score" else f"{split} {label}".strip()
+        t.add_row(label, f"{v:.4f}")
+    if is_constant(r["dev"]):
+        t.add_row("[bold red]constant predictor", "[bold red]yes")
+    t.add_row("encoder parameters", f"{r['encoder_params']:,}")
+    t.add_row("compression ratio", f"{r['ratio']:.2f}×")
+    if r.get("epoch_seconds"):
+        t.add_row("s / epoch (train)", ", ".join(f"{s:.0f}" for s in r["epoch_seconds"]))
+    if r.get("examples_per_second"):
+        t.add_row("examples / s (eval)", f"{r['examples_per_second']:.1f}")
+    return t
