@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -64,13 +63,6 @@ def price(cfg: DictConfig) -> dict:
     return {"ratio": float(counts["ratio"]), "params": int(counts["encoder"]), "rank_in": rspec.rank_in,
             "rank_out": rspec.rank_out, "bank": max(rspec.banks.values()) if rspec.banks else None,
             "variant": rspec.variant}
-
-
-@dataclass
-class TrialResult:
-    values: dict  # objective name -> value
-    per_task: dict = field(default_factory=dict)  # task -> student score
-    teacher: dict = field(default_factory=dict)  # task -> teacher score (pipeline trials)
 
 
 def read_result(run_dir: Path) -> dict:

@@ -12,7 +12,7 @@ bank > bank_ratio; so ``compression.rank=64`` overrides a preset's ratio.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 from tdlight.errors import SpecError
 from tdlight.tensor.decompose import BALANCES, INITS, VARIANTS, Ranks, canonical_variant
@@ -53,17 +53,6 @@ class CompressionSpec:
     max_iter: int = 100
     tol: float = 1e-4
     seed: int = 0
-
-    @classmethod
-    def from_dict(cls, d: dict) -> CompressionSpec:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise SpecError(f"unknown compression keys {unknown}; valid: {sorted(names)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
