@@ -111,3 +111,45 @@ def write_corpus(folder):
     heldout.write_text("\n".join(lines[:40]) + "\n")
     return corpus, heldout
 
+
+# --- running the tdlight command in tests ------------------------------------------------
+
+SMALL = ["stage.limit_train=48", "stage.limit_eval=32", "stage.batch_size=16", "stage.max_length=32",
+         "trainer=cpu", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
+
+
+def cli(out, *overrides: str):
+    """``tdlight paths.output_dir=<out> <overrides>`` as a subprocess (its CompletedProcess)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "tdlight.cli", f"paths.output_dir={out}", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def runs(out, stage: str) -> list:
+    """The run directories of ``stage`` under ``out``, oldest first."""
+    d = out / stage
+    return sorted(p for p in d.iterdir() if p.is_dir()) if d.exists() else []
+
+
+def compose_cfg(tmp_path, *overrides: str):
+    """The tdlight config as the command would compose it (Hydra's compose API)."""
+    from hydra import compose, initialize_config_dir
+
+    from tdlight.config import ROOT, register
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[f"paths.output_dir={tmp_path}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def pretrain_inputs(tmp_path_factory, teacher_dir):
+    """A decomposed tiny student and a tiny corpus: ``(output dir, decompose run, corpus overrides)``."""
+    out = tmp_path_factory.mktemp("pt")
+    corpus, heldout = write_corpus(out)
+    r = cli(out, "stage=decompose", f"teacher.path={teacher_dir}", "compression.rank=8", "compression.bank=12")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (dec,) = runs(out, "decompose")
+    return out, dec, [f"stage.train_files={corpus}", f"stage.heldout_files={heldout}"]

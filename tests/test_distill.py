@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import crash_at
-from tests.test_stages import SMALL, cli, compose_cfg, runs
+from tests.conftest import SMALL, cli, compose_cfg, runs
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from tdlight.data.metrics import prediction_stats
 from tdlight.errors import TeacherError
 from tdlight.model.pooling import MeanPooler, native_pooling, pooling_of, resolve_pooling, set_pooling
 from tests.conftest import tiny_config
-from tests.test_stages import SMALL, cli, runs
+from tests.conftest import SMALL, cli, runs
 
 
 def _classifier(**kw):

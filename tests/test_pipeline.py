@@ -7,13 +7,12 @@ import shutil
 
 from omegaconf import OmegaConf
 
-from tests.test_pretrain import setup  # noqa: F401  (fixture: tiny corpus + files)
 from tdlight.config import ROOT
-from tests.test_stages import cli, runs
+from tests.conftest import cli, runs
 
 
-def test_tiny_pipeline_end_to_end_and_reuse(setup, teacher_dir, tmp_path):  # noqa: F811
-    _, _, files = setup
+def test_tiny_pipeline_end_to_end_and_reuse(pretrain_inputs, teacher_dir, tmp_path):
+    _, _, files = pretrain_inputs
     args = ["stage=pipeline", "task=mrpc", f"teacher.path={teacher_dir}", "compression.rank=8", "compression.bank=12",
             "trainer=cpu", "trainer.enable_progress_bar=false", "logger=wandb",
             "stage.finetune.epochs=1", "stage.finetune.limit_train=48", "stage.finetune.limit_eval=32",

@@ -7,26 +7,14 @@ import json
 import pytest
 import torch
 
-from tests.conftest import crash_at, write_corpus
-from tests.test_stages import cli, compose_cfg, runs
+from tests.conftest import cli, compose_cfg, crash_at, runs
 
 QUICK = ["stage.max_length=16", "stage.batch_size=4", "stage.steps=6", "stage.val_every_n_steps=3",
          "stage.max_heldout_sequences=8", "stage.shuffle_buffer=16", "trainer=cpu", "trainer.enable_progress_bar=false"]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, teacher_dir):
-    out = tmp_path_factory.mktemp("pt")
-    corpus, heldout = write_corpus(out)
-    r = cli(out, "stage=decompose", f"teacher.path={teacher_dir}", "compression.rank=8", "compression.bank=12")
-    assert r.returncode == 0, r.stderr[-3000:]
-    (dec,) = runs(out, "decompose")
-    files = [f"stage.train_files={corpus}", f"stage.heldout_files={heldout}"]
-    return out, dec, files
-
-
-def test_pretrain_reduces_heldout_loss_and_feeds_distill(setup, teacher_dir):
-    out, dec, files = setup
+def test_pretrain_reduces_heldout_loss_and_feeds_distill(pretrain_inputs, teacher_dir):
+    out, dec, files = pretrain_inputs
     r = cli(out, "stage=pretrain", f"teacher.path={teacher_dir}", f"stage.student={dec}", "stage.lr=1e-3",
             "logger=csv", *files, *QUICK)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -47,10 +35,10 @@ def test_pretrain_reduces_heldout_loss_and_feeds_distill(setup, teacher_dir):
     assert (run / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_pretrain_resume_equals_uninterrupted(setup, teacher_dir, tmp_path):
+def test_pretrain_resume_equals_uninterrupted(pretrain_inputs, teacher_dir, tmp_path):
     from tdlight.stages import pretrain
 
-    out, dec, files = setup
+    out, dec, files = pretrain_inputs
     over = ["stage=pretrain", f"teacher.path={teacher_dir}", f"stage.student={dec}", "logger=none",
             "trainer.checkpoint_every_n_steps=1", *files, *QUICK]
     pretrain.run(compose_cfg(tmp_path, *over), tmp_path / "a")
@@ -66,8 +54,8 @@ def test_pretrain_resume_equals_uninterrupted(setup, teacher_dir, tmp_path):
         assert (a[k] - b[k]).abs().max() <= 1e-6, k
 
 
-def test_pretrain_bad_input(setup, teacher_dir, tmp_path):
-    out, dec, files = setup
+def test_pretrain_bad_input(pretrain_inputs, teacher_dir, tmp_path):
+    out, dec, files = pretrain_inputs
     for extra, msg in ((["stage.student=" + str(dec), "stage.steps=0"], "stage.steps=0 must be ≥ 1"),
                        (["stage.student=" + str(dec), "stage.train_files=/no/such.txt"], "/no/such.txt"),
                        ([], "needs a student")):
@@ -76,8 +64,8 @@ def test_pretrain_bad_input(setup, teacher_dir, tmp_path):
         assert msg in r.stderr
 
 
-def test_activation_aware_refinement_lowers_layer_output_error(setup, teacher_dir, tmp_path):
-    _, _, files = setup
+def test_activation_aware_refinement_lowers_layer_output_error(pretrain_inputs, teacher_dir, tmp_path):
+    _, _, files = pretrain_inputs
     corpus = files[0].split("=", 1)[1]
     heldout = files[1].split("=", 1)[1]
     args = ["stage=decompose", f"teacher.path={teacher_dir}", "compression.rank=8", "compression.bank=12",

@@ -3,42 +3,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import safetensors.torch
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from tdlight.config import ROOT, register
-from tests.conftest import crash_at
-
-SMALL = ["stage.limit_train=48", "stage.limit_eval=32", "stage.batch_size=16", "stage.max_length=32",
-         "trainer=cpu", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
-
-
-def cli(out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "tdlight.cli", f"paths.output_dir={out}", *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-
-
-def runs(out: Path, stage: str) -> list[Path]:
-    d = out / stage
-    return sorted(p for p in d.iterdir() if p.is_dir()) if d.exists() else []
+from tests.conftest import SMALL, cli, compose_cfg, crash_at, runs
 
 
 def weights(model_dir: Path) -> dict:
     return safetensors.torch.load_file(str(model_dir / "model.safetensors"))
-
-
-def compose_cfg(tmp_path: Path, *overrides: str):
-    register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=[f"paths.output_dir={tmp_path}", *overrides])
 
 
 def test_finetune_then_evaluate_cli(tmp_path, teacher_dir):

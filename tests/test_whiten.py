@@ -13,7 +13,7 @@ import torch
 from tdlight.tensor.decompose import Ranks, decompose
 from tdlight.tensor.whiten import block_grams, decompose_whitened, prepare_gram, whitened_errors
 from tests.conftest import write_corpus
-from tests.test_stages import cli, runs
+from tests.conftest import cli, runs
 
 
 def _problem(n=12, A=16, B=12, seed=0):
