@@ -124,11 +124,15 @@ def test_sweep_with_two_workers_records_failures_and_reports(tmp_path, teacher_d
     assert r3.returncode == 0 and len(trials(tmp_path)) == n
 
 
-def signal_during_second_trial(tmp_path: Path, path: Path, sig: int) -> int:
+def signal_during_second_trial(tmp_path: Path, path: Path, sig: int, sigint_ignored: bool = False) -> int:
     """Start a sweep in its own process group, send ``sig`` to the whole group (as a terminal's
-    Ctrl-C does) once one trial has finished and the next one runs; return the sweep's exit code."""
+    Ctrl-C does) once one trial has finished and the next one runs; return the sweep's exit code.
+    ``sigint_ignored``: the sweep starts with SIGINT ignored, as a process started in the
+    background by a script or CI does; otherwise with the default, whatever pytest inherited."""
     log = open(tmp_path / "sweep-under-signal.log", "wb")  # read by the callers' failure messages
-    proc = subprocess.Popen(sweep_cmd(path), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    disposition = signal.SIG_IGN if sigint_ignored else signal.SIG_DFL
+    proc = subprocess.Popen(sweep_cmd(path), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
     deadline = time.time() + 600
     try:
         while time.time() < deadline:
@@ -189,9 +193,10 @@ def test_each_sweep_process_and_resume_samples_with_its_own_seed():
     assert process_seed(0, 3, "a", 1) == process_seed(0, 3, "a", 1)  # reproducible from what is recorded
 
 
-def test_ctrl_c_stops_the_sweep_cleanly_and_requeues_the_running_trial(tmp_path, teacher_dir):
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["from-a-terminal", "started-in-the-background"])
+def test_ctrl_c_stops_the_sweep_cleanly_and_requeues_the_running_trial(tmp_path, teacher_dir, sigint_ignored):
     path = write_sweep(tmp_path, teacher_dir, n_trials=3)
-    rc = signal_during_second_trial(tmp_path, path, signal.SIGINT)
+    rc = signal_during_second_trial(tmp_path, path, signal.SIGINT, sigint_ignored)
     assert rc == 130, (rc, sweep_log(tmp_path), [(t.number, t.state.name, t.params) for t in trials(tmp_path)])
     ts = trials(tmp_path)
     stopped = [t for t in ts if t.user_attrs.get(INTERRUPTED)]

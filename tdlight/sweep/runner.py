@@ -360,6 +360,10 @@ class Runner:
         # inside join() marks a still-running thread as finished on CPython < 3.13, and the sweep
         # would exit before its workers had re-queued their trials.
         previous = signal.signal(signal.SIGTERM, _as_interrupt)
+        # SIGINT explicitly too: a process started in the background by a non-interactive shell
+        # (`cmd &` in a script, nohup, CI) inherits SIGINT *ignored*, and Python then installs no
+        # KeyboardInterrupt for it — `kill -INT` would leave the sweep and its trials running
+        previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             for p in pool:
                 p.start()
@@ -370,6 +374,7 @@ class Runner:
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
         return study
 
     def _guard(self, study, index, gpu, threads, done: threading.Event) -> None:
