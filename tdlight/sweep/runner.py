@@ -160,7 +160,7 @@ class Runner:
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.user_attrs.get("host") == self.host and not _alive(t.user_attrs.get("pid")):
                 orphan = t.user_attrs.get(TRIAL_PID)
-                if orphan and T.stop_orphan(int(orphan), self.dir / "trials" / f"{t.number:04d}"):
+                if orphan and T.stop_orphan(int(orphan), self.trial_dir(t.number)):
                     log.warning("trial %d: stopped its process %s, left running by a sweep that died", t.number, orphan)
                 self._interrupt(study, t.number, t._trial_id, t.params)
                 n += 1
@@ -176,6 +176,9 @@ class Runner:
         except optuna.exceptions.UpdateFinishedTrialError:
             return
         study.enqueue_trial(params, user_attrs={"retry_of": number}, skip_if_exists=False)
+
+    def trial_dir(self, number: int) -> Path:
+        return self.dir / "trials" / f"{number:04d}"
 
     # --- the budget --------------------------------------------------------------------
     def _used(self, study: optuna.Study, below: int | None = None) -> int:
@@ -233,7 +236,7 @@ class Runner:
     def _run(self, study: optuna.Study, trial: optuna.Trial, gpu: str | None, threads: int) -> None:
         sw = self.sweep
         params = [override(k, v) for k, v in trial.params.items()]
-        tdir = self.dir / "trials" / f"{trial.number:04d}"
+        tdir = self.trial_dir(trial.number)
         t0 = time.time()
         try:
             cfg = T.compose([*sw.cfg.base, *params, f"task={sw.cfg.tasks[0]}"])
