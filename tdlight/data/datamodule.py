@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from tdlight.data.glue import GlueTask, get_task, load_split, resolve_source
 from tdlight.data.sampling import EpochSampler, ResumableDataLoader, trainer_progress
+from tdlight.files import file_stamp, state_fingerprint
 
 log = logging.getLogger("tdlight.data")
 
@@ -101,15 +102,11 @@ class GlueDataModule(L.LightningDataModule):
     def _cache_key(self, split: str) -> tuple[str, dict]:
         kind, path = resolve_source(self.task, split, self.data_dir, self.source)
         if kind == "local":
-            from tdlight.model.io import file_stamp
-
             src = file_stamp(path)
         else:
             src = {"hub": f"{self.task.hub_config}/{split}"}
         aug = None
         if split == "train" and self.augment:
-            from tdlight.model.io import state_fingerprint
-
             aug = {k: self.augment[k] for k in ("copies", "prob", "neighbours")}
             if self.augment.get("mlm") is not None:  # the candidates depend on every weight of the MLM
                 aug["mlm"] = state_fingerprint(self.augment["mlm"].state_dict())[:16]

@@ -6,27 +6,26 @@ shape and the resolved compression spec) and the tokenizer files. It is written 
 temporary sibling and renamed into place, so a crash never leaves half a model where a
 good one is expected, and an existing model at the target is replaced only once the new
 one is complete.
+
+:mod:`tdlight.model.teacher` builds on this module (a classifier is loaded from a saved
+compressed model through it); this module reads nothing of the teacher's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import safetensors.torch
 import transformers
-import torch
 from torch import nn
 
 from tdlight.errors import ArtifactError
+from tdlight.files import atomic_directory, file_sha256
 from tdlight.model.pooling import saved_pooling, set_pooling
-from tdlight.model.surgery import compress, densify, encoder_shape, get_encoder
-from tdlight.model.teacher import model_class
+from tdlight.model.surgery import compress, densify, encoder_shape, get_encoder, is_compressed
 from tdlight.tensor.spec import EncoderShape, ResolvedSpec
 
 FORMAT = 1
@@ -34,66 +33,13 @@ META = "tdlight.json"
 WEIGHTS = "model.safetensors"
 
 
-def state_fingerprint(state: dict[str, torch.Tensor], salt: bytes = b"", extra: str = "") -> str:
-    """SHA-1 (hex) of ``salt``, every tensor of ``state`` (name, dtype, raw bytes; by name) and
-    ``extra``: the identity of a set of weights for caches keyed by them."""
-    h = hashlib.sha1(salt)
-    for name, t in sorted(state.items()):
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    h.update(extra.encode())
-    return h.hexdigest()
-
-
-def file_stamp(path: str | os.PathLike) -> dict:
-    """A cheap identity of a file's content for cache keys: resolved path, size, mtime (ns)."""
-    st = Path(path).stat()
-    return {"file": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a file's bytes, read in 4 MiB chunks (about 1 s per GB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_directory(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmpdir)`` then move the result to ``path`` (replacing it only on success)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file through a temporary sibling and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def model_class(config) -> type[nn.Module]:
+    """The transformers class named in ``config.architectures`` (``AutoModel`` if none)."""
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    return transformers.AutoModel
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
@@ -208,8 +154,6 @@ def export_dense(path_in: str | os.PathLike, path_out: str | os.PathLike) -> Pat
 
 def save_model(model: nn.Module, tokenizer, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Save a trained model atomically: the tdlight format if compressed, else a plain HF directory."""
-    from tdlight.model.surgery import is_compressed
-
     model = model.cpu().eval()
     if is_compressed(model):
         return save_compressed(model, path, tokenizer, extra=extra)

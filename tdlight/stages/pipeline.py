@@ -52,7 +52,7 @@ def step_inputs(step: str, stage_cfg, cfg: DictConfig) -> list:
     import glob as globlib
 
     from tdlight.data.glue import get_task, resolve_source
-    from tdlight.model.io import file_stamp
+    from tdlight.files import file_stamp
 
     stamps: list = []
     if STAGES[step].reads_task_data and cfg.get("task") is not None:

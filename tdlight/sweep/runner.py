@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from tdlight.errors import TdlightError
+from tdlight.files import atomic_write_text
 from tdlight.sweep import trial as T
 from tdlight.sweep.spec import Sweep, SweepError, override, sampler
 
@@ -146,8 +147,6 @@ class Runner:
                                  "definition would mix two studies. Use a new sweep.name or sweep.dir")
 
     def _save(self) -> None:
-        from tdlight.model.io import atomic_write_text
-
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.dir / SAVED, OmegaConf.to_yaml(self.sweep.cfg))
 

@@ -1,0 +1,79 @@
+"""Files and hashes: atomic writes and the identities that cache keys are made of.
+
+The bottom of the package beside :mod:`tdlight.errors`: plain Python and torch, no
+transformers, no Lightning, nothing else of tdlight. Model saving (:mod:`tdlight.model.io`),
+the CLI, the stages, the sweeps and the data caches all write and fingerprint through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def state_fingerprint(state: dict[str, torch.Tensor], salt: bytes = b"", extra: str = "") -> str:
+    """SHA-1 (hex) of ``salt``, every tensor of ``state`` (name, dtype, raw bytes; by name) and
+    ``extra``: the identity of a set of weights for caches keyed by them."""
+    h = hashlib.sha1(salt)
+    for name, t in sorted(state.items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(extra.encode())
+    return h.hexdigest()
+
+
+def file_stamp(path: str | os.PathLike) -> dict:
+    """A cheap identity of a file's content for cache keys: resolved path, size, mtime (ns)."""
+    st = Path(path).stat()
+    return {"file": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 4 MiB chunks (about 1 s per GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_directory(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmpdir)`` then move the result to ``path`` (replacing it only on success)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file through a temporary sibling and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
