@@ -51,7 +51,7 @@ def matmul_throughput(device: torch.device, size: int = 2048, reps: int = 10) ->
 
 
 def sweep_macs(shape, ranks) -> int:
-    """MACs of one sweep of ``tdlight.tensor.decompose.hooi`` (mode products + Grams)."""
+    """MACs of one sweep of ``tdlight.tensor.hooi.hooi`` (mode products + Grams)."""
     n, A, B = shape
     k, a, b = ranks
     need_p, need_u, need_v = k < n, a < A, b < B

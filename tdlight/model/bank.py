@@ -5,28 +5,35 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tdlight.tensor.decompose import Factors
+from tdlight.tensor.factors import Factors
+from tdlight.tensor.variants import Variant, variant_of
 
 
 class FactorBank(nn.Module):
     """Factors of n stacked D×D blocks: W_i = U (Σ_j P_ij C_j) Vᵀ.
 
-    Shapes (a = d_in, b = d_out):
+    Shapes (a = d_in, b = d_out) are the variant's
+    (:meth:`~tdlight.tensor.variants.Variant.shapes`):
 
-    * ``U``: (D, a) — or (n, D, a) for variant ``lowrank`` (one U_i per block)
-    * ``V``: (D, b) — or (n, D, b) for ``lowrank``
-    * ``core``: (k, a, b), the bank 𝒞 (k = n unless ``tucker``)
-    * ``P``: (n, k) for ``tucker``; absent otherwise (identity)
+    * ``U``: (D, a) — or (n, D, a) when the variant shares no factors (one U_i per block)
+    * ``V``: (D, b) — or (n, D, b) likewise
+    * ``core``: (k, a, b), the bank 𝒞 (k = n for a variant without a bank)
+    * ``P``: (n, k) for a variant with a bank; absent otherwise (identity)
     """
 
     def __init__(self, variant: str, n: int, k: int, hidden: int, rank_in: int, rank_out: int):
         super().__init__()
         self.variant = variant
-        per_block = (n,) if variant == "lowrank" else ()
-        self.U = nn.Parameter(torch.zeros(*per_block, hidden, rank_in))
-        self.V = nn.Parameter(torch.zeros(*per_block, hidden, rank_out))
-        self.core = nn.Parameter(torch.zeros(k, rank_in, rank_out))
-        self.P = nn.Parameter(torch.zeros(n, k)) if variant == "tucker" else None
+        shapes = self.strategy.shapes(n, k, hidden, hidden, rank_in, rank_out)
+        self.U = nn.Parameter(torch.zeros(shapes["U"]))
+        self.V = nn.Parameter(torch.zeros(shapes["V"]))
+        self.core = nn.Parameter(torch.zeros(shapes["core"]))
+        self.P = nn.Parameter(torch.zeros(shapes["P"])) if shapes["P"] is not None else None
+
+    @property
+    def strategy(self) -> Variant:
+        """The variant's strategy object (its forward, refit, facts)."""
+        return variant_of(self.variant)
 
     @classmethod
     def from_factors(cls, f: Factors) -> FactorBank:
@@ -44,7 +51,7 @@ class FactorBank(nn.Module):
             self.P.copy_(f.P)
 
     def factors(self) -> Factors:
-        """A differentiable view of the parameters as :class:`~tdlight.tensor.decompose.Factors`."""
+        """A differentiable view of the parameters as :class:`~tdlight.tensor.factors.Factors`."""
         return Factors(self.variant, self.U, self.V, self.core, self.P)
 
     def slice_cores(self, idx: torch.Tensor) -> torch.Tensor:

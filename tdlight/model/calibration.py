@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from tdlight.model.surgery import LINEAR_PATHS, _get_linear, encoder_weights, get_encoder, load_factors
-from tdlight.tensor.decompose import Decomposition, Factors, slice_errors
+from tdlight.tensor.factors import Decomposition, Factors, slice_errors
 from tdlight.tensor.layout import stack
 from tdlight.tensor.whiten import (
     DEFAULT_DAMP,
@@ -200,9 +200,7 @@ def fit_outputs(model: nn.Module, weights: dict[tuple[int, str], torch.Tensor],
         x = tensors[g].to(bank.U.device, torch.float32)
         H, index = block_grams(layout, g, grams, damp)
         H = H.to(x.device)
-        start = bank.factors()
-        start = Factors(start.variant, *(t.detach().float() if t is not None else None
-                                         for t in (start.U, start.V, start.core, start.P)))
+        start = bank.factors().map(lambda t: t.detach().float())
         cb = (lambda it, e, g=g: callback(g, it, e)) if callback else None
         dec = decompose_whitened(x, H, rspec.variant, rspec.ranks(g), gram_index=index, iters=iters,
                                  start=start, callback=cb)
@@ -537,8 +535,7 @@ def refit_layerwise(student: nn.Module, teacher: nn.Module, batches: list[dict],
                             keys[key] = len(grams)
                             grams.append(prepare_gram(h, damp))
                     index = torch.tensor([keys[it[3]] for it in items])
-                    f = bank.factors()
-                    f = Factors(f.variant, *(x.detach() if x is not None else None for x in (f.U, f.V, f.core, f.P)))
+                    f = bank.factors().map(torch.Tensor.detach)
                     target = torch.stack([it[2] for it in items]).to(f.core.device)
                     H = torch.stack(grams)
                     new = refit_blocks(f, torch.tensor([it[0] for it in items]), target, H, index)

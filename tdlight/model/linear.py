@@ -3,16 +3,18 @@
 ``FactorizedLinear`` is a drop-in for the ``nn.Linear`` it replaces: same input and
 output features, same bias, ``y = x W + b``. Its weight is a grid of n_in × n_out D×D
 blocks, block (j, m) being ``U C′_jm Vᵀ`` with C′ the block's mixed core. The forward
-never builds W:
+never builds W; it is the variant's :meth:`~tdlight.tensor.variants.Variant.matmul`, for
+variants that share U and V:
 
     xu = x_j @ U                    for every input chunk j      (…, n_in, a)
     z_m = Σ_j xu_j @ C′_jm          one matmul with the cores laid out (n_in·a)×(n_out·b)
     y_m = z_m @ Vᵀ                  for every output chunk m     (…, n_out, D)
 
-Q, K and V read the same input, so they share one ``x @ U`` (and one core matmul and
-one ``@ Vᵀ`` for the three) through a :class:`SharedInput`; the FFN-input matrix is one module with n_out = m blocks, so its m
-blocks share ``x @ U`` by construction. ``mode = "reconstructed"`` rebuilds W and calls
-``F.linear`` instead (for testing; both agree to float precision).
+Q, K and V read the same input, so when their variant shares U they share one ``x @ U``
+(and one core matmul and one ``@ Vᵀ`` for the three) through a :class:`SharedInput`; the
+FFN-input matrix is one module with n_out = m blocks, so its m blocks share ``x @ U`` by
+construction. ``mode = "reconstructed"`` rebuilds W and calls ``F.linear`` instead (for
+testing; both agree to float precision).
 """
 
 from __future__ import annotations
@@ -62,13 +64,10 @@ class SharedInput:
         if self.hit(x):
             y = self._y
             self._left -= 1
-        else:
+        else:  # the members as one 1 × members grid of blocks: one x @ U, one core matmul, one @ Vᵀ
             bank = self.members[0].bank
             idx = torch.cat([m.blocks.flatten() for m in self.members])
-            cores = bank.slice_cores(idx)  # (members, a, b)
-            grid = cores.permute(1, 0, 2).reshape(cores.shape[1], -1)  # a × (members·b)
-            z = (x @ bank.U) @ grid
-            y = z.unflatten(-1, (len(self.members), -1)) @ bank.V.t()  # (…, members, D)
+            y = bank.strategy.matmul(x, bank.factors(), idx.view(1, -1))  # (…, members, D)
             self._x, self._version, self._y, self._left = x, self._version_of(x), y, len(self.members) - 1
         if self._left == 0:
             self._x = self._y = None
@@ -105,33 +104,8 @@ class FactorizedLinear(nn.Module):
             y = self.shared_input.output(x, self.slot)
             return y + self.bias if self.bias is not None else y
         bank = self.bank
-        idx = self.blocks.flatten()
-        cores = bank.slice_cores(idx)  # (n_in·n_out, a, b)
-        a, b = cores.shape[-2:]
-        if bank.variant == "lowrank":
-            y = self._forward_lowrank(x, idx, cores)
-        else:
-            if self.n_in == 1:
-                xu = x @ bank.U
-            else:
-                xu = x.unflatten(-1, (self.n_in, -1)) @ bank.U  # (…, n_in, a)
-            # cores as one (n_in·a) × (n_out·b) matrix: row (j, a), column (m, b)
-            grid = cores.view(self.n_in, self.n_out, a, b).permute(0, 2, 1, 3).reshape(self.n_in * a, -1)
-            z = xu.reshape(*x.shape[:-1], self.n_in * a) @ grid
-            y = z.unflatten(-1, (self.n_out, b)) @ bank.V.t()  # (…, n_out, D)
-        y = y.flatten(-2)
+        y = bank.strategy.matmul(x, bank.factors(), self.blocks).flatten(-2)  # (…, n_out·D)
         return y + self.bias if self.bias is not None else y
-
-    def _forward_lowrank(self, x: torch.Tensor, idx: torch.Tensor, cores: torch.Tensor) -> torch.Tensor:
-        """Variant II: every block has its own U_i, V_i (nothing to share)."""
-        shape = (self.n_in, self.n_out)
-        U = self.bank.U[idx].unflatten(0, shape)  # (n_in, n_out, D, a)
-        V = self.bank.V[idx].unflatten(0, shape)  # (n_in, n_out, D, b)
-        C = cores.unflatten(0, shape)
-        xs = x.unflatten(-1, (self.n_in, -1))  # (…, n_in, D)
-        xu = torch.einsum("...jd,jmda->...jma", xs, U)
-        z = torch.einsum("...jma,jmab->...jmb", xu, C)
-        return torch.einsum("...jmb,jmeb->...me", z, V)  # sum over input chunks j
 
     @property
     def weight(self) -> torch.Tensor:

@@ -20,7 +20,8 @@ from torch import nn
 from tdlight.errors import SpecError, TeacherError
 from tdlight.model.bank import FactorBank
 from tdlight.model.linear import MODES, FactorizedLinear, SharedInput
-from tdlight.tensor.decompose import Decomposition, Factors, decompose, warn_dead_blocks
+from tdlight.tensor.decompose import decompose, warn_dead_blocks
+from tdlight.tensor.factors import Decomposition, Factors
 from tdlight.tensor.layout import stack
 from tdlight.tensor.spec import CompressionSpec, EncoderShape, ResolvedSpec, resolve
 
@@ -171,11 +172,12 @@ def compress(
                 dtype=ref.dtype, device=ref.device
             )
 
-    # Swap the linears. Q/K/V of a layer share one x @ U when they share a bank.
+    # Swap the linears. Q/K/V of a layer share one x @ U when they are in one group and U is shared.
+    share_qkv = rspec.strategy.shared_factors and "query" in layout.types
     for i, layer in enumerate(encoder.layer):
         qkv_groups = {layout.index[b][0] for t in ("query", "key", "value") if t in layout.types
                       for b in layout.blocks_of(i, t)}
-        shared = SharedInput() if rspec.variant != "lowrank" and len(qkv_groups) == 1 and "query" in layout.types else None
+        shared = SharedInput() if share_qkv and len(qkv_groups) == 1 else None
         for t in layout.types:
             parent, attr, lin = _get_linear(layer, t, i)
             blks = layout.blocks_of(i, t)

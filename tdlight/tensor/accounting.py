@@ -4,7 +4,8 @@ Parameters are split into encoder weights (the decomposed matrices, or the dense
 left out of the layout's scope), encoder biases, encoder LayerNorms, and embeddings
 (word + position + token type + their LayerNorm). The *encoder* is weights + biases +
 LayerNorms; the compression ratio is dense encoder / compressed encoder, as in the
-paper (BERT-base: 85.1M dense).
+paper (BERT-base: 85.1M dense). A group's factors count as its variant says
+(:meth:`tdlight.tensor.variants.Variant.param_count`).
 
 MACs are per token of a forward pass, counted the way ``tdlight.model`` computes it:
 ``x @ U`` once per group of blocks reading the same input (Q/K/V share one, the m
@@ -35,17 +36,6 @@ def dense_counts(shape: EncoderShape) -> dict[str, int]:
     }
 
 
-def factor_params(variant: str, n: int, k: int, A: int, B: int, a: int, b: int) -> int:
-    """Parameters of one group's factors (n stacked A×B matrices, ranks k, a, b)."""
-    if variant == "lowrank":
-        return n * (A * a + B * b + a * b)
-    if variant == "shared":
-        return A * a + B * b + n * a * b
-    if variant == "tucker":
-        return A * a + B * b + k * a * b + n * k
-    raise ValueError(f"no factor accounting for variant {variant!r}")
-
-
 def param_counts(shape: EncoderShape, spec: ResolvedSpec) -> dict[str, float]:
     """Dense and compressed parameter counts and the encoder compression ratio."""
     dense = dense_counts(shape)
@@ -53,7 +43,7 @@ def param_counts(shape: EncoderShape, spec: ResolvedSpec) -> dict[str, float]:
     lay = spec.layout
     compressed_blocks = lay.num_blocks
     weights = (dense["encoder_weights"] - compressed_blocks * D * D) + sum(
-        factor_params(spec.variant, len(blocks), spec.banks[g], D, D, spec.rank_in, spec.rank_out)
+        spec.strategy.param_count(len(blocks), spec.banks[g], D, D, spec.rank_in, spec.rank_out)
         for g, blocks in lay.groups.items()
     )
     encoder = weights + dense["encoder_biases"] + dense["encoder_layernorms"]
@@ -74,7 +64,7 @@ def _linear_macs(spec: ResolvedSpec | None, D: int, m: int, group_of) -> float:
     if spec is None:
         return (4 + 2 * m) * D * D
     a, b = spec.rank_in, spec.rank_out
-    lowrank = spec.variant == "lowrank"
+    shared_u = spec.strategy.shared_factors  # blocks reading one input share x @ U
     block = D * a + a * b + b * D  # one x @ U @ C′ @ Vᵀ
     total = 0.0
     qkv_groups = {group_of(t) for t in ("query", "key", "value")}
@@ -82,17 +72,17 @@ def _linear_macs(spec: ResolvedSpec | None, D: int, m: int, group_of) -> float:
         g = group_of(t)
         if g is None:
             total += D * D
-        elif t in ("query", "key", "value") and not lowrank and len(qkv_groups) == 1:
+        elif t in ("query", "key", "value") and shared_u and len(qkv_groups) == 1:
             total += a * b + b * D  # x @ U is shared, added once below
         else:
             total += block
-    if not lowrank and len(qkv_groups) == 1 and None not in qkv_groups:
+    if shared_u and len(qkv_groups) == 1 and None not in qkv_groups:
         total += D * a
     for t in FFN_TYPES:
         g = group_of(t)
         if g is None:
             total += m * D * D
-        elif lowrank:
+        elif not shared_u:
             total += m * block
         elif t == "ffn_in":  # (x @ U) once, m cores, m @ Vᵀ
             total += D * a + m * (a * b + b * D)
@@ -118,7 +108,7 @@ def macs(shape: EncoderShape, spec: ResolvedSpec | None, seq_len: int) -> dict[s
         linear += _linear_macs(spec, D, m, group_of)
     attention = L * 2 * seq_len * D
     mixing = 0.0
-    if spec is not None and spec.variant == "tucker":
+    if spec is not None and spec.strategy.has_bank:
         mixing = sum(len(bl) * spec.banks[g] * spec.rank_in * spec.rank_out for g, bl in spec.layout.groups.items())
     return {"linear": linear, "attention": attention, "per_token": linear + attention, "core_mixing_per_forward": mixing}
 

@@ -15,8 +15,11 @@ import math
 from dataclasses import dataclass, field
 
 from tdlight.errors import SpecError
-from tdlight.tensor.decompose import BALANCES, INITS, VARIANTS, Ranks, canonical_variant
+from tdlight.tensor.decompose import BALANCES
+from tdlight.tensor.factors import Ranks
+from tdlight.tensor.hooi import INITS
 from tdlight.tensor.layout import Layout
+from tdlight.tensor.variants import VARIANTS, Variant, variant_of, with_bank
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class EncoderShape:
 
 @dataclass(frozen=True)
 class CompressionSpec:
-    variant: str = "tucker"  # dense | lowrank (II) | shared (III) | tucker (IV)
+    variant: str = "tucker"  # dense | a name in tdlight.tensor.variants.VARIANTS (or its numeral)
     scope: str = "all"  # all | attention | ffn
     grouping: str = "none"  # none | type | layers
     layers_per_group: int | None = None
@@ -57,7 +60,10 @@ class CompressionSpec:
 
 @dataclass(frozen=True)
 class ResolvedSpec:
-    """Integers for one encoder: ``banks[group]`` is k of that group (n for shared/lowrank)."""
+    """Integers for one encoder: ``banks[group]`` is k of that group (n for a variant without a bank).
+
+    ``variant`` is the registered name; :attr:`strategy` is its :class:`~tdlight.tensor.variants.Variant`.
+    """
 
     variant: str
     layout: Layout
@@ -70,8 +76,13 @@ class ResolvedSpec:
     tol: float = 1e-4
     seed: int = 0
 
+    @property
+    def strategy(self) -> Variant:
+        """What the variant does (its parameter count, fits and forward); ask it, not the name."""
+        return variant_of(self.variant)
+
     def ranks(self, group: str) -> Ranks:
-        return Ranks(self.rank_in, self.rank_out, self.banks[group] if self.variant == "tucker" else None)
+        return Ranks(self.rank_in, self.rank_out, self.banks[group] if self.strategy.has_bank else None)
 
     def to_dict(self) -> dict:
         lay = self.layout
@@ -121,9 +132,7 @@ def resolve(spec: CompressionSpec, shape: EncoderShape) -> ResolvedSpec:
     """Concrete ranks for ``shape``; raises :class:`SpecError` naming any impossible value."""
     from tdlight.tensor.accounting import param_counts  # accounting imports this module
 
-    if spec.variant == "dense":
-        raise SpecError("variant 'dense' (I) means no compression: there is nothing to decompose")
-    variant = canonical_variant(spec.variant)
+    strategy = variant_of(spec.variant)  # the one place a spec's variant name is looked up
     if spec.balance not in BALANCES:
         raise SpecError(f"unknown balance {spec.balance!r}; valid: {list(BALANCES)}")
     if spec.init not in INITS:
@@ -146,10 +155,10 @@ def resolve(spec: CompressionSpec, shape: EncoderShape) -> ResolvedSpec:
     banks: dict[str, int] = {}
     for g, blocks in layout.groups.items():
         n = len(blocks)
-        if variant != "tucker":
+        if not strategy.has_bank:
             if spec.bank is not None or spec.bank_ratio is not None:
                 raise SpecError(
-                    f"bank / bank_ratio only apply to variant 'tucker' (IV); variant {spec.variant!r} "
+                    f"bank / bank_ratio only apply to {with_bank()}; variant {spec.variant!r} "
                     "has one core per matrix: leave them unset"
                 )
             banks[g] = n
@@ -170,9 +179,10 @@ def resolve(spec: CompressionSpec, shape: EncoderShape) -> ResolvedSpec:
         d_out = max(1, round(spec.rank_ratio * D)) if d_out is None else d_out
 
     def make(di, do) -> ResolvedSpec:
-        r = ResolvedSpec(variant, layout, di, do, banks, spec.balance, spec.init, spec.max_iter, spec.tol, spec.seed)
+        r = ResolvedSpec(strategy.name, layout, di, do, banks, spec.balance, spec.init, spec.max_iter, spec.tol,
+                         spec.seed)
         for g, blocks in layout.groups.items():
-            r.ranks(g).check(variant, (len(blocks), D, D))
+            strategy.check(r.ranks(g), (len(blocks), D, D))
         return r
 
     if solve:

@@ -1,0 +1,52 @@
+"""Variant III, ``shared``: W_i ≈ U C_i Vᵀ, U and V shared by the group, one core per matrix."""
+
+from __future__ import annotations
+
+import torch
+
+from tdlight.tensor.factors import Factors, Fit, Ranks
+from tdlight.tensor.hooi import hooi, identity_if_none
+from tdlight.tensor.output_fit import fit_shared, refit_cores
+from tdlight.tensor.variants.base import Variant
+
+
+class Shared(Variant):
+    name = "shared"
+    numeral = "III"
+    formula = "W_i ≈ U C_i Vᵀ"
+    shared_factors = True
+    has_bank = False
+    iterative = True
+
+    def fit_weights(self, tensor: torch.Tensor, ranks: Ranks, **options) -> Fit:
+        """Tucker HOOI with the slice mode at full rank (k = n: no P)."""
+        n, A, B = tensor.shape
+        _, U, V, core, its, converged, history = hooi(tensor, (n, ranks.rank_in, ranks.rank_out), **options)
+        U, V = identity_if_none(U, A, tensor), identity_if_none(V, B, tensor)
+        return Fit(Factors(self.name, U.contiguous(), V.contiguous(), core), its, converged, history)
+
+    def fit_outputs(self, W: torch.Tensor, H: torch.Tensor, gidx: torch.Tensor, ranks: Ranks, **options) -> Fit:
+        """The shared-factor output fit (:func:`~tdlight.tensor.output_fit.fit_shared`), one free core per block."""
+        U, V, _, C, its, converged, history = fit_shared(W, H, gidx, ranks.rank_in, ranks.rank_out, W.shape[0],
+                                                         **options)
+        return Fit(Factors(self.name, U, V, C), its, converged, history)
+
+    def refit_blocks(self, factors: Factors, rows: torch.Tensor, W: torch.Tensor, H: torch.Tensor,
+                     gidx: torch.Tensor, ridge: float) -> Factors:
+        """Each selected block's own core, U and V fixed."""
+        return refit_cores(factors, rows, W, H, gidx)
+
+    def matmul(self, x: torch.Tensor, factors: Factors, blocks: torch.Tensor) -> torch.Tensor:
+        """``x_j @ U`` once per input chunk, one matmul with the mixed cores laid out as an
+        (n_in·a) × (n_out·b) grid, ``@ Vᵀ`` once per output chunk."""
+        n_in, n_out = blocks.shape
+        cores = factors.slice_cores(blocks.flatten())  # (n_in·n_out, a, b)
+        a, b = cores.shape[-2:]
+        if n_in == 1:
+            xu = x @ factors.U
+        else:
+            xu = x.unflatten(-1, (n_in, -1)) @ factors.U  # (…, n_in, a)
+        # row (j, a), column (m, b)
+        grid = cores.view(n_in, n_out, a, b).permute(0, 2, 1, 3).reshape(n_in * a, -1)
+        z = xu.reshape(*x.shape[:-1], n_in * a) @ grid
+        return z.unflatten(-1, (n_out, b)) @ factors.V.t()  # (…, n_out, B)
