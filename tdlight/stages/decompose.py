@@ -40,6 +40,7 @@ from tdlight.model.teacher import load_teacher
 from tdlight.stages.common import teacher_source
 from tdlight.tensor.accounting import param_counts
 from tdlight.tensor.spec import resolve
+from tdlight.tensor.variants import variant_of
 
 log = logging.getLogger("tdlight.decompose")
 
@@ -116,7 +117,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
         tasks = {g: progress.add_task(f"HOOI {g}", total=rspec.max_iter, status="")
-                 for g in rspec.layout.groups} if rspec.variant != "lowrank" else {}
+                 for g in rspec.layout.groups} if rspec.strategy.iterative else {}
 
         def on_sweep(group: str, sweep: int, err: float) -> None:
             progress.update(tasks[group], completed=sweep, status=f"sweep {sweep}  rel. error {err:.4f}")
@@ -339,7 +340,7 @@ def _fit_outputs(cfg: DictConfig, student, teacher, report, calibration: dict, d
 def _table(r: dict) -> Table:
     s = r["spec"]
     ranks = f"d_in={s['rank_in']} d_out={s['rank_out']}" + (
-        f" k={','.join(map(str, s['banks'].values()))}" if s["variant"] == "tucker" else "")
+        f" k={','.join(map(str, s['banks'].values()))}" if variant_of(s["variant"]).has_bank else "")
     t = Table(title=f"tdlight decompose: {r['teacher']} — {s['variant']} ({s['scope']}, grouping {s['grouping']}) {ranks}")
     t.add_column("")
     t.add_column("before", justify="right")
