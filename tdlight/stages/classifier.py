@@ -18,8 +18,13 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from tdlight.data.datamodule import GlueDataModule
+from tdlight.data.glue import TASKS, get_task
+from tdlight.data.metrics import CONSTANT_SHARE, GlueMetric
 from tdlight.errors import TdlightError
+from tdlight.model.surgery import count_parameters, encoder_shape, get_encoder, is_compressed
 from tdlight.stages.common import adamw, first_nonfinite
+from tdlight.tensor.accounting import dense_counts
 
 log = logging.getLogger("tdlight")
 
@@ -36,7 +41,6 @@ class GlueModule(L.LightningModule):
     def __init__(self, model: nn.Module, task, *, lr: float = 5e-5, weight_decay: float = 0.01,
                  warmup_ratio: float = 0.1):
         super().__init__()
-        from tdlight.data.metrics import GlueMetric
 
         self.model = model
         self.task = task
@@ -131,17 +135,20 @@ def training_steps(trainer: L.Trainer, num_examples: int, batch_size: int) -> in
 
 
 def require_task(cfg: DictConfig):
-    from tdlight.data.glue import TASKS, get_task
-
     if cfg.get("task") is None:
         raise TdlightError(f"stage={cfg.stage.name} needs a task: add task=<name>; valid: {sorted(TASKS)}")
     return get_task(cfg.task.name)
 
 
+def task_settings(cfg: DictConfig, *keys: str) -> list:
+    """The stage's values of ``keys`` (e.g. ``lr``, ``batch_size``), each left unset (null) taken
+    from the task's defaults (``conf/task/<name>.yaml``)."""
+    return [cfg.stage[k] if cfg.stage[k] is not None else cfg.task[k] for k in keys]
+
+
 def datamodule(cfg: DictConfig, task, tokenizer, *, max_length: int, batch_size: int, eval_batch_size: int,
                limit_train: int | None, limit_eval: int | None, num_workers: int, train: bool = True,
                augment: dict | None = None):
-    from tdlight.data.datamodule import GlueDataModule
 
     if tokenizer is None:
         raise TdlightError("the model directory has no tokenizer files; GLUE stages need one to tokenize the text")
@@ -155,9 +162,6 @@ def datamodule(cfg: DictConfig, task, tokenizer, *, max_length: int, batch_size:
 
 def model_summary(model: nn.Module) -> dict[str, float]:
     """Encoder parameters and compression ratio (1.0 for a dense model)."""
-    from tdlight.model.surgery import count_parameters, encoder_shape, get_encoder, is_compressed
-    from tdlight.tensor.accounting import dense_counts
-
     counts = count_parameters(model)
     encoder = counts["encoder_weights"] + counts["encoder_biases"] + counts["encoder_layernorms"]
     dense = dense_counts(encoder_shape(model))["encoder"] if is_compressed(model) else encoder
@@ -179,8 +183,6 @@ def is_constant(results: dict[str, float]) -> bool:
 
 def warn_if_constant(results: dict[str, float], who: str) -> bool:
     """A loud console warning (and a log line) when ``who`` predicts (nearly) one class; returns the flag."""
-    from tdlight.data.metrics import CONSTANT_SHARE
-
     if not is_constant(results):
         return False
     share = {k: v for k, v in results.items() if k.split("/")[-1] in ("top_share", "spread")}

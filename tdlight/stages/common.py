@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from omegaconf import DictConfig, OmegaConf
 
 from tdlight.errors import RunError, TdlightError
+from tdlight.files import atomic_write_text
 
 log = logging.getLogger("tdlight")
 
@@ -220,7 +221,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, max_epochs: int, monitor: s
     callbacks += extra_callbacks or []
     kwargs: dict[str, Any] = dict(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
-        precision=t.precision, max_epochs=t.max_epochs if t.max_epochs is not None else max_epochs,
+        precision=t.precision, max_epochs=max_epochs,
         max_steps=t.max_steps, gradient_clip_val=t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches, log_every_n_steps=t.log_every_n_steps,
         num_sanity_val_steps=t.num_sanity_val_steps, deterministic=t.deterministic,
@@ -283,8 +284,6 @@ def first_nonfinite(module: torch.nn.Module) -> str | None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    from tdlight.model.io import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=2, default=float))
 
 

@@ -18,19 +18,21 @@ import logging
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 from torch import nn
 
 from tdlight.errors import TdlightError
 from tdlight.model.capture import forward_with_scores
-from tdlight.stages.common import EpochTimer, adamw, build_trainer, last_checkpoint, stage_artifact, write_json
+from tdlight.model.pooling import pooling_of, set_pooling
+from tdlight.model.surgery import encoder_shape, is_compressed
+from tdlight.model.teacher import copy_head, load_classifier, load_masked_lm
+from tdlight.stages import training
 from tdlight.stages.classifier import (
-    MODEL_INPUTS, GlueModule, datamodule, is_constant, model_summary, require_task, results_table, steps_per_epoch,
-    training_steps, warn_if_constant,
+    MODEL_INPUTS, GlueModule, datamodule, model_summary, require_task, results_table, steps_per_epoch, task_settings,
+    training_steps,
 )
+from tdlight.stages.common import adamw, saved_config, stage_artifact
 from tdlight.stages.losses import gold_loss, intermediate_loss, layer_map, prediction_loss
 
 log = logging.getLogger("tdlight.distill")
@@ -171,9 +173,6 @@ def masked_lm_for(cfg: DictConfig, tokenizer) -> nn.Module:
     """The masked LM of ``stage.augment_method=mlm``: ``stage.augment_mlm``, else the pretrained
     model the fine-tuned teacher started from (its run's ``teacher.path``). Its vocabulary must
     be the teacher's, since its predictions replace the teacher tokenizer's words."""
-    from tdlight.model.teacher import load_masked_lm
-    from tdlight.stages.common import saved_config
-
     name = cfg.stage.augment_mlm or saved_config(cfg.teacher.run_dir).teacher.path
     mlm, mlm_tokenizer = load_masked_lm(name)
     if mlm_tokenizer is None or mlm_tokenizer.get_vocab() != tokenizer.get_vocab():
@@ -183,12 +182,8 @@ def masked_lm_for(cfg: DictConfig, tokenizer) -> nn.Module:
 
 
 def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> dict:
-    from tdlight.model.surgery import encoder_shape, is_compressed
-    from tdlight.model.pooling import pooling_of, set_pooling
-    from tdlight.model.teacher import copy_head, load_classifier
-
     task = require_task(cfg)
-    st, tc = cfg.stage, cfg.task
+    st = cfg.stage
     if not cfg.teacher.get("run_dir"):
         raise TdlightError("stage=distill needs the fine-tuned teacher: teacher.run_dir=<finetune run directory>")
     teacher_dir = stage_artifact(cfg.teacher.run_dir, ("finetune",))
@@ -208,12 +203,9 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     if st.augment and (st.augment_copies < 1 or not 0 < st.augment_prob <= 1 or st.augment_neighbours < 1):
         raise TdlightError(f"augmentation needs augment_copies ≥ 1, augment_prob in (0, 1], augment_neighbours ≥ 1; "
                            f"got {st.augment_copies}, {st.augment_prob}, {st.augment_neighbours}")
-    lr = st.lr if st.lr is not None else tc.lr
-    batch_size = st.batch_size if st.batch_size is not None else tc.batch_size
-    max_length = st.max_length if st.max_length is not None else tc.max_length
-    ckpt = last_checkpoint(run_dir) if cfg.get("resume") else None
+    lr, batch_size, max_length = task_settings(cfg, "lr", "batch_size", "max_length")
+    ckpt = training.begin(cfg, run_dir)
 
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     teacher, tokenizer = load_classifier(str(teacher_dir), task.num_labels)
     student, _ = load_classifier(student_dir, task.num_labels)
     if not is_compressed(student):
@@ -248,36 +240,23 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     )
     summary = {"task": task.name, "teacher": str(teacher_dir), "student": student_dir, "head": head, "pooling": pooling,
                **model_summary(student)}
-    timer = EpochTimer()
-    epochs = st.intermediate_epochs + st.prediction_epochs
-    trainer = build_trainer(cfg, run_dir, max_epochs=epochs, monitor="val/score", summary=summary,
-                            extra_callbacks=[timer, *(extra_callbacks or [])])
-    if st.prediction_epochs and st.gold_weight < 1:
-        secs = cache_teacher_logits(teacher, dm, trainer.strategy.root_device)
-        log.info("cached the teacher's logits on %d training examples in %.1f s", len(dm.datasets["train"]), secs)
     n = len(dm.datasets["train"])
-    module.total_steps = training_steps(trainer, n, batch_size)
-    module.steps_per_epoch = steps_per_epoch(trainer, n, batch_size)
-    log.info("distilling %s -> %s on %s: %d intermediate + %d prediction epochs, layer map %s",
-             teacher_dir, student_dir, task.name, st.intermediate_epochs, st.prediction_epochs, pairs)
-    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
 
-    best = run_dir / "checkpoints" / "best.ckpt"
-    if best.is_file():
-        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
-    trainer.validate(module, datamodule=dm, verbose=False)
-    results = module.results
-    if trainer.is_global_zero:
-        from tdlight.model.io import save_model
+    def prepare(trainer) -> None:
+        if st.prediction_epochs and st.gold_weight < 1:
+            secs = cache_teacher_logits(teacher, dm, trainer.strategy.root_device)
+            log.info("cached the teacher's logits on %d training examples in %.1f s", n, secs)
+        module.total_steps = training_steps(trainer, n, batch_size)
+        module.steps_per_epoch = steps_per_epoch(trainer, n, batch_size)
+        log.info("distilling %s -> %s on %s: %d intermediate + %d prediction epochs, layer map %s",
+                 teacher_dir, student_dir, task.name, st.intermediate_epochs, st.prediction_epochs, pairs)
 
-        save_model(module.model, tokenizer, run_dir / "model",
-                   extra={"teacher": str(teacher_dir), "student": student_dir, "task": task.name})
+    fitted = training.fit(cfg, run_dir, module, dm, ckpt=ckpt, max_epochs=st.intermediate_epochs + st.prediction_epochs,
+                          monitor="val/score", summary=summary, extra_callbacks=extra_callbacks, before_fit=prepare)
+    results = fitted.results
     out = {"stage": "distill", **summary, "dev": results, "score": results["score"], "pairs": pairs,
            "intermediate_epochs": st.intermediate_epochs, "prediction_epochs": st.prediction_epochs,
-           "epoch_seconds": timer.seconds, "global_step": trainer.global_step, "train_examples": n}
-    out["constant_predictions"] = is_constant(results)
-    if trainer.is_global_zero:
-        warn_if_constant(results, "the distilled student")
-        write_json(run_dir / "metrics.json", out)
-        Console().print(results_table(f"tdlight distill: {task.name} — student", out))
-    return out
+           "epoch_seconds": fitted.epoch_seconds, "global_step": fitted.trainer.global_step, "train_examples": n}
+    return training.finish(run_dir, fitted, out, model=module.model, tokenizer=tokenizer,
+                           model_extra={"teacher": str(teacher_dir), "student": student_dir, "task": task.name},
+                           who="the distilled student", table=results_table(f"tdlight distill: {task.name} — student", out))

@@ -16,11 +16,12 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from tdlight.errors import TdlightError
-from tdlight.stages.common import build_trainer, stage_artifact, teacher_pooling, teacher_source, write_json
-from tdlight.stages.registry import MODEL_STAGES
+from tdlight.model.teacher import load_classifier
 from tdlight.stages.classifier import (
     GlueModule, datamodule, is_constant, model_summary, require_task, results_table, warn_if_constant,
 )
+from tdlight.stages.common import build_trainer, stage_artifact, teacher_pooling, teacher_source, write_json
+from tdlight.stages.registry import MODEL_STAGES
 
 log = logging.getLogger("tdlight.evaluate")
 
@@ -37,8 +38,6 @@ def model_source(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    from tdlight.model.teacher import load_classifier
-
     task = require_task(cfg)
     if not task.validation_splits:
         raise TdlightError(f"task {task.name!r} has no labelled dev set to evaluate on")

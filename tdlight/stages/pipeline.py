@@ -22,7 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from tdlight.data.glue import get_task, resolve_source
 from tdlight.errors import TdlightError
+from tdlight.files import file_stamp
+from tdlight.model.speed import paired_speedup
+from tdlight.model.teacher import load_classifier
+from tdlight.stages.classifier import datamodule, is_constant, model_summary, require_task
 from tdlight.stages.common import CHECKPOINTS, LAST, finish_wandb, write_json
 from tdlight.stages.registry import STAGES
 
@@ -45,14 +50,12 @@ def _clean(node) -> object:
 
 
 def step_inputs(step: str, stage_cfg, cfg: DictConfig) -> list:
-    """The files a step reads, each as its :func:`~tdlight.model.io.file_stamp`: the task's data files
+    """The files a step reads, each as its :func:`~tdlight.files.file_stamp`: the task's data files
     (finetune, distill, evaluate), and every existing file, directory (its files) or glob named by
     a string in the step's config or under ``teacher`` — so that changing ``paths.data_dir`` or
     editing a corpus never reuses a step computed from other data."""
     import glob as globlib
 
-    from tdlight.data.glue import get_task, resolve_source
-    from tdlight.files import file_stamp
 
     stamps: list = []
     if STAGES[step].reads_task_data and cfg.get("task") is not None:
@@ -182,10 +185,6 @@ def _run_step(cfg: DictConfig, step: str, stage_cfg, d: Path, wiring: dict, pipe
 
 
 def _summary(cfg: DictConfig, dirs: dict[str, Path], results: dict[str, dict]) -> dict:
-    from tdlight.model.speed import paired_speedup
-    from tdlight.model.teacher import load_classifier
-    from tdlight.stages.classifier import datamodule, is_constant, model_summary, require_task
-
     task = require_task(cfg)
     teacher, tokenizer = load_classifier(str(dirs["finetune"] / "model"), task.num_labels)
     student, _ = load_classifier(str(dirs["distill"] / "model"), task.num_labels)

@@ -2,7 +2,7 @@
 
 The student (a ``stage=decompose`` run) learns to reproduce the uncompressed teacher's
 hidden states and pre-softmax attention scores on packed corpus sequences
-(:class:`tdlight.data.corpus.CorpusDataModule`), for ``stage.steps`` optimizer steps with
+(:class:`tdlight.data.corpus.CorpusDataModule`), for ``stage.max_steps`` optimizer steps with
 linear warm-up and decay. The teacher is frozen, in eval mode, under ``no_grad``; the
 student's factors, biases and LayerNorms train (embeddings only with
 ``stage.train_embeddings``). The held-out loss (WikiText-103 valid by default) is logged
@@ -18,15 +18,19 @@ from pathlib import Path
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from tdlight.data.corpus import CorpusDataModule
 from tdlight.errors import TdlightError
 from tdlight.model.capture import forward_with_scores
-from tdlight.stages.common import adamw, build_trainer, last_checkpoint, teacher_source, write_json
-from tdlight.stages.distill import student_source
+from tdlight.model.io import load_compressed, load_tokenizer
+from tdlight.model.surgery import encoder_shape, is_compressed, set_dropout
+from tdlight.model.teacher import load_teacher
+from tdlight.stages import training
 from tdlight.stages.classifier import MODEL_INPUTS, model_summary
+from tdlight.stages.common import adamw, teacher_source
+from tdlight.stages.distill import student_source
 from tdlight.stages.losses import intermediate_loss, layer_map
 
 log = logging.getLogger("tdlight.pretrain")
@@ -86,17 +90,11 @@ class PretrainModule(L.LightningModule):
 
 
 def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> dict:
-    from tdlight.data.corpus import CorpusDataModule
-    from tdlight.model.io import load_compressed, load_tokenizer, save_model
-    from tdlight.model.surgery import encoder_shape, is_compressed, set_dropout
-    from tdlight.model.teacher import load_teacher
-
     st = cfg.stage
-    if st.steps < 1:
-        raise TdlightError(f"stage.steps={st.steps} must be ≥ 1")
+    if st.max_steps < 1:
+        raise TdlightError(f"stage.max_steps={st.max_steps} must be ≥ 1")
     student_dir = student_source(cfg)
-    ckpt = last_checkpoint(run_dir) if cfg.get("resume") else None
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    ckpt = training.begin(cfg, run_dir)
     source = teacher_source(cfg)
     teacher, tokenizer = load_teacher(source)
     student = load_compressed(student_dir)
@@ -123,28 +121,28 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
                             weights={"hidden": st.hidden_weight, "attention": st.attention_weight,
                                      "embedding": st.embedding_weight},
                             lr=st.lr, weight_decay=st.weight_decay, warmup_ratio=st.warmup_ratio,
-                            train_embeddings=st.train_embeddings, total_steps=st.steps)
+                            train_embeddings=st.train_embeddings, total_steps=st.max_steps)
     summary = {"teacher": source, "student": student_dir, **model_summary(student)}
     # step-based: validate and write last.ckpt every val_every_n_steps (a corpus epoch can be very long)
     every = cfg.trainer.checkpoint_every_n_steps or st.val_every_n_steps
-    cfg_t = OmegaConf.merge(cfg, {"trainer": {"max_steps": st.steps, "max_epochs": -1, "check_val_every_n_epoch": None,
+    cfg_t = OmegaConf.merge(cfg, {"trainer": {"max_steps": st.max_steps, "check_val_every_n_epoch": None,
                                               "val_check_interval": st.val_every_n_steps,
                                               "checkpoint_every_n_steps": every}})
-    trainer = build_trainer(cfg_t, run_dir, max_epochs=-1, monitor=None, summary=summary,
-                            extra_callbacks=extra_callbacks)
-    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
-    if trainer.is_global_zero:
-        save_model(module.model, tokenizer, run_dir / "model", extra={"teacher": source, "student": student_dir})
+    fitted = training.fit(cfg_t, run_dir, module, dm, ckpt=ckpt, max_epochs=-1, monitor=None, summary=summary,
+                          extra_callbacks=extra_callbacks)
+    trainer = fitted.trainer
     tokens = trainer.global_step * trainer.accumulate_grad_batches * st.batch_size * st.max_length * trainer.world_size
     out = {"stage": "pretrain", **summary, "steps": trainer.global_step, "tokens": tokens,
            "heldout_loss": module.val_loss, "pairs": pairs}
-    if trainer.is_global_zero:
-        write_json(run_dir / "metrics.json", out)
-        t = Table(title="tdlight pretrain")
-        t.add_column("")
-        t.add_column("value", justify="right")
-        for k in ("steps", "tokens", "heldout_loss", "encoder_params", "ratio"):
-            v = out[k]
-            t.add_row(k.replace("_", " "), "-" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.4f}"))
-        Console().print(t)
-    return out
+    return training.finish(run_dir, fitted, out, model=module.model, tokenizer=tokenizer,
+                           model_extra={"teacher": source, "student": student_dir}, table=results_table)
+
+
+def results_table(out: dict) -> Table:
+    t = Table(title="tdlight pretrain")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    for k in ("steps", "tokens", "heldout_loss", "encoder_params", "ratio"):
+        v = out[k]
+        t.add_row(k.replace("_", " "), "-" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.4f}"))
+    return t

@@ -1,0 +1,95 @@
+"""The training skeleton that finetune, pretrain and distill share — what each writes around its
+own LightningModule and datamodule:
+
+1. :func:`begin` — the checkpoint a resumed run continues from (an error before any work when it
+   has none), then the seed;
+2. :func:`fit` — the Trainer (:func:`~tdlight.stages.common.build_trainer`, with an epoch timer),
+   a stage's last preparation that needs the Trainer's device (``before_fit``), ``trainer.fit``
+   (resuming), then the best checkpoint's weights and one final validation when the stage keeps
+   the best epoch (``monitor``);
+3. :func:`finish` — on rank 0: the model directory (``model/``), ``metrics.json``, the constant-
+   predictor warning and the console table; on every logger: W&B's run summary and its end.
+
+Lightning runs the loop, checkpoints and resumes; this module only fixes the order of the steps
+around it, which the three stages had each written out (and let drift apart: only finetune ended
+its W&B run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from tdlight.model.io import save_model
+from tdlight.stages.classifier import is_constant, warn_if_constant
+from tdlight.stages.common import CHECKPOINTS, EpochTimer, build_trainer, last_checkpoint, write_json
+
+BEST = "best.ckpt"
+
+
+def begin(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from (``resume=<run>``; an error now when there is none), then seed
+    every RNG from ``cfg.seed``. Call it after the stage's own config checks, before loading models."""
+    ckpt = last_checkpoint(run_dir) if cfg.get("resume") else None
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    return ckpt
+
+
+@dataclass
+class Fitted:
+    trainer: L.Trainer
+    results: dict[str, float] = field(default_factory=dict)  # the final validation (empty without monitor)
+    epoch_seconds: list[float] = field(default_factory=list)
+
+
+def fit(cfg: DictConfig, run_dir: Path, module: L.LightningModule, datamodule: L.LightningDataModule, *,
+        ckpt: Path | None, max_epochs: int, monitor: str | None, summary: dict,
+        extra_callbacks: list | None = None, before_fit: Callable[[L.Trainer], None] | None = None) -> Fitted:
+    """Train ``module`` on ``datamodule`` under ``cfg.trainer``; with ``monitor`` (mode max), load
+    the best epoch's weights (``checkpoints/best.ckpt``) and validate them once more: ``module.results``
+    then holds the scores of the model that will be saved. ``before_fit(trainer)`` runs once the
+    Trainer exists (the device is known) and before the loop starts."""
+    timer = EpochTimer()
+    trainer = build_trainer(cfg, run_dir, max_epochs=max_epochs, monitor=monitor, summary=summary,
+                            extra_callbacks=[timer, *(extra_callbacks or [])])
+    if before_fit is not None:
+        before_fit(trainer)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    results: dict[str, float] = {}
+    if monitor:
+        best = run_dir / CHECKPOINTS / BEST
+        if best.is_file():
+            module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        results = dict(getattr(module, "results", {}))
+    return Fitted(trainer, results, timer.seconds)
+
+
+def finish(run_dir: Path, fitted: Fitted, out: dict, *, model: torch.nn.Module, tokenizer, model_extra: dict,
+           table: Table | Callable[[dict], Table], who: str | None = None) -> dict:
+    """Save ``model`` (with ``tokenizer`` and ``model_extra`` in its metadata) to ``run_dir/model``
+    and ``out`` to ``metrics.json`` on rank 0, warn loudly when ``who`` (a classifier with dev
+    results in ``out["dev"]``) predicts a constant, print ``table`` (or ``table(out)``), and give W&B
+    the best scores as its run summary before ending its run. Returns ``out``."""
+    trainer = fitted.trainer
+    if "dev" in out:
+        out["constant_predictions"] = is_constant(out["dev"])
+    if trainer.is_global_zero:
+        save_model(model, tokenizer, run_dir / "model", extra=model_extra)
+        if who is not None and "dev" in out:
+            warn_if_constant(out["dev"], who)
+        write_json(run_dir / "metrics.json", out)
+        Console().print(table(out) if callable(table) else table)
+    for lg in trainer.loggers:
+        if type(lg).__name__ == "WandbLogger":
+            if fitted.results:
+                lg.experiment.summary.update({f"best/{k}": v for k, v in fitted.results.items()})
+            lg.finalize("success")
+    return out
