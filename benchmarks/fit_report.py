@@ -1,4 +1,4 @@
-"""Plain HOOI vs the output fit, read from finished decompose runs (``report.json``), with the
+"""Plain HOOI vs the output fit, read from finished decompose runs (``metrics.json``), with the
 untrained student's dev score when an evaluate run of it is given.
 
     python benchmarks/fit_report.py LABEL=DECOMPOSE_RUN[,EVALUATE_RUN] ...
@@ -18,8 +18,13 @@ import json
 from pathlib import Path
 
 
+def report_of(dec: Path) -> Path:
+    """A decompose run's report: metrics.json (report.json in runs before 2026-12)."""
+    return dec / "metrics.json" if (dec / "metrics.json").is_file() else dec / "report.json"
+
+
 def rows(label: str, dec: Path, ev: Path | None) -> list[list[str]]:
-    r = json.loads((dec / "report.json").read_text())
+    r = json.loads(report_of(dec).read_text())
     score = json.loads((ev / "metrics.json").read_text())["score"] if ev and (ev / "metrics.json").is_file() else None
     fit = r.get("fit")
     if not fit:
@@ -50,7 +55,7 @@ def main() -> None:
     for item in args.runs:
         label, _, dirs = item.partition("=")
         dec, _, ev = dirs.partition(",")
-        if not (Path(dec) / "report.json").is_file():
+        if not report_of(Path(dec)).is_file():
             print(f"| {label} |" + " – |" * (len(head) - 1))
             continue
         for row in rows(label, Path(dec), Path(ev) if ev else None):

@@ -63,15 +63,15 @@ for t in $TASKS; do
     c=paper_1_$r
     # 2. decomposition alone: the fine-tuned teacher decomposed, evaluated without training
     d=$OUT/decompose/$c-$t
-    [[ -f $d/report.json ]] || { stamp decompose "$c $t"; td "$d" stage=decompose compression="$c" teacher.run_dir="$OUT/finetune/$t"; }
+    [[ -f $d/metrics.json || -f $d/report.json ]] || { stamp decompose "$c $t"; td "$d" stage=decompose compression="$c" teacher.run_dir="$OUT/finetune/$t"; }
     [[ -f $OUT/evaluate/$c-$t/metrics.json ]] || { stamp evaluate "$c $t"; td "$OUT/evaluate/$c-$t" stage=evaluate task="$t" stage.model="$d"; }
     # 3. task distillation alone: the student decomposed from the pretrained teacher (shared by all tasks)
-    [[ -f $OUT/decompose/$c/report.json ]] || { stamp decompose "$c"; td "$OUT/decompose/$c" stage=decompose compression="$c"; }
+    [[ -f $OUT/decompose/$c/metrics.json || -f $OUT/decompose/$c/report.json ]] || { stamp decompose "$c"; td "$OUT/decompose/$c" stage=decompose compression="$c"; }
     distill "$t" "$OUT/decompose/$c" "$c-$t-dist"
     # 4. reconstruction pretraining (once per ratio), then task distillation from the pretrained student
     p=$OUT/pretrain/$c
     [[ -f $p/metrics.json ]] || { stamp pretrain "$c"; td "$p" stage=pretrain stage.student="$OUT/decompose/$c" \
-        stage.steps="$PRETRAIN_STEPS" stage.batch_size="$PRETRAIN_BATCH"; }
+        stage.max_steps="$PRETRAIN_STEPS" stage.batch_size="$PRETRAIN_BATCH"; }
     distill "$t" "$p" "$c-$t-pt"
   done
 done

@@ -81,7 +81,7 @@ def budget_table(out: Path, runs: dict, ratios: list[str], batch: int, length: i
     teacher_dir = next((out / "finetune" / t / "model" for t in TASKS if (out / "finetune" / t / "model").is_dir()), None)
     for r in ratios:
         c = f"paper_1_{r}"
-        dec = _load(out / "decompose" / c / "report.json")
+        dec = _load(out / "decompose" / c / "metrics.json") or _load(out / "decompose" / c / "report.json")  # (its name before 2026-12)
         pt = _load(out / "pretrain" / c / "metrics.json")
         dist = next((runs[t][(r, k)] for k in ("pt", "dist") for t in TASKS if runs[t][(r, k)]), None)
         params = ratio = speed = None

@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tdlight.config import ROOT, check_ranges, register
+from tdlight.config import ROOT, check_ranges, migrate_saved, refuse_renamed, register
 from tdlight.errors import TdlightError
 
 log = logging.getLogger("tdlight")
@@ -42,7 +42,9 @@ def _resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, 
     history_file = src / ".hydra" / RESUME_OVERRIDES
     earlier = list(OmegaConf.load(history_file)) if history_file.is_file() else []
     saved = OmegaConf.merge(saved, OmegaConf.from_dotlist(earlier)) if earlier else saved
+    saved = migrate_saved(saved)  # a run started before a key was renamed resumes under the new name
     stage = saved.stage.name
+    refuse_renamed(overrides, stage)
     dotlist = []
     for o in overrides:
         key = o.split("=", 1)[0].lstrip("+~")
@@ -53,7 +55,7 @@ def _resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, 
         if "=" not in o or o.startswith(("+", "~")) or OmegaConf.is_config(OmegaConf.select(saved, key)):
             raise TdlightError(
                 f"when resuming, only value overrides (key.sub=value) apply on top of the saved config; "
-                f"got {o!r}. Valid e.g.: trainer.max_epochs=5"
+                f"got {o!r}. Valid e.g.: stage.epochs=5"
             )
         if OmegaConf.select(saved, key, default="__missing__") == "__missing__":
             raise TdlightError(f"override {o!r}: the saved config of {str(src)!r} ({stage} run) has no key {key!r}")
@@ -75,7 +77,7 @@ def _resume_recorder(run_dir: Path, overrides: list[str]):
     never sticks to the run."""
     import lightning as L
 
-    from tdlight.model.io import atomic_write_text
+    from tdlight.files import atomic_write_text
 
     class RecordResumeOverrides(L.Callback):
         done = False
@@ -196,6 +198,14 @@ def main() -> None:
         sys.exit(sweep_main(sys.argv[1], sys.argv[2:]))
     register()
     args = sys.argv[1:]
+    if not any(a.startswith("resume=") for a in args):
+        # before Hydra, whose error for a renamed key would only say that the key does not exist
+        stage = next((a.split("=", 1)[1] for a in args if a.startswith("stage=")), "decompose")
+        try:
+            refuse_renamed([a for a in args if "=" in a and not a.startswith(("-", "hydra."))], stage)
+        except TdlightError as e:
+            print(f"tdlight: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
     if any(a.startswith("resume=") for a in args):
         # A resume's overrides belong to the resumed run's saved config, not to the config Hydra
         # composes from the defaults (whose stage is decompose): keep them away from Hydra.

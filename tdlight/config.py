@@ -8,13 +8,13 @@ misspelled key or a wrong type is rejected before any work starts.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from tdlight.tensor.spec import CompressionSpec
 
@@ -35,25 +35,26 @@ class TeacherConfig:
     pooling: Pooling = Pooling.auto  # what the task head reads (teacher, student and evaluation alike)
 
 
-@dataclass
-class CompressionConfig:
-    name: str = "tucker"
-    variant: str = "tucker"
-    scope: str = "all"
-    grouping: str = "none"
-    layers_per_group: Optional[int] = None
-    rank: Optional[int] = None
-    rank_in: Optional[int] = None
-    rank_out: Optional[int] = None
-    bank: Optional[int] = None
-    rank_ratio: Optional[float] = None
-    bank_ratio: Optional[float] = None
-    target_ratio: Optional[float] = None
-    balance: str = "none"
-    init: str = "svd"
-    max_iter: int = 100
-    tol: float = 1e-4
-    seed: int = 0
+def _schema_of(spec: type, schema_name: str, **first) -> type:
+    """A config schema with the fields (names, types, defaults) of the dataclass ``spec`` after
+    ``first``: the spec stays the one place its keys are written. OmegaConf 2.3 reads ``Optional[X]``
+    but not ``X | None``, so the hints are rewritten."""
+    import types
+    import typing
+
+    def hint(t):
+        if isinstance(t, types.UnionType) and type(None) in t.__args__:
+            (inner,) = [a for a in t.__args__ if a is not type(None)]
+            return Optional[inner]
+        return t
+
+    hints = typing.get_type_hints(spec)
+    own = [(k, type(v), field(default=v)) for k, v in first.items()]
+    return make_dataclass(schema_name, own + [(f.name, hint(hints[f.name]), field(default=f.default)) for f in fields(spec)])
+
+
+# compression.*: the keys of tdlight.tensor.spec.CompressionSpec (documented there), plus the preset's name
+CompressionConfig = _schema_of(CompressionSpec, "CompressionConfig", name="tucker")
 
 
 class DataSource(str, Enum):
@@ -82,9 +83,10 @@ class WandbMode(str, Enum):
 class DecomposeStage:
     name: str = "decompose"
     save_model: bool = True
-    cache: bool = True  # reuse a decomposition of the same teacher weights with the same resolved spec
-    # activation-aware refinement (beyond the paper): train the factors so that each layer's
-    # outputs match the teacher's, on calibration text; 0 steps = off
+    cache: bool = True  # reuse ${paths.cache_dir}/decompose/<hash of teacher weights + resolved spec>
+    # activation-aware refinement (beyond the paper): train the factors on calibration text so that
+    # each compressed layer's outputs match the teacher's (layer by layer, teacher inputs), and report
+    # the layer-output error before and after; 0 steps = off
     refine_steps: int = 0
     refine_lr: float = 1e-3
     refine_batch_size: int = 16
@@ -92,8 +94,11 @@ class DecomposeStage:
     refine_files: Any = "${paths.data_dir}/pretrain_corpus/enwiki_2015_wikiextractor_AA.txt.gz"
     refine_heldout_files: Any = "${paths.data_dir}/pretrain_corpus/wikitext103_heldout/wiki.valid.tokens.gz"
     refine_heldout_batches: int = 4
-    # how the factors are initialised: weights (HOOI on the weights, the paper) or outputs
-    # (function-preserving: fit each block's outputs on calibration text, DESIGN §6)
+    # how the factors are fitted: weights (HOOI on the weights, the paper) or outputs (function-
+    # preserving, DESIGN §6: start from HOOI and refit the factors so that every block's outputs on
+    # calibration text match the teacher's, whitened by each block's input Gram, every block weighted
+    # by its relative error; reports the held-out output error per layer and of the last hidden state,
+    # on refine_heldout_files, refine_batch_size x refine_heldout_batches sequences, for HOOI and the fit)
     fit: str = "weights"
     calibration_files: Any = "${paths.data_dir}/pretrain_corpus/enwiki_2015_wikiextractor_AA.txt.gz"
     calibration_sequences: int = 256
@@ -131,7 +136,7 @@ class PretrainStage:
     """Reconstruction pretraining: the compressed ``student`` mimics the uncompressed teacher on text.
 
     Hidden-state and attention-score MSE (+ embedding-output MSE if weighted) on the mapped
-    layers over packed corpus sequences; ``steps`` optimizer steps; held-out loss every
+    layers over packed corpus sequences; ``max_steps`` optimizer steps; held-out loss every
     ``val_every_n_steps``.
     """
 
@@ -141,7 +146,7 @@ class PretrainStage:
     heldout_files: Any = "${paths.data_dir}/pretrain_corpus/wikitext103_heldout/wiki.valid.tokens.gz"
     max_length: int = 128
     batch_size: int = 32
-    steps: int = 1000
+    max_steps: int = 1000  # optimizer steps (tokens seen = max_steps x batch_size x max_length)
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
@@ -150,7 +155,8 @@ class PretrainStage:
     attention_weight: float = 1.0
     embedding_weight: float = 0.0
     train_embeddings: bool = False
-    dropout: Optional[float] = 0.0  # the student's dropout while pretraining; None keeps the model's
+    dropout: Optional[float] = 0.0  # the student's dropout while pretraining; None keeps the model's; 0 matches the
+    #                                 teacher's eval-mode target exactly
     val_every_n_steps: int = 200
     max_heldout_sequences: Optional[int] = 256
     shuffle_buffer: int = 10000
@@ -181,17 +187,17 @@ class DistillStage:
     hidden_weight: float = 1.0
     attention_weight: float = 1.0
     embedding_weight: float = 0.0
-    relative_losses: bool = False  # phase 1: each term relative to the teacher's squared norm (scale-free)
+    relative_losses: bool = False  # phase 1: each term is ‖student − teacher‖² / ‖teacher‖² (scale-free)
     temperature: float = 1.0
-    gold_weight: float = 0.0
+    gold_weight: float = 0.0  # 0: soft targets only; 1: plain gold-label fine-tuning
     head: StudentHead = StudentHead.student  # where the student's task head starts (docs/RESULTS.md §7: teacher fails lossy students)
-    train_embeddings: bool = False
-    augment: bool = False  # TinyBERT-style: add augment_copies neighbour-replaced copies of each train example
+    train_embeddings: bool = False  # the embedding matrices stay frozen by default
+    augment: bool = False  # TinyBERT-style word replacement: augment_copies copies of each train example, cached to disk
     augment_method: AugmentMethod = AugmentMethod.neighbours
     augment_mlm: str = ""  # the masked LM for augment_method=mlm; empty: the fine-tuned teacher's base model
-    augment_copies: int = 4
-    augment_prob: float = 0.4
-    augment_neighbours: int = 10
+    augment_copies: int = 4  # augmented copies per training example
+    augment_prob: float = 0.4  # probability of replacing each replaceable word
+    augment_neighbours: int = 10  # candidates per word (nearest embeddings, or the masked LM's top predictions)
     eval_batch_size: int = 64
     limit_train: Optional[int] = None
     limit_eval: Optional[int] = None
@@ -216,7 +222,7 @@ class PipelineStage:
 
     ``steps`` picks which run (finetune, decompose and distill are required; pretrain and
     evaluate optional). Each step's settings are its stage's defaults with the overrides
-    under ``<step>`` here (e.g. ``stage.pretrain.steps=200``); ``compression.*``,
+    under ``<step>`` here (e.g. ``stage.pretrain.max_steps=200``); ``compression.*``,
     ``task``, ``teacher.*`` and ``trainer.*`` come from the top-level config. Every step
     runs in ``outputs/<step>/<hash of its inputs>``: a step whose inputs are unchanged
     reuses that finished run instead of recomputing it, and an unfinished one resumes.
@@ -229,8 +235,8 @@ class PipelineStage:
     pretrain: PretrainStage = field(default_factory=PretrainStage)
     distill: DistillStage = field(default_factory=DistillStage)
     evaluate: EvaluateStage = field(default_factory=EvaluateStage)
-    speed_batch_size: int = 32
-    speed_reps: int = 10
+    speed_batch_size: int = 32  # the measured speed-up: teacher vs student forward on dev batches of this size
+    speed_reps: int = 10  # paired repetitions (median)
 
 
 @dataclass
@@ -242,7 +248,7 @@ class TaskConfig:
     lr: float = 5e-5
     batch_size: int = 32
     max_length: int = 128
-    source: DataSource = DataSource.auto
+    source: DataSource = DataSource.auto  # auto: ${paths.data_dir}/glue when the file is there, else the hub nyu-mll/glue
 
 
 @dataclass
@@ -255,8 +261,7 @@ class TrainerConfig:
     strategy: str = "auto"
     num_nodes: int = 1
     precision: str = "32-true"
-    max_epochs: Optional[int] = None  # None: the task's epochs
-    max_steps: int = -1
+    max_steps: int = -1  # a cap on optimizer steps (smoke runs); the stage's own settings say how long it trains
     gradient_clip_val: Optional[float] = 1.0
     accumulate_grad_batches: int = 1
     val_check_interval: Any = None  # a fraction of an epoch (float) or a number of steps (int)
@@ -286,9 +291,10 @@ class LoggerConfig:
 
 @dataclass
 class PathsConfig:
-    output_dir: str = "outputs"
-    data_dir: str = "../shared/data"
-    cache_dir: str = "outputs/cache"
+    output_dir: str = "outputs"  # run directories, relative to where tdlight is launched
+    # GLUE and the pretraining corpus: the project's ../shared/data unless TDLIGHT_DATA_DIR is set
+    data_dir: str = "${oc.env:TDLIGHT_DATA_DIR,${tdlight_root:}/../shared/data}"
+    cache_dir: str = "${paths.output_dir}/cache"  # tokenized datasets, by task, split, tokenizer and max length
 
 
 @dataclass
@@ -303,7 +309,6 @@ class Config:
     experiment: Optional[Any] = None
     resume: Optional[str] = None  # a run directory: reload its config and continue from its last checkpoint
     seed: int = 0
-    device: str = "auto"
 
 
 # Range of every numeric hyperparameter, by field name (a name means the same in every schema):
@@ -328,7 +333,7 @@ RANGES: dict[str, str] = {
     **dict.fromkeys(("batch_size", "eval_batch_size", "refine_batch_size", "speed_batch_size", "speed_reps",
                      "accumulate_grad_batches", "log_every_n_steps", "val_every_n_steps", "max_iter", "num_nodes",
                      "limit_train", "limit_eval", "max_heldout_sequences", "refine_heldout_batches",
-                     "check_val_every_n_epoch", "checkpoint_every_n_steps", "max_epochs", "epochs"), "an integer ≥ 1"),
+                     "check_val_every_n_epoch", "checkpoint_every_n_steps", "epochs"), "an integer ≥ 1"),
     **dict.fromkeys(("max_length", "refine_max_length"), "an integer ≥ 3"),
     **dict.fromkeys(("intermediate_epochs", "prediction_epochs", "refine_steps", "fit_iters", "fit_passes",
                      "num_workers", "shuffle_buffer"), "an integer ≥ 0"),
@@ -357,6 +362,53 @@ def check_ranges(cfg, path: str = "") -> None:
             continue
         if (isinstance(v, float) and not math.isfinite(v)) or not _RULES[rule](v):
             raise TdlightError(f"{where}={v!r}; valid: {rule}")
+
+
+# Keys that were renamed: the old spelling is refused by a message that names the new one (a command
+# line, a sweep file), and a saved config of an older run is read with the new names (resume).
+# (the stage it applies to, or None for any; the old key) -> the new key, or what replaces it.
+RENAMED: dict[tuple[Optional[str], str], str] = {
+    (None, "device"): "trainer.accelerator (auto | cpu | gpu; trainer.devices=[N] picks GPU N)",
+    (None, "trainer.max_epochs"): ("the stage's epochs: stage.epochs (finetune), stage.intermediate_epochs / "
+                                   "stage.prediction_epochs (distill), stage.<step>.… in the pipeline"),
+    ("pretrain", "stage.steps"): "stage.max_steps",
+    (None, "stage.pretrain.steps"): "stage.pretrain.max_steps",  # only the pipeline has stage.pretrain
+}
+# the old keys a saved config may hold, and where their value goes (None: dropped, the new default applies)
+_MIGRATE = {"device": None, "trainer.max_epochs": None, "stage.steps": "stage.max_steps",
+            "stage.pretrain.steps": "stage.pretrain.max_steps"}
+
+
+def refuse_renamed(overrides: list[str], stage: Optional[str]) -> None:
+    """Raise :class:`~tdlight.errors.TdlightError` for the first override in ``overrides`` that sets a
+    renamed key (:data:`RENAMED`) of ``stage`` (the ``stage=`` being run)."""
+    from tdlight.errors import TdlightError
+
+    for o in overrides:
+        key = o.lstrip("+~").split("=", 1)[0]
+        new = RENAMED.get((None, key)) or RENAMED.get((stage, key))
+        if new:
+            raise TdlightError(f"{key!r} was renamed (override {o!r}); valid: {new}")
+
+
+def migrate_saved(cfg: DictConfig) -> DictConfig:
+    """A run's saved config with the keys renamed since it was written moved to their new names
+    (:data:`RENAMED`), so that an older run still resumes."""
+    cfg = cfg.copy()
+    stage = OmegaConf.select(cfg, "stage.name")
+    for old, new in _MIGRATE.items():
+        parent, _, leaf = old.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not OmegaConf.is_dict(node) or leaf not in node:
+            continue
+        if old == "stage.steps" and stage != "pretrain":  # the pipeline's stage.steps is its list of steps
+            continue
+        value = node[leaf]
+        with open_dict(node):
+            del node[leaf]
+        if new is not None:
+            OmegaConf.update(cfg, new, value, force_add=True)
+    return cfg
 
 
 def compression_spec(cfg) -> CompressionSpec:

@@ -27,7 +27,7 @@ def test_decompose_writes_a_loadable_model_and_report(tmp_path, teacher_dir):
     assert "encoder ratio" in r.stdout and "rel. error" in r.stdout
     (run,) = run_dirs(tmp_path)
     assert (run / ".hydra" / "config.yaml").is_file()
-    report = json.loads((run / "report.json").read_text())
+    report = json.loads((run / "metrics.json").read_text())
     assert report["spec"]["rank_in"] == 8 and report["spec"]["banks"] == {"encoder": 12}
     assert set(report["type_errors"]) == {"query", "key", "value", "attn_out", "ffn_in", "ffn_out"}
     assert report["ratio"] > 1
@@ -46,7 +46,7 @@ def test_decompose_writes_a_loadable_model_and_report(tmp_path, teacher_dir):
 def test_presets_resolve_on_any_teacher(tmp_path, teacher_dir, preset):
     r = run_cli(tmp_path, f"teacher.path={teacher_dir}", f"compression={preset}", "stage.save_model=false")
     assert r.returncode == 0, r.stderr
-    report = json.loads((run_dirs(tmp_path)[0] / "report.json").read_text())
+    report = json.loads((run_dirs(tmp_path)[0] / "metrics.json").read_text())
     if preset == "paper_1_7":
         assert report["spec"]["rank_in"] == 16 and report["spec"]["banks"] == {"encoder": 12}
 
@@ -60,7 +60,7 @@ def test_runs_started_together_get_their_own_run_directories(tmp_path, teacher_d
     assert all(p.wait(timeout=300) == 0 for p in procs), [p.stderr.read()[-2000:] for p in procs]
     dirs = run_dirs(tmp_path)
     assert len(dirs) == 2
-    ranks = sorted(json.loads((d / "report.json").read_text())["spec"]["rank_in"] for d in dirs)
+    ranks = sorted(json.loads((d / "metrics.json").read_text())["spec"]["rank_in"] for d in dirs)
     assert ranks == [4, 8]
     for d in dirs:
         assert (d / "tdlight.log").read_text().count("resolved spec") == 1  # one run per log
@@ -70,7 +70,7 @@ def test_multirun_gives_one_run_dir_per_job(tmp_path, teacher_dir):
     r = run_cli(tmp_path, "--multirun", f"teacher.path={teacher_dir}", "compression.rank=4,8",
                 "stage.save_model=false")
     assert r.returncode == 0, r.stderr
-    reports = sorted((tmp_path / "multirun").rglob("report.json"))
+    reports = sorted((tmp_path / "multirun").rglob("metrics.json"))
     assert [json.loads(p.read_text())["spec"]["rank_in"] for p in reports] == [4, 8]
 
 
@@ -93,6 +93,11 @@ def test_multirun_gives_one_run_dir_per_job(tmp_path, teacher_dir):
     (["++compression.foo=1"], "'compression' has no key 'foo'"),
     (["stage=distill", "+stage.foo=2"], "'stage' has no key 'foo'"),
     (["+foo=3"], "the top level has no key 'foo'"),
+    # renamed keys: the old spelling is refused by a message that names the new one
+    (["device=cpu"], "'device' was renamed (override 'device=cpu'); valid: trainer.accelerator"),
+    (["stage=finetune", "task=rte", "trainer.max_epochs=2"], "valid: the stage's epochs: stage.epochs (finetune)"),
+    (["stage=pipeline", "task=rte", "stage.pretrain.steps=5"], "valid: stage.pretrain.max_steps"),
+    (["trainer.accelerator=tpu"], "trainer.accelerator='tpu': the decomposition runs on auto, cpu, gpu or cuda"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, teacher_dir, overrides, message):
     if not any(o.startswith("teacher.path") for o in overrides):
@@ -121,13 +126,13 @@ def test_decompose_reuses_the_cached_decomposition(tmp_path, teacher_dir):
     r2 = run_cli(tmp_path, *args)
     assert r2.returncode == 0, r2.stderr
     first, second = run_dirs(tmp_path)
-    rep1, rep2 = (json.loads((d / "report.json").read_text()) for d in (first, second))
+    rep1, rep2 = (json.loads((d / "metrics.json").read_text()) for d in (first, second))
     assert "cached" not in rep1 and rep2["cached"].startswith(str(tmp_path / "cache" / "decompose"))
     assert rep2["rel_error"] == rep1["rel_error"] and "(cached)" in r2.stdout
     assert (first / "model" / "model.safetensors").read_bytes() == (second / "model" / "model.safetensors").read_bytes()
     r3 = run_cli(tmp_path, *args[:-1], "compression.bank=6")  # another spec: decomposed afresh
     assert r3.returncode == 0, r3.stderr
-    assert "cached" not in json.loads((run_dirs(tmp_path)[-1] / "report.json").read_text())
+    assert "cached" not in json.loads((run_dirs(tmp_path)[-1] / "metrics.json").read_text())
     r4 = run_cli(tmp_path, *args, "stage.cache=false")
     assert r4.returncode == 0, r4.stderr
-    assert "cached" not in json.loads((run_dirs(tmp_path)[-1] / "report.json").read_text())
+    assert "cached" not in json.loads((run_dirs(tmp_path)[-1] / "metrics.json").read_text())

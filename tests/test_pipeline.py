@@ -18,7 +18,7 @@ def test_tiny_pipeline_end_to_end_and_reuse(pretrain_inputs, teacher_dir, tmp_pa
             "stage.finetune.epochs=1", "stage.finetune.limit_train=48", "stage.finetune.limit_eval=32",
             "stage.finetune.batch_size=16", "stage.finetune.max_length=32",
             *[f.replace("stage.", "stage.pretrain.") for f in files],
-            "stage.pretrain.steps=4", "stage.pretrain.val_every_n_steps=2", "stage.pretrain.max_length=16",
+            "stage.pretrain.max_steps=4", "stage.pretrain.val_every_n_steps=2", "stage.pretrain.max_length=16",
             "stage.pretrain.batch_size=4", "stage.pretrain.max_heldout_sequences=8",
             "stage.distill.intermediate_epochs=1", "stage.distill.prediction_epochs=1",
             "stage.distill.limit_train=48", "stage.distill.limit_eval=32", "stage.distill.batch_size=16",

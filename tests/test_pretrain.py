@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import cli, compose_cfg, crash_at, runs
 
-QUICK = ["stage.max_length=16", "stage.batch_size=4", "stage.steps=6", "stage.val_every_n_steps=3",
+QUICK = ["stage.max_length=16", "stage.batch_size=4", "stage.max_steps=6", "stage.val_every_n_steps=3",
          "stage.max_heldout_sequences=8", "stage.shuffle_buffer=16", "trainer=cpu", "trainer.enable_progress_bar=false"]
 
 
@@ -56,7 +56,10 @@ def test_pretrain_resume_equals_uninterrupted(pretrain_inputs, teacher_dir, tmp_
 
 def test_pretrain_bad_input(pretrain_inputs, teacher_dir, tmp_path):
     out, dec, files = pretrain_inputs
-    for extra, msg in ((["stage.student=" + str(dec), "stage.steps=0"], "stage.steps=0 must be ≥ 1"),
+    for extra, msg in ((["stage.student=" + str(dec), "stage.max_steps=0"], "stage.max_steps=0 must be ≥ 1"),
+                       # the old name of the step count is refused by a message that names the new one
+                       (["stage.student=" + str(dec), "stage.steps=6"], "'stage.steps' was renamed (override "
+                                                                        "'stage.steps=6'); valid: stage.max_steps"),
                        (["stage.student=" + str(dec), "stage.train_files=/no/such.txt"], "/no/such.txt"),
                        ([], "needs a student")):
         r = cli(tmp_path, "stage=pretrain", f"teacher.path={teacher_dir}", *files, *QUICK, *extra)
@@ -75,7 +78,7 @@ def test_activation_aware_refinement_lowers_layer_output_error(pretrain_inputs, 
     r = cli(tmp_path, *args)
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = runs(tmp_path, "decompose")
-    rep = json.loads((run / "report.json").read_text())
+    rep = json.loads((run / "metrics.json").read_text())
     f = rep["refine"]
     assert f["steps"] == 15 and f["layer_error_after"] < f["layer_error_before"]
     assert "layer-output error" in r.stdout
@@ -85,5 +88,5 @@ def test_activation_aware_refinement_lowers_layer_output_error(pretrain_inputs, 
     assert get_encoder(tdlight.load_compressed(run / "model")).compression.rank_in == 8
     # the refined decomposition is cached under its own key (refinement settings included)
     r = cli(tmp_path, *args)
-    assert json.loads((runs(tmp_path, "decompose")[-1] / "report.json").read_text())["refine"] == f
+    assert json.loads((runs(tmp_path, "decompose")[-1] / "metrics.json").read_text())["refine"] == f
     assert "(cached)" in r.stdout

@@ -104,7 +104,11 @@ def test_resume_cli_continues_same_run_and_wandb_id(tmp_path, teacher_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = runs(tmp_path, "finetune")
     wid = (run / "wandb_id").read_text()
-    r = cli(tmp_path, f"resume={run}", "trainer.max_epochs=2")
+    # a run saved before `device` and `trainer.max_epochs` were renamed away still resumes
+    saved = OmegaConf.load(run / ".hydra" / "config.yaml")
+    saved.device, saved.trainer.max_epochs = "auto", None
+    OmegaConf.save(saved, run / ".hydra" / "config.yaml")
+    r = cli(tmp_path, f"resume={run}", "stage.epochs=2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert runs(tmp_path, "finetune") == [run]  # no second run directory
     assert (run / "wandb_id").read_text() == wid
@@ -112,7 +116,7 @@ def test_resume_cli_continues_same_run_and_wandb_id(tmp_path, teacher_dir):
     assert m["global_step"] == 6 and m["epochs"] == 2
     assert "resuming" in (run / "tdlight.log").read_text()
     # the override stays in force for a later resume (recorded next to the saved config)
-    assert "trainer.max_epochs=2" in (run / ".hydra" / "resume_overrides.yaml").read_text()
+    assert "stage.epochs=2" in (run / ".hydra" / "resume_overrides.yaml").read_text()
     r = cli(tmp_path, f"resume={run}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 6  # nothing left to train

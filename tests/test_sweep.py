@@ -76,6 +76,8 @@ def test_search_space_maps_onto_optuna_distributions():
     ("sweep.workerz=2", "workerz"),
     # a range reaching a negative learning rate: never trained (it would diverge to a finite, ranked score)
     ("space.stage.distill.lr=interval(-1.0, 1e-3)", "stage.distill.lr=-1.0;"),
+    # a renamed key, by the message that names the new one
+    ("space.stage.pretrain.steps=choice(4,8)", "'stage.pretrain.steps' was renamed"),
 ])
 def test_bad_sweep_input_is_one_clear_error_before_any_trial(tmp_path, teacher_dir, override, msg):
     path = write_sweep(tmp_path, teacher_dir)

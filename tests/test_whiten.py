@@ -165,7 +165,7 @@ def test_stage_fit_outputs_end_to_end(tmp_path, teacher_dir, corpus):
     r = cli(tmp_path, *args)
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = runs(tmp_path, "decompose")
-    rep = json.loads((run / "report.json").read_text())
+    rep = json.loads((run / "metrics.json").read_text())
     f = rep["fit"]
     assert f["method"] == "outputs" and f["calibration_sequences"] == 24 and f["heldout_sequences"] == 8
     for side in ("hooi", "outputs"):
@@ -191,10 +191,10 @@ def test_stage_fit_outputs_end_to_end(tmp_path, teacher_dir, corpus):
     assert output_errors(student, teacher.base_model, [dict(batch)])["last_hidden"] < 1
     # cached under a key that includes the fit; fit=weights is a different entry
     r = cli(tmp_path, *args)
-    assert "(cached)" in r.stdout and json.loads((runs(tmp_path, "decompose")[-1] / "report.json").read_text())["fit"] == f
+    assert "(cached)" in r.stdout and json.loads((runs(tmp_path, "decompose")[-1] / "metrics.json").read_text())["fit"] == f
     r = cli(tmp_path, *args[:4])
     assert r.returncode == 0 and "(cached)" not in r.stdout
-    assert "fit" not in json.loads((runs(tmp_path, "decompose")[-1] / "report.json").read_text())
+    assert "fit" not in json.loads((runs(tmp_path, "decompose")[-1] / "metrics.json").read_text())
 
 
 @pytest.mark.parametrize("extra,msg", [
@@ -212,7 +212,7 @@ def test_stage_fit_bad_input(tmp_path, teacher_dir, corpus, extra, msg):
             "stage.calibration_max_length=16", *extra)
     assert r.returncode == 2, r.stderr[-2000:]
     assert msg in r.stderr and "tdlight: error:" in r.stderr
-    assert not any((d / "report.json").exists() or (d / "model").exists() for d in runs(tmp_path, "decompose"))
+    assert not any((d / "metrics.json").exists() or (d / "model").exists() for d in runs(tmp_path, "decompose"))
 
 
 def test_corrected_target_and_bias_refit():

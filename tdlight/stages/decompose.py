@@ -1,7 +1,7 @@
 """``stage=decompose``: decompose the teacher's encoder, save the compressed model, report.
 
 Writes into the run directory: ``model/`` (a compressed model directory, loadable with
-``tdlight.load_compressed``) and ``report.json`` (parameters, ratio, errors, time).
+``tdlight.load_compressed``) and ``metrics.json`` (parameters, ratio, errors, time).
 
 ``stage.fit`` chooses what the factors fit: ``weights`` (HOOI on the weights, the paper)
 or ``outputs`` (function-preserving, DESIGN §6: HOOI, then a refit of every block's outputs
@@ -33,53 +33,68 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tdlight.config import compression_spec
+from tdlight.data.corpus import CorpusDataModule, resolve_corpus_files
 from tdlight.errors import TdlightError
-from tdlight.model.io import atomic_directory, atomic_write_text, save_compressed
-from tdlight.model.surgery import compress, count_parameters, encoder_shape
+from tdlight.files import atomic_directory, atomic_write_text, state_fingerprint
+from tdlight.model.calibration import REFIT_MODES, collect_grams, fit_outputs, output_errors, refit_outputs
+from tdlight.model.io import save_compressed
+from tdlight.model.surgery import compress, count_parameters, encoder_shape, encoder_weights
 from tdlight.model.teacher import load_teacher
-from tdlight.stages.common import teacher_source
+from tdlight.stages.common import build_trainer, teacher_source
+from tdlight.stages.refine import RefineModule, heldout_error
 from tdlight.tensor.accounting import param_counts
+from tdlight.tensor.decompose import DEAD_BLOCK_ERROR
 from tdlight.tensor.spec import resolve
 from tdlight.tensor.variants import variant_of
 
 log = logging.getLogger("tdlight.decompose")
 
+METRICS = "metrics.json"  # what every stage's finished run reports in
 FITS = ("weights", "outputs")
 FIT_KEYS = ("fit", "calibration_files", "calibration_sequences", "calibration_max_length", "calibration_damp",
             "fit_iters", "fit_passes", "fit_refit", "fit_bias", "refine_heldout_files", "refine_heldout_batches", "refine_batch_size")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+def resolve_device(trainer) -> torch.device:
+    """Where the decomposition runs, from ``trainer.accelerator`` (auto | cpu | gpu/cuda) and, for a
+    GPU, ``trainer.devices`` (a count uses the first; a list ``[N]`` picks GPU N) — the same two
+    settings that place the training stages."""
+    acc = str(trainer.accelerator)
+    if acc == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise TdlightError(f"device={name!r} is not a device; valid: auto, cpu, cuda, cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TdlightError(f"device={name!r} but no CUDA GPU is available; use device=cpu or auto")
-    return dev
+    if acc == "cpu":
+        return torch.device("cpu")
+    if acc not in ("gpu", "cuda"):
+        raise TdlightError(f"trainer.accelerator={acc!r}: the decomposition runs on auto, cpu, gpu or cuda")
+    if not torch.cuda.is_available():
+        raise TdlightError(f"trainer.accelerator={acc!r} but no CUDA GPU is available; valid: trainer.accelerator=cpu or auto")
+    devices = trainer.devices
+    index = devices[0] if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)) else 0
+    if not isinstance(index, int) or not 0 <= index < torch.cuda.device_count():
+        raise TdlightError(f"trainer.devices={devices!r}: no such GPU; valid: 0..{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", index)
 
 
 def cache_key(model: torch.nn.Module, rspec) -> str:
     """Hash of the teacher's weights (every tensor's bytes) and the resolved compression spec."""
-    from tdlight.model.io import state_fingerprint
-
     return state_fingerprint(model.state_dict(), b"tdlight-decompose-v1",
                              json.dumps(rspec.to_dict(), sort_keys=True))[:20]
 
 
 def _from_cache(entry: Path, run_dir: Path, save_model: bool) -> dict | None:
-    if not (entry / "report.json").is_file() or not (entry / "model" / "tdlight.json").is_file():
+    report = entry / METRICS
+    if not report.is_file():
+        report = entry / "report.json"  # the name before 2026-12 (a cache entry is never rewritten)
+    if not report.is_file() or not (entry / "model" / "tdlight.json").is_file():
         return None
     if save_model:
         atomic_directory(run_dir / "model", lambda tmp: shutil.copytree(entry / "model", tmp, dirs_exist_ok=True))
-    return json.loads((entry / "report.json").read_text())
+    return json.loads(report.read_text())
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     console = Console(stderr=True)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.trainer)
     spec = compression_spec(cfg.compression)
     source = teacher_source(cfg)
     teacher, tokenizer = load_teacher(source)
@@ -106,7 +121,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         cached = _from_cache(entry, run_dir, cfg.stage.save_model)
         if cached is not None:
             cached.update(cached=str(entry), teacher=source)
-            atomic_write_text(run_dir / "report.json", json.dumps(cached, indent=2))
+            atomic_write_text(run_dir / METRICS, json.dumps(cached, indent=2))
             Console().print(_table(cached))
             log.info("reused the cached decomposition %s (same teacher weights and spec)", entry)
             return cached
@@ -170,8 +185,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         save_compressed(teacher.cpu(), run_dir / "model", tokenizer, extra={"teacher": source})
         if entry is not None:  # keep a copy for later runs with the same inputs
             atomic_directory(entry / "model", lambda tmp: shutil.copytree(run_dir / "model", tmp, dirs_exist_ok=True))
-            atomic_write_text(entry / "report.json", json.dumps(result, indent=2))
-    atomic_write_text(run_dir / "report.json", json.dumps(result, indent=2))
+            atomic_write_text(entry / METRICS, json.dumps(result, indent=2))
+    atomic_write_text(run_dir / METRICS, json.dumps(result, indent=2))
     Console().print(_table(result))
     log.info("ratio %.2f, rel. error %.4f, %.1f s; model in %s", result["ratio"], report.rel_error, seconds, run_dir)
     return result
@@ -179,10 +194,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 def _refine(cfg: DictConfig, student, teacher, tokenizer, run_dir: Path, console: Console) -> dict:
     """Activation-aware refinement of the factors (see :mod:`tdlight.stages.refine`)."""
-    from tdlight.data.corpus import CorpusDataModule
-    from tdlight.stages.common import build_trainer
-    from tdlight.stages.refine import RefineModule, heldout_error
-
     st = cfg.stage
     if tokenizer is None:
         raise TdlightError("refinement needs the teacher's tokenizer to read calibration text")
@@ -194,7 +205,7 @@ def _refine(cfg: DictConfig, student, teacher, tokenizer, run_dir: Path, console
     heldout = list(dm.val_dataloader())
     before = heldout_error(student, teacher, heldout)
     module = RefineModule(student, teacher, lr=st.refine_lr, steps=st.refine_steps)
-    cfg_t = OmegaConf.merge(cfg, {"trainer": {"max_steps": st.refine_steps, "max_epochs": -1,
+    cfg_t = OmegaConf.merge(cfg, {"trainer": {"max_steps": st.refine_steps,
                                               "limit_val_batches": 0, "num_sanity_val_steps": 0}})
     trainer = build_trainer(cfg_t, run_dir, max_epochs=-1, monitor=None, summary={"refine_steps": st.refine_steps})
     trainer.fit(module, train_dataloaders=dm.train_dataloader())
@@ -220,7 +231,6 @@ def _check_fit(cfg: DictConfig, tokenizer) -> str:
         v = st.get(name)
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise TdlightError(f"stage.{name}={v!r}; valid: an integer ≥ {lo} (for stage.fit=outputs)")
-    from tdlight.model.calibration import REFIT_MODES
 
     if st.get("fit_refit", "layerwise") not in REFIT_MODES:
         raise TdlightError(f"stage.fit_refit={st.get('fit_refit')!r}; valid: {', '.join(REFIT_MODES)}")
@@ -231,7 +241,6 @@ def _check_fit(cfg: DictConfig, tokenizer) -> str:
         raise TdlightError(f"stage.calibration_damp={damp!r}; valid: a number ≥ 0 (e.g. 0.01)")
     if tokenizer is None:
         raise TdlightError("stage.fit=outputs needs the teacher's tokenizer to read calibration text")
-    from tdlight.data.corpus import resolve_corpus_files
 
     for name in ("calibration_files", "refine_heldout_files"):
         v = st.get(name)
@@ -241,9 +250,6 @@ def _check_fit(cfg: DictConfig, tokenizer) -> str:
 
 def _calibration(cfg: DictConfig, teacher, tokenizer, console: Console) -> dict:
     """Calibration batches -> the teacher's input Grams; plus the held-out batches."""
-    from tdlight.data.corpus import CorpusDataModule
-    from tdlight.model.calibration import collect_grams
-
     st = cfg.stage
     files = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
              for k, v in (("train", st.calibration_files), ("heldout", st.refine_heldout_files))}
@@ -273,10 +279,6 @@ def _calibration(cfg: DictConfig, teacher, tokenizer, console: Console) -> dict:
 
 def _fit_outputs(cfg: DictConfig, student, teacher, report, calibration: dict, device, console: Console) -> dict:
     """Refit the HOOI start to the teacher's block outputs; held-out errors of both (see module doc)."""
-    from tdlight.model.calibration import fit_outputs, output_errors
-    from tdlight.model.surgery import encoder_weights
-    from tdlight.tensor.decompose import DEAD_BLOCK_ERROR
-
     st = cfg.stage
     teacher.to(device)
     heldout = calibration["heldout"]
@@ -297,7 +299,6 @@ def _fit_outputs(cfg: DictConfig, student, teacher, report, calibration: dict, d
     refit = None
     passes = st.get("fit_passes", 0) or 0
     if passes:
-        from tdlight.model.calibration import refit_outputs
 
         mode, bias = st.get("fit_refit", "layerwise"), st.get("fit_bias", True)
         t0 = time.perf_counter()

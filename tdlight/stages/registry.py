@@ -21,7 +21,7 @@ class StageRecord:
     name: str
     schema: type  # the structured config of ``stage`` (conf/stage/<name>.yaml extends it)
     artifact: str = "model"  # what a finished run leaves for the next stage (a directory or a file)
-    result: str = "metrics.json"  # its scores or report
+    result: str = "metrics.json"  # its scores or report (every stage but the pipeline: metrics.json)
     # the top-level config nodes that change what the stage computes: with its own stage settings,
     # its upstream steps and the files it reads, they key a pipeline step for reuse
     reads: tuple[str, ...] = ()
@@ -42,7 +42,7 @@ class StageRecord:
 STAGES: dict[str, StageRecord] = {r.name: r for r in (
     StageRecord("finetune", FinetuneStage, reads=("teacher", "task", "seed", "trainer"), reads_task_data=True),
     # seed: which calibration sequences are read; trainer: only when the decomposition is refined by training
-    StageRecord("decompose", DecomposeStage, result="report.json", reads=("compression", "teacher", "seed"),
+    StageRecord("decompose", DecomposeStage, reads=("compression", "teacher", "seed"),
                 reads_if=(("refine_steps", "trainer"),)),
     StageRecord("pretrain", PretrainStage, reads=("teacher", "seed", "trainer")),
     StageRecord("distill", DistillStage, reads=("task", "seed", "trainer"), reads_task_data=True),

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tdlight.errors import TdlightError
+from tdlight.config import refuse_renamed
 
 # objective -> natural direction. score: the mean dev GLUE score of the trial's tasks;
 # ratio: encoder compression ratio; params: compressed encoder parameters; speedup: the
@@ -248,6 +249,12 @@ def load(path: str | Path | None, overrides: list[str] | None = None, *, data: d
             raise SweepError(f"base override {o!r} is not key=value")
         if str(o).split("=", 1)[0].lstrip("+~") in space:
             raise SweepError(f"{o!r} is both fixed in base and searched in space; keep one")
+    base = [str(o) for o in cfg.base]
+    stage = next((o.split("=", 1)[1] for o in base if o.startswith("stage=")), "decompose")
+    try:
+        refuse_renamed(base + [f"{k}=" for k in space], stage)
+    except TdlightError as e:
+        raise SweepError(f"sweep definition: {e}") from None
     dists = {k: distribution(k, v) for k, v in space.items()}
     cfg.space = {k: str(v) for k, v in space.items()}
     return Sweep(cfg, dists, directions, constraints, p)
