@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tdlight.data.corpus import CorpusDataModule  # noqa: E402
+from tdlight.data.corpus.datamodule import CorpusDataModule  # noqa: E402
 from tdlight.model.calibration import collect_grams, fit_outputs, output_errors, refit_outputs  # noqa: E402
 from tdlight.model.surgery import compress, encoder_shape, encoder_weights  # noqa: E402
 from tdlight.model.teacher import load_teacher  # noqa: E402

@@ -8,13 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tdlight.data.corpus import (
-    CorpusDataModule,
-    PackedCorpusDataset,
-    is_heldout,
-    read_paragraphs,
-    resolve_corpus_files,
-)
+from tdlight.data.corpus.datamodule import CorpusDataModule
+from tdlight.data.corpus.dataset import PackedCorpusDataset
+from tdlight.data.corpus.documents import is_heldout, read_paragraphs
+from tdlight.data.corpus.files import resolve_corpus_files
 from tdlight.errors import DataError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrain_corpus"
@@ -420,13 +417,37 @@ def test_train_loader_state_resumes_mid_epoch(corpus, tok):
     assert len(full) > 3
     trainer.global_step = 3  # three batches trained, then the checkpoint is written
     state = loader.state_dict()
-    assert state == {"epoch": 1, "epoch_start": 0, "step": 3}
+    assert state == {"epoch": 1, "batches_done": 3}  # the GLUE loaders' format (tdlight.data.sampling)
 
     again = module(tok, corpus)
     again.trainer = trainer
     resumed = again.train_dataloader()
     resumed.load_state_dict(state)
+    assert resumed.state_dict() == state  # a checkpoint right after resuming holds the same position
     rest = [b["input_ids"] for b in resumed]
     assert len(rest) == len(full) - 3
     assert all(torch.equal(a, b) for a, b in zip(rest, full[3:]))
     assert len([b for b in resumed]) == len(full)  # only that one iteration skips
+
+
+def test_train_loader_resumes_from_the_older_state_format(corpus, tok):
+    """A checkpoint written before the corpus shared the GLUE loaders' protocol still resumes exactly."""
+
+    class FakeTrainer:
+        global_rank, world_size, current_epoch = 0, 1, 1
+        global_step, accumulate_grad_batches = 0, 1
+
+    trainer = FakeTrainer()
+    dm = module(tok, corpus)
+    dm.trainer = trainer
+    full = [b["input_ids"] for b in dm.train_dataloader()]
+
+    trainer.global_step = 7  # epoch 1 began at step 2; 5 of its batches trained
+    again = module(tok, corpus)
+    again.trainer = trainer
+    resumed = again.train_dataloader()
+    resumed.load_state_dict({"epoch": 1, "epoch_start": 2, "step": 7})
+    assert resumed.state_dict() == {"epoch": 1, "batches_done": 5}
+    rest = [b["input_ids"] for b in resumed]
+    assert len(rest) == len(full) - 5
+    assert all(torch.equal(a, b) for a, b in zip(rest, full[5:]))

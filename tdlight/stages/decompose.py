@@ -33,7 +33,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tdlight.config import compression_spec
-from tdlight.data.corpus import CorpusDataModule, resolve_corpus_files
+from tdlight.data.corpus.datamodule import CorpusDataModule
+from tdlight.data.corpus.files import resolve_corpus_files
 from tdlight.errors import TdlightError
 from tdlight.files import atomic_directory, atomic_write_text, state_fingerprint
 from tdlight.model.calibration import REFIT_MODES, collect_grams, fit_outputs, output_errors, refit_outputs

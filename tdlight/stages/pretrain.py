@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 from torch import nn
 
-from tdlight.data.corpus import CorpusDataModule
+from tdlight.data.corpus.datamodule import CorpusDataModule
 from tdlight.errors import TdlightError
 from tdlight.model.capture import forward_with_scores
 from tdlight.model.io import load_compressed, load_tokenizer
