@@ -17,8 +17,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tdlight.config import ROOT, check_ranges, migrate_saved, refuse_renamed, register
+from tdlight.config import ROOT, Config, check_ranges, migrate_saved, refuse_renamed, register
 from tdlight.errors import TdlightError
+from tdlight.files import atomic_write_text
+from tdlight.stages.common import last_checkpoint, saved_config
+from tdlight.stages.registry import STAGES
 
 log = logging.getLogger("tdlight")
 RESUME_OVERRIDES = "resume_overrides.yaml"
@@ -31,10 +34,6 @@ def _resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, 
     overrides) on top, checked against the run's own stage schema. Returns the config, the run
     directory and the full list of overrides in force (earlier resumes' + these), which the
     caller records once the resumed run has started cleanly (:func:`_resume_recorder`)."""
-    from tdlight.config import Config
-    from tdlight.stages.common import last_checkpoint, saved_config
-    from tdlight.stages.registry import STAGES
-
     src = Path(cfg.resume)
     saved = saved_config(src)
     last_checkpoint(src)  # an error, never a silent restart, when there is nothing to resume
@@ -76,8 +75,6 @@ def _resume_recorder(run_dir: Path, overrides: list[str]):
     training has started (``.record()`` writes them too), so that an override that fails before
     never sticks to the run."""
     import lightning as L
-
-    from tdlight.files import atomic_write_text
 
     class RecordResumeOverrides(L.Callback):
         done = False
@@ -155,7 +152,6 @@ def _app(cfg: DictConfig) -> None:
     _task_started = True
     _quiet_dependencies()
     fresh = run_dir = Path(HydraConfig.get().runtime.output_dir)
-    from tdlight.stages.registry import STAGES
 
     record = None
     try:
@@ -189,11 +185,11 @@ def _app(cfg: DictConfig) -> None:
 
 def main() -> None:
     if os.environ.get("TDLIGHT_SWEEP_PID"):  # (trial.SWEEP_PID) a sweep trial: it must not outlive its sweep
-        from tdlight.sweep.trial import die_with_sweep
+        from tdlight.sweep.trial import die_with_sweep  # only trials load the sweep package
 
         die_with_sweep()
     if len(sys.argv) > 1 and sys.argv[1] in ("sweep", "sweep-report"):
-        from tdlight.sweep.cli import main as sweep_main
+        from tdlight.sweep.cli import main as sweep_main  # (Optuna and its storages load only for sweeps)
 
         sys.exit(sweep_main(sys.argv[1], sys.argv[2:]))
     register()

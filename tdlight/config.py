@@ -7,6 +7,7 @@ misspelled key or a wrong type is rejected before any work starts.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
@@ -16,6 +17,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
+from tdlight.errors import TdlightError
 from tdlight.tensor.spec import CompressionSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -344,10 +346,6 @@ def check_ranges(cfg, path: str = "") -> None:
     """Raise :class:`~tdlight.errors.TdlightError` naming the first numeric hyperparameter outside
     its range (:data:`RANGES`) anywhere in ``cfg`` (the stage, the pipeline's per-step stages, the
     task, the trainer); ``None`` (a default to be filled in) is always valid."""
-    import math
-
-    from tdlight.errors import TdlightError
-
     for key in cfg:
         try:
             v = cfg[key]
@@ -382,8 +380,6 @@ _MIGRATE = {"device": None, "trainer.max_epochs": None, "stage.steps": "stage.ma
 def refuse_renamed(overrides: list[str], stage: Optional[str]) -> None:
     """Raise :class:`~tdlight.errors.TdlightError` for the first override in ``overrides`` that sets a
     renamed key (:data:`RENAMED`) of ``stage`` (the ``stage=`` being run)."""
-    from tdlight.errors import TdlightError
-
     for o in overrides:
         key = o.lstrip("+~").split("=", 1)[0]
         new = RENAMED.get((None, key)) or RENAMED.get((stage, key))
@@ -430,7 +426,7 @@ def register() -> None:
         OmegaConf.register_new_resolver("tdlight_run_id", lambda: RUN_ID)
     cs = ConfigStore.instance()
     cs.store(name="tdlight_schema", node=Config)
-    from tdlight.stages.registry import STAGES
+    from tdlight.stages.registry import STAGES  # the registry reads the schemas above: imported here, not at the top
 
-    for name, record in STAGES.items():  # each conf/stage/<name>.yaml extends its schema
-        cs.store(group="stage", name=f"{name}_schema", node=record.schema)
+    for name, record in STAGES.items():  # `stage=<name>`: the stage's schema is the group option itself
+        cs.store(group="stage", name=name, node=record.schema)

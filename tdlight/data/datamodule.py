@@ -29,6 +29,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from tdlight.data.augment import MaskedLMCandidates, augment_columns, neighbour_table
 from tdlight.data.glue import GlueTask, get_task, load_split, resolve_source
 from tdlight.data.sampling import EpochSampler, ResumableDataLoader, trainer_progress
 from tdlight.files import file_stamp, state_fingerprint
@@ -126,8 +127,6 @@ class GlueDataModule(L.LightningDataModule):
         cols = self.task.text_columns
         if split == "train" and self.augment:
             import datasets
-
-            from tdlight.data.augment import MaskedLMCandidates, augment_columns, neighbour_table
 
             a = self.augment
             table = mlm = None

@@ -23,13 +23,15 @@ from torch import nn
 
 from tdlight.model.surgery import LINEAR_PATHS, _get_linear, encoder_weights, get_encoder, load_factors
 from tdlight.tensor.factors import Decomposition, Factors, slice_errors
-from tdlight.tensor.layout import stack
+from tdlight.tensor.layout import Block, linear_to_blocks, stack
 from tdlight.tensor.whiten import (
     DEFAULT_DAMP,
     block_grams,
     corrected_target,
     decompose_whitened,
+    prepare_gram,
     refit_bias,
+    refit_blocks,
     whitened_errors,
 )
 
@@ -284,6 +286,7 @@ def collect_pair_stats(student: nn.Module, teacher: nn.Module, batches: Iterable
     same attribute paths); ``key`` / ``value`` map to the ``query``'s stats. Each forward
     stops after the last layer asked for.
     """
+
     L = len(get_encoder(student).layer)
     layers = sorted(set(range(L) if layers is None else layers))
     if not layers:
@@ -456,9 +459,6 @@ def refit_layerwise(student: nn.Module, teacher: nn.Module, batches: list[dict],
     output error on its true inputs exactly, so errors do not compound. Returns each block's
     relative output error on those inputs after the refit (by block name).
     """
-    from tdlight.tensor.layout import Block, linear_to_blocks
-    from tdlight.tensor.whiten import prepare_gram, refit_blocks
-
     enc_s, enc_t = get_encoder(student), get_encoder(teacher)
     layout = enc_s.compression.layout
     D = layout.hidden

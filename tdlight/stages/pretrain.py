@@ -2,7 +2,7 @@
 
 The student (a ``stage=decompose`` run) learns to reproduce the uncompressed teacher's
 hidden states and pre-softmax attention scores on packed corpus sequences
-(:class:`tdlight.data.corpus.CorpusDataModule`), for ``stage.max_steps`` optimizer steps with
+(:class:`tdlight.data.corpus.datamodule.CorpusDataModule`), for ``stage.max_steps`` optimizer steps with
 linear warm-up and decay. The teacher is frozen, in eval mode, under ``no_grad``; the
 student's factors, biases and LayerNorms train (embeddings only with
 ``stage.train_embeddings``). The held-out loss (WikiText-103 valid by default) is logged

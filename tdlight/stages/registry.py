@@ -3,7 +3,8 @@ pipeline chains, reuses and keys, what a finished run leaves behind.
 
 Adding a stage: its module ``tdlight/stages/<name>.py`` with ``run(cfg, run_dir)`` (training stages also
 take ``extra_callbacks``),
-its schema in :mod:`tdlight.config` with ``conf/stage/<name>.yaml``, and one line in :data:`STAGES`.
+its schema (a dataclass holding every default) in :mod:`tdlight.config`, and one line in :data:`STAGES`
+(:func:`tdlight.config.register` stores that schema as the ``stage=<name>`` option: no YAML file).
 The stage modules are imported only when a stage runs, so reading the registry stays cheap.
 """
 
@@ -19,7 +20,7 @@ from tdlight.config import DecomposeStage, DistillStage, EvaluateStage, Finetune
 @dataclass(frozen=True)
 class StageRecord:
     name: str
-    schema: type  # the structured config of ``stage`` (conf/stage/<name>.yaml extends it)
+    schema: type  # the structured config of ``stage``, stored as the option ``stage=<name>``
     artifact: str = "model"  # what a finished run leaves for the next stage (a directory or a file)
     result: str = "metrics.json"  # its scores or report (every stage but the pipeline: metrics.json)
     # the top-level config nodes that change what the stage computes: with its own stage settings,

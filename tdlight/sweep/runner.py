@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 
 from tdlight.errors import TdlightError
 from tdlight.files import atomic_write_text
+from tdlight.stages.common import wandb_offline
 from tdlight.sweep import trial as T
 from tdlight.sweep.spec import Sweep, SweepError, override, sampler
 
@@ -327,8 +328,6 @@ class Runner:
             return
         try:
             import wandb
-
-            from tdlight.stages.common import wandb_offline
 
             with self.lock:
                 run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, group=self.s.name,

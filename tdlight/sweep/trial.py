@@ -20,8 +20,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from tdlight.config import ROOT, check_ranges, compression_spec, register
 from tdlight.errors import TdlightError
+from tdlight.model.teacher import teacher_shape
 from tdlight.sweep.spec import SweepError
+from tdlight.tensor.accounting import param_counts
+from tdlight.tensor.spec import resolve
 
 _compose_lock = threading.Lock()  # Hydra's GlobalHydra is process-global state
 
@@ -33,7 +37,6 @@ def compose(overrides: list[str]) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from tdlight.config import ROOT, check_ranges, register
 
     register()
     with _compose_lock:
@@ -52,11 +55,6 @@ def compose(overrides: list[str]) -> DictConfig:
 
 def price(cfg: DictConfig) -> dict:
     """Encoder compression ratio, parameters and ranks of a config, from the teacher's config.json only."""
-    from tdlight.config import compression_spec
-    from tdlight.model.teacher import teacher_shape
-    from tdlight.tensor.accounting import param_counts
-    from tdlight.tensor.spec import resolve
-
     shape = teacher_shape(cfg.teacher.path)
     rspec = resolve(compression_spec(cfg.compression), shape)
     counts = param_counts(shape, rspec)
