@@ -63,3 +63,35 @@ def test_tiny_pipeline_end_to_end_and_reuse(pretrain_inputs, teacher_dir, tmp_pa
     counts = [len(runs(tmp_path, s)) for s in ("finetune", "decompose", "pretrain", "distill", "evaluate")]
     # (decompose and pretrain rerun too: their settings name files under paths.data_dir, read or not)
     assert counts[0] == 2 and counts[3:] == [3, 3]
+
+
+def test_pipeline_decomposes_the_finetuned_teacher_fitted_on_the_tasks_own_text(teacher_dir, tmp_path):
+    """stage.decompose.teacher_weights=finetuned + calibration_files=task: the decomposition reads the
+    pipeline's fine-tuned teacher and the task's training text (cached once, named by its hash), and
+    both join its step key — another task never reuses it."""
+    def args(task):
+        return ["stage=pipeline", f"task={task}", f"teacher.path={teacher_dir}", "compression.rank=8",
+                "compression.bank=12", "trainer=cpu", "trainer.enable_progress_bar=false", "logger=none",
+                "stage.steps=[finetune,decompose,distill]", "stage.finetune.epochs=1", "stage.finetune.limit_train=32",
+                "stage.finetune.limit_eval=16", "stage.finetune.batch_size=16", "stage.finetune.max_length=16",
+                "stage.decompose.teacher_weights=finetuned", "stage.decompose.fit=outputs",
+                "stage.decompose.calibration_files=task", "stage.decompose.calibration_sequences=16",
+                "stage.decompose.calibration_max_length=16", "stage.decompose.fit_iters=1",
+                "stage.decompose.refine_batch_size=4", "stage.decompose.refine_heldout_batches=1",
+                "stage.distill.intermediate_epochs=0", "stage.distill.prediction_epochs=1",
+                "stage.distill.limit_train=32", "stage.distill.limit_eval=16", "stage.distill.batch_size=16",
+                "stage.distill.max_length=16"]
+
+    r = cli(tmp_path, *args("rte"))
+    assert r.returncode == 0, r.stderr[-4000:]
+    (ft,), (dec,) = runs(tmp_path, "finetune"), runs(tmp_path, "decompose")
+    saved = OmegaConf.load(dec / ".hydra" / "config.yaml")
+    assert saved.teacher.run_dir == str(ft)  # the fine-tuned teacher, not teacher.path
+    (text,) = (tmp_path / "cache" / "calibration").glob("rte-*.txt")
+    fit = json.loads((dec / "metrics.json").read_text())["fit"]
+    assert fit["calibration_files"] == str(text) and fit["calibration_sequences"] == 16
+    lines = text.read_text().splitlines()
+    assert len(lines) == 2490 and all(lines)  # RTE's training pairs, one line each (both sentences)
+    r = cli(tmp_path, *args("mrpc"))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert len(runs(tmp_path, "decompose")) == 2 and len(list((tmp_path / "cache" / "calibration").glob("*.txt"))) == 2

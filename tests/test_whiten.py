@@ -204,6 +204,10 @@ def test_stage_fit_outputs_end_to_end(tmp_path, teacher_dir, corpus):
     (["stage.fit=outputs", "stage.fit_iters=-1"], "stage.fit_iters=-1; valid: an integer ≥ 0"),
     (["stage.fit=outputs", "stage.fit_passes=-1"], "stage.fit_passes=-1; valid: an integer ≥ 0"),
     (["stage.fit=outputs", "stage.fit_refit=sideways"], "stage.fit_refit='sideways'; valid: layerwise, global, both"),
+    (["stage.fit=outputs", "stage.calibration_files=task"], "stage.calibration_files=task calibrates on the task's "
+                                                            "training text: add task=<name>"),
+    (["stage.teacher_weights=base"], "stage.teacher_weights='base'; valid: pretrained, finetuned"),
+    (["stage.teacher_weights=finetuned"], "stage.teacher_weights=finetuned needs the fine-tuned teacher"),
 ])
 def test_stage_fit_bad_input(tmp_path, teacher_dir, corpus, extra, msg):
     path, heldout = corpus

@@ -242,6 +242,15 @@ def resolve_source(task: GlueTask, split: str, data_dir: str | os.PathLike | Non
     )
 
 
+def task_text(task: GlueTask | str, split: str, *, data_dir: str | os.PathLike | None, source: str = "auto") -> list[str]:
+    """One line of text per example of a split: its text columns (both sentences of a pair) joined by a
+    space — calibration text in the task's own domain (``stage.calibration_files=task``)."""
+    task = get_task(task)
+    ds = load_split(task, split, data_dir=data_dir, source=source)
+    columns = [ds[c] for c in task.text_columns]
+    return [" ".join(" ".join(str(t).split()) for t in texts) for texts in zip(*columns)]
+
+
 def load_split(task: GlueTask | str, split: str, *, data_dir: str | os.PathLike | None, source: str = "auto"):
     """One split as a ``datasets.Dataset`` (columns: text columns, ``label``, ``idx``)."""
     import datasets

@@ -35,6 +35,7 @@ from rich.table import Table
 from tdlight.config import compression_spec
 from tdlight.data.corpus.datamodule import CorpusDataModule
 from tdlight.data.corpus.files import resolve_corpus_files
+from tdlight.data.glue import TASKS, task_text
 from tdlight.errors import TdlightError
 from tdlight.files import atomic_directory, atomic_write_text, state_fingerprint
 from tdlight.model.calibration import REFIT_MODES, collect_grams, fit_outputs, output_errors, refit_outputs
@@ -52,6 +53,8 @@ log = logging.getLogger("tdlight.decompose")
 
 METRICS = "metrics.json"  # what every stage's finished run reports in
 FITS = ("weights", "outputs")
+TEACHER_WEIGHTS = ("pretrained", "finetuned")
+TASK_TEXT = "task"  # stage.calibration_files=task: the task's own training text
 FIT_KEYS = ("fit", "calibration_files", "calibration_sequences", "calibration_max_length", "calibration_damp",
             "fit_iters", "fit_passes", "fit_refit", "fit_bias", "refine_heldout_files", "refine_heldout_batches", "refine_batch_size")
 
@@ -108,6 +111,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if refine < 0:
         raise TdlightError(f"stage.refine_steps={refine} must be ≥ 0")
     fit = _check_fit(cfg, tokenizer)
+    if fit == "outputs" and cfg.stage.calibration_files == TASK_TEXT:
+        # the file's name holds a hash of its text: the decomposition cache key follows the task and its data
+        cfg.stage.calibration_files = str(task_calibration_file(cfg))
     if cfg.stage.get("cache", True):
         key = cache_key(teacher, rspec)
         extra = {}
@@ -218,9 +224,28 @@ def _refine(cfg: DictConfig, student, teacher, tokenizer, run_dir: Path, console
             "tokens": st.refine_steps * st.refine_batch_size * st.refine_max_length}
 
 
+def task_calibration_file(cfg: DictConfig) -> Path:
+    """The task's training text as a calibration file, ``<cache_dir>/calibration/<task>-<hash of the text>.txt``
+    (written once; an existing file of the same text is reused)."""
+    task = cfg.task.name
+    lines = task_text(task, "train", data_dir=Path(cfg.paths.data_dir) / "glue",
+                      source=getattr(cfg.task.source, "value", cfg.task.source))
+    text = "\n".join(lines) + "\n"
+    path = Path(cfg.paths.cache_dir) / "calibration" / f"{task}-{hashlib.sha1(text.encode()).hexdigest()[:12]}.txt"
+    if not path.is_file():
+        atomic_write_text(path, text)
+    log.info("calibration text: the %d training examples of %s (%s)", len(lines), task, path)
+    return path
+
+
 def _check_fit(cfg: DictConfig, tokenizer) -> str:
     """``stage.fit``, checked with its calibration settings before any work."""
     st = cfg.stage
+    weights = st.get("teacher_weights", "pretrained")
+    if weights not in TEACHER_WEIGHTS:
+        raise TdlightError(f"stage.teacher_weights={weights!r}; valid: {', '.join(TEACHER_WEIGHTS)}")
+    if weights == "finetuned" and not cfg.teacher.get("run_dir"):
+        raise TdlightError("stage.teacher_weights=finetuned needs the fine-tuned teacher: teacher.run_dir=<finetune run>")
     fit = st.get("fit", "weights")
     if fit not in FITS:
         raise TdlightError(f"stage.fit={fit!r}; valid: {', '.join(FITS)} "
@@ -243,8 +268,13 @@ def _check_fit(cfg: DictConfig, tokenizer) -> str:
     if tokenizer is None:
         raise TdlightError("stage.fit=outputs needs the teacher's tokenizer to read calibration text")
 
+    if st.get("calibration_files") == TASK_TEXT and cfg.get("task") is None:
+        raise TdlightError(f"stage.calibration_files={TASK_TEXT} calibrates on the task's training text: add task=<name>; "
+                           f"valid: {sorted(TASKS)}")
     for name in ("calibration_files", "refine_heldout_files"):
         v = st.get(name)
+        if name == "calibration_files" and v == TASK_TEXT:
+            continue
         resolve_corpus_files(OmegaConf.to_container(v) if OmegaConf.is_config(v) else v, what=f"stage.{name}")
     return fit
 
@@ -325,6 +355,8 @@ def _fit_outputs(cfg: DictConfig, student, teacher, report, calibration: dict, d
 
     return {
         "method": "outputs",
+        "calibration_files": OmegaConf.to_container(st.calibration_files) if OmegaConf.is_config(st.calibration_files)
+        else st.calibration_files,  # (for calibration_files=task: the task's text file it read)
         "calibration_sequences": calibration["sequences"],
         "calibration_tokens": calibration["tokens"],
         "heldout_sequences": calibration["heldout_sequences"],

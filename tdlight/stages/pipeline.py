@@ -56,9 +56,8 @@ def step_inputs(step: str, stage_cfg, cfg: DictConfig) -> list:
     editing a corpus never reuses a step computed from other data."""
     import glob as globlib
 
-
     stamps: list = []
-    if STAGES[step].reads_task_data and cfg.get("task") is not None:
+    if STAGES[step].reads_task(stage_cfg) and cfg.get("task") is not None:
         task = get_task(cfg.task.name)
         source = getattr(cfg.task.source, "value", cfg.task.source)
         for split in task.splits:
@@ -135,11 +134,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     dirs: dict[str, Path] = {}
     results: dict[str, dict] = {}
     for step in steps:
-        # as in the paper: the *pretrained* teacher is decomposed (and pretrained against);
-        # the fine-tuned one only teaches the task in distill
+        # as in the paper: the *pretrained* teacher is decomposed (and pretrained against) and the
+        # fine-tuned one only teaches the task in distill — unless stage.decompose.teacher_weights=finetuned
         student = "pretrain" if "pretrain" in dirs else "decompose"
         if step == "finetune":
             upstream, wiring = {}, {}
+        elif step == "decompose" and st.decompose.teacher_weights == "finetuned":
+            upstream = {"finetune": keys["finetune"]}
+            wiring = {"teacher.run_dir": str(dirs["finetune"])}
         elif step == "decompose":
             upstream, wiring = {}, {}
         elif step == "pretrain":

@@ -27,14 +27,21 @@ class StageRecord:
     # its upstream steps and the files it reads, they key a pipeline step for reuse
     reads: tuple[str, ...] = ()
     reads_task_data: bool = False  # reads the task's GLUE files (their stamps join the key)
+    # (stage key, value): with that setting, the stage also reads the task (its node and its GLUE files)
+    reads_task_if: tuple[tuple[str, object], ...] = ()
     # (stage key, top-level node): the node is read only when that stage setting is truthy
     reads_if: tuple[tuple[str, str], ...] = ()
 
     def run(self, cfg, run_dir: Path, **kwargs):
         return importlib.import_module(f"tdlight.stages.{self.name}").run(cfg, run_dir, **kwargs)
 
+    def reads_task(self, stage_cfg) -> bool:
+        """Whether a run with these stage settings reads the task's data."""
+        return self.reads_task_data or any(stage_cfg.get(key) == value for key, value in self.reads_task_if)
+
     def keyed_nodes(self, stage_cfg) -> tuple[str, ...]:
-        return self.reads + tuple(node for key, node in self.reads_if if stage_cfg.get(key))
+        nodes = self.reads + tuple(node for key, node in self.reads_if if stage_cfg.get(key))
+        return nodes + ("task",) if self.reads_task(stage_cfg) and "task" not in nodes else nodes
 
     def finished(self, run_dir: Path) -> bool:
         return (run_dir / self.artifact).exists() and (run_dir / self.result).is_file()
@@ -44,7 +51,7 @@ STAGES: dict[str, StageRecord] = {r.name: r for r in (
     StageRecord("finetune", FinetuneStage, reads=("teacher", "task", "seed", "trainer"), reads_task_data=True),
     # seed: which calibration sequences are read; trainer: only when the decomposition is refined by training
     StageRecord("decompose", DecomposeStage, reads=("compression", "teacher", "seed"),
-                reads_if=(("refine_steps", "trainer"),)),
+                reads_if=(("refine_steps", "trainer"),), reads_task_if=(("calibration_files", "task"),)),
     StageRecord("pretrain", PretrainStage, reads=("teacher", "seed", "trainer")),
     StageRecord("distill", DistillStage, reads=("task", "seed", "trainer"), reads_task_data=True),
     StageRecord("evaluate", EvaluateStage, artifact="metrics.json", reads=("task", "trainer"), reads_task_data=True),
