@@ -402,12 +402,15 @@ def test_lightning_fit_sets_the_epoch(corpus, tok, tmp_path):
     assert fit(held).val_seen == 2 * 6
 
 
+class FakeTrainer:
+    """What a loader's resume state reads of the Trainer (rank, epoch, optimizer steps)."""
+
+    global_rank, world_size, current_epoch = 0, 1, 1
+    global_step, accumulate_grad_batches = 0, 1
+
+
 def test_train_loader_state_resumes_mid_epoch(corpus, tok):
     """state_dict after k trained batches + load_state_dict in a fresh run == the rest of the epoch."""
-
-    class FakeTrainer:
-        global_rank, world_size, current_epoch = 0, 1, 1
-        global_step, accumulate_grad_batches = 0, 1
 
     trainer = FakeTrainer()
     dm = module(tok, corpus)
@@ -432,10 +435,6 @@ def test_train_loader_state_resumes_mid_epoch(corpus, tok):
 
 def test_train_loader_resumes_from_the_older_state_format(corpus, tok):
     """A checkpoint written before the corpus shared the GLUE loaders' protocol still resumes exactly."""
-
-    class FakeTrainer:
-        global_rank, world_size, current_epoch = 0, 1, 1
-        global_step, accumulate_grad_batches = 0, 1
 
     trainer = FakeTrainer()
     dm = module(tok, corpus)
