@@ -65,14 +65,18 @@ def test_tiny_pipeline_end_to_end_and_reuse(pretrain_inputs, teacher_dir, tmp_pa
     assert counts[0] == 2 and counts[3:] == [3, 3]
 
 
-def test_pipeline_decomposes_the_finetuned_teacher_fitted_on_the_tasks_own_text(teacher_dir, tmp_path):
+def test_pipeline_decomposes_the_finetuned_teacher_fitted_on_the_tasks_own_text(pretrain_inputs, teacher_dir,
+                                                                             tmp_path):
     """stage.decompose.teacher_weights=finetuned + calibration_files=task: the decomposition reads the
     pipeline's fine-tuned teacher and the task's training text (cached once, named by its hash), and
-    both join its step key — another task never reuses it."""
+    both join its step key — another task never reuses it. Reconstruction pretraining then
+    reconstructs that same fine-tuned teacher."""
+    _, _, files = pretrain_inputs
+
     def args(task):
         return ["stage=pipeline", f"task={task}", f"teacher.path={teacher_dir}", "compression.rank=8",
                 "compression.bank=12", "trainer=cpu", "trainer.enable_progress_bar=false", "logger=none",
-                "stage.steps=[finetune,decompose,distill]", "stage.finetune.epochs=1", "stage.finetune.limit_train=32",
+                "stage.steps=[finetune,decompose,pretrain,distill]", "stage.finetune.epochs=1", "stage.finetune.limit_train=32",
                 "stage.finetune.limit_eval=16", "stage.finetune.batch_size=16", "stage.finetune.max_length=16",
                 "stage.decompose.teacher_weights=finetuned", "stage.decompose.fit=outputs",
                 "stage.decompose.calibration_files=task", "stage.decompose.calibration_sequences=16",
@@ -80,13 +84,17 @@ def test_pipeline_decomposes_the_finetuned_teacher_fitted_on_the_tasks_own_text(
                 "stage.decompose.refine_batch_size=4", "stage.decompose.refine_heldout_batches=1",
                 "stage.distill.intermediate_epochs=0", "stage.distill.prediction_epochs=1",
                 "stage.distill.limit_train=32", "stage.distill.limit_eval=16", "stage.distill.batch_size=16",
-                "stage.distill.max_length=16"]
+                "stage.distill.max_length=16", *[f.replace("stage.", "stage.pretrain.") for f in files],
+                "stage.pretrain.max_steps=2", "stage.pretrain.val_every_n_steps=2", "stage.pretrain.max_length=16",
+                "stage.pretrain.batch_size=4", "stage.pretrain.max_heldout_sequences=8"]
 
     r = cli(tmp_path, *args("rte"))
     assert r.returncode == 0, r.stderr[-4000:]
-    (ft,), (dec,) = runs(tmp_path, "finetune"), runs(tmp_path, "decompose")
+    (ft,), (dec,), (pt,) = runs(tmp_path, "finetune"), runs(tmp_path, "decompose"), runs(tmp_path, "pretrain")
     saved = OmegaConf.load(dec / ".hydra" / "config.yaml")
     assert saved.teacher.run_dir == str(ft)  # the fine-tuned teacher, not teacher.path
+    saved = OmegaConf.load(pt / ".hydra" / "config.yaml")
+    assert saved.teacher.run_dir == str(ft) and saved.stage.student == str(dec)
     (text,) = (tmp_path / "cache" / "calibration").glob("rte-*.txt")
     fit = json.loads((dec / "metrics.json").read_text())["fit"]
     assert fit["calibration_files"] == str(text) and fit["calibration_sequences"] == 16

@@ -144,6 +144,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             wiring = {"teacher.run_dir": str(dirs["finetune"])}
         elif step == "decompose":
             upstream, wiring = {}, {}
+        elif step == "pretrain" and st.decompose.teacher_weights == "finetuned":
+            # the student reconstructs the teacher it was decomposed from
+            upstream = {"decompose": keys["decompose"], "finetune": keys["finetune"]}
+            wiring = {"stage.student": str(dirs["decompose"]), "teacher.run_dir": str(dirs["finetune"])}
         elif step == "pretrain":
             upstream = {"decompose": keys["decompose"]}
             wiring = {"stage.student": str(dirs["decompose"])}
