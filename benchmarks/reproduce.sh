@@ -1,80 +1,68 @@
 #!/usr/bin/env bash
-# The reproduction grid of docs/RESULTS.md §5: the MiniLM teacher fine-tuned on five GLUE tasks,
-# then students at the paper's encoder ratios 7 (compression=paper_1_7) and 48 (paper_1_48):
-#   dec   decomposition of the fine-tuned teacher alone, evaluated as is
-#   dist  decompose the pretrained teacher -> task distillation          (experiment=no_pretrain)
-#   pt    decompose -> reconstruction pretraining -> task distillation  (experiment=paper_1_*)
-# Every run has a fixed directory under $OUT (default outputs/repro); a run whose result file
-# exists is skipped, so rerunning the script continues where it stopped.  Budgets are knobs
-# (the defaults take several hours on a 2-core CPU; docs/RESULTS.md §5 lists the budgets it ran
-# with); a GPU user runs the full schedule with
-#   PRETRAIN_STEPS=100000 PRETRAIN_BATCH=256 LIMIT_TRAIN=null INTERMEDIATE_EPOCHS=10 \
-#   PREDICTION_EPOCHS=3 bash benchmarks/reproduce.sh trainer=gpu
-# and prints the table with  python benchmarks/reproduce_table.py
-# On a 2-core CPU two single-threaded copies, one per ratio, finish sooner than one 2-thread run:
+# The grid of docs/RESULTS.md §5b with the recipe of §7: for each task, the CPU presets
+# experiment=cpu_7 (compression=paper_1_7) and experiment=cpu_48 (paper_1_48), three columns each:
+#   dec   the fine-tuned teacher decomposed at the preset's ratio (the preset's own decomposition when
+#         it decomposes the fine-tuned teacher, as cpu_7 does; otherwise the output fit on the task's
+#         text), evaluated as is with the teacher's head: what the decomposition alone keeps
+#   dist  tdlight experiment=cpu_<r> task=<t>: finetune -> decompose -> distill -> evaluate
+#   pt    the same pipeline with reconstruction pretraining (PRETRAIN_STEPS × 32 × 128 tokens) before distillation
+# Every pipeline writes its steps under $OUT (default outputs/repro), so the columns and the two ratios
+# share what they have in common (the teacher of a task, a decomposition) and a second copy of this
+# script waits for a step the first is computing instead of computing it twice. A column whose result
+# file exists is skipped, and a stopped step resumes from its last.ckpt: rerunning the script continues
+# where it stopped. On a 2-core CPU two single-threaded copies finish sooner than one 2-thread run:
 #   export OMP_NUM_THREADS=1 TABLE=0; RATIOS=48 bash benchmarks/reproduce.sh & RATIOS=7 bash benchmarks/reproduce.sh
+# then  python benchmarks/reproduce_table.py  prints the tables. Extra arguments are Hydra overrides
+# passed to every run (e.g. logger=csv, or trainer=gpu stage.distill.limit_train=null for a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/repro}
 TASKS=${TASKS:-"rte mrpc stsb cola sst2"}
-RATIOS=${RATIOS:-"48 7"}
-PRETRAIN_STEPS=${PRETRAIN_STEPS:-500}
-PRETRAIN_BATCH=${PRETRAIN_BATCH:-32}
-LIMIT_TRAIN=${LIMIT_TRAIN:-2000}          # training examples per task for distillation (null: all)
-INTERMEDIATE_EPOCHS=${INTERMEDIATE_EPOCHS:-1}
-PREDICTION_EPOCHS=${PREDICTION_EPOCHS:-2}
-TEACHER_EPOCHS=${TEACHER_EPOCHS:-}         # teacher fine-tuning epochs (empty: each task's own, RTE 4)
-SST2_LIMIT=${SST2_LIMIT:-20000}            # SST-2 teacher: one epoch on this many examples
+RATIOS=${RATIOS:-"7 48"}
+COLUMNS=${COLUMNS:-"dist dec pt"}          # in the order they run; a stopped grid leaves whole columns
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-200}
 extra=("$@")
-td() {  # td <run dir> <overrides...>: run a stage in <run dir>, or resume it if it stopped mid-way
-  local dir=$1 lock; shift
-  # one writer per run directory: two copies of this script (e.g. RATIOS=48 and RATIOS=7 side by
-  # side) wait for each other's shared runs (the teachers) instead of both computing them
-  local lockfile=$OUT/.locks/${dir#"$OUT"/}.lock
-  mkdir -p "$(dirname "$dir")" "$(dirname "$lockfile")"
-  exec {lock}>"$lockfile"; flock "$lock"
-  if [[ -f $dir/metrics.json || -f $dir/report.json ]]; then :   # the other copy finished it meanwhile
-  elif [[ -f $dir/checkpoints/last.ckpt ]]; then .venv/bin/tdlight resume="$dir"
-  else
-    rm -rf "$dir"   # a run that died before its first checkpoint starts over
-    .venv/bin/tdlight paths.output_dir="$OUT" trainer.enable_progress_bar=false "${extra[@]}" "$@" hydra.run.dir="$dir"
-  fi
-  exec {lock}>&-
-}
+TD=(.venv/bin/tdlight paths.output_dir="$OUT" trainer.enable_progress_bar=false)
 stamp() { echo "=== $* $(date -u +%H:%M:%S)"; }
+json() { .venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))$2)" "$1"; }
 
-distill() {  # distill <task> <student run> <name>
-  [[ -f $OUT/distill/$3/metrics.json ]] && return 0
-  stamp distill "$3"
-  td "$OUT/distill/$3" stage=distill task="$1" teacher.run_dir="$OUT/finetune/$1" stage.student="$2" \
-     stage.limit_train="$LIMIT_TRAIN" stage.intermediate_epochs="$INTERMEDIATE_EPOCHS" \
-     stage.prediction_epochs="$PREDICTION_EPOCHS"
+dist() {  # dist <ratio> <task> [pipeline overrides]: the preset end to end
+  local r=$1 t=$2 dir=$OUT/grid/$3/cpu_$1-$2; shift 3
+  [[ -f $dir/pipeline.json ]] && return 0
+  stamp "${dir#"$OUT"/grid/}"
+  "${TD[@]}" experiment=cpu_"$r" task="$t" "$@" "${extra[@]}" hydra.run.dir="$dir"
 }
 
-# Task by task, so that a stopped grid leaves whole rows of the table.
-for t in $TASKS; do
-  # 1. the teacher (RTE 4 epochs, SST-2 one epoch on SST2_LIMIT examples; others their task's default)
-  if [[ ! -f $OUT/finetune/$t/metrics.json ]]; then
-    case $t in rte) e=(stage.epochs=4);; sst2) e=(stage.epochs=1 stage.limit_train="$SST2_LIMIT");; *) e=();; esac
-    [[ -n $TEACHER_EPOCHS && $t != sst2 ]] && e=(stage.epochs="$TEACHER_EPOCHS")
-    stamp finetune "$t"; td "$OUT/finetune/$t" stage=finetune task="$t" "${e[@]}"
+dec() {  # dec <ratio> <task>: the fine-tuned teacher decomposed, evaluated untrained
+  local r=$1 t=$2 dir=$OUT/grid/dec/cpu_$1-$2 p=$OUT/grid/dist/cpu_$1-$2/pipeline.json model
+  [[ -f $dir/evaluate/metrics.json ]] && return 0
+  [[ -f $p ]] || dist "$r" "$t" dist
+  model=$(json "$p" "['steps']['decompose']")
+  if [[ $(.venv/bin/python -c "import sys; from omegaconf import OmegaConf as O; print(O.load(sys.argv[1]).teacher.run_dir)" \
+          "$model/.hydra/config.yaml") == None ]]; then   # the preset decomposes the pretrained teacher
+    model=$dir/decompose
+    if [[ ! -f $model/metrics.json ]]; then
+      stamp "dec/cpu_$r-$t: decompose"
+      "${TD[@]}" stage=decompose task="$t" compression=paper_1_"$r" teacher.run_dir="$(json "$p" "['steps']['finetune']")" \
+        stage.fit=outputs stage.calibration_files=task "${extra[@]}" hydra.run.dir="$model"
+    fi
   fi
-  for r in $RATIOS; do
-    c=paper_1_$r
-    # 2. decomposition alone: the fine-tuned teacher decomposed, evaluated without training
-    d=$OUT/decompose/$c-$t
-    [[ -f $d/metrics.json || -f $d/report.json ]] || { stamp decompose "$c $t"; td "$d" stage=decompose compression="$c" teacher.run_dir="$OUT/finetune/$t"; }
-    [[ -f $OUT/evaluate/$c-$t/metrics.json ]] || { stamp evaluate "$c $t"; td "$OUT/evaluate/$c-$t" stage=evaluate task="$t" stage.model="$d"; }
-    # 3. task distillation alone: the student decomposed from the pretrained teacher (shared by all tasks)
-    [[ -f $OUT/decompose/$c/metrics.json || -f $OUT/decompose/$c/report.json ]] || { stamp decompose "$c"; td "$OUT/decompose/$c" stage=decompose compression="$c"; }
-    distill "$t" "$OUT/decompose/$c" "$c-$t-dist"
-    # 4. reconstruction pretraining (once per ratio), then task distillation from the pretrained student
-    p=$OUT/pretrain/$c
-    [[ -f $p/metrics.json ]] || { stamp pretrain "$c"; td "$p" stage=pretrain stage.student="$OUT/decompose/$c" \
-        stage.max_steps="$PRETRAIN_STEPS" stage.batch_size="$PRETRAIN_BATCH"; }
-    distill "$t" "$p" "$c-$t-pt"
+  stamp "dec/cpu_$r-$t: evaluate"
+  "${TD[@]}" stage=evaluate task="$t" stage.model="$model" "${extra[@]}" hydra.run.dir="$dir/evaluate"
+}
+
+for col in $COLUMNS; do
+  for t in $TASKS; do
+    for r in $RATIOS; do
+      case $col in
+        dist) dist "$r" "$t" dist;;
+        dec) dec "$r" "$t";;
+        pt) dist "$r" "$t" pt "stage.steps=[finetune,decompose,pretrain,distill,evaluate]" \
+              stage.pretrain.max_steps="$PRETRAIN_STEPS";;
+        *) echo "unknown column $col (valid: dist dec pt)" >&2; exit 2;;
+      esac
+    done
   done
 done
 stamp done
-# the table times teacher vs students: TABLE=0 skips it (e.g. while another copy still trains)
 [[ ${TABLE:-1} == 0 ]] || .venv/bin/python benchmarks/reproduce_table.py --out "$OUT"

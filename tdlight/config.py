@@ -368,19 +368,30 @@ def check_ranges(cfg, path: str = "") -> None:
             raise TdlightError(f"{where}={v!r}; valid: {rule}")
 
 
-# Keys that were renamed: the old spelling is refused by a message that names the new one (a command
-# line, a sweep file), and a saved config of an older run is read with the new names (resume).
-# (the stage it applies to, or None for any; the old key) -> the new key, or what replaces it.
-RENAMED: dict[tuple[Optional[str], str], str] = {
-    (None, "device"): "trainer.accelerator (auto | cpu | gpu; trainer.devices=[N] picks GPU N)",
-    (None, "trainer.max_epochs"): ("the stage's epochs: stage.epochs (finetune), stage.intermediate_epochs / "
-                                   "stage.prediction_epochs (distill), stage.<step>.… in the pipeline"),
-    ("pretrain", "stage.steps"): "stage.max_steps",
-    (None, "stage.pretrain.steps"): "stage.pretrain.max_steps",  # only the pipeline has stage.pretrain
-}
-# the old keys a saved config may hold, and where their value goes (None: dropped, the new default applies)
-_MIGRATE = {"device": None, "trainer.max_epochs": None, "stage.steps": "stage.max_steps",
-            "stage.pretrain.steps": "stage.pretrain.max_steps"}
+@dataclass(frozen=True)
+class Renamed:
+    """A key that was renamed: the old spelling is refused by a message that names the new one (a
+    command line, a sweep file), and a saved config of an older run is read with the new names
+    (resume)."""
+
+    old: str
+    valid: str  # what the refusal names instead
+    stage: Optional[str] = None  # the stage it applies to (None: any)
+    moves_to: Optional[str] = None  # where a saved value goes (None: dropped, the new default applies)
+
+
+RENAMED: tuple[Renamed, ...] = (
+    Renamed("device", "trainer.accelerator (auto | cpu | gpu; trainer.devices=[N] picks GPU N)"),
+    Renamed("trainer.max_epochs", "the stage's epochs: stage.epochs (finetune), stage.intermediate_epochs / "
+            "stage.prediction_epochs (distill), stage.<step>.… in the pipeline"),
+    # (the pipeline's stage.steps is its list of steps)
+    Renamed("stage.steps", "stage.max_steps", stage="pretrain", moves_to="stage.max_steps"),
+    Renamed("stage.pretrain.steps", "stage.pretrain.max_steps", moves_to="stage.pretrain.max_steps"),  # the pipeline's
+)
+
+
+def _renamed(key: str, stage: Optional[str]) -> Optional[Renamed]:
+    return next((r for r in RENAMED if r.old == key and r.stage in (None, stage)), None)
 
 
 def refuse_renamed(overrides: list[str], stage: Optional[str]) -> None:
@@ -388,9 +399,9 @@ def refuse_renamed(overrides: list[str], stage: Optional[str]) -> None:
     renamed key (:data:`RENAMED`) of ``stage`` (the ``stage=`` being run)."""
     for o in overrides:
         key = o.lstrip("+~").split("=", 1)[0]
-        new = RENAMED.get((None, key)) or RENAMED.get((stage, key))
-        if new:
-            raise TdlightError(f"{key!r} was renamed (override {o!r}); valid: {new}")
+        r = _renamed(key, stage)
+        if r:
+            raise TdlightError(f"{key!r} was renamed (override {o!r}); valid: {r.valid}")
 
 
 def migrate_saved(cfg: DictConfig) -> DictConfig:
@@ -398,18 +409,16 @@ def migrate_saved(cfg: DictConfig) -> DictConfig:
     (:data:`RENAMED`), so that an older run still resumes."""
     cfg = cfg.copy()
     stage = OmegaConf.select(cfg, "stage.name")
-    for old, new in _MIGRATE.items():
-        parent, _, leaf = old.rpartition(".")
+    for r in RENAMED:
+        parent, _, leaf = r.old.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
-        if not OmegaConf.is_dict(node) or leaf not in node:
-            continue
-        if old == "stage.steps" and stage != "pretrain":  # the pipeline's stage.steps is its list of steps
+        if not OmegaConf.is_dict(node) or leaf not in node or r.stage not in (None, stage):
             continue
         value = node[leaf]
         with open_dict(node):
             del node[leaf]
-        if new is not None:
-            OmegaConf.update(cfg, new, value, force_add=True)
+        if r.moves_to is not None:
+            OmegaConf.update(cfg, r.moves_to, value, force_add=True)
     return cfg
 
 

@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
+
+from tdlight.config import migrate_saved
 
 
 def run_cli(out: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -136,3 +139,16 @@ def test_decompose_reuses_the_cached_decomposition(tmp_path, teacher_dir):
     r4 = run_cli(tmp_path, *args, "stage.cache=false")
     assert r4.returncode == 0, r4.stderr
     assert "cached" not in json.loads((run_dirs(tmp_path)[-1] / "metrics.json").read_text())
+
+
+def test_saved_configs_of_older_runs_read_with_the_renamed_keys():
+    """config.migrate_saved: each renamed key of a saved config moves to its new name (or is dropped
+    for the new default), only for the stage it was renamed in."""
+    pretrain = migrate_saved(OmegaConf.create({"device": "cpu", "trainer": {"max_epochs": 3, "devices": 1},
+                                               "stage": {"name": "pretrain", "steps": 6}}))
+    assert "device" not in pretrain and "max_epochs" not in pretrain.trainer
+    assert pretrain.stage.max_steps == 6 and "steps" not in pretrain.stage
+    pipeline = migrate_saved(OmegaConf.create({"stage": {"name": "pipeline", "steps": ["finetune", "decompose"],
+                                                         "pretrain": {"steps": 4}}}))
+    assert list(pipeline.stage.steps) == ["finetune", "decompose"]  # the pipeline's list of steps stays
+    assert pipeline.stage.pretrain.max_steps == 4 and "steps" not in pipeline.stage.pretrain

@@ -8,6 +8,7 @@ import shutil
 from omegaconf import OmegaConf
 
 from tdlight.config import ROOT
+from tdlight.stages.registry import STAGES
 from tests.conftest import cli, runs
 
 
@@ -103,3 +104,12 @@ def test_pipeline_decomposes_the_finetuned_teacher_fitted_on_the_tasks_own_text(
     r = cli(tmp_path, *args("mrpc"))
     assert r.returncode == 0, r.stderr[-4000:]
     assert len(runs(tmp_path, "decompose")) == 2 and len(list((tmp_path / "cache" / "calibration").glob("*.txt"))) == 2
+
+
+def test_a_decomposition_is_keyed_by_the_task_only_when_its_fit_reads_the_tasks_text():
+    decompose = STAGES["decompose"]
+    assert "task" in decompose.keyed_nodes(OmegaConf.create({"fit": "outputs", "calibration_files": "task"}))
+    # HOOI on the weights reads no text, whatever calibration_files says; a corpus fit reads no task
+    assert "task" not in decompose.keyed_nodes(OmegaConf.create({"fit": "weights", "calibration_files": "task"}))
+    assert "task" not in decompose.keyed_nodes(OmegaConf.create({"fit": "outputs", "calibration_files": None}))
+    assert "task" in STAGES["distill"].keyed_nodes(OmegaConf.create({}))

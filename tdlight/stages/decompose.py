@@ -110,6 +110,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     refine = cfg.stage.get("refine_steps", 0) or 0
     if refine < 0:
         raise TdlightError(f"stage.refine_steps={refine} must be ≥ 0")
+    _check_teacher_weights(cfg)
     fit = _check_fit(cfg, tokenizer)
     if fit == "outputs" and cfg.stage.calibration_files == TASK_TEXT:
         # the file's name holds a hash of its text: the decomposition cache key follows the task and its data
@@ -238,14 +239,18 @@ def task_calibration_file(cfg: DictConfig) -> Path:
     return path
 
 
-def _check_fit(cfg: DictConfig, tokenizer) -> str:
-    """``stage.fit``, checked with its calibration settings before any work."""
-    st = cfg.stage
-    weights = st.get("teacher_weights", "pretrained")
+def _check_teacher_weights(cfg: DictConfig) -> None:
+    """``stage.teacher_weights`` (which teacher the pipeline decomposes) against the teacher given."""
+    weights = cfg.stage.get("teacher_weights", "pretrained")
     if weights not in TEACHER_WEIGHTS:
         raise TdlightError(f"stage.teacher_weights={weights!r}; valid: {', '.join(TEACHER_WEIGHTS)}")
     if weights == "finetuned" and not cfg.teacher.get("run_dir"):
         raise TdlightError("stage.teacher_weights=finetuned needs the fine-tuned teacher: teacher.run_dir=<finetune run>")
+
+
+def _check_fit(cfg: DictConfig, tokenizer) -> str:
+    """``stage.fit``, checked with its calibration settings before any work."""
+    st = cfg.stage
     fit = st.get("fit", "weights")
     if fit not in FITS:
         raise TdlightError(f"stage.fit={fit!r}; valid: {', '.join(FITS)} "

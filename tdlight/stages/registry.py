@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 from tdlight.config import DecomposeStage, DistillStage, EvaluateStage, FinetuneStage, PipelineStage, PretrainStage
 
@@ -27,8 +28,8 @@ class StageRecord:
     # its upstream steps and the files it reads, they key a pipeline step for reuse
     reads: tuple[str, ...] = ()
     reads_task_data: bool = False  # reads the task's GLUE files (their stamps join the key)
-    # (stage key, value): with that setting, the stage also reads the task (its node and its GLUE files)
-    reads_task_if: tuple[tuple[str, object], ...] = ()
+    # with stage settings for which this is true, the stage also reads the task (its node and its GLUE files)
+    reads_task_if: Optional[Callable[[object], bool]] = None
     # (stage key, top-level node): the node is read only when that stage setting is truthy
     reads_if: tuple[tuple[str, str], ...] = ()
 
@@ -37,7 +38,7 @@ class StageRecord:
 
     def reads_task(self, stage_cfg) -> bool:
         """Whether a run with these stage settings reads the task's data."""
-        return self.reads_task_data or any(stage_cfg.get(key) == value for key, value in self.reads_task_if)
+        return self.reads_task_data or bool(self.reads_task_if and self.reads_task_if(stage_cfg))
 
     def keyed_nodes(self, stage_cfg) -> tuple[str, ...]:
         nodes = self.reads + tuple(node for key, node in self.reads_if if stage_cfg.get(key))
@@ -47,11 +48,17 @@ class StageRecord:
         return (run_dir / self.artifact).exists() and (run_dir / self.result).is_file()
 
 
+def _fits_task_text(stage_cfg) -> bool:
+    """A decomposition fitted to the layer outputs on the task's own training text (see
+    :func:`tdlight.data.glue.task_text`)."""
+    return stage_cfg.get("fit") == "outputs" and stage_cfg.get("calibration_files") == "task"
+
+
 STAGES: dict[str, StageRecord] = {r.name: r for r in (
     StageRecord("finetune", FinetuneStage, reads=("teacher", "task", "seed", "trainer"), reads_task_data=True),
     # seed: which calibration sequences are read; trainer: only when the decomposition is refined by training
     StageRecord("decompose", DecomposeStage, reads=("compression", "teacher", "seed"),
-                reads_if=(("refine_steps", "trainer"),), reads_task_if=(("calibration_files", "task"),)),
+                reads_if=(("refine_steps", "trainer"),), reads_task_if=_fits_task_text),
     StageRecord("pretrain", PretrainStage, reads=("teacher", "seed", "trainer")),
     StageRecord("distill", DistillStage, reads=("task", "seed", "trainer"), reads_task_data=True),
     StageRecord("evaluate", EvaluateStage, artifact="metrics.json", reads=("task", "trainer"), reads_task_data=True),
