@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tdlight.data.metrics import CONSTANT_SHARE
-from tdlight.sweep.runner import DUPLICATE, INFEASIBLE, INTERRUPTED, SAVED, SURPLUS, open_storage
+from tdlight.sweep.runner import DUPLICATE, INFEASIBLE, INTERRUPTED, SAVED, SURPLUS, open_storage, safe_url
 from tdlight.sweep.spec import SweepError, load
 
 PAPER = ((7.5, 0.99, "paper 1/7"), (48.0, 0.967, "paper 1/48"))
@@ -33,7 +33,9 @@ def _status(t: optuna.trial.FrozenTrial) -> str:
             return "interrupted (re-queued)"
         if t.user_attrs.get(SURPLUS):
             return "surplus (not run)"
-        return "failed: " + str(t.user_attrs.get("error", "stale heartbeat")).replace("|", "/")[:200]
+        if "error" not in t.user_attrs:  # failed by Optuna's heartbeat check: its sweep process or host died
+            return "lost: its sweep process stopped beating (re-queued)"
+        return "failed: " + str(t.user_attrs["error"]).replace("|", "/")[:200]
     return t.state.name.lower()
 
 
@@ -48,7 +50,7 @@ def load_study(sweep_dir: str | Path) -> tuple[optuna.Study, object]:
     try:
         study = optuna.load_study(study_name=sweep.settings.name, storage=storage)
     except KeyError as e:
-        raise SweepError(f"no study {sweep.settings.name!r} in {sweep.settings.storage or d}") from e
+        raise SweepError(f"no study {sweep.settings.name!r} in {safe_url(sweep.settings.storage) if sweep.settings.storage else d}") from e
     return study, sweep
 
 

@@ -40,6 +40,7 @@ INFEASIBLE = "infeasible"  # user attr on PRUNED trials: the constraint it viola
 TRIAL_PID = "trial_pid"  # user attr: the running task process of the trial (stopped if its sweep died)
 DUPLICATE = "duplicate_of"  # user attr on PRUNED trials: the finished trial with the same point; not trained
 SAVED = "sweep.yaml"
+IDENTITY_ATTR = "tdlight_sweep"  # study user attr: the definition (IDENTITY parts) that created the study
 # the parts of a sweep that define its study: a rerun must not change them
 IDENTITY = ("tasks", "base", "space")
 
@@ -53,8 +54,9 @@ def counts_toward_budget(t: optuna.trial.FrozenTrial) -> bool:
     return False
 
 
-def open_storage(url: str | None, sweep_dir: Path):
-    """The study's storage: ``<sweep dir>/study.journal`` by default, or any Optuna storage URL."""
+def open_storage(url: str | None, sweep_dir: Path, *, heartbeat_interval: int = 30, grace_period: int = 120):
+    """The study's storage: ``<sweep dir>/study.journal`` by default, or any Optuna storage URL
+    (an RDB URL with heartbeats: see ``sweep.heartbeat_interval`` / ``sweep.grace_period``)."""
     if url is None or url.endswith(".journal"):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
@@ -68,14 +70,50 @@ def open_storage(url: str | None, sweep_dir: Path):
     if "://" not in url:
         raise SweepError(f"sweep.storage={url!r}: valid: null (a journal file in the sweep directory), a path ending "
                          "in .journal, or an Optuna RDB URL such as sqlite:///sweep.db or postgresql://user@host/db")
+    shown = safe_url(url)
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            import psycopg  # noqa: F401 - SQLAlchemy 2's default PostgreSQL driver
+        except ImportError:
+            raise SweepError(f"sweep.storage={shown!r} needs the PostgreSQL driver: pip install 'tdlight[postgres]' "
+                             "(psycopg 3)") from None
     try:
         # heartbeats let another machine tell a dead worker's trial from a running one
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120,
-                                              heartbeat_stale_trial_callback=_requeue_stale)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                              heartbeat_stale_trial_callback=_requeue_stale,
+                                              engine_kwargs=_engine_kwargs(url))
     except Exception as e:  # SQLAlchemy raises many kinds: any of them means "cannot open"
-        raise SweepError(f"cannot open sweep.storage={url!r}: {str(e).splitlines()[0]}") from e
+        raise SweepError(f"cannot open sweep.storage={shown!r}: {_first_line(e, url)}") from e
+
+
+def safe_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``: what messages and logs show."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can parse: nothing to hide in it
+        return url
+
+
+def _engine_kwargs(url: str) -> dict:
+    # a database that does not answer fails within seconds instead of the driver's minutes
+    return {"connect_args": {"connect_timeout": 10}} if url.startswith(("postgresql", "postgres:")) else {}
+
+
+def _first_line(e: Exception, url: str) -> str:
+    """The first line of an error that says something, the password never in it."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(e).__name__
+    try:
+        from sqlalchemy.engine import make_url
+
+        password = make_url(url).password
+    except Exception:  # noqa: BLE001
+        password = None
+    return text.replace(password, "***") if password else text
 
 
 def _requeue_stale(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
@@ -91,7 +129,8 @@ class Runner:
         self.stop = threading.Event()
         self.procs: set = set()
         self.skipped_streak = 0  # samples in a row not trained: infeasible, or a point already finished
-        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.host, self.pid = host_id(), os.getpid()
+        self.waiting_logged = False
 
     # --- set-up, all before any trial runs -------------------------------------------
     def prepare(self) -> optuna.Study:
@@ -114,15 +153,20 @@ class Runner:
             if unknown:
                 raise SweepError(f"sweep.enqueue point {dict(point)} sets {unknown}, which are not in the search space "
                                  f"{sorted(sw.space)}")
-        storage = open_storage(self.s.storage, self.dir)
+        storage = open_storage(self.s.storage, self.dir, heartbeat_interval=self.s.heartbeat_interval,
+                               grace_period=self.s.grace_period)
+        where = safe_url(self.s.storage) if self.s.storage else str(self.dir)
         try:
             study = optuna.create_study(study_name=self.s.name, storage=storage, directions=sw.directions,
                                         sampler=sampler(sw), load_if_exists=True)
         except ValueError as e:
-            raise SweepError(f"study {self.s.name!r} in {self.s.storage or self.dir}: {e}") from e
+            raise SweepError(f"study {self.s.name!r} in {where}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - the database went away or refused: one clear line
+            raise SweepError(f"study {self.s.name!r} in {where}: {_first_line(e, self.s.storage or '')}") from e
         if [d.name.lower() for d in study.directions] != sw.directions:
             raise SweepError(f"study {self.s.name!r} exists with directions {[d.name.lower() for d in study.directions]}; "
                              f"this sweep asks for {sw.directions}. Use a new sweep.name or sweep.dir")
+        self._check_identity(study, where)
         if not study.trials:
             for point in self.s.enqueue:
                 study.enqueue_trial(dict(point))
@@ -146,6 +190,21 @@ class Runner:
             if a != b:
                 raise SweepError(f"{self.dir} holds a sweep whose {key} differs ({a} vs {b}); resuming it with another "
                                  "definition would mix two studies. Use a new sweep.name or sweep.dir")
+
+    def _check_identity(self, study: optuna.Study, where: str) -> None:
+        """The study remembers the definition that created it (tasks, base, space): a sweep process on
+        any host with another definition is refused before it writes anything — the local
+        ``sweep.yaml`` check cannot see a study shared through a database."""
+        mine = {k: OmegaConf.to_container(self.sweep.cfg.get(k), resolve=True) for k in IDENTITY}
+        theirs = study.user_attrs.get(IDENTITY_ATTR)
+        if theirs is None:
+            study.set_user_attr(IDENTITY_ATTR, mine)  # a new study (or one from before this check)
+            return
+        for key in IDENTITY:
+            if theirs.get(key) != mine[key]:
+                raise SweepError(f"study {self.s.name!r} in {where} was created by another sweep definition: its {key} "
+                                 f"differs ({theirs.get(key)} vs {mine[key]}); sharing the study would mix two searches. "
+                                 "Use a new sweep.name")
 
     def _save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -201,37 +260,67 @@ class Runner:
             n = 0
         return [str(i) for i in range(n)] or None
 
+    def _others_running(self, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+        """Trials another sweep process is running whose fate this one can learn: on this host (a dead
+        process is seen by its pid) or anywhere when the storage records heartbeats."""
+        beats = _heartbeats_enabled(study)
+        return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if (t.user_attrs.get("host"), t.user_attrs.get("pid")) != (self.host, self.pid)
+                and (beats or t.user_attrs.get("host") == self.host)]
+
     def worker(self, study: optuna.Study, index: int, gpu: str | None, threads: int) -> None:
         while not self.stop.is_set():
             with self.lock:
-                if self._used(study) >= self.s.n_trials:
+                full = self._used(study) >= self.s.n_trials
+                others = self._others_running(study) if full else []
+                if full and not others:
                     return
+            if full:
+                # the budget is spoken for, partly by trials of other processes: if one of them dies
+                # its trial is re-queued (recover) and this process runs it
+                if not self.waiting_logged:
+                    log.info("budget reached with %d trial(s) of other sweep processes running (%s): waiting for "
+                             "them to finish, or to be re-queued if their process is gone", len(others),
+                             ", ".join(f"{t.number} on {t.user_attrs.get('host')}" for t in others))
+                    self.waiting_logged = True
+                self.stop.wait(max(1.0, min(10.0, self.s.heartbeat_interval)))
+                with self.lock:
+                    self.recover(study)
+                continue
+            with self.lock:
                 if self.skipped_streak >= self.s.max_infeasible:
                     log.error("%d samples in a row were not trained (they violate the constraints %s or repeat a "
                               "finished point: the space may be exhausted); stopping this worker",
                               self.skipped_streak, [str(c) for c in self.sweep.constraints])
                     return
+                self.recover(study)  # a dead process's trial is re-queued, and handed out first
                 trial = study.ask(self.sweep.space)
+                if _heartbeats_enabled(study):  # alive from the start: a trial that never beats is never reaped
+                    study._storage.record_heartbeat(trial._trial_id)
                 for k, v in {"host": self.host, "pid": self.pid, "worker": index, "gpu": gpu,
                              "sampler_seed": self.sampler_seed}.items():
                     trial.set_user_attr(k, v)
                 same = None if self.s.allow_duplicates else _finished_twin(study, trial)
                 if same is not None:
-                    # samplers repeat points of a small discrete space; a finished point is not run again
+                    # samplers repeat points of a small discrete space; a point finished or being run (here
+                    # or by another process) is not run again
                     trial.set_user_attr(DUPLICATE, same)
-                    study.tell(trial, state=TrialState.PRUNED)
+                    self._tell(study, trial, state=TrialState.PRUNED)
                     self.skipped_streak += 1
-                    log.info("trial %d: %s was finished by trial %d: not run again (sweep.allow_duplicates=true "
+                    log.info("trial %d: %s is trial %d's: not run again (sweep.allow_duplicates=true "
                              "runs it)", trial.number, trial.params, same)
                     continue
             if self._used(study, below=trial.number) >= self.s.n_trials:  # another machine filled the budget
                 trial.set_user_attr(SURPLUS, True)
                 with self.lock:
-                    study.tell(trial, state=TrialState.FAIL)
+                    self._tell(study, trial, state=TrialState.FAIL)
                 if "retry_of" in trial.user_attrs:
                     study.enqueue_trial(trial.params, user_attrs=dict(trial.user_attrs), skip_if_exists=False)
                 return
-            self._run(study, trial, gpu, threads)
+            try:
+                self._run(study, trial, gpu, threads)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                _lost_warning(trial.number)
 
     def _run(self, study: optuna.Study, trial: optuna.Trial, gpu: str | None, threads: int) -> None:
         sw = self.sweep
@@ -251,7 +340,7 @@ class Runner:
             trial.set_user_attr(INFEASIBLE, ", ".join(broken))
             with self.lock:
                 self.skipped_streak += 1
-                study.tell(trial, state=TrialState.PRUNED)
+                self._tell(study, trial, state=TrialState.PRUNED)
             log.info("trial %d: ratio %.1f violates %s: not trained", trial.number, price["ratio"], broken)
             return
         with self.lock:
@@ -264,15 +353,18 @@ class Runner:
         env = T.environment(gpu, threads)
         beat = _heartbeat(study, trial)
         per_task, teacher, speed, shares, majority = {}, {}, [], {}, {}
+        task_seconds = 0.0  # the trial's own processes; the rest of its time is the sweep's bookkeeping
         try:
             for task in sw.cfg.tasks:
                 run_dir = tdir / task
                 overrides = [*sw.cfg.base, *params, f"task={task}", f"paths.output_dir={self.dir / 'artifacts'}",
                              f"hydra.run.dir={run_dir}", f"logger.group={self.s.name}",
                              "logger.tags=[" + ",".join(f"'{t}'" for t in tags) + "]"]
+                started = time.monotonic()
                 res = T.run_task(T.command(overrides), run_dir, env, timeout=self.s.trial_timeout, stop=self.stop,
                                  on_wait=beat, procs=self.procs,
                                  on_start=lambda p: trial.set_user_attr(TRIAL_PID, p.pid))
+                task_seconds += time.monotonic() - started
                 per_task[task] = res["score"]
                 if res["teacher"] is not None:
                     teacher[task] = res["teacher"]
@@ -308,18 +400,26 @@ class Runner:
         if majority:
             trial.set_user_attr("majority", majority)
         trial.set_user_attr("seconds", time.time() - t0)
+        trial.set_user_attr("task_seconds", task_seconds)
         with self.lock:
-            study.tell(trial, [values[o] for o in sw.objectives])
+            self._tell(study, trial, [values[o] for o in sw.objectives])
         log.info("trial %d: score %.4f ratio %.1f (%s)", trial.number, values["score"], price["ratio"],
                  ", ".join(f"{t} {s:.4f}" for t, s in per_task.items()))
         self._wandb_summary(cfg, trial, price, per_task, values, tags, tdir)
+
+    @staticmethod
+    def _tell(study: optuna.Study, trial: optuna.Trial, values=None, state=None) -> None:
+        try:
+            study.tell(trial, values, state=state)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            _lost_warning(trial.number)
 
     def _fail(self, study, trial, error: str, per_task: dict | None = None) -> None:
         trial.set_user_attr("error", error[-2000:])
         if per_task:
             trial.set_user_attr("scores", per_task)
         with self.lock:
-            study.tell(trial, state=TrialState.FAIL)
+            self._tell(study, trial, state=TrialState.FAIL)
         log.warning("trial %d failed: %s", trial.number, error[-500:])
 
     def _wandb_summary(self, cfg, trial, price, per_task, values, tags, tdir: Path) -> None:
@@ -393,13 +493,41 @@ def _wait_all(events: list[threading.Event]) -> None:
 
 
 def _finished_twin(study: optuna.Study, trial: optuna.Trial) -> int | None:
-    """The number of a finished trial with ``trial``'s point, unless the point was enqueued (asked for)."""
+    """The number of a finished trial with ``trial``'s point — or of an earlier one running it (in
+    any sweep process: of two processes that sample one point at once, the later trial yields) —
+    unless the point was enqueued (asked for)."""
     if study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params"):
         return None
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if t.params == trial.params:
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+        if t.params == trial.params and (t.state == TrialState.COMPLETE or t.number < trial.number):
             return t.number
     return None
+
+
+def _lost_warning(number: int) -> None:
+    # another sweep process declared the trial lost (its heartbeats stopped for longer than
+    # sweep.grace_period: a stalled machine) and re-queued it; the retry's result counts
+    log.warning("trial %d was declared lost by another sweep process while it ran (no heartbeat for "
+                "sweep.grace_period); its result is dropped and its re-queued copy counts", number)
+
+
+def host_id() -> str:
+    """This machine, as recorded on its trials: ``$TDLIGHT_HOST_ID`` if set, else the host name and
+    the kernel's boot id — containers on several machines often share one host name, and a pid
+    is only meaningful on the machine (and boot) that issued it."""
+    if os.environ.get("TDLIGHT_HOST_ID"):
+        return os.environ["TDLIGHT_HOST_ID"]
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}-{boot}" if boot else socket.gethostname()
+
+
+def _heartbeats_enabled(study: optuna.Study) -> bool:
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    return isinstance(study._storage, BaseHeartbeat) and is_heartbeat_enabled(study._storage)
 
 
 def process_seed(seed: int, n_trials: int, host: str, pid: int) -> int:
@@ -431,16 +559,16 @@ def _alive(pid) -> bool:
 
 
 def _heartbeat(study: optuna.Study, trial: optuna.Trial):
-    """Called while a trial runs: records Optuna heartbeats on storages that support them."""
-    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
-
-    storage = study._storage
-    if not (isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)):
+    """Called while a trial runs: records Optuna heartbeats on storages that support them (three per
+    ``sweep.heartbeat_interval``, at most one every 10 s)."""
+    if not _heartbeats_enabled(study):
         return None
+    storage = study._storage
+    every = min(10.0, storage.get_heartbeat_interval() / 3)
     last = [0.0]
 
     def beat():
-        if time.monotonic() - last[0] >= 10:
+        if time.monotonic() - last[0] >= every:
             storage.record_heartbeat(trial._trial_id)
             last[0] = time.monotonic()
 

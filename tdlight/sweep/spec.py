@@ -70,6 +70,11 @@ class SweepSettings:
     trial_timeout: Optional[float] = None  # seconds; a trial running longer is stopped and recorded as failed
     max_infeasible: int = 200  # give up after this many samples in a row are not trained (infeasible or duplicate)
     allow_duplicates: bool = False  # run a sampled point again although a finished trial already has it
+    # RDB storages (several sweep processes or hosts on one study): a running trial records a heartbeat
+    # every heartbeat_interval seconds; one silent for grace_period seconds belonged to a dead process
+    # or host, and is failed and re-queued by the next sweep process that looks
+    heartbeat_interval: int = 30
+    grace_period: int = 120
 
 
 @dataclass
@@ -218,6 +223,9 @@ def load(path: str | Path | None, overrides: list[str] | None = None, *, data: d
         raise SweepError(f"sweep.n_trials must be >= 1; got {s.n_trials}")
     if s.workers < 1:
         raise SweepError(f"sweep.workers must be >= 1; got {s.workers}")
+    if s.heartbeat_interval < 1 or s.grace_period <= s.heartbeat_interval:
+        raise SweepError(f"sweep.heartbeat_interval={s.heartbeat_interval}, sweep.grace_period={s.grace_period}; valid: "
+                         "heartbeat_interval >= 1 and grace_period > heartbeat_interval (seconds)")
     if s.sampler.name not in SAMPLERS:
         raise SweepError(f"unknown sampler {s.sampler.name!r}; valid: {list(SAMPLERS)}")
     if not s.objectives:
