@@ -214,7 +214,9 @@ class Runner:
         """Trials left RUNNING by a sweep process of this machine that is gone: failed, re-queued.
         A trial process that outlived its sweep (it should not: see ``trial.die_with_sweep``) is
         stopped first, so that the retry never waits on its locks or adopts its half-done work."""
-        optuna.storages.fail_stale_trials(study)  # RDB storages: stale heartbeats (any machine)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # RDB storages: stale heartbeats (any machine)
         n = 0
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.user_attrs.get("host") == self.host and not _alive(t.user_attrs.get("pid")):
