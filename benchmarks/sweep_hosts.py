@@ -66,9 +66,8 @@ def run(out: Path, name: str, storage: str | None, hosts: list[str], n: int, tdi
     procs = [subprocess.Popen([sys.executable, "-m", "tdlight.cli", "sweep", str(sweep_file(out, name, h, storage, n, tdir))],
                               env={**env, "TDLIGHT_HOST_ID": h}, stdout=open(out / f"{name}-{h}.log", "wb"),
                               stderr=subprocess.STDOUT) for h in hosts]
-    for p in procs:
-        if p.wait() != 0:
-            raise SystemExit(f"{name}: a sweep process failed; see {out}/{name}-*.log")
+    if any([p.wait() != 0 for p in procs]):  # (every process waited for before the server may stop)
+        raise SystemExit(f"{name}: a sweep process failed; see {out}/{name}-*.log")
     study = optuna.load_study(study_name=name, storage=open_storage(storage, out / name / hosts[0]))
     done = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
     span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()

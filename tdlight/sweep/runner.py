@@ -77,15 +77,24 @@ def open_storage(url: str | None, sweep_dir: Path, *, heartbeat_interval: int = 
         except ImportError:
             raise SweepError(f"sweep.storage={shown!r} needs the PostgreSQL driver: pip install 'tdlight[postgres]' "
                              "(psycopg 3)") from None
-    try:
-        # heartbeats let another machine tell a dead worker's trial from a running one
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                                              heartbeat_stale_trial_callback=_requeue_stale,
-                                              engine_kwargs=_engine_kwargs(url))
-    except Exception as e:  # SQLAlchemy raises many kinds: any of them means "cannot open"
-        raise SweepError(f"cannot open sweep.storage={shown!r}: {_first_line(e, url)}") from e
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(4):
+        try:
+            # heartbeats let another machine tell a dead worker's trial from a running one
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                                  heartbeat_stale_trial_callback=_requeue_stale,
+                                                  engine_kwargs=_engine_kwargs(url))
+        except (IntegrityError, ProgrammingError) as e:
+            # sweep processes started together on an empty database race to create Optuna's tables
+            # (one gets "duplicate key ... pg_type"): the tables are there a moment later
+            if attempt == 3:
+                raise SweepError(f"cannot open sweep.storage={shown!r}: {_first_line(e, url)}") from e
+            time.sleep(1.0 + attempt)
+        except Exception as e:  # SQLAlchemy raises many kinds: any of them means "cannot open"
+            raise SweepError(f"cannot open sweep.storage={shown!r}: {_first_line(e, url)}") from e
 
 
 def safe_url(url: str) -> str:
