@@ -64,7 +64,8 @@ def score_table(runs: dict, ratios: list[str]) -> str:
     for t in TASKS:
         teacher = runs[t].get("teacher")
         ts = teacher and teacher["score"]
-        row = [_fmt(ts), _fmt(teacher and teacher["majority"])]
+        regression = get_task(t).num_labels == 1  # (a constant predictor's correlation: no baseline to show)
+        row = [_fmt(ts), _fmt(None if regression else teacher and teacher["majority"])]
         per_col[("teacher",)].append(ts)
         for c in _cols(ratios):
             s = runs[t].get(c, {}).get("score")
