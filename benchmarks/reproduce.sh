@@ -26,7 +26,7 @@ TD=(.venv/bin/tdlight paths.output_dir="$OUT" trainer.enable_progress_bar=false)
 stamp() { echo "=== $* $(date -u +%H:%M:%S)"; }
 json() { .venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))$2)" "$1"; }
 
-dist() {  # dist <ratio> <task> [pipeline overrides]: the preset end to end
+dist() {  # dist <ratio> <task> <column> [pipeline overrides]: the preset end to end, in $OUT/grid/<column>/
   local r=$1 t=$2 dir=$OUT/grid/$3/cpu_$1-$2; shift 3
   [[ -f $dir/pipeline.json ]] && return 0
   stamp "${dir#"$OUT"/grid/}"

@@ -25,29 +25,15 @@ import time
 from pathlib import Path
 
 import optuna
-import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import tiny_config  # noqa: E402 - the suite's tiny teacher, one definition
+from tests.conftest import save_tiny_teacher  # noqa: E402 - the suite's tiny teacher, one definition
 from tests.postgres import PostgresServer, binaries  # noqa: E402
 from tests.test_sweep import TRIAL  # noqa: E402
 from tdlight.sweep.runner import open_storage  # noqa: E402
-
-
-def teacher(out: Path) -> Path:
-    from transformers import BertForSequenceClassification, BertTokenizerFast
-
-    path = out / "teacher"
-    if not (path / "config.json").is_file():
-        torch.manual_seed(0)
-        BertForSequenceClassification(tiny_config(num_labels=2)).save_pretrained(path)
-        vocab = out / "vocab.txt"
-        vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]))
-        BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(path)
-    return path
 
 
 def sweep_file(out: Path, name: str, host: str, storage: str | None, n: int, tdir: Path) -> Path:
@@ -88,7 +74,7 @@ def main() -> None:
     bindir = binaries()
     if bindir is None:
         raise SystemExit("no PostgreSQL binaries (initdb, pg_ctl): apt-get install postgresql")
-    tdir = teacher(out)
+    tdir = save_tiny_teacher(out / "teacher", out)
     server = PostgresServer(bindir).start()
     try:
         rows = [run(out, "journal1", None, ["h1"], a.trials, tdir),
@@ -96,8 +82,8 @@ def main() -> None:
                 run(out, "postgres2", server.new_database(), ["h1", "h2"], a.trials, tdir)]
     finally:
         server.stop()
-    print(f"| storage | sweep processes | finished trials | wall (s) | trials per hour | task processes per trial (s) "
-          f"| sweep's own time per trial (s) |\n|---|---|---|---|---|---|---|")
+    print("| storage | sweep processes | finished trials | wall (s) | trials per hour | task processes per trial (s) "
+          "| sweep's own time per trial (s) |\n|---|---|---|---|---|---|---|")
     for r in rows:
         storage = "journal file" if r["name"].startswith("journal") else "PostgreSQL"
         print(f"| {storage} | {r['processes']} | {r['done']} | {r['span']:.0f} | {r['per_hour']:.1f} | {r['task']:.1f} "

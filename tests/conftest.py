@@ -67,20 +67,23 @@ def token_ids():
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.fixture(scope="session")
-def teacher_dir(tmp_path_factory):
-    """A tiny random BertForSequenceClassification + word-level tokenizer saved as an HF directory."""
-    from transformers import BertForSequenceClassification
+def save_tiny_teacher(path, vocab_dir):
+    """A tiny random BertForSequenceClassification + word-level tokenizer saved as an HF directory
+    at ``path`` (its vocabulary file written in ``vocab_dir``); the benchmarks use it too."""
+    from transformers import BertForSequenceClassification, BertTokenizerFast
 
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "tiny"
     BertForSequenceClassification(tiny_config(num_labels=2)).save_pretrained(path)
-    from transformers import BertTokenizerFast
-
-    vocab = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    vocab = Path(vocab_dir) / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]))
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """A tiny random BertForSequenceClassification + word-level tokenizer saved as an HF directory."""
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny", tmp_path_factory.mktemp("vocab"))
 
 
 def crash_at(step: int):

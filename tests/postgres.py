@@ -33,7 +33,7 @@ def binaries() -> Path | None:
     return Path(versions[-1]).parent if versions else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -55,7 +55,7 @@ class PostgresServer:
         # not under pytest's tmp dirs: those are 0700 root, which the server's user cannot enter
         self.root = Path(tempfile.mkdtemp(prefix="tdlight-pg-"))
         self.data = self.root / "data"
-        self.port = _free_port()
+        self.port = free_port()
 
     def _cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         cmd = list(args)

@@ -21,7 +21,7 @@ import yaml
 from optuna.trial import TrialState
 
 from tdlight.sweep.runner import DUPLICATE, IDENTITY_ATTR, counts_toward_budget
-from tests.postgres import PASSWORD, PostgresServer, binaries
+from tests.postgres import PASSWORD, PostgresServer, binaries, free_port
 from tests.test_sweep import TRIAL, sweep_cmd
 
 
@@ -145,9 +145,7 @@ def test_bad_database_input_is_one_error_and_writes_nothing(postgres, tmp_path, 
         assert study(url).user_attrs == attrs
 
     # nothing listens on that port / a wrong password / a database that does not exist
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+    closed = free_port()  # nothing listens there
     refused(postgres.url(url.rsplit("/", 1)[1], port=closed), expect="cannot open sweep.storage=")
     refused(postgres.url(url.rsplit("/", 1)[1], password="wrong"), expect="password authentication failed")
     refused(postgres.url("no_such_db"), expect='database "no_such_db" does not exist')

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tdlight.data.metrics import CONSTANT_SHARE
-from tdlight.sweep.runner import DUPLICATE, INFEASIBLE, INTERRUPTED, SAVED, SURPLUS, open_storage, safe_url
+from tdlight.sweep.runner import DUPLICATE, INFEASIBLE, INTERRUPTED, SAVED, SURPLUS, open_storage, storage_name
 from tdlight.sweep.spec import SweepError, load
 
 PAPER = ((7.5, 0.99, "paper 1/7"), (48.0, 0.967, "paper 1/48"))
@@ -50,7 +50,7 @@ def load_study(sweep_dir: str | Path) -> tuple[optuna.Study, object]:
     try:
         study = optuna.load_study(study_name=sweep.settings.name, storage=storage)
     except KeyError as e:
-        raise SweepError(f"no study {sweep.settings.name!r} in {safe_url(sweep.settings.storage) if sweep.settings.storage else d}") from e
+        raise SweepError(f"no study {sweep.settings.name!r} in {storage_name(sweep.settings.storage, d)}") from e
     return study, sweep
 
 

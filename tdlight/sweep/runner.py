@@ -71,7 +71,7 @@ def open_storage(url: str | None, sweep_dir: Path, *, heartbeat_interval: int = 
         raise SweepError(f"sweep.storage={url!r}: valid: null (a journal file in the sweep directory), a path ending "
                          "in .journal, or an Optuna RDB URL such as sqlite:///sweep.db or postgresql://user@host/db")
     shown = safe_url(url)
-    if url.startswith(("postgresql://", "postgres://")):
+    if _is_postgres(url):
         try:
             import psycopg  # noqa: F401 - SQLAlchemy 2's default PostgreSQL driver
         except ImportError:
@@ -97,31 +97,41 @@ def open_storage(url: str | None, sweep_dir: Path, *, heartbeat_interval: int = 
             raise SweepError(f"cannot open sweep.storage={shown!r}: {_first_line(e, url)}") from e
 
 
+def _parsed(url: str):
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can parse
+        return None
+
+
 def safe_url(url: str) -> str:
     """``url`` with its password (if any) replaced by ``***``: what messages and logs show."""
-    try:
-        from sqlalchemy.engine import make_url
+    u = _parsed(url)
+    return u.render_as_string(hide_password=True) if u is not None else url
 
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can parse: nothing to hide in it
-        return url
+
+def storage_name(url: str | None, sweep_dir: Path) -> str:
+    """Where a sweep's study lives, as messages name it: its URL (password masked) or its directory."""
+    return safe_url(url) if url else str(sweep_dir)
+
+
+def _is_postgres(url: str) -> bool:
+    u = _parsed(url)
+    return u is not None and u.get_backend_name() == "postgresql"
 
 
 def _engine_kwargs(url: str) -> dict:
     # a database that does not answer fails within seconds instead of the driver's minutes
-    return {"connect_args": {"connect_timeout": 10}} if url.startswith(("postgresql", "postgres:")) else {}
+    return {"connect_args": {"connect_timeout": 10}} if _is_postgres(url) else {}
 
 
 def _first_line(e: Exception, url: str) -> str:
     """The first line of an error that says something, the password never in it."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     text = lines[0] if lines else type(e).__name__
-    try:
-        from sqlalchemy.engine import make_url
-
-        password = make_url(url).password
-    except Exception:  # noqa: BLE001
-        password = None
+    password = getattr(_parsed(url), "password", None) if url else None
     return text.replace(password, "***") if password else text
 
 
@@ -164,7 +174,7 @@ class Runner:
                                  f"{sorted(sw.space)}")
         storage = open_storage(self.s.storage, self.dir, heartbeat_interval=self.s.heartbeat_interval,
                                grace_period=self.s.grace_period)
-        where = safe_url(self.s.storage) if self.s.storage else str(self.dir)
+        where = storage_name(self.s.storage, self.dir)
         try:
             study = optuna.create_study(study_name=self.s.name, storage=storage, directions=sw.directions,
                                         sampler=sampler(sw), load_if_exists=True)
