@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The grid of docs/RESULTS.md §5b with the recipe of §7: for each task, the CPU presets
 # experiment=cpu_7 (compression=paper_1_7) and experiment=cpu_48 (paper_1_48), three columns each:
+#   dist  tdlight experiment=cpu_<r> task=<t>: finetune -> decompose -> pretrain -> distill -> evaluate
+#   nopt  the same pipeline without its reconstruction-pretraining step (what pretraining adds)
 #   dec   the fine-tuned teacher decomposed at the preset's ratio (the preset's own decomposition when
 #         it decomposes the fine-tuned teacher, as cpu_7 does; otherwise the output fit on the task's
 #         text), evaluated as is with the teacher's head: what the decomposition alone keeps
-#   dist  tdlight experiment=cpu_<r> task=<t>: finetune -> decompose -> distill -> evaluate
-#   pt    the same pipeline with reconstruction pretraining (PRETRAIN_STEPS × 32 × 128 tokens) before distillation
 # Every pipeline writes its steps under $OUT (default outputs/repro), so the columns and the two ratios
 # share what they have in common (the teacher of a task, a decomposition) and a second copy of this
 # script waits for a step the first is computing instead of computing it twice. A column whose result
@@ -13,14 +13,13 @@
 # where it stopped. On a 2-core CPU two single-threaded copies finish sooner than one 2-thread run:
 #   export OMP_NUM_THREADS=1 TABLE=0; RATIOS=48 bash benchmarks/reproduce.sh & RATIOS=7 bash benchmarks/reproduce.sh
 # then  python benchmarks/reproduce_table.py  prints the tables. Extra arguments are Hydra overrides
-# passed to every run (e.g. logger=csv, or trainer=gpu stage.distill.limit_train=null for a GPU).
+# passed to every run (e.g. logger=csv, stage.pretrain.max_steps=1000, or trainer=gpu stage.distill.limit_train=null).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/repro}
 TASKS=${TASKS:-"rte mrpc stsb cola sst2"}
 RATIOS=${RATIOS:-"7 48"}
-COLUMNS=${COLUMNS:-"dist dec pt"}          # in the order they run; a stopped grid leaves whole columns
-PRETRAIN_STEPS=${PRETRAIN_STEPS:-200}
+COLUMNS=${COLUMNS:-"dist nopt dec"}        # in the order they run; a stopped grid leaves whole columns
 extra=("$@")
 TD=(.venv/bin/tdlight paths.output_dir="$OUT" trainer.enable_progress_bar=false)
 stamp() { echo "=== $* $(date -u +%H:%M:%S)"; }
@@ -57,9 +56,8 @@ for col in $COLUMNS; do
       case $col in
         dist) dist "$r" "$t" dist;;
         dec) dec "$r" "$t";;
-        pt) dist "$r" "$t" pt "stage.steps=[finetune,decompose,pretrain,distill,evaluate]" \
-              stage.pretrain.max_steps="$PRETRAIN_STEPS";;
-        *) echo "unknown column $col (valid: dist dec pt)" >&2; exit 2;;
+        nopt) dist "$r" "$t" nopt "stage.steps=[finetune,decompose,distill,evaluate]";;
+        *) echo "unknown column $col (valid: dist nopt dec)" >&2; exit 2;;
       esac
     done
   done

@@ -2,11 +2,11 @@
 
     python benchmarks/reproduce_table.py [--out outputs/repro] [--ratios 7,48]
 
-Reads the pipelines' ``pipeline.json`` (columns ``dist`` and ``pt``) and the untrained
+Reads the pipelines' ``pipeline.json`` (columns ``nopt`` and ``dist``) and the untrained
 students' ``evaluate/metrics.json`` (column ``dec``) under ``--out/grid``; missing runs show
 as ``–``. Prints three Markdown tables: dev scores per task (teacher, majority-class baseline,
-per ratio decomposition alone / distillation / pretraining + distillation, each with its share
-of the teacher's score), with the GLUE average; the share of the most frequent dev prediction
+per ratio decomposition alone / the preset without its pretraining step / the preset, each
+with its share of the teacher's score), with the GLUE average; the share of the most frequent dev prediction
 of every classifier (a constant student is marked); and per ratio the encoder parameters,
 measured speed-up (the pipeline's paired timing of a dev batch), pretraining tokens and the
 distillation budget.
@@ -22,7 +22,7 @@ from pathlib import Path
 from tdlight.data.glue import get_task
 
 TASKS = ("sst2", "mrpc", "rte", "cola", "stsb")
-COLUMNS = (("dec", "decomposed"), ("dist", "distilled"), ("pt", "pretrained + distilled"))
+COLUMNS = (("dec", "decomposed"), ("nopt", "distilled, no pretraining"), ("dist", "preset"))
 
 
 def _load(path: Path) -> dict | None:
@@ -39,7 +39,7 @@ def collect(out: Path, ratios: list[str]) -> dict:
     for t in TASKS:
         runs[t] = {}
         for r in ratios:
-            for col in ("dist", "pt"):
+            for col in ("dist", "nopt"):
                 p = _load(out / "grid" / col / f"cpu_{r}-{t}" / "pipeline.json")
                 if p:
                     runs[t].setdefault("teacher", {"score": p["teacher_score"], "top_share": p["teacher_top_share"],
@@ -109,7 +109,6 @@ def budget_table(out: Path, runs: dict, ratios: list[str]) -> str:
              "distillation (examples × epochs) |", "|---|---|---|---|---|---|"]
     for r in ratios:
         dist = next((runs[t][(r, "dist")]["pipeline"] for t in TASKS if (r, "dist") in runs[t]), None)
-        pt = next((runs[t][(r, "pt")]["pipeline"] for t in TASKS if (r, "pt") in runs[t]), None)
         if dist is None:
             lines.append(f"| `experiment=cpu_{r}` | – | – | – | – | – |")
             continue
@@ -121,7 +120,7 @@ def budget_table(out: Path, runs: dict, ratios: list[str]) -> str:
                 budgets.append(f"{t} {d.get('train_examples', '?')} × ({d['intermediate_epochs']} + {d['prediction_epochs']})")
         speed = statistics.median(runs[t][(r, "dist")]["pipeline"]["speedup"] for t in TASKS if (r, "dist") in runs[t])
         lines.append(f"| `experiment=cpu_{r}` | {dist['student_encoder_params']:,} | {dist['ratio']:.2f}× | {speed:.2f}× "
-                     f"| {'–' if not pt or not pt.get('pretrain_tokens') else format(pt['pretrain_tokens'], ',')} "
+                     f"| {'–' if not dist.get('pretrain_tokens') else format(dist['pretrain_tokens'], ',')} "
                      f"| {'; '.join(budgets)} |")
     return "\n".join(lines)
 

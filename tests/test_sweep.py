@@ -87,6 +87,24 @@ def test_bad_sweep_input_is_one_clear_error_before_any_trial(tmp_path, teacher_d
     assert not (tmp_path / "sweep" / "trials").exists()
 
 
+def test_pareto_front_leaves_constant_students_off():
+    from tdlight.sweep.report import pareto_front
+
+    def trial(score, ratio, top):
+        return optuna.trial.create_trial(values=[score, ratio], params={}, distributions={},
+                                         user_attrs={"top_share": {"sst2": top}, "ratio": ratio}, state=TrialState.COMPLETE)
+
+    ts = [trial(0.79, 1.7, 0.52), trial(0.76, 7.1, 0.52), trial(0.74, 6.0, 0.60),  # 2: dominated by 1
+          trial(0.51, 87.5, 1.00), trial(0.62, 48.6, 0.83)]  # 3: a constant student at the highest ratio
+    for i, t in enumerate(ts):
+        t.number = i
+    maximise = [optuna.study.StudyDirection.MAXIMIZE] * 2
+    assert sorted(t.number for t in pareto_front(ts, maximise)) == [0, 1, 4]
+    # the same student below the threshold (CONSTANT_SHARE = 0.95) is a trade-off like any other
+    ts[3].user_attrs["top_share"] = {"sst2": 0.9}
+    assert sorted(t.number for t in pareto_front(ts, maximise)) == [0, 1, 3, 4]
+
+
 def test_sweep_with_two_workers_records_failures_and_reports(tmp_path, teacher_dir):
     # the enqueued first point has an impossible layer map: that trial fails, the sweep goes on
     path = write_sweep(tmp_path, teacher_dir, n_trials=4, workers=2,

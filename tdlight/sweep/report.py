@@ -39,6 +39,21 @@ def _status(t: optuna.trial.FrozenTrial) -> str:
     return t.state.name.lower()
 
 
+def pareto_front(done: list[optuna.trial.FrozenTrial], directions) -> list[optuna.trial.FrozenTrial]:
+    """The Pareto-optimal finished trials, constant students left out: a student that predicts one class
+    (top share above ``CONSTANT_SHARE``) is a failure whatever its score, and at a high ratio nothing else
+    would dominate it, so ``study.best_trials`` would offer it as a trade-off. Written here because
+    Optuna's own front of a list of trials is private (``optuna.study._multi_objective``)."""
+    signs = [1 if d == optuna.study.StudyDirection.MAXIMIZE else -1 for d in directions]
+    useful = [t for t in done if t.values is not None and (_top(t.user_attrs.get("top_share")) or 0) <= CONSTANT_SHARE]
+    key = {t.number: [s * v for s, v in zip(signs, t.values)] for t in useful}
+
+    def dominates(a, b) -> bool:
+        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+    return [t for t in useful if not any(dominates(key[o.number], key[t.number]) for o in useful)]
+
+
 def load_study(sweep_dir: str | Path) -> tuple[optuna.Study, object]:
     d = Path(sweep_dir)
     if not (d / SAVED).is_file():
@@ -61,7 +76,7 @@ def report(sweep_dir: str | Path, console: Console | None = None) -> dict:
     objectives = sweep.objectives
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    front = study.best_trials if done else []
+    front = pareto_front(done, study.directions)
     front_ids = {t.number for t in front}
     tasks = list(sweep.cfg.tasks)
     teacher = _teacher(done, tasks)
@@ -82,7 +97,7 @@ def report(sweep_dir: str | Path, console: Console | None = None) -> dict:
     if majority is not None:
         lines += [f"Majority-class baseline (always the most frequent dev label): {majority:.4f}. 'top share' is the "
                   f"largest share of dev predictions in one class (the maximum over tasks); above "
-                  f"{CONSTANT_SHARE:.2f} the student is a constant predictor, flagged ⚠.", ""]
+                  f"{CONSTANT_SHARE:.2f} the student is a constant predictor, flagged ⚠ and left off the Pareto front.", ""]
     repeats = [t for t in trials if DUPLICATE in t.user_attrs]
     if repeats:  # not rows: they were never run (sweep.allow_duplicates=false)
         lines += [f"{len(repeats)} sampled point(s) repeated a finished trial and were not run again "
@@ -135,10 +150,16 @@ def _majority(done, tasks) -> float | None:
     return None
 
 
+def _top(shares: dict | None) -> float | None:
+    """A trial's top share: the largest share of dev predictions in one class over its tasks (classifiers)."""
+    tops = [v for v in (shares or {}).values() if v is not None]
+    return max(tops) if tops else None
+
+
 def _share(shares: dict | None) -> str:
-    if not shares:
+    top = _top(shares)
+    if top is None:
         return "–"
-    top = max(shares.values())
     return f"{top:.3f}" + (" ⚠" if top > CONSTANT_SHARE else "")
 
 
