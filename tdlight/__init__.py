@@ -16,6 +16,8 @@ _LAZY = {
     "save_compressed": "tdlight.model.io",
     "load_tokenizer": "tdlight.model.io",
     "export_dense": "tdlight.model.io",
+    "export_onnx": "tdlight.model.io",
+    "record_plan": "tdlight.model.io",
     "compress": "tdlight.model.surgery",
     "densify": "tdlight.model.surgery",
     "load_teacher": "tdlight.model.teacher",

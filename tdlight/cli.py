@@ -183,6 +183,95 @@ def _app(cfg: DictConfig) -> None:
         _discard_fresh_run_dir(fresh)
 
 
+PLAN_USAGE = ("usage: tdlight plan <compressed model dir> [device=cpu] [policy=timed|macs|factorized|dense] "
+              "[batches=1,32] [seq_len=128] [reps=10]\n"
+              "  choose, per unit kind (Q/K/V, attention output, FFN in, FFN out), whether the model runs factorized "
+              "or as its\n  dense weight on that device, and record it in the model's tdlight.json "
+              "(tdlight.load_compressed applies it)")
+
+
+def _key_values(args: list[str], defaults: dict[str, str]) -> dict[str, str]:
+    """``key=value`` arguments over ``defaults``; an unknown key or a bare word is an error naming the valid keys."""
+    kw = dict(defaults)
+    for a in args:
+        key, eq, value = a.partition("=")
+        if not eq or key not in kw:
+            raise TdlightError(f"unknown argument {a!r}; valid: {', '.join(k + '=' for k in kw)}")
+        kw[key] = value
+    return kw
+
+
+EXPORT_USAGE = ("usage: tdlight export-onnx <compressed model dir> <out.onnx> [execution=auto] [opset=17] "
+                "[verify=true]\n  an ONNX graph of the model with its head (dynamic batch and sequence axes), "
+                "checked against PyTorch in ONNX Runtime")
+
+
+def export_main(args: list[str]) -> int:
+    """``tdlight export-onnx <model dir> <out.onnx> [key=value ...]``."""
+    if any(a in ("-h", "--help") for a in args):
+        print(EXPORT_USAGE)
+        return 0
+    try:
+        if len(args) < 2 or "=" in args[0] or "=" in args[1]:
+            raise TdlightError(f"tdlight export-onnx needs a compressed model directory and an output file\n"
+                               f"{EXPORT_USAGE}")
+        kw = _key_values(args[2:], {"execution": "auto", "opset": "17", "verify": "true"})
+        if kw["verify"] not in ("true", "false"):
+            raise TdlightError(f"verify={kw['verify']!r}; valid: true, false")
+        try:
+            opset = int(kw["opset"])
+        except ValueError as e:
+            raise TdlightError(f"opset={kw['opset']!r}; valid: an integer, 14 or later") from e
+        from tdlight.model.io import export_onnx
+
+        _quiet_dependencies()
+        r = export_onnx(args[0], args[1], execution=kw["execution"], opset=opset, verify=kw["verify"] == "true")
+    except TdlightError as e:
+        print(f"tdlight: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    diff = r.get("max_abs_diff")
+    print(f"wrote {r['path']}: inputs {', '.join(r['inputs'])} -> {r['output']} (opset {r['opset']}); "
+          f"units {r['execution']}" + ("" if diff is None else f"; ONNX Runtime vs PyTorch max |diff| {diff:.2e}"))
+    return 0
+
+
+def plan_main(args: list[str]) -> int:
+    """``tdlight plan <model dir> [key=value ...]``: time and record a compressed model's execution plan."""
+    if any(a in ("-h", "--help") for a in args):
+        print(PLAN_USAGE)
+        return 0
+    try:
+        if not args or "=" in args[0]:
+            raise TdlightError(f"tdlight plan needs a compressed model directory first\n{PLAN_USAGE}")
+        kw = _key_values(args[1:], {"device": "cpu", "policy": "timed", "batches": "1,32", "seq_len": "128",
+                                    "reps": "10"})
+        try:
+            batches = tuple(int(b) for b in kw["batches"].split(","))
+            seq_len, reps = int(kw["seq_len"]), int(kw["reps"])
+        except ValueError as e:
+            raise TdlightError(f"batches, seq_len and reps take integers (batches: a comma list); got "
+                               f"batches={kw['batches']!r} seq_len={kw['seq_len']!r} reps={kw['reps']!r}") from e
+        from tdlight.model.io import record_plan
+
+        _quiet_dependencies()
+        chosen = record_plan(args[0], device=kw["device"], policy=kw["policy"], batches=batches, seq_len=seq_len,
+                             reps=reps)
+    except TdlightError as e:
+        print(f"tdlight: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"execution plan ({chosen['policy']}, {chosen['device']}) recorded in {args[0]}/tdlight.json")
+    for c in ("unit", "mode", "MAC speed-up", "timed speed-up"):
+        t.add_column(c)
+    for kind, mode in chosen["modes"].items():
+        timed = chosen.get("timed_speedup", {}).get(kind)
+        t.add_row(kind, mode, f"{chosen['macs_speedup'][kind]:.2f}×", "–" if timed is None else f"{timed:.2f}×")
+    Console().print(t)
+    return 0
+
+
 def main() -> None:
     if os.environ.get("TDLIGHT_SWEEP_PID"):  # (trial.SWEEP_PID) a sweep trial: it must not outlive its sweep
         from tdlight.sweep.trial import die_with_sweep  # only trials load the sweep package
@@ -192,6 +281,10 @@ def main() -> None:
         from tdlight.sweep.cli import main as sweep_main  # (Optuna and its storages load only for sweeps)
 
         sys.exit(sweep_main(sys.argv[1], sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "plan":
+        sys.exit(plan_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "export-onnx":
+        sys.exit(export_main(sys.argv[2:]))
     register()
     args = sys.argv[1:]
     if not any(a.startswith("resume=") for a in args):

@@ -75,6 +75,14 @@ class AugmentMethod(str, Enum):
     mlm = "mlm"  # a masked LM's in-context predictions (TinyBERT; needs a checkpoint with an MLM head)
 
 
+class Execution(str, Enum):  # tdlight.model.io.EXECUTIONS: how the student's units run (tdlight.model.execution)
+    auto = "auto"  # the plan saved with the model for this device type, else the MAC accounting's
+    timed = "timed"  # time both modes of each unit kind on this machine
+    macs = "macs"
+    factorized = "factorized"
+    dense = "dense"
+
+
 class WandbMode(str, Enum):
     auto = "auto"  # online only when W&B credentials are configured
     offline = "offline"
@@ -245,6 +253,7 @@ class PipelineStage:
     evaluate: EvaluateStage = field(default_factory=EvaluateStage)
     speed_batch_size: int = 32  # the measured speed-up: teacher vs student forward on dev batches of this size
     speed_reps: int = 10  # paired repetitions (median)
+    execution: Execution = Execution.timed  # the student's execution plan for the measured speed-up
 
 
 @dataclass

@@ -64,16 +64,22 @@ def atomic_directory(path: str | os.PathLike, write: Callable[[Path], object]) -
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file through a temporary sibling and a rename."""
+def atomic_file(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Make the file ``path`` with ``write(tmp)`` (a temporary sibling), then rename it into place:
+    an existing file is replaced only by a complete new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file through a temporary sibling and a rename."""
+    return atomic_file(path, lambda tmp: tmp.write_text(text))

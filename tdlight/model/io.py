@@ -19,11 +19,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import safetensors.torch
+import torch
 import transformers
 from torch import nn
 
-from tdlight.errors import ArtifactError
-from tdlight.files import atomic_directory, file_sha256
+from tdlight.errors import ArtifactError, SpecError
+from tdlight.files import atomic_directory, atomic_file, atomic_write_text, file_sha256
+from tdlight.model import execution as ex
 from tdlight.model.pooling import saved_pooling, set_pooling
 from tdlight.model.surgery import compress, densify, encoder_shape, get_encoder, is_compressed
 from tdlight.tensor.spec import EncoderShape, ResolvedSpec
@@ -55,6 +57,9 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer=None, e
         "spec": spec.to_dict(),
         "extra": extra or {},
     }
+    plan = getattr(encoder, "execution", None)
+    if plan and plan.get("policy") == "timed":  # per-unit modes measured on a device (tdlight.model.execution);
+        meta["execution"] = plan                # the others are recomputed at load time, or forced by the caller
 
     def write(tmp: Path) -> None:
         model.config.save_pretrained(tmp)
@@ -85,6 +90,10 @@ def read_meta(path: str | os.PathLike) -> dict:
         # every value the loader will build the model from, checked here (a bad rank would otherwise
         # surface as a RuntimeError deep in the surgery)
         ResolvedSpec.from_dict(meta["spec"], EncoderShape(**meta["shape"]))
+        ex = meta.get("execution")
+        if ex is not None and not (isinstance(ex, dict) and isinstance(ex.get("modes"), dict)
+                                   and isinstance(ex.get("device"), str)):
+            raise ArtifactError(f"{f} is corrupt: 'execution' must be an object with 'device' and 'modes'")
     except ArtifactError:
         raise
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:  # SpecError is a ValueError
@@ -92,8 +101,18 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_compressed(path: str | os.PathLike, device: str | None = None) -> nn.Module:
-    """Load a compressed model directory: a ready model in eval mode, in its original class."""
+EXECUTIONS = ("auto", "timed", "macs", "factorized", "dense")
+
+
+def load_compressed(path: str | os.PathLike, device: str | None = None, execution: str = "auto") -> nn.Module:
+    """Load a compressed model directory: a ready model in eval mode, in its original class.
+
+    ``execution`` (:mod:`tdlight.model.execution`): ``auto`` applies the plan saved with the model
+    when it was made for this device type, else the MAC accounting's; ``timed`` times both modes of
+    each unit kind here; ``macs``; ``factorized`` (as trained) or ``dense`` everywhere.
+    """
+    if execution not in EXECUTIONS:
+        raise ArtifactError(f"execution={execution!r}; valid: {list(EXECUTIONS)}")
     path = Path(path)
     meta = read_meta(path)
     try:
@@ -126,7 +145,35 @@ def load_compressed(path: str | os.PathLike, device: str | None = None) -> nn.Mo
         raise ArtifactError(f"{weights} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if device:
         model.to(device)
+    saved = meta.get("execution")
+    target = torch.device(device or "cpu").type
+    if execution == "auto" and saved and saved["device"] == target:
+        try:
+            ex.apply(model, saved)
+        except SpecError as e:
+            raise ArtifactError(f"{path}/{META}: its execution plan does not fit the model: {e}") from e
+    else:
+        ex.apply(model, ex.plan(model, "macs" if execution == "auto" else execution))
     return model.eval()
+
+
+def record_plan(path: str | os.PathLike, *, device: str = "cpu", policy: str = "timed", batches=(1, 32),
+                seq_len: int = 128, reps: int = 10) -> dict:
+    """Choose the execution plan of the compressed model at ``path`` on ``device`` and record it in its
+    ``tdlight.json`` (atomically; weights untouched), so that ``load_compressed(path, device)`` applies it."""
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ArtifactError(f"device={device!r} is not a device; valid: cpu, cuda, cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError(f"device={device!r}, but no CUDA device is available here; valid: cpu")
+    model = load_compressed(path, device=device, execution="factorized")
+    chosen = ex.plan(model, policy, device=dev, batches=tuple(batches), seq_len=seq_len, reps=reps)
+    meta["execution"] = chosen
+    atomic_write_text(path / META, json.dumps(meta, indent=2))
+    return chosen
 
 
 def _tied_keys(model: nn.Module) -> set[str]:
@@ -150,6 +197,82 @@ def export_dense(path_in: str | os.PathLike, path_out: str | os.PathLike) -> Pat
             tokenizer.save_pretrained(tmp)
 
     return atomic_directory(path_out, write)
+
+
+class _FirstOutput(nn.Module):
+    """The model's first output (a classifier's logits, a base model's last hidden state) from
+    positional inputs: what the ONNX graph computes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)[0]
+
+
+def export_onnx(model_dir: str | os.PathLike, path: str | os.PathLike, *, execution: str = "auto", opset: int = 17,
+                verify: bool = True, atol: float = 1e-4) -> dict:
+    """Write the compressed model at ``model_dir`` (with its head) as an ONNX graph at ``path``.
+
+    Inputs ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model has token
+    types), int64, with dynamic batch and sequence axes; output ``logits`` (a classifier) or
+    ``last_hidden_state``. Each unit runs as the execution plan says (:func:`load_compressed`'s
+    ``execution``): dense units are stored as their dense weights, factorized ones as the factors.
+    TorchScript-based exporter (``dynamo=False``): the shared Q/K/V input is a Python-side memo
+    that tracing records as one computation, where ``torch.export`` would need it rewritten.
+    With ``verify`` (needs ``onnxruntime``: ``pip install tdlight[onnx]``) ONNX Runtime's output on
+    a sample batch must match PyTorch's within ``atol``, else nothing is written. Returns what was
+    exported and the largest difference seen.
+    """
+    if opset < 14:
+        raise ArtifactError(f"opset={opset}; valid: 14 or later (the attention's ops need it)")
+    ort = None
+    if verify:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ArtifactError("export_onnx(verify=True) needs onnxruntime: pip install 'tdlight[onnx]' "
+                                "(or verify=False)") from e
+    model = load_compressed(model_dir, execution=execution)
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if getattr(model.config, "type_vocab_size", 0)
+                                               else [])
+    output = "logits" if hasattr(model, "classifier") else "last_hidden_state"
+    vocab = int(model.config.vocab_size)
+    g = torch.Generator().manual_seed(0)
+    sample = [torch.randint(0, vocab, (2, 16), generator=g), torch.ones(2, 16, dtype=torch.long),
+              torch.zeros(2, 16, dtype=torch.long)][: len(names)]
+    sample[1][1, 11:] = 0  # a padded row
+    check = [torch.randint(0, vocab, (3, 9), generator=g), torch.ones(3, 9, dtype=torch.long),
+             torch.zeros(3, 9, dtype=torch.long)][: len(names)]  # other sizes than traced: the axes are dynamic
+    check[1][0, 5:] = 0
+    wrapped = _FirstOutput(model).eval()
+    result = {"path": str(path), "inputs": names, "output": output, "opset": opset,
+              "execution": (ex.current(model) or {}).get("modes")}
+
+    def write(tmp: Path) -> None:
+        import warnings
+
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            torch.onnx.export(wrapped, tuple(sample), str(tmp), dynamo=False, input_names=names, output_names=[output],
+                              opset_version=opset, do_constant_folding=True,
+                              dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names},
+                                            output: {0: "batch"} if output == "logits" else {0: "batch", 1: "sequence"}})
+        if ort is not None:
+            session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            got = session.run(None, {n: t.numpy() for n, t in zip(names, check)})[0]
+            with torch.no_grad():
+                want = wrapped(*check).numpy()
+            diff = float(abs(got - want).max())
+            result["max_abs_diff"] = diff
+            if not diff <= atol:
+                raise ArtifactError(f"ONNX Runtime's {output} differ from PyTorch's by {diff:.3g} (atol {atol}): "
+                                    f"not written to {path}")
+
+    atomic_file(path, write)
+    return result
 
 
 def save_model(model: nn.Module, tokenizer, path: str | os.PathLike, extra: dict | None = None) -> Path:

@@ -13,8 +13,17 @@ variants that share U and V:
 Q, K and V read the same input, so when their variant shares U they share one ``x @ U``
 (and one core matmul and one ``@ Vᵀ`` for the three) through a :class:`SharedInput`; the
 FFN-input matrix is one module with n_out = m blocks, so its m blocks share ``x @ U`` by
-construction. ``mode = "reconstructed"`` rebuilds W and calls ``F.linear`` instead (for
-testing; both agree to float precision).
+construction.
+
+``mode`` picks how a module computes, without changing what (all agree to float precision):
+
+* ``"factorized"`` — the three products above (the default).
+* ``"dense"`` — the reconstructed dense weight, built once and cached until a factor or
+  the bias changes, then one ``F.linear`` (``addmm``, bias fused); Q, K and V sharing an
+  input run as one GEMM against their concatenated weights. Where d is close to D the
+  factorized products cost more than the dense one (``tdlight.model.execution`` chooses
+  per module). With gradients on, the weight is rebuilt differentiably on every call.
+* ``"reconstructed"`` — rebuilds W on every call (for tests).
 """
 
 from __future__ import annotations
@@ -25,7 +34,31 @@ from torch import nn
 
 from tdlight.model.bank import FactorBank
 
-MODES = ("factorized", "reconstructed")
+MODES = ("factorized", "dense", "reconstructed")
+
+
+def _stamp(tensors) -> tuple:
+    """Identity and version of each tensor: a product cached from them is valid while this is unchanged."""
+    return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors if t is not None)
+
+
+class _DenseCache:
+    """A dense weight rebuilt by ``build`` only when its sources change; never cached while training."""
+
+    def __init__(self) -> None:
+        self.stamp: tuple | None = None
+        self.value = None
+
+    def get(self, sources, build):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
+            self.stamp = self.value = None  # differentiable: rebuilt on every call
+            return build()
+        stamp = _stamp(sources)
+        if stamp != self.stamp:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode
+                self.value = build()
+            self.stamp = stamp
+        return self.value
 
 
 class SharedInput:
@@ -45,6 +78,7 @@ class SharedInput:
         self._version = -1
         self._y: torch.Tensor | None = None
         self._left = 0
+        self._dense = _DenseCache()
 
     def register(self, linear: FactorizedLinear) -> int:
         self.members.append(linear)
@@ -60,18 +94,39 @@ class SharedInput:
         return self._x is x and self._version == self._version_of(x) and self._left > 0
 
     def output(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        """Member ``slot``'s ``x @ W`` (no bias), computing every member's on a miss."""
+        """Member ``slot``'s ``x @ W + b``, computing every member's on a miss."""
         if self.hit(x):
             y = self._y
             self._left -= 1
-        else:  # the members as one 1 × members grid of blocks: one x @ U, one core matmul, one @ Vᵀ
-            bank = self.members[0].bank
-            idx = torch.cat([m.blocks.flatten() for m in self.members])
-            y = bank.strategy.matmul(x, bank.factors(), idx.view(1, -1))  # (…, members, D)
+        else:
+            y = self._compute(x)  # (…, members, D)
             self._x, self._version, self._y, self._left = x, self._version_of(x), y, len(self.members) - 1
         if self._left == 0:
             self._x = self._y = None
         return y[..., slot, :]
+
+    def _bias(self) -> torch.Tensor | None:
+        bs = [m.bias for m in self.members]
+        return None if any(b is None for b in bs) else torch.cat(bs)
+
+    def _compute(self, x: torch.Tensor) -> torch.Tensor:
+        modes = {m.mode for m in self.members}
+        if len(modes) > 1:
+            raise ValueError(f"Q, K and V share one input and must run in one mode; got {sorted(modes)}")
+        bank, mode = self.members[0].bank, modes.pop()
+        n, D = len(self.members), self.members[0].out_features
+        if mode == "factorized":  # the members as one 1 × members grid of blocks: one x @ U, one core matmul, one @ Vᵀ
+            idx = torch.cat([m.blocks.flatten() for m in self.members])
+            y = bank.strategy.matmul(x, bank.factors(), idx.view(1, -1))  # (…, members, D)
+            b = self._bias()
+            return y if b is None else y + b.view(n, D)
+
+        def build():  # the members' weights stacked (members·D × D) and their biases: one GEMM, bias fused
+            return torch.cat([m.weight for m in self.members]), self._bias()
+
+        sources = [*bank.parameters(), *[m.bias for m in self.members]]
+        W, b = self._dense.get(sources, build) if mode == "dense" else build()
+        return F.linear(x, W, b).unflatten(-1, (n, D))
 
 
 class FactorizedLinear(nn.Module):
@@ -83,7 +138,7 @@ class FactorizedLinear(nn.Module):
     """
 
     def __init__(self, bank: FactorBank, blocks: torch.Tensor, bias: torch.Tensor | None,
-                 shared_input: SharedInput | None = None):
+                 shared_input: SharedInput | None = None, kind: str = ""):
         super().__init__()
         object.__setattr__(self, "bank", bank)
         self.register_buffer("blocks", blocks.clone().long(), persistent=False)
@@ -96,13 +151,16 @@ class FactorizedLinear(nn.Module):
         if shared_input is not None and (self.n_in, self.n_out) != (1, 1):
             raise ValueError("a shared input serves single-block linears (Q, K, V) only")
         self.mode = "factorized"
+        self.kind = kind  # the block type it replaces: query, key, value, attn_out, ffn_in or ffn_out
+        object.__setattr__(self, "_dense", _DenseCache())  # not a module: no state, not saved
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared_input is not None:
+            return self.shared_input.output(x, self.slot)
         if self.mode == "reconstructed":
             return F.linear(x, self.weight, self.bias)
-        if self.shared_input is not None:
-            y = self.shared_input.output(x, self.slot)
-            return y + self.bias if self.bias is not None else y
+        if self.mode == "dense":
+            return F.linear(x, self._dense.get([*self.bank.parameters(), self.bias], lambda: self.weight), self.bias)
         bank = self.bank
         y = bank.strategy.matmul(x, bank.factors(), self.blocks).flatten(-2)  # (…, n_out·D)
         return y + self.bias if self.bias is not None else y

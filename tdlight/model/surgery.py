@@ -185,7 +185,7 @@ def compress(
             idx = torch.tensor([layout.index[b][1] for b in blks], device=ref.device)
             grid = idx.view(1, -1) if t == "ffn_in" else idx.view(-1, 1)
             new = FactorizedLinear(banks[group], grid, lin.bias,
-                                   shared if t in ("query", "key", "value") else None)
+                                   shared if t in ("query", "key", "value") else None, kind=t)
             setattr(parent, attr, new)
     encoder.factor_banks = banks
     encoder.compression = rspec
@@ -207,7 +207,8 @@ def load_factors(model: nn.Module, factors: dict[str, Factors]) -> None:
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
-    """Switch every factorized linear to ``factorized`` (default) or ``reconstructed``."""
+    """Switch every factorized linear to one forward mode (``tdlight.model.linear.MODES``); per-module
+    choices: :mod:`tdlight.model.execution`."""
     if mode not in MODES:
         raise SpecError(f"unknown forward mode {mode!r}; valid: {list(MODES)}")
     for m in model.modules():

@@ -110,7 +110,8 @@ def _set_labels(config, num_labels: int) -> None:
     config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
 
 
-def load_classifier(name_or_path: str, num_labels: int, pooling: str | None = None) -> tuple[nn.Module, object]:
+def load_classifier(name_or_path: str, num_labels: int, pooling: str | None = None,
+                    execution: str = "factorized") -> tuple[nn.Module, object]:
     """(model, tokenizer) for sequence classification on top of a teacher.
 
     A model directory saved by tdlight (``tdlight.json``, compressed) loads as it was
@@ -118,10 +119,12 @@ def load_classifier(name_or_path: str, num_labels: int, pooling: str | None = No
     regression), a new head when the checkpoint has none (e.g. the embedded MiniLM).
     ``pooling`` (``cls``, ``mean``; ``None``/``auto``: the one saved with the model, else
     the checkpoint's own, see :mod:`tdlight.model.pooling`) is what the classifier reads.
+    ``execution``: a compressed model's execution plan (``tdlight.model.io.load_compressed``);
+    the factorized forward by default, the one to train.
     """
     local = Path(os.path.expanduser(name_or_path))
     if (local / META).is_file():
-        model = as_classifier(load_compressed(local), num_labels)
+        model = as_classifier(load_compressed(local, execution=execution), num_labels)
         set_pooling(model, resolve_pooling(pooling, model.config, str(local)))
         return model, load_tokenizer(local)
     path = resolve_teacher(name_or_path)

@@ -25,6 +25,8 @@ from rich.table import Table
 from tdlight.data.glue import get_task, resolve_source
 from tdlight.errors import TdlightError
 from tdlight.files import file_stamp
+from tdlight.config import Execution
+from tdlight.model.execution import current as current_plan
 from tdlight.model.speed import paired_speedup
 from tdlight.model.teacher import load_classifier
 from tdlight.stages.classifier import datamodule, is_constant, model_summary, require_task
@@ -193,7 +195,8 @@ def _run_step(cfg: DictConfig, step: str, stage_cfg, d: Path, wiring: dict, pipe
 def _summary(cfg: DictConfig, dirs: dict[str, Path], results: dict[str, dict]) -> dict:
     task = require_task(cfg)
     teacher, tokenizer = load_classifier(str(dirs["finetune"] / "model"), task.num_labels)
-    student, _ = load_classifier(str(dirs["distill"] / "model"), task.num_labels)
+    student, _ = load_classifier(str(dirs["distill"] / "model"), task.num_labels,
+                                 execution=Execution(cfg.stage.execution).value)
     max_length = cfg.stage.distill.max_length or cfg.task.max_length  # what the student was trained on
     dm = datamodule(cfg, task, tokenizer, max_length=max_length, batch_size=cfg.stage.speed_batch_size,
                     eval_batch_size=cfg.stage.speed_batch_size, limit_train=None,
@@ -221,6 +224,7 @@ def _summary(cfg: DictConfig, dirs: dict[str, Path], results: dict[str, dict]) -
         "teacher_ms": speed["baseline_ms"],
         "student_ms": speed["candidate_ms"],
         "pretrain_tokens": results.get("pretrain", {}).get("tokens"),
+        "student_execution": (current_plan(student) or {}).get("modes"),
     }
 
 

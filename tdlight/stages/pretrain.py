@@ -97,7 +97,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     ckpt = training.begin(cfg, run_dir)
     source = teacher_source(cfg)
     teacher, tokenizer = load_teacher(source)
-    student = load_compressed(student_dir)
+    student = load_compressed(student_dir, execution="factorized")
     if not is_compressed(student):
         raise TdlightError(f"student {student_dir!r} is not a compressed model")
     if st.dropout is not None:

@@ -59,35 +59,40 @@ def param_counts(shape: EncoderShape, spec: ResolvedSpec) -> dict[str, float]:
     }
 
 
+UNIT_KINDS = ("qkv", *ATTENTION_TYPES, *FFN_TYPES)  # "qkv": Q, K and V sharing one x @ U
+
+
+def unit_macs(kind: str, D: int, m: int, a: int, b: int, shared_u: bool) -> tuple[int, int]:
+    """``(factorized, dense)`` MACs per token of one unit of the forward: a factorized linear of block
+    type ``kind``, or ``"qkv"`` for Q, K and V computed together from one ``x @ U``. ``m``: FFN blocks."""
+    block = D * a + a * b + b * D  # one x @ U @ C′ @ Vᵀ
+    if kind == "qkv":
+        return D * a + 3 * (a * b + b * D), 3 * D * D
+    if kind in ATTENTION_TYPES:
+        return block, D * D
+    if kind not in FFN_TYPES:
+        raise ValueError(f"unknown unit kind {kind!r}; valid: {list(UNIT_KINDS)}")
+    if not shared_u:
+        return m * block, m * D * D
+    if kind == "ffn_in":  # (x @ U) once, m cores, m @ Vᵀ
+        return D * a + m * (a * b + b * D), m * D * D
+    return m * (D * a + a * b) + b * D, m * D * D  # m chunks @ U, m cores summed, one @ Vᵀ
+
+
 def _linear_macs(spec: ResolvedSpec | None, D: int, m: int, group_of) -> float:
     """Linear MACs per token for one layer; ``group_of(type)`` names the type's group or None."""
     if spec is None:
         return (4 + 2 * m) * D * D
     a, b = spec.rank_in, spec.rank_out
     shared_u = spec.strategy.shared_factors  # blocks reading one input share x @ U
-    block = D * a + a * b + b * D  # one x @ U @ C′ @ Vᵀ
-    total = 0.0
     qkv_groups = {group_of(t) for t in ("query", "key", "value")}
-    for t in ATTENTION_TYPES:
-        g = group_of(t)
-        if g is None:
-            total += D * D
-        elif t in ("query", "key", "value") and shared_u and len(qkv_groups) == 1:
-            total += a * b + b * D  # x @ U is shared, added once below
-        else:
-            total += block
-    if shared_u and len(qkv_groups) == 1 and None not in qkv_groups:
-        total += D * a
-    for t in FFN_TYPES:
-        g = group_of(t)
-        if g is None:
-            total += m * D * D
-        elif not shared_u:
-            total += m * block
-        elif t == "ffn_in":  # (x @ U) once, m cores, m @ Vᵀ
-            total += D * a + m * (a * b + b * D)
-        else:  # m chunks @ U, m cores summed, one @ Vᵀ
-            total += m * (D * a + a * b) + b * D
+    shared_qkv = shared_u and len(qkv_groups) == 1 and None not in qkv_groups
+    total = unit_macs("qkv", D, m, a, b, shared_u)[0] if shared_qkv else 0.0
+    for t in ATTENTION_TYPES + FFN_TYPES:
+        if group_of(t) is None:
+            total += unit_macs(t, D, m, a, b, shared_u)[1]
+        elif not (shared_qkv and t in ("query", "key", "value")):
+            total += unit_macs(t, D, m, a, b, shared_u)[0]
     return total
 
 

@@ -48,5 +48,5 @@ class Shared(Variant):
             xu = x.unflatten(-1, (n_in, -1)) @ factors.U  # (…, n_in, a)
         # row (j, a), column (m, b)
         grid = cores.view(n_in, n_out, a, b).permute(0, 2, 1, 3).reshape(n_in * a, -1)
-        z = xu.reshape(*x.shape[:-1], n_in * a) @ grid
+        z = (xu.flatten(-2) if n_in > 1 else xu) @ grid  # (no sizes read from x: traced graphs stay dynamic)
         return z.unflatten(-1, (n_out, b)) @ factors.V.t()  # (…, n_out, B)

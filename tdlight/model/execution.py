@@ -1,0 +1,161 @@
+"""Execution plans: run each part of a compressed encoder factorized or as its dense weight.
+
+A D×D block at ranks (a, b) costs ``D·a + a·b + b·D`` multiply-adds per token factorized
+instead of ``D²`` dense: much cheaper when d ≪ D, about even near d = D/2, where the three
+smaller GEMMs' overheads make the factorized forward the slower one (the ``paper_1_7``
+student ran at 0.89× of its teacher, docs/RESULTS.md §3). The weights are the same either
+way; only the arithmetic differs. A *plan* picks, for each kind of unit of the encoder —
+``qkv`` (Q, K and V computed together from one ``x @ U``), ``attn_out``, ``ffn_in``,
+``ffn_out`` (and ``query``/``key``/``value`` when they do not share an input) — the mode
+that is faster:
+
+* ``policy="timed"``: both modes of the first unit of each kind, timed in pairs on random
+  inputs of the given shapes on the target device; the factorized mode is kept only where
+  it is faster (geometric mean of the speed-ups over the batch sizes). One unit per kind
+  stands for all: every layer's unit of a kind has the same shapes.
+* ``policy="macs"``: the MAC accounting (:func:`tdlight.tensor.accounting.unit_macs`), no timing.
+* ``policy="factorized"`` / ``"dense"``: one mode everywhere.
+
+A plan is a JSON-able dict; :func:`apply` sets the modes, and :func:`tdlight.model.io.save_compressed`
+records the model's plan in ``tdlight.json`` so that loading on the same device type applies it
+again (``tdlight.load_compressed(path, execution="auto")``). Dense units cache their weight
+(rebuilt when a factor changes; with gradients on, rebuilt on every call), so a plan changes
+speed, never results beyond float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tdlight.errors import SpecError
+from tdlight.model.linear import FactorizedLinear
+from tdlight.model.speed import paired_times
+from tdlight.model.surgery import encoder_shape, get_encoder, is_compressed
+from tdlight.tensor.accounting import unit_macs
+
+POLICIES = ("timed", "macs", "factorized", "dense")
+UNIT_MODES = ("factorized", "dense")
+
+
+@dataclass
+class Unit:
+    """One unit of the forward: a factorized linear, or Q/K/V sharing an input (``kind="qkv"``)."""
+
+    kind: str
+    layer: int
+    members: list[FactorizedLinear]
+
+    def run(self, x: torch.Tensor) -> None:
+        for m in self.members:  # a shared input computes all members on the first call
+            m(x)
+
+
+def units(model: nn.Module) -> list[Unit]:
+    """The factorized units of a compressed model, layer by layer."""
+    if not is_compressed(model):
+        raise SpecError("execution plans are for compressed models; this one has no factor banks")
+    out = []
+    for i, layer in enumerate(get_encoder(model).layer):
+        shared_seen = set()
+        for mod in layer.modules():
+            if not isinstance(mod, FactorizedLinear):
+                continue
+            if mod.shared_input is None:
+                out.append(Unit(mod.kind, i, [mod]))
+            elif id(mod.shared_input) not in shared_seen:
+                shared_seen.add(id(mod.shared_input))
+                out.append(Unit("qkv", i, list(mod.shared_input.members)))
+    return out
+
+
+def macs_of(model: nn.Module, kind: str) -> tuple[int, int]:
+    """``(factorized, dense)`` MACs per token of one unit of ``kind`` in ``model``."""
+    spec = get_encoder(model).compression
+    shape = encoder_shape(model)
+    return unit_macs(kind, shape.hidden, shape.ffn_blocks, spec.rank_in, spec.rank_out, spec.strategy.shared_factors)
+
+
+def plan(model: nn.Module, policy: str = "timed", *, device: torch.device | str | None = None,
+         batches: tuple[int, ...] = (1, 32), seq_len: int = 128, reps: int = 10) -> dict:
+    """Choose a mode for every unit kind of ``model`` (see the module doc). The model is left as it was."""
+    if policy not in POLICIES:
+        raise SpecError(f"execution policy {policy!r}; valid: {list(POLICIES)}")
+    if not batches or any(int(b) < 1 for b in batches) or seq_len < 1 or reps < 1:
+        raise SpecError(f"execution timing needs batch sizes, seq_len and reps >= 1; got batches={list(batches)}, "
+                        f"seq_len={seq_len}, reps={reps}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    first: dict[str, Unit] = {}
+    for u in units(model):
+        first.setdefault(u.kind, u)
+    result = {"policy": policy, "device": device.type, "modes": {}, "macs_speedup": {}}
+    if policy == "timed":
+        result.update(batches=[int(b) for b in batches], seq_len=int(seq_len), timed_speedup={})
+    for kind, unit in first.items():
+        fact, dense = macs_of(model, kind)
+        result["macs_speedup"][kind] = round(dense / fact, 4)
+        if policy in UNIT_MODES:
+            result["modes"][kind] = policy
+        elif policy == "macs":
+            result["modes"][kind] = "factorized" if fact < dense else "dense"
+        else:
+            speedup = _time_unit(unit, device, batches, seq_len, reps)
+            result["timed_speedup"][kind] = round(speedup, 4)
+            result["modes"][kind] = "factorized" if speedup > 1.0 else "dense"
+    return result
+
+
+@torch.no_grad()
+def _time_unit(unit: Unit, device: torch.device, batches, seq_len: int, reps: int) -> float:
+    """Dense time / factorized time of ``unit`` (> 1: factorized is faster), geometric mean over ``batches``."""
+    saved = [m.mode for m in unit.members]
+    param = unit.members[0].bank.U
+    if param.device != device:
+        raise SpecError(f"the model is on {param.device}; time its execution plan there (device={param.device.type})")
+
+    def run(mode: str, x: torch.Tensor):
+        def go():
+            for m in unit.members:
+                m.mode = mode
+            unit.run(x)
+        return go
+
+    logs = []
+    try:
+        for b in batches:
+            x = torch.randn(int(b), seq_len, unit.members[0].in_features, device=device, dtype=param.dtype)
+            t = paired_times(run("dense", x), run("factorized", x), device=device, reps=reps, warmup=2)
+            logs.append(math.log(t["speedup"]))
+    finally:
+        for m, mode in zip(unit.members, saved):
+            m.mode = mode
+    return math.exp(sum(logs) / len(logs))
+
+
+def apply(model: nn.Module, chosen: dict) -> dict:
+    """Set every unit's mode from a plan (``{"modes": {kind: mode}}``); kinds it does not name stay
+    factorized. Records the plan on the encoder (saved with the model). Returns the plan."""
+    modes = chosen.get("modes") if isinstance(chosen, dict) else None
+    if not isinstance(modes, dict):
+        raise SpecError(f"an execution plan is a dict with 'modes' {{kind: mode}}; got {chosen!r}")
+    found = units(model)
+    kinds = {u.kind for u in found}
+    for kind, mode in modes.items():
+        if kind not in kinds:
+            raise SpecError(f"execution plan names unit kind {kind!r}, which this model does not have; "
+                            f"valid: {sorted(kinds)}")
+        if mode not in UNIT_MODES:
+            raise SpecError(f"execution mode {mode!r} for {kind}; valid: {list(UNIT_MODES)}")
+    for u in found:
+        for m in u.members:
+            m.mode = modes.get(u.kind, "factorized")
+    get_encoder(model).execution = dict(chosen)
+    return dict(chosen)
+
+
+def current(model: nn.Module) -> dict | None:
+    """The plan last applied to ``model`` (``None``: all factorized, as built)."""
+    return getattr(get_encoder(model), "execution", None)

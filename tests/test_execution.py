@@ -1,0 +1,155 @@
+"""Execution plans: each unit of a compressed encoder factorized or as its dense weight (tdlight.model.execution)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tdlight.errors import ArtifactError, SpecError
+from tdlight.model import execution as ex
+from tdlight.model.io import load_compressed, record_plan, save_compressed
+from tdlight.model.surgery import compress, set_mode
+from tdlight.tensor.spec import CompressionSpec
+from tests.conftest import tiny_config
+
+
+def compressed(tiny_bert, rank=8, bank=6, variant="tucker"):
+    compress(tiny_bert, CompressionSpec(variant=variant, rank=rank, bank=bank if variant == "tucker" else None))
+    return tiny_bert
+
+
+@pytest.mark.parametrize("variant", ["tucker", "shared", "lowrank"])
+def test_dense_mode_computes_what_the_factorized_one_does_forward_and_backward(tiny_bert, token_ids, variant):
+    model = compressed(tiny_bert, variant=variant)
+    outs, grads = {}, {}
+    for mode in ("factorized", "dense"):
+        set_mode(model, mode)
+        model.zero_grad()
+        y = model(**token_ids).last_hidden_state
+        y.square().sum().backward()
+        outs[mode] = y.detach()
+        grads[mode] = torch.cat([p.grad.flatten() for p in model.encoder.factor_banks.parameters()])
+    torch.testing.assert_close(outs["dense"], outs["factorized"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads["dense"], grads["factorized"], atol=1e-4, rtol=1e-3)
+
+
+def test_the_cached_dense_weight_follows_the_factors(tiny_bert, token_ids):
+    model = compressed(tiny_bert)
+    bank = next(iter(model.encoder.factor_banks.values()))
+    set_mode(model, "dense")
+    with torch.no_grad():
+        before = model(**token_ids).last_hidden_state
+        bank.U.mul_(1.5)  # an optimizer step in place: the cache must see it
+        model.encoder.layer[0].attention.output.dense.bias.add_(1.0)
+        after = model(**token_ids).last_hidden_state
+        set_mode(model, "factorized")
+        reference = model(**token_ids).last_hidden_state
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_qkv_must_run_in_one_mode(tiny_bert, token_ids):
+    model = compressed(tiny_bert)
+    model.encoder.layer[0].attention.self.query.mode = "dense"
+    with pytest.raises(ValueError, match="one mode"), torch.no_grad():
+        model(**token_ids)
+
+
+def test_units_and_mac_plans_follow_the_accounting(tiny_bert):
+    model = compressed(tiny_bert, rank=4)  # D = 32, d = 4: factorized is far cheaper everywhere
+    kinds = [u.kind for u in ex.units(model)]
+    assert kinds == ["qkv", "attn_out", "ffn_in", "ffn_out"] * 2
+    cheap = ex.plan(model, "macs")
+    assert set(cheap["modes"].values()) == {"factorized"} and all(s > 1 for s in cheap["macs_speedup"].values())
+    from transformers import BertModel
+
+    wide = BertModel(tiny_config()).eval()
+    compress(wide, CompressionSpec(variant="tucker", rank=30, bank=6))  # d close to D = 32
+    costly = ex.plan(wide, "macs")
+    assert costly["modes"]["attn_out"] == "dense" and costly["macs_speedup"]["attn_out"] < 1  # D·a+a·b+b·D > D²
+    forced = ex.plan(wide, "dense")
+    ex.apply(wide, forced)
+    assert {m.mode for u in ex.units(wide) for m in u.members} == {"dense"}
+    assert ex.current(wide) == forced
+
+
+def test_a_timed_plan_chooses_a_mode_per_kind_and_leaves_the_model_as_it_was(tiny_bert):
+    model = compressed(tiny_bert)
+    chosen = ex.plan(model, "timed", batches=(1, 2), seq_len=8, reps=2)
+    assert set(chosen["modes"]) == {"qkv", "attn_out", "ffn_in", "ffn_out"}
+    assert set(chosen["modes"].values()) <= {"factorized", "dense"}
+    for kind, mode in chosen["modes"].items():  # the faster of the two, by the recorded timing
+        assert (mode == "factorized") == (chosen["timed_speedup"][kind] > 1)
+    assert {m.mode for u in ex.units(model) for m in u.members} == {"factorized"}
+    assert chosen["device"] == "cpu" and chosen["batches"] == [1, 2] and chosen["seq_len"] == 8
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: ex.plan(m, "fastest"), "execution policy 'fastest'; valid: ['timed', 'macs', 'factorized', 'dense']"),
+    (lambda m: ex.plan(m, "timed", batches=(0,)), "batches=[0]"),
+    (lambda m: ex.apply(m, {"modes": {"qkv": "sparse"}}), "execution mode 'sparse' for qkv; valid"),
+    (lambda m: ex.apply(m, {"modes": {"query": "dense"}}), "unit kind 'query', which this model does not have"),
+    (lambda m: ex.apply(m, ["dense"]), "a dict with 'modes'"),
+])
+def test_bad_plans_are_clear_errors(tiny_bert, call, message):
+    model = compressed(tiny_bert)
+    with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        call(model)
+    assert {m.mode for u in ex.units(model) for m in u.members} == {"factorized"}
+
+
+def test_a_recorded_plan_is_saved_and_applied_on_load(tmp_path, tiny_bert, token_ids):
+    model = compressed(tiny_bert, rank=30)
+    path = save_compressed(model, tmp_path / "m")
+    weights = (path / "model.safetensors").read_bytes()
+    meta0 = json.loads((path / "tdlight.json").read_text())
+    assert "execution" not in meta0  # a plan is recorded only where it was measured
+    chosen = record_plan(path, policy="timed", batches=(1,), seq_len=8, reps=2)
+    meta = json.loads((path / "tdlight.json").read_text())
+    assert meta["execution"] == chosen and (path / "model.safetensors").read_bytes() == weights
+    assert {k: v for k, v in meta.items() if k != "execution"} == meta0
+    loaded = load_compressed(path)  # auto: the saved plan, made for this device type
+    assert {u.kind: u.members[0].mode for u in ex.units(loaded)} == chosen["modes"]
+    plain = load_compressed(path, execution="factorized")
+    assert {m.mode for u in ex.units(plain) for m in u.members} == {"factorized"}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**token_ids).last_hidden_state, plain(**token_ids).last_hidden_state,
+                                   atol=1e-5, rtol=1e-4)
+    # saving the loaded model keeps the measured plan
+    again = save_compressed(loaded, tmp_path / "again")
+    assert json.loads((again / "tdlight.json").read_text())["execution"] == chosen
+    # a plan made for another device type is not applied: the MAC plan is
+    meta["execution"]["device"] = "cuda"
+    (path / "tdlight.json").write_text(json.dumps(meta))
+    assert ex.current(load_compressed(path))["policy"] == "macs"
+
+
+def test_bad_execution_inputs_on_load_and_record(tmp_path, tiny_bert):
+    path = save_compressed(compressed(tiny_bert), tmp_path / "m")
+    with pytest.raises(ArtifactError, match=r"execution='fast'; valid: \['auto', 'timed'"):
+        load_compressed(path, execution="fast")
+    with pytest.raises(ArtifactError, match="device='gpu0' is not a device"):
+        record_plan(path, device="gpu0")
+    meta = json.loads((path / "tdlight.json").read_text())
+    (path / "tdlight.json").write_text(json.dumps({**meta, "execution": {"modes": "dense"}}))
+    with pytest.raises(ArtifactError, match="'execution' must be an object with 'device' and 'modes'"):
+        load_compressed(path)
+
+
+def test_plan_cli_records_and_refuses_bad_input(tmp_path, tiny_bert):
+    path = save_compressed(compressed(tiny_bert), tmp_path / "m")
+    cmd = [sys.executable, "-m", "tdlight.cli", "plan"]
+    r = subprocess.run([*cmd, str(path), "policy=macs"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "execution plan" in r.stdout and json.loads((path / "tdlight.json").read_text())["execution"]["policy"] == "macs"
+    for args, message in ([[str(path), "speed=1"], "unknown argument 'speed=1'; valid: device=, policy="],
+                          [[str(path), "batches=a"], "batches, seq_len and reps take integers"],
+                          [[str(path), "policy=best"], "execution policy 'best'; valid"],
+                          [[str(tmp_path / "none")], "does not exist"],
+                          [[], "needs a compressed model directory"]):
+        r = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "tdlight: error: " in r.stderr and message in r.stderr, (args, r.stderr[-2000:])
