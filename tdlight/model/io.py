@@ -228,6 +228,13 @@ def export_onnx(model_dir: str | os.PathLike, path: str | os.PathLike, *, execut
     """
     if opset < 14:
         raise ArtifactError(f"opset={opset}; valid: 14 or later (the attention's ops need it)")
+    return onnx_export_model(load_compressed(model_dir, execution=execution), path, opset=opset, verify=verify,
+                             atol=atol)
+
+
+def onnx_export_model(model: nn.Module, path: str | os.PathLike, *, opset: int = 17, verify: bool = True,
+                      atol: float = 1e-4) -> dict:
+    """:func:`export_onnx` of a model in memory, compressed (units as their plan says) or dense."""
     ort = None
     if verify:
         try:
@@ -235,7 +242,7 @@ def export_onnx(model_dir: str | os.PathLike, path: str | os.PathLike, *, execut
         except ImportError as e:
             raise ArtifactError("export_onnx(verify=True) needs onnxruntime: pip install 'tdlight[onnx]' "
                                 "(or verify=False)") from e
-    model = load_compressed(model_dir, execution=execution)
+    model.eval()
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if getattr(model.config, "type_vocab_size", 0)
                                                else [])
     output = "logits" if hasattr(model, "classifier") else "last_hidden_state"
@@ -249,7 +256,7 @@ def export_onnx(model_dir: str | os.PathLike, path: str | os.PathLike, *, execut
     check[1][0, 5:] = 0
     wrapped = _FirstOutput(model).eval()
     result = {"path": str(path), "inputs": names, "output": output, "opset": opset,
-              "execution": (ex.current(model) or {}).get("modes")}
+              "execution": (ex.current(model) or {}).get("modes") if is_compressed(model) else None}
 
     def write(tmp: Path) -> None:
         import warnings

@@ -242,6 +242,8 @@ def _table(r: dict) -> Table:
     t.add_row("compression ratio", "1.00×", f"{r['ratio']:.2f}×")
     t.add_row("forward ms (dev batch)", f"{r['teacher_ms']:.1f}", f"{r['student_ms']:.1f}")
     t.add_row("measured speed-up", "", f"{r['speedup']:.2f}×")
+    if r.get("student_execution"):  # the execution plan the student was timed with (stage.execution)
+        t.add_row("student units", "", ", ".join(f"{k} {v}" for k, v in r["student_execution"].items()))
     if r.get("pretrain_tokens"):
         t.add_row("pretraining tokens", "", f"{r['pretrain_tokens']:,}")
     return t
