@@ -19,7 +19,9 @@ Timing is paired: each repetition times the dense and the compressed forward bac
 phases of a noisy machine hit both sides. The prediction is dense / compressed encoder MACs
 (``tdlight.tensor.accounting.predicted_speedup``: every linear and attention matmul, plus the
 per-forward core mixing C′ = P·𝒞) for the all-factorized model; element-wise work (softmax, GELU,
-LayerNorm, embeddings) is not in it. ``--profile`` prints where the eager time goes.
+LayerNorm, embeddings) is not in it. ``--profile`` prints where the eager time goes. Memory: the
+bytes each model holds for its weights (parameters, buffers, the dense units' cached weights),
+not the activations' peak.
 """
 
 from __future__ import annotations
@@ -97,6 +99,8 @@ def main() -> None:
         m.eval()
         planned = copy.deepcopy(m)
         plan = ex.apply(planned, ex.plan(planned, "timed", batches=tuple(args.batches), seq_len=args.seq_len))
+        with torch.no_grad():  # builds the dense units' cached weights (counted below)
+            planned(**random_inputs(1, 8, dense.config.vocab_size, device=device))
         models[(d, k)] = (m, planned, plan, resolve(spec, shape))
     sessions = {}
     if "onnxruntime" in runtimes:
@@ -107,9 +111,12 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"teacher {args.teacher} ({count_parameters(dense)['encoder']:,} encoder params), {where}, "
           f"seq {args.seq_len}, {args.reps} paired reps (median)\n")
-    for (d, k), (_, _, plan, _) in models.items():
+    dense_mb = sum(t.numel() * t.element_size() for t in [*dense.parameters(), *dense.buffers()]) / 2**20
+    for (d, k), (fact, planned, plan, _) in models.items():
         print(f"plan d={d} k={k}: " + ", ".join(f"{u} {m} ({plan['timed_speedup'][u]:.2f}x)"
-                                                 for u, m in plan["modes"].items()))
+                                                 for u, m in plan["modes"].items())
+              + f"; weights in memory: dense {dense_mb:.1f} MB, factorized {ex.weight_bytes(fact) / 2**20:.1f} MB, "
+                f"planned {ex.weight_bytes(planned) / 2**20:.1f} MB (dense units' cached weights included)")
     cols = " | ".join(f"{r + ' ms':>15} {'x':>6}" for r in runtimes)
     hdr = f"{'batch':>5} {'d:k':>7} {'ratio':>6} | {'dense ms':>9} | {cols} | {'predicted':>9} {'best/pred':>9}"
     print("\n" + hdr + "\n" + "-" * len(hdr))

@@ -88,6 +88,18 @@ def test_a_timed_plan_chooses_a_mode_per_kind_and_leaves_the_model_as_it_was(tin
     assert chosen["device"] == "cpu" and chosen["batches"] == [1, 2] and chosen["seq_len"] == 8
 
 
+def test_weight_bytes_count_the_dense_caches(tiny_bert, token_ids):
+    model = compressed(tiny_bert)
+    base = ex.weight_bytes(model)
+    assert base == sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    ex.apply(model, ex.plan(model, "dense"))
+    with torch.no_grad():
+        model(**token_ids)  # builds the caches
+    D, L = 32, 2  # per layer: Q/K/V stacked + bias, attention output, FFN in and out (4·D wide)
+    cached = L * 4 * (3 * D * D + 3 * D + D * D + 2 * 4 * D * D)
+    assert ex.weight_bytes(model) == base + cached
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda m: ex.plan(m, "fastest"), "execution policy 'fastest'; valid: ['timed', 'macs', 'factorized', 'dense']"),
     (lambda m: ex.plan(m, "timed", batches=(0,)), "batches=[0]"),

@@ -156,6 +156,24 @@ def apply(model: nn.Module, chosen: dict) -> dict:
     return dict(chosen)
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model holds for its weights: parameters, buffers and the dense units' cached
+    weights (what a plan adds to memory; built on a unit's first dense forward)."""
+    seen, total = set(), 0
+    tensors = [*model.parameters(), *model.buffers()]
+    for u in units(model):
+        for m in u.members:
+            caches = [m._dense] + ([m.shared_input._dense] if m.shared_input is not None else [])
+            for c in caches:
+                value = c.value if isinstance(c.value, tuple) else (c.value,)
+                tensors.extend(t for t in value if t is not None)
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
 def current(model: nn.Module) -> dict | None:
     """The plan last applied to ``model`` (``None``: all factorized, as built)."""
     return getattr(get_encoder(model), "execution", None)
