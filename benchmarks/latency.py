@@ -11,6 +11,9 @@ Columns per runtime, each speed-up being dense / compressed *in that runtime*:
 * ``planned`` — PyTorch eager with the execution plan timed on this machine
   (``tdlight.model.execution``, ``policy=timed``): each unit kind factorized or dense, whichever
   was faster; the plan is printed;
+* ``compiled`` — the planned model through ``torch.compile`` with the weights frozen
+  (``tdlight.model.execution.compile_for_inference``) against the dense teacher compiled the same
+  way; compilation (once per model and input shape) happens in the warm-up, outside the timing;
 * ``onnxruntime`` — the planned model exported by ``tdlight.export_onnx`` against the dense
   teacher exported the same way, in ONNX Runtime (CPU provider, as many threads as torch uses).
 
@@ -44,7 +47,7 @@ from tdlight.model.teacher import load_teacher  # noqa: E402
 from tdlight.tensor.accounting import predicted_speedup  # noqa: E402
 from tdlight.tensor.spec import CompressionSpec, resolve  # noqa: E402
 
-RUNTIMES = ("factorized", "planned", "onnxruntime")
+RUNTIMES = ("factorized", "planned", "compiled", "onnxruntime")
 
 
 def ints(text: str) -> list[int]:
@@ -129,7 +132,14 @@ def main() -> None:
             for (d, k), (fact, planned, _, rspec) in models.items():
                 cells, best, dense_ms = [], 0.0, None
                 for r in runtimes:
-                    if r == "onnxruntime":
+                    if r == "compiled":
+                        if ("compiled", "dense") not in sessions:
+                            sessions[("compiled", "dense")] = ex.compile_for_inference(copy.deepcopy(dense))
+                        if ("compiled", d, k) not in sessions:
+                            sessions[("compiled", d, k)] = ex.compile_for_inference(planned)
+                        t = paired_speedup(sessions[("compiled", "dense")], sessions[("compiled", d, k)], ids,
+                                           reps=args.reps, warmup=args.warmup)
+                    elif r == "onnxruntime":
                         t = paired_times(lambda: sessions["dense"].run(None, feeds),
                                          lambda s=sessions[(d, k)]: s.run(None, feeds), reps=args.reps,
                                          warmup=args.warmup)

@@ -165,3 +165,15 @@ def test_plan_cli_records_and_refuses_bad_input(tmp_path, tiny_bert):
                           [[], "needs a compressed model directory"]):
         r = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and "tdlight: error: " in r.stderr and message in r.stderr, (args, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("execution", ["factorized", "dense"])
+def test_compiled_for_inference_computes_what_eager_does(tmp_path, tiny_bert, token_ids, execution):
+    torch._dynamo.reset()
+    path = save_compressed(compressed(tiny_bert), tmp_path / "m")
+    eager = load_compressed(path, execution=execution)
+    compiled = load_compressed(path, execution=execution, compile=True)
+    with torch.no_grad():
+        for batch in (token_ids, {k: v[:2, :9] for k, v in token_ids.items()}):  # a second shape: recompiled
+            torch.testing.assert_close(compiled(**batch).last_hidden_state, eager(**batch).last_hidden_state,
+                                       atol=1e-5, rtol=1e-4)

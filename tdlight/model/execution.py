@@ -174,6 +174,15 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
+def compile_for_inference(model: nn.Module, *, dynamic: bool | None = None) -> nn.Module:
+    """``torch.compile`` for inference with the weights frozen into the graph (Inductor's
+    ``freezing``): a dense unit's weight is reconstructed from the factors once, at compile time,
+    and constant-folded. Under compilation the Q/K/V memo steps aside (``SharedInput``) and the
+    compiler merges the repeated shared product. Call it under ``torch.no_grad()`` /
+    ``torch.inference_mode()``; a factor changed after compiling is not seen (compile again)."""
+    return torch.compile(model.eval(), dynamic=dynamic, options={"freezing": True})
+
+
 def current(model: nn.Module) -> dict | None:
     """The plan last applied to ``model`` (``None``: all factorized, as built)."""
     return getattr(get_encoder(model), "execution", None)

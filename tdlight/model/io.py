@@ -104,12 +104,15 @@ def read_meta(path: str | os.PathLike) -> dict:
 EXECUTIONS = ("auto", "timed", "macs", "factorized", "dense")
 
 
-def load_compressed(path: str | os.PathLike, device: str | None = None, execution: str = "auto") -> nn.Module:
+def load_compressed(path: str | os.PathLike, device: str | None = None, execution: str = "auto",
+                    compile: bool = False) -> nn.Module:
     """Load a compressed model directory: a ready model in eval mode, in its original class.
 
     ``execution`` (:mod:`tdlight.model.execution`): ``auto`` applies the plan saved with the model
     when it was made for this device type, else the MAC accounting's; ``timed`` times both modes of
-    each unit kind here; ``macs``; ``factorized`` (as trained) or ``dense`` everywhere.
+    each unit kind here; ``macs``; ``factorized`` (as trained) or ``dense`` everywhere. ``compile``:
+    ``torch.compile`` it for inference (:func:`tdlight.model.execution.compile_for_inference`; the
+    first call of each new input shape compiles).
     """
     if execution not in EXECUTIONS:
         raise ArtifactError(f"execution={execution!r}; valid: {list(EXECUTIONS)}")
@@ -154,7 +157,7 @@ def load_compressed(path: str | os.PathLike, device: str | None = None, executio
             raise ArtifactError(f"{path}/{META}: its execution plan does not fit the model: {e}") from e
     else:
         ex.apply(model, ex.plan(model, "macs" if execution == "auto" else execution))
-    return model.eval()
+    return ex.compile_for_inference(model) if compile else model.eval()
 
 
 def record_plan(path: str | os.PathLike, *, device: str = "cpu", policy: str = "timed", batches=(1, 32),

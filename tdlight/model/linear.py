@@ -50,6 +50,8 @@ class _DenseCache:
         self.value = None
 
     def get(self, sources, build):
+        if torch.compiler.is_compiling():  # traced as ops on the factors: folded into a constant when the
+            return build()                # compiler freezes the weights (execution.compile_for_inference)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
             self.stamp = self.value = None  # differentiable: rebuilt on every call
             return build()
@@ -95,6 +97,11 @@ class SharedInput:
 
     def output(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         """Member ``slot``'s ``x @ W + b``, computing every member's on a miss."""
+        if torch.compiler.is_compiling():
+            # No memo under torch.compile: Dynamo cannot follow tensor identity and version counters
+            # (a graph break per call). Each member's call computes the shared product again in the
+            # traced graph, where the compiler's common-subexpression elimination merges the copies.
+            return self._compute(x)[..., slot, :]
         if self.hit(x):
             y = self._y
             self._left -= 1
