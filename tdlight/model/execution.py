@@ -152,6 +152,8 @@ def apply(model: nn.Module, chosen: dict) -> dict:
     for u in found:
         for m in u.members:
             m.mode = modes.get(u.kind, "factorized")
+            if m.mode != "dense":
+                m.drop_dense_weight()  # e.g. built while timing the plan: memory the model no longer needs
     get_encoder(model).execution = dict(chosen)
     return dict(chosen)
 
@@ -179,7 +181,15 @@ def compile_for_inference(model: nn.Module, *, dynamic: bool | None = None) -> n
     ``freezing``): a dense unit's weight is reconstructed from the factors once, at compile time,
     and constant-folded. Under compilation the Q/K/V memo steps aside (``SharedInput``) and the
     compiler merges the repeated shared product. Call it under ``torch.no_grad()`` /
-    ``torch.inference_mode()``; a factor changed after compiling is not seen (compile again)."""
+    ``torch.inference_mode()``; a factor changed after compiling is not seen (compile again).
+
+    The dense units' weights are built here, before compiling, and the graph reads them as they
+    are (Dynamo cannot follow the cache's stamp, and the bank reached through an attribute that is
+    not a submodule is not frozen: traced, the reconstruction would run on every call)."""
+    with torch.no_grad():
+        for u in units(model):
+            if u.members[0].mode == "dense":
+                (u.members[0].shared_input or u.members[0]).dense_weight()
     return torch.compile(model.eval(), dynamic=dynamic, options={"freezing": True})
 
 

@@ -50,8 +50,8 @@ class _DenseCache:
         self.value = None
 
     def get(self, sources, build):
-        if torch.compiler.is_compiling():  # traced as ops on the factors: folded into a constant when the
-            return build()                # compiler freezes the weights (execution.compile_for_inference)
+        if torch.compiler.is_compiling():  # Dynamo cannot follow the stamp: the weight built before compiling
+            return self.value if self.value is not None else build()  # (execution.compile_for_inference)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
             self.stamp = self.value = None  # differentiable: rebuilt on every call
             return build()
@@ -128,12 +128,17 @@ class SharedInput:
             b = self._bias()
             return y if b is None else y + b.view(n, D)
 
-        def build():  # the members' weights stacked (members·D × D) and their biases: one GEMM, bias fused
-            return torch.cat([m.weight for m in self.members]), self._bias()
-
-        sources = [*bank.parameters(), *[m.bias for m in self.members]]
-        W, b = self._dense.get(sources, build) if mode == "dense" else build()
+        W, b = self.dense_weight() if mode == "dense" else self._stacked()
         return F.linear(x, W, b).unflatten(-1, (n, D))
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The members' weights stacked (members·D × D) and their biases: one GEMM, bias fused."""
+        return torch.cat([m.weight for m in self.members]), self._bias()
+
+    def dense_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`_stacked`, cached while the factors and biases are unchanged."""
+        sources = [*self.members[0].bank.parameters(), *[m.bias for m in self.members]]
+        return self._dense.get(sources, self._stacked)
 
 
 class FactorizedLinear(nn.Module):
@@ -167,10 +172,20 @@ class FactorizedLinear(nn.Module):
         if self.mode == "reconstructed":
             return F.linear(x, self.weight, self.bias)
         if self.mode == "dense":
-            return F.linear(x, self._dense.get([*self.bank.parameters(), self.bias], lambda: self.weight), self.bias)
+            return F.linear(x, self.dense_weight(), self.bias)
         bank = self.bank
         y = bank.strategy.matmul(x, bank.factors(), self.blocks).flatten(-2)  # (…, n_out·D)
         return y + self.bias if self.bias is not None else y
+
+    def dense_weight(self) -> torch.Tensor:
+        """:attr:`weight`, cached while the factors and the bias are unchanged (see ``_DenseCache``)."""
+        return self._dense.get([*self.bank.parameters(), self.bias], lambda: self.weight)
+
+    def drop_dense_weight(self) -> None:
+        """Free the cached dense weight (this module's and its shared input's)."""
+        self._dense.stamp = self._dense.value = None
+        if self.shared_input is not None:
+            self.shared_input._dense.stamp = self.shared_input._dense.value = None
 
     @property
     def weight(self) -> torch.Tensor:
