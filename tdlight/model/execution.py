@@ -187,7 +187,7 @@ def compile_for_inference(model: nn.Module, *, dynamic: bool | None = None) -> n
     are (Dynamo cannot follow the cache's stamp, and the bank reached through an attribute that is
     not a submodule is not frozen: traced, the reconstruction would run on every call)."""
     with torch.no_grad():
-        for u in units(model):
+        for u in units(model) if is_compressed(model) else []:  # (a dense model compiles as it is)
             if u.members[0].mode == "dense":
                 (u.members[0].shared_input or u.members[0]).dense_weight()
     return torch.compile(model.eval(), dynamic=dynamic, options={"freezing": True})
