@@ -98,6 +98,9 @@ def report(sweep_dir: str | Path, console: Console | None = None) -> dict:
         lines += [f"Majority-class baseline (always the most frequent dev label): {majority:.4f}. 'top share' is the "
                   f"largest share of dev predictions in one class (the maximum over tasks); above "
                   f"{CONSTANT_SHARE:.2f} the student is a constant predictor, flagged ⚠ and left off the Pareto front.", ""]
+    if done and not front:
+        lines += ["No Pareto front: every finished student is a constant predictor (⚠), a failure whatever its "
+                  "score or ratio.", ""]
     repeats = [t for t in trials if DUPLICATE in t.user_attrs]
     if repeats:  # not rows: they were never run (sweep.allow_duplicates=false)
         lines += [f"{len(repeats)} sampled point(s) repeated a finished trial and were not run again "
