@@ -177,3 +177,10 @@ def test_compiled_for_inference_computes_what_eager_does(tmp_path, tiny_bert, to
         for batch in (token_ids, {k: v[:2, :9] for k, v in token_ids.items()}):  # a second shape: recompiled
             torch.testing.assert_close(compiled(**batch).last_hidden_state, eager(**batch).last_hidden_state,
                                        atol=1e-5, rtol=1e-4)
+
+
+def test_the_config_offers_what_the_loader_takes():
+    from tdlight.config import Execution
+    from tdlight.model.io import EXECUTIONS
+
+    assert [e.value for e in Execution] == list(EXECUTIONS)  # stage.execution is passed to load_compressed

@@ -90,9 +90,9 @@ def read_meta(path: str | os.PathLike) -> dict:
         # every value the loader will build the model from, checked here (a bad rank would otherwise
         # surface as a RuntimeError deep in the surgery)
         ResolvedSpec.from_dict(meta["spec"], EncoderShape(**meta["shape"]))
-        ex = meta.get("execution")
-        if ex is not None and not (isinstance(ex, dict) and isinstance(ex.get("modes"), dict)
-                                   and isinstance(ex.get("device"), str)):
+        plan = meta.get("execution")  # (not `ex`: that name is the execution module here)
+        if plan is not None and not (isinstance(plan, dict) and isinstance(plan.get("modes"), dict)
+                                     and isinstance(plan.get("device"), str)):
             raise ArtifactError(f"{f} is corrupt: 'execution' must be an object with 'device' and 'modes'")
     except ArtifactError:
         raise
@@ -101,7 +101,7 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-EXECUTIONS = ("auto", "timed", "macs", "factorized", "dense")
+EXECUTIONS = ("auto", *ex.POLICIES)  # auto: the recorded plan for this device type, else the MAC plan
 
 
 def load_compressed(path: str | os.PathLike, device: str | None = None, execution: str = "auto",
