@@ -183,10 +183,10 @@ def _app(cfg: DictConfig) -> None:
         _discard_fresh_run_dir(fresh)
 
 
-PLAN_USAGE = ("usage: tdlight plan <compressed model dir> [device=cpu] [policy=timed|macs|factorized|dense] "
+PLAN_USAGE = ("usage: tdlight plan <compressed model dir> [device=cpu] [policy=timed|macs|factorized|folded|dense] "
               "[batches=1,32] [seq_len=128] [reps=10]\n"
-              "  choose, per unit kind (Q/K/V, attention output, FFN in, FFN out), whether the model runs factorized "
-              "or as its\n  dense weight on that device, and record it in the model's tdlight.json "
+              "  choose, per unit kind (Q/K/V, attention output, FFN in, FFN out), whether the model runs factorized, "
+              "folded\n  (cores multiplied into V or U) or as its dense weight on that device, and record it in the model's tdlight.json "
               "(tdlight.load_compressed applies it)")
 
 
@@ -263,11 +263,14 @@ def plan_main(args: list[str]) -> int:
     from rich.table import Table
 
     t = Table(title=f"execution plan ({chosen['policy']}, {chosen['device']}) recorded in {args[0]}/tdlight.json")
-    for c in ("unit", "mode", "MAC speed-up", "timed speed-up"):
+    for c in ("unit", "mode", "MAC speed-up over dense", "timed speed-up over dense"):
         t.add_column(c)
+
+    def each(speedups: dict | None) -> str:
+        return "–" if not speedups else ", ".join(f"{m} {x:.2f}×" for m, x in speedups.items() if m != "dense")
+
     for kind, mode in chosen["modes"].items():
-        timed = chosen.get("timed_speedup", {}).get(kind)
-        t.add_row(kind, mode, f"{chosen['macs_speedup'][kind]:.2f}×", "–" if timed is None else f"{timed:.2f}×")
+        t.add_row(kind, mode, each(chosen["macs_speedup"][kind]), each(chosen.get("timed_speedup", {}).get(kind)))
     Console().print(t)
     return 0
 

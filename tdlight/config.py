@@ -77,9 +77,10 @@ class AugmentMethod(str, Enum):
 
 class Execution(str, Enum):  # tdlight.model.io.EXECUTIONS: how the student's units run (tdlight.model.execution)
     auto = "auto"  # the plan saved with the model for this device type, else the MAC accounting's
-    timed = "timed"  # time both modes of each unit kind on this machine
-    macs = "macs"
-    factorized = "factorized"
+    timed = "timed"  # time every mode of each unit kind on this machine, keep the fastest
+    macs = "macs"  # the fewest multiply-adds per unit kind
+    factorized = "factorized"  # as trained; only the shared factors in memory
+    folded = "folded"  # cores multiplied into V (or U) at load time: two GEMMs per unit
     dense = "dense"
 
 

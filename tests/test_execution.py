@@ -1,4 +1,4 @@
-"""Execution plans: each unit of a compressed encoder factorized or as its dense weight (tdlight.model.execution)."""
+"""Execution plans: each unit of a compressed encoder factorized, folded or as its dense weight (tdlight.model.execution)."""
 
 from __future__ import annotations
 
@@ -23,24 +23,55 @@ def compressed(tiny_bert, rank=8, bank=6, variant="tucker"):
 
 
 @pytest.mark.parametrize("variant", ["tucker", "shared", "lowrank"])
-def test_dense_mode_computes_what_the_factorized_one_does_forward_and_backward(tiny_bert, token_ids, variant):
+def test_every_mode_computes_what_the_factorized_one_does_forward_and_backward(tiny_bert, token_ids, variant):
     model = compressed(tiny_bert, variant=variant)
+    modes = ("factorized", "folded", "dense") if variant != "lowrank" else ("factorized", "dense")
     outs, grads = {}, {}
-    for mode in ("factorized", "dense"):
+    for mode in modes:
         set_mode(model, mode)
         model.zero_grad()
         y = model(**token_ids).last_hidden_state
         y.square().sum().backward()
         outs[mode] = y.detach()
         grads[mode] = torch.cat([p.grad.flatten() for p in model.encoder.factor_banks.parameters()])
-    torch.testing.assert_close(outs["dense"], outs["factorized"], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(grads["dense"], grads["factorized"], atol=1e-4, rtol=1e-3)
+    for mode in modes[1:]:
+        torch.testing.assert_close(outs[mode], outs["factorized"], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grads[mode], grads["factorized"], atol=1e-4, rtol=1e-3)
 
 
-def test_the_cached_dense_weight_follows_the_factors(tiny_bert, token_ids):
+def test_folding_picks_the_cheaper_side_and_matches_the_accounting():
+    from tdlight.tensor.accounting import fold_macs, unit_macs
+    from tdlight.tensor.factors import Factors
+    from tdlight.tensor.variants import variant_of
+
+    torch.manual_seed(0)
+    D, a, b, k, n = 12, 5, 4, 3, 10
+    f = Factors("tucker", torch.randn(D, a), torch.randn(D, b), torch.randn(k, a, b), torch.randn(n, k))
+    tucker = variant_of("tucker")
+    for grid, side in [((1, 3), "right"), ((1, 4), "right"), ((4, 1), "left"), ((1, 1), "left"), ((2, 3), "left")]:
+        blocks = torch.randint(0, n, grid)
+        fold = tucker.fold(f, blocks)
+        assert fold.side == side == fold_macs(*grid, D, a, b)[0]
+        x, bias = torch.randn(2, 5, grid[0] * D), torch.randn(grid[1] * D)
+        torch.testing.assert_close(tucker.folded_matmul(x, fold, bias),
+                                   tucker.matmul(x, f, blocks).flatten(-2) + bias, atol=1e-5, rtol=1e-5)
+        # two GEMMs: the folded matrices' MACs per token are what the accounting counts
+        gemm_macs = (grid[0] if side == "right" else 1) * fold.first.numel() + \
+            (1 if side == "right" else grid[1]) * fold.second.numel()
+        assert gemm_macs == fold_macs(*grid, D, a, b)[1]
+    # Q/K/V at d = 5D/8: folded is cheaper than dense, factorized is not
+    macs = unit_macs("qkv", 384, 4, 240, 240, shared_u=True)
+    assert macs["folded"] < macs["dense"] < macs["factorized"]
+    assert "folded" not in unit_macs("qkv", 384, 4, 240, 240, shared_u=False)
+    with pytest.raises(SpecError, match="variant 'lowrank' has no folded form"):
+        variant_of("lowrank").fold(f, torch.zeros(1, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mode", ["dense", "folded"])
+def test_the_cached_weight_follows_the_factors(tiny_bert, token_ids, mode):
     model = compressed(tiny_bert)
     bank = next(iter(model.encoder.factor_banks.values()))
-    set_mode(model, "dense")
+    set_mode(model, mode)
     with torch.no_grad():
         before = model(**token_ids).last_hidden_state
         bank.U.mul_(1.5)  # an optimizer step in place: the cache must see it
@@ -60,17 +91,19 @@ def test_shared_qkv_must_run_in_one_mode(tiny_bert, token_ids):
 
 
 def test_units_and_mac_plans_follow_the_accounting(tiny_bert):
-    model = compressed(tiny_bert, rank=4)  # D = 32, d = 4: factorized is far cheaper everywhere
+    model = compressed(tiny_bert, rank=4)  # D = 32, d = 4: factorized is far cheaper everywhere, folded more so
     kinds = [u.kind for u in ex.units(model)]
     assert kinds == ["qkv", "attn_out", "ffn_in", "ffn_out"] * 2
     cheap = ex.plan(model, "macs")
-    assert set(cheap["modes"].values()) == {"factorized"} and all(s > 1 for s in cheap["macs_speedup"].values())
+    assert set(cheap["modes"].values()) == {"folded"}
+    assert all(1 < s["factorized"] < s["folded"] for s in cheap["macs_speedup"].values())
     from transformers import BertModel
 
     wide = BertModel(tiny_config()).eval()
     compress(wide, CompressionSpec(variant="tucker", rank=30, bank=6))  # d close to D = 32
     costly = ex.plan(wide, "macs")
-    assert costly["modes"]["attn_out"] == "dense" and costly["macs_speedup"]["attn_out"] < 1  # D·a+a·b+b·D > D²
+    assert costly["modes"]["attn_out"] == "dense" and costly["macs_speedup"]["attn_out"]["folded"] < 1  # 2·D·a > D²
+    assert costly["modes"]["qkv"] == "dense"  # D·a + 3·a·D > 3·D² at a = 30, D = 32
     forced = ex.plan(wide, "dense")
     ex.apply(wide, forced)
     assert {m.mode for u in ex.units(wide) for m in u.members} == {"dense"}
@@ -81,14 +114,15 @@ def test_a_timed_plan_chooses_a_mode_per_kind_and_leaves_the_model_as_it_was(tin
     model = compressed(tiny_bert)
     chosen = ex.plan(model, "timed", batches=(1, 2), seq_len=8, reps=2)
     assert set(chosen["modes"]) == {"qkv", "attn_out", "ffn_in", "ffn_out"}
-    assert set(chosen["modes"].values()) <= {"factorized", "dense"}
-    for kind, mode in chosen["modes"].items():  # the faster of the two, by the recorded timing
-        assert (mode == "factorized") == (chosen["timed_speedup"][kind] > 1)
+    for kind, mode in chosen["modes"].items():  # the fastest, by the recorded timing
+        speedups = chosen["timed_speedup"][kind]
+        assert set(speedups) == set(ex.UNIT_MODES) and speedups["dense"] == 1.0
+        assert speedups[mode] == max(speedups.values())
     assert {m.mode for u in ex.units(model) for m in u.members} == {"factorized"}
     assert chosen["device"] == "cpu" and chosen["batches"] == [1, 2] and chosen["seq_len"] == 8
 
 
-def test_weight_bytes_count_the_dense_caches(tiny_bert, token_ids):
+def test_weight_bytes_count_the_caches(tiny_bert, token_ids):
     model = compressed(tiny_bert)
     base = ex.weight_bytes(model)
     assert base == sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
@@ -98,10 +132,18 @@ def test_weight_bytes_count_the_dense_caches(tiny_bert, token_ids):
     D, L = 32, 2  # per layer: Q/K/V stacked + bias, attention output, FFN in and out (4·D wide)
     cached = L * 4 * (3 * D * D + 3 * D + D * D + 2 * 4 * D * D)
     assert ex.weight_bytes(model) == base + cached
+    ex.apply(model, ex.plan(model, "folded"))  # drops the dense weights
+    assert ex.weight_bytes(model) == base
+    with torch.no_grad():
+        model(**token_ids)
+    a = 8  # per layer: Q/K/V's C′Vᵀ (3D × a) + their biases, attention output's and FFN input's C′Vᵀ,
+    cached = L * 4 * (3 * D * a + 3 * D + D * a + 4 * D * a + a * 4 * D)  # FFN output's U C′ (a × 4D)
+    assert ex.weight_bytes(model) == base + cached  # U, V reused as they are: not counted twice
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda m: ex.plan(m, "fastest"), "execution policy 'fastest'; valid: ['timed', 'macs', 'factorized', 'dense']"),
+    (lambda m: ex.plan(m, "fastest"),
+     "execution policy 'fastest'; valid: ['timed', 'macs', 'factorized', 'folded', 'dense']"),
     (lambda m: ex.plan(m, "timed", batches=(0,)), "batches=[0]"),
     (lambda m: ex.apply(m, {"modes": {"qkv": "sparse"}}), "execution mode 'sparse' for qkv; valid"),
     (lambda m: ex.apply(m, {"modes": {"query": "dense"}}), "unit kind 'query', which this model does not have"),
@@ -112,6 +154,16 @@ def test_bad_plans_are_clear_errors(tiny_bert, call, message):
     with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("]", r"\]")):
         call(model)
     assert {m.mode for u in ex.units(model) for m in u.members} == {"factorized"}
+
+
+def test_a_variant_without_shared_factors_is_never_planned_folded(tiny_bert):
+    model = compressed(tiny_bert, rank=4, variant="lowrank")
+    assert set(ex.plan(model, "macs")["modes"].values()) == {"factorized"}
+    assert all("folded" not in s for s in ex.plan(model, "timed", batches=(1,), seq_len=4, reps=1)["timed_speedup"].values())
+    with pytest.raises(SpecError, match="cannot run folded .variant 'lowrank'.; valid: .'factorized', 'dense'.,"):
+        ex.plan(model, "folded")
+    with pytest.raises(SpecError, match="variant 'lowrank' has no folded form; valid: factorized, dense"):
+        ex.apply(model, {"modes": {"ffn_in": "folded"}})
 
 
 def test_a_recorded_plan_is_saved_and_applied_on_load(tmp_path, tiny_bert, token_ids):
@@ -167,7 +219,7 @@ def test_plan_cli_records_and_refuses_bad_input(tmp_path, tiny_bert):
         assert r.returncode == 2 and "tdlight: error: " in r.stderr and message in r.stderr, (args, r.stderr[-2000:])
 
 
-@pytest.mark.parametrize("execution", ["factorized", "dense"])
+@pytest.mark.parametrize("execution", ["factorized", "folded", "dense"])
 def test_compiled_for_inference_computes_what_eager_does(tmp_path, tiny_bert, token_ids, execution):
     torch._dynamo.reset()
     path = save_compressed(compressed(tiny_bert), tmp_path / "m")

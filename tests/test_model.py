@@ -219,8 +219,9 @@ def test_load_compressed_real_minilm_with_tokenizer(minilm, tmp_path):
     loaded = tdlight.load_compressed(tmp_path / "m")
     tok = tdlight.load_tokenizer(tmp_path / "m")
     enc = tok(["three lines for inference"], return_tensors="pt")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**enc).last_hidden_state, model(**enc).last_hidden_state)
+    with torch.no_grad():  # loaded runs its MAC plan (folded): the same weights, sums in another order
+        torch.testing.assert_close(loaded(**enc).last_hidden_state, model(**enc).last_hidden_state,
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_save_replaces_atomically_and_keeps_old_on_failure(tiny_bert, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ def run_onnx(path, feeds: dict[str, torch.Tensor]) -> np.ndarray:
     return session.run(None, {n: feeds[n].numpy() for n in names})[0]
 
 
-@pytest.mark.parametrize("execution", ["factorized", "dense"])
+@pytest.mark.parametrize("execution", ["factorized", "folded", "dense"])
 def test_tiny_classifier_exports_with_dynamic_axes(tmp_path, tiny_classifier, execution):
     compress(tiny_classifier, CompressionSpec(variant="tucker", rank=8, bank=6))
     model_dir = save_compressed(tiny_classifier, tmp_path / "m")

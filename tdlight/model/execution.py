@@ -1,26 +1,30 @@
-"""Execution plans: run each part of a compressed encoder factorized or as its dense weight.
+"""Execution plans: run each part of a compressed encoder factorized, folded or as its dense weight.
 
 A D×D block at ranks (a, b) costs ``D·a + a·b + b·D`` multiply-adds per token factorized
 instead of ``D²`` dense: much cheaper when d ≪ D, about even near d = D/2, where the three
 smaller GEMMs' overheads make the factorized forward the slower one (the ``paper_1_7``
-student ran at 0.89× of its teacher, docs/RESULTS.md §3). The weights are the same either
-way; only the arithmetic differs. A *plan* picks, for each kind of unit of the encoder —
-``qkv`` (Q, K and V computed together from one ``x @ U``), ``attn_out``, ``ffn_in``,
-``ffn_out`` (and ``query``/``key``/``value`` when they do not share an input) — the mode
-that is faster:
+student ran at 0.89× of its teacher, docs/RESULTS.md §3). *Folded*, the mixed cores are
+multiplied into Vᵀ (or U) once, at load time: two GEMMs per token and no core product —
+Q, K and V cost ``D·a + 3·a·D`` instead of ``3·D²``, cheaper than dense up to d ≈ 3D/4 — at
+the memory of one rank × D matrix per block and layer (:meth:`~tdlight.tensor.variants.Variant.fold`;
+variants sharing U and V only). The weights are the same in every mode; only the arithmetic
+differs. A *plan* picks, for each kind of unit of the encoder — ``qkv`` (Q, K and V computed
+together from one ``x @ U``), ``attn_out``, ``ffn_in``, ``ffn_out`` (and ``query``/``key``/
+``value`` when they do not share an input) — the mode that is fastest:
 
-* ``policy="timed"``: both modes of the first unit of each kind, timed in pairs on random
-  inputs of the given shapes on the target device; the factorized mode is kept only where
-  it is faster (geometric mean of the speed-ups over the batch sizes). One unit per kind
-  stands for all: every layer's unit of a kind has the same shapes.
-* ``policy="macs"``: the MAC accounting (:func:`tdlight.tensor.accounting.unit_macs`), no timing.
-* ``policy="factorized"`` / ``"dense"``: one mode everywhere.
+* ``policy="timed"``: every mode of the first unit of each kind, each timed in pairs against
+  dense on random inputs of the given shapes on the target device; the fastest is kept
+  (geometric mean of the speed-ups over the batch sizes). One unit per kind stands for all:
+  every layer's unit of a kind has the same shapes.
+* ``policy="macs"``: the fewest multiply-adds (:func:`tdlight.tensor.accounting.unit_macs`), no timing.
+* ``policy="factorized"`` / ``"folded"`` / ``"dense"``: one mode everywhere. ``factorized`` is the
+  memory-lean one (only the shared factors in memory: the compression ratio holds at run time too).
 
 A plan is a JSON-able dict; :func:`apply` sets the modes, and :func:`tdlight.model.io.save_compressed`
 records the model's plan in ``tdlight.json`` so that loading on the same device type applies it
 again (``tdlight.load_compressed(path, execution="auto")``). Dense units cache their weight
 (rebuilt when a factor changes; with gradients on, rebuilt on every call), so a plan changes
-speed, never results beyond float rounding.
+speed and memory, never results beyond float rounding.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ from tdlight.model.speed import paired_times
 from tdlight.model.surgery import encoder_shape, get_encoder, is_compressed
 from tdlight.tensor.accounting import unit_macs
 
-POLICIES = ("timed", "macs", "factorized", "dense")
-UNIT_MODES = ("factorized", "dense")
+UNIT_MODES = ("factorized", "folded", "dense")
+POLICIES = ("timed", "macs", *UNIT_MODES)
 
 
 @dataclass
@@ -72,8 +76,8 @@ def units(model: nn.Module) -> list[Unit]:
     return out
 
 
-def macs_of(model: nn.Module, kind: str) -> tuple[int, int]:
-    """``(factorized, dense)`` MACs per token of one unit of ``kind`` in ``model``."""
+def macs_of(model: nn.Module, kind: str) -> dict[str, int]:
+    """MACs per token of one unit of ``kind`` in ``model``, for each mode it can run in."""
     spec = get_encoder(model).compression
     shape = encoder_shape(model)
     return unit_macs(kind, shape.hidden, shape.ffn_blocks, spec.rank_in, spec.rank_out, spec.strategy.shared_factors)
@@ -95,22 +99,27 @@ def plan(model: nn.Module, policy: str = "timed", *, device: torch.device | str 
     if policy == "timed":
         result.update(batches=[int(b) for b in batches], seq_len=int(seq_len), timed_speedup={})
     for kind, unit in first.items():
-        fact, dense = macs_of(model, kind)
-        result["macs_speedup"][kind] = round(dense / fact, 4)
+        counts = macs_of(model, kind)
+        result["macs_speedup"][kind] = {mode: round(counts["dense"] / c, 4) for mode, c in counts.items()}
         if policy in UNIT_MODES:
+            if policy not in counts:
+                raise SpecError(f"execution policy {policy!r}: the {kind} units of this model cannot run "
+                                f"{policy} (variant {get_encoder(model).compression.variant!r}); "
+                                f"valid: {list(counts)}, timed, macs")
             result["modes"][kind] = policy
         elif policy == "macs":
-            result["modes"][kind] = "factorized" if fact < dense else "dense"
+            result["modes"][kind] = min(counts, key=lambda mode: (counts[mode], mode != "dense"))
         else:
-            speedup = _time_unit(unit, device, batches, seq_len, reps)
-            result["timed_speedup"][kind] = round(speedup, 4)
-            result["modes"][kind] = "factorized" if speedup > 1.0 else "dense"
+            speedups = {"dense": 1.0} | {mode: round(_time_unit(unit, mode, device, batches, seq_len, reps), 4)
+                                         for mode in counts if mode != "dense"}
+            result["timed_speedup"][kind] = speedups
+            result["modes"][kind] = max(speedups, key=speedups.get)
     return result
 
 
 @torch.no_grad()
-def _time_unit(unit: Unit, device: torch.device, batches, seq_len: int, reps: int) -> float:
-    """Dense time / factorized time of ``unit`` (> 1: factorized is faster), geometric mean over ``batches``."""
+def _time_unit(unit: Unit, mode: str, device: torch.device, batches, seq_len: int, reps: int) -> float:
+    """Dense time / ``mode``'s time of ``unit`` (> 1: ``mode`` is faster), geometric mean over ``batches``."""
     saved = [m.mode for m in unit.members]
     param = unit.members[0].bank.U
     if param.device != device:
@@ -127,7 +136,7 @@ def _time_unit(unit: Unit, device: torch.device, batches, seq_len: int, reps: in
     try:
         for b in batches:
             x = torch.randn(int(b), seq_len, unit.members[0].in_features, device=device, dtype=param.dtype)
-            t = paired_times(run("dense", x), run("factorized", x), device=device, reps=reps, warmup=2)
+            t = paired_times(run("dense", x), run(mode, x), device=device, reps=reps, warmup=2)
             logs.append(math.log(t["speedup"]))
     finally:
         for m, mode in zip(unit.members, saved):
@@ -152,23 +161,22 @@ def apply(model: nn.Module, chosen: dict) -> dict:
     for u in found:
         for m in u.members:
             m.mode = modes.get(u.kind, "factorized")
-            if m.mode != "dense":
-                m.drop_dense_weight()  # e.g. built while timing the plan: memory the model no longer needs
+            if m.mode == "folded" and not m.bank.strategy.shared_factors:
+                raise SpecError(f"execution mode 'folded' for {u.kind}: variant {m.bank.variant!r} has no folded "
+                                f"form; valid: factorized, dense")
+            m.drop_cache()  # e.g. built while timing the plan, or for the previous mode: memory no longer needed
     get_encoder(model).execution = dict(chosen)
     return dict(chosen)
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes the model holds for its weights: parameters, buffers and the dense units' cached
-    weights (what a plan adds to memory; built on a unit's first dense forward)."""
+    """Bytes the model holds for its weights: parameters, buffers and the folded or dense units'
+    cached weights (what a plan adds to memory; built on a unit's first forward in that mode)."""
     seen, total = set(), 0
     tensors = [*model.parameters(), *model.buffers()]
     for u in units(model):
         for m in u.members:
-            caches = [m._dense] + ([m.shared_input._dense] if m.shared_input is not None else [])
-            for c in caches:
-                value = c.value if isinstance(c.value, tuple) else (c.value,)
-                tensors.extend(t for t in value if t is not None)
+            tensors.extend(m.cache_tensors())
     for t in tensors:
         if id(t) not in seen:
             seen.add(id(t))
@@ -178,18 +186,16 @@ def weight_bytes(model: nn.Module) -> int:
 
 def compile_for_inference(model: nn.Module, *, dynamic: bool | None = None) -> nn.Module:
     """``torch.compile`` for inference with the weights frozen into the graph (Inductor's
-    ``freezing``): a dense unit's weight is reconstructed from the factors once, at compile time,
+    ``freezing``): a dense or folded unit's weight is built from the factors once, at compile time,
     and constant-folded. Under compilation the Q/K/V memo steps aside (``SharedInput``) and the
     compiler merges the repeated shared product. Call it under ``torch.no_grad()`` /
     ``torch.inference_mode()``; a factor changed after compiling is not seen (compile again).
 
-    The dense units' weights are built here, before compiling, and the graph reads them as they
+    The dense and folded units' weights are built here, before compiling, and the graph reads them as they
     are (Dynamo cannot follow the cache's stamp, and the bank reached through an attribute that is
     not a submodule is not frozen: traced, the reconstruction would run on every call)."""
-    with torch.no_grad():
-        for u in units(model) if is_compressed(model) else []:  # (a dense model compiles as it is)
-            if u.members[0].mode == "dense":
-                (u.members[0].shared_input or u.members[0]).dense_weight()
+    for u in units(model) if is_compressed(model) else []:  # (a dense model compiles as it is)
+        u.members[0].build_cache()
     return torch.compile(model.eval(), dynamic=dynamic, options={"freezing": True})
 
 

@@ -109,8 +109,9 @@ def load_compressed(path: str | os.PathLike, device: str | None = None, executio
     """Load a compressed model directory: a ready model in eval mode, in its original class.
 
     ``execution`` (:mod:`tdlight.model.execution`): ``auto`` applies the plan saved with the model
-    when it was made for this device type, else the MAC accounting's; ``timed`` times both modes of
-    each unit kind here; ``macs``; ``factorized`` (as trained) or ``dense`` everywhere. ``compile``:
+    when it was made for this device type, else the MAC accounting's; ``timed`` times every mode of
+    each unit kind here; ``macs``; ``factorized`` (as trained: the memory-lean mode), ``folded`` or
+    ``dense`` everywhere. ``compile``:
     ``torch.compile`` it for inference (:func:`tdlight.model.execution.compile_for_inference`; the
     first call of each new input shape compiles).
     """
@@ -222,7 +223,8 @@ def export_onnx(model_dir: str | os.PathLike, path: str | os.PathLike, *, execut
     Inputs ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model has token
     types), int64, with dynamic batch and sequence axes; output ``logits`` (a classifier) or
     ``last_hidden_state``. Each unit runs as the execution plan says (:func:`load_compressed`'s
-    ``execution``): dense units are stored as their dense weights, factorized ones as the factors.
+    ``execution``): dense units are stored as their dense weights, folded ones as their two folded
+    matrices, factorized ones as the factors.
     TorchScript-based exporter (``dynamo=False``): the shared Q/K/V input is a Python-side memo
     that tracing records as one computation, where ``torch.export`` would need it rewritten.
     With ``verify`` (needs ``onnxruntime``: ``pip install tdlight[onnx]``) ONNX Runtime's output on

@@ -18,12 +18,19 @@ construction.
 ``mode`` picks how a module computes, without changing what (all agree to float precision):
 
 * ``"factorized"`` — the three products above (the default).
-* ``"dense"`` — the reconstructed dense weight, built once and cached until a factor or
-  the bias changes, then one ``F.linear`` (``addmm``, bias fused); Q, K and V sharing an
-  input run as one GEMM against their concatenated weights. Where d is close to D the
-  factorized products cost more than the dense one (``tdlight.model.execution`` chooses
-  per module). With gradients on, the weight is rebuilt differentiably on every call.
+* ``"folded"`` — the mixed cores multiplied into Vᵀ (or U) once and cached
+  (:meth:`~tdlight.tensor.variants.Variant.fold`): two GEMMs per forward instead of three, no
+  core product per token, the bias fused into the second; Q, K and V share one ``x @ U`` and
+  one GEMM. Costs an (n_out·D) × a matrix per module in memory (factors shared across layers
+  become per-layer products): the inference mode between the two others.
+* ``"dense"`` — the reconstructed dense weight, built once and cached, then one
+  ``F.linear`` (``addmm``, bias fused); Q, K and V sharing an input run as one GEMM against
+  their concatenated weights. Where d is close to D the factorized products cost more than
+  the dense one (``tdlight.model.execution`` chooses per module).
 * ``"reconstructed"`` — rebuilds W on every call (for tests).
+
+A cached weight (folded or dense) is rebuilt when a factor or the bias changes; with
+gradients on, differentiably on every call.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from torch import nn
 
 from tdlight.model.bank import FactorBank
 
-MODES = ("factorized", "dense", "reconstructed")
+MODES = ("factorized", "folded", "dense", "reconstructed")
 
 
 def _stamp(tensors) -> tuple:
@@ -42,25 +49,36 @@ def _stamp(tensors) -> tuple:
     return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors if t is not None)
 
 
-class _DenseCache:
-    """A dense weight rebuilt by ``build`` only when its sources change; never cached while training."""
+class _WeightCache:
+    """A weight derived from the factors (dense, or folded) for one mode, rebuilt by ``build``
+    only when the mode or its sources change; never cached while training."""
 
     def __init__(self) -> None:
         self.stamp: tuple | None = None
         self.value = None
 
-    def get(self, sources, build):
+    def get(self, mode: str, sources, build):
         if torch.compiler.is_compiling():  # Dynamo cannot follow the stamp: the weight built before compiling
-            return self.value if self.value is not None else build()  # (execution.compile_for_inference)
+            built = self.value is not None and self.stamp[0] == mode  # (execution.compile_for_inference)
+            return self.value if built else build()
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
-            self.stamp = self.value = None  # differentiable: rebuilt on every call
+            self.clear()  # differentiable: rebuilt on every call
             return build()
-        stamp = _stamp(sources)
+        stamp = (mode, *_stamp(sources))
         if stamp != self.stamp:
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode
                 self.value = build()
             self.stamp = stamp
         return self.value
+
+    def clear(self) -> None:
+        self.stamp = self.value = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors held (for memory accounting; a fold's U or V is the parameter itself)."""
+        def walk(v):
+            return [v] if isinstance(v, torch.Tensor) else [t for x in v for t in walk(x)] if isinstance(v, tuple) else []
+        return walk(self.value)
 
 
 class SharedInput:
@@ -80,7 +98,7 @@ class SharedInput:
         self._version = -1
         self._y: torch.Tensor | None = None
         self._left = 0
-        self._dense = _DenseCache()
+        self._cache = _WeightCache()
 
     def register(self, linear: FactorizedLinear) -> int:
         self.members.append(linear)
@@ -123,22 +141,32 @@ class SharedInput:
         bank, mode = self.members[0].bank, modes.pop()
         n, D = len(self.members), self.members[0].out_features
         if mode == "factorized":  # the members as one 1 × members grid of blocks: one x @ U, one core matmul, one @ Vᵀ
-            idx = torch.cat([m.blocks.flatten() for m in self.members])
-            y = bank.strategy.matmul(x, bank.factors(), idx.view(1, -1))  # (…, members, D)
+            y = bank.strategy.matmul(x, bank.factors(), self._grid())  # (…, members, D)
             b = self._bias()
             return y if b is None else y + b.view(n, D)
-
-        W, b = self.dense_weight() if mode == "dense" else self._stacked()
+        if mode == "folded":  # one x @ U, one GEMM with the members' C′Vᵀ side by side, biases fused
+            fold, b = self.cached("folded")
+            return bank.strategy.folded_matmul(x, fold, b).unflatten(-1, (n, D))
+        W, b = self.cached("dense") if mode == "dense" else self._stacked()
         return F.linear(x, W, b).unflatten(-1, (n, D))
+
+    def _grid(self) -> torch.Tensor:
+        """The members as one 1 × members grid of blocks."""
+        return torch.cat([m.blocks.flatten() for m in self.members]).view(1, -1)
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The members' weights stacked (members·D × D) and their biases: one GEMM, bias fused."""
         return torch.cat([m.weight for m in self.members]), self._bias()
 
-    def dense_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:meth:`_stacked`, cached while the factors and biases are unchanged."""
+    def _folded(self):
+        """The members' fold (one ``x @ U``, their C′Vᵀ side by side) and their biases."""
+        bank = self.members[0].bank
+        return bank.strategy.fold(bank.factors(), self._grid()), self._bias()
+
+    def cached(self, mode: str):
+        """The weights ``mode`` (dense or folded) runs on, cached while the factors and biases are unchanged."""
         sources = [*self.members[0].bank.parameters(), *[m.bias for m in self.members]]
-        return self._dense.get(sources, self._stacked)
+        return self._cache.get(mode, sources, self._stacked if mode == "dense" else self._folded)
 
 
 class FactorizedLinear(nn.Module):
@@ -164,28 +192,45 @@ class FactorizedLinear(nn.Module):
             raise ValueError("a shared input serves single-block linears (Q, K, V) only")
         self.mode = "factorized"
         self.kind = kind  # the block type it replaces: query, key, value, attn_out, ffn_in or ffn_out
-        object.__setattr__(self, "_dense", _DenseCache())  # not a module: no state, not saved
+        object.__setattr__(self, "_cache", _WeightCache())  # not a module: no state, not saved
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared_input is not None:
             return self.shared_input.output(x, self.slot)
         if self.mode == "reconstructed":
             return F.linear(x, self.weight, self.bias)
-        if self.mode == "dense":
-            return F.linear(x, self.dense_weight(), self.bias)
         bank = self.bank
+        if self.mode == "dense":
+            return F.linear(x, self.cached("dense"), self.bias)
+        if self.mode == "folded":
+            return bank.strategy.folded_matmul(x, self.cached("folded"), self.bias)
         y = bank.strategy.matmul(x, bank.factors(), self.blocks).flatten(-2)  # (…, n_out·D)
         return y + self.bias if self.bias is not None else y
 
-    def dense_weight(self) -> torch.Tensor:
-        """:attr:`weight`, cached while the factors and the bias are unchanged (see ``_DenseCache``)."""
-        return self._dense.get([*self.bank.parameters(), self.bias], lambda: self.weight)
+    def cached(self, mode: str):
+        """The weight ``mode`` (dense or folded) runs on: :attr:`weight`, or the variant's
+        :meth:`~tdlight.tensor.variants.Variant.fold`, cached while the factors and the bias are
+        unchanged (see ``_WeightCache``)."""
+        bank = self.bank
+        build = (lambda: self.weight) if mode == "dense" else (lambda: bank.strategy.fold(bank.factors(), self.blocks))
+        return self._cache.get(mode, [*bank.parameters(), self.bias], build)
 
-    def drop_dense_weight(self) -> None:
-        """Free the cached dense weight (this module's and its shared input's)."""
-        self._dense.stamp = self._dense.value = None
+    @torch.no_grad()
+    def build_cache(self) -> None:
+        """Build the weight the current mode runs on now (this module's or its shared input's),
+        e.g. before compiling; nothing for the other modes."""
+        if self.mode in ("dense", "folded"):
+            (self.shared_input or self).cached(self.mode)
+
+    def drop_cache(self) -> None:
+        """Free the cached weight (this module's and its shared input's)."""
+        self._cache.clear()
         if self.shared_input is not None:
-            self.shared_input._dense.stamp = self.shared_input._dense.value = None
+            self.shared_input._cache.clear()
+
+    def cache_tensors(self) -> list[torch.Tensor]:
+        """The cached weights this module holds (its own and its shared input's)."""
+        return self._cache.tensors() + (self.shared_input._cache.tensors() if self.shared_input is not None else [])
 
     @property
     def weight(self) -> torch.Tensor:

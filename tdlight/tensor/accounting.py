@@ -17,8 +17,12 @@ the totals; element-wise work (softmax, GELU, LayerNorm) is not.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tdlight.tensor.layout import ATTENTION_TYPES, FFN_TYPES, Block
-from tdlight.tensor.spec import EncoderShape, ResolvedSpec
+
+if TYPE_CHECKING:  # (types only: the variants import fold_macs from here, and spec imports the variants)
+    from tdlight.tensor.spec import EncoderShape, ResolvedSpec
 
 
 def dense_counts(shape: EncoderShape) -> dict[str, int]:
@@ -62,43 +66,73 @@ def param_counts(shape: EncoderShape, spec: ResolvedSpec) -> dict[str, float]:
 UNIT_KINDS = ("qkv", *ATTENTION_TYPES, *FFN_TYPES)  # "qkv": Q, K and V sharing one x @ U
 
 
-def unit_macs(kind: str, D: int, m: int, a: int, b: int, shared_u: bool) -> tuple[int, int]:
-    """``(factorized, dense)`` MACs per token of one unit of the forward: a factorized linear of block
-    type ``kind``, or ``"qkv"`` for Q, K and V computed together from one ``x @ U``. ``m``: FFN blocks."""
+def fold_macs(n_in: int, n_out: int, D: int, a: int, b: int) -> tuple[str, int]:
+    """The cheaper folded form of an n_in × n_out grid of blocks ``U C′_jm Vᵀ`` and its MACs per token.
+
+    Folding multiplies the mixed cores into one side once, leaving two GEMMs per forward:
+    ``"right"`` — ``x_j @ U`` per input chunk, then one ``(n_in·a) × (n_out·D)`` matrix (C′Vᵀ);
+    ``"left"`` — one ``(n_in·D) × (n_out·b)`` matrix (U C′), then ``@ Vᵀ`` per output chunk.
+    The core product (a·b per block and token) is gone either way."""
+    right = n_in * D * a + n_in * a * n_out * D
+    left = n_in * D * n_out * b + n_out * b * D
+    return ("right", right) if right <= left else ("left", left)
+
+
+UNIT_GRIDS = {"qkv": (1, 3), "query": (1, 1), "key": (1, 1), "value": (1, 1), "attn_out": (1, 1)}  # + FFN: m
+
+
+def unit_macs(kind: str, D: int, m: int, a: int, b: int, shared_u: bool) -> dict[str, int]:
+    """MACs per token of one unit of the forward in each mode it can run in: ``factorized``,
+    ``folded`` (:func:`fold_macs`; only where the blocks share U and V) and ``dense``. A unit is a
+    factorized linear of block type ``kind``, or ``"qkv"`` for Q, K and V computed together from
+    one ``x @ U``. ``m``: FFN blocks."""
     block = D * a + a * b + b * D  # one x @ U @ C′ @ Vᵀ
     if kind == "qkv":
-        return D * a + 3 * (a * b + b * D), 3 * D * D
-    if kind in ATTENTION_TYPES:
-        return block, D * D
-    if kind not in FFN_TYPES:
+        fact, dense = D * a + 3 * (a * b + b * D), 3 * D * D
+    elif kind in ATTENTION_TYPES:
+        fact, dense = block, D * D
+    elif kind not in FFN_TYPES:
         raise ValueError(f"unknown unit kind {kind!r}; valid: {list(UNIT_KINDS)}")
+    elif not shared_u:
+        fact, dense = m * block, m * D * D
+    elif kind == "ffn_in":  # (x @ U) once, m cores, m @ Vᵀ
+        fact, dense = D * a + m * (a * b + b * D), m * D * D
+    else:  # m chunks @ U, m cores summed, one @ Vᵀ
+        fact, dense = m * (D * a + a * b) + b * D, m * D * D
     if not shared_u:
-        return m * block, m * D * D
-    if kind == "ffn_in":  # (x @ U) once, m cores, m @ Vᵀ
-        return D * a + m * (a * b + b * D), m * D * D
-    return m * (D * a + a * b) + b * D, m * D * D  # m chunks @ U, m cores summed, one @ Vᵀ
+        return {"factorized": fact, "dense": dense}
+    n_in, n_out = UNIT_GRIDS.get(kind) or ((1, m) if kind == "ffn_in" else (m, 1))
+    return {"factorized": fact, "folded": fold_macs(n_in, n_out, D, a, b)[1], "dense": dense}
 
 
-def _linear_macs(spec: ResolvedSpec | None, D: int, m: int, group_of) -> float:
-    """Linear MACs per token for one layer; ``group_of(type)`` names the type's group or None."""
+def _linear_macs(spec: ResolvedSpec | None, D: int, m: int, group_of, modes: dict[str, str]) -> float:
+    """Linear MACs per token for one layer; ``group_of(type)`` names the type's group or None;
+    ``modes``: unit kind → mode (default factorized)."""
     if spec is None:
         return (4 + 2 * m) * D * D
     a, b = spec.rank_in, spec.rank_out
     shared_u = spec.strategy.shared_factors  # blocks reading one input share x @ U
+
+    def unit(kind: str) -> int:
+        return unit_macs(kind, D, m, a, b, shared_u)[modes.get(kind, "factorized")]
+
     qkv_groups = {group_of(t) for t in ("query", "key", "value")}
     shared_qkv = shared_u and len(qkv_groups) == 1 and None not in qkv_groups
-    total = unit_macs("qkv", D, m, a, b, shared_u)[0] if shared_qkv else 0.0
+    total = unit("qkv") if shared_qkv else 0.0
     for t in ATTENTION_TYPES + FFN_TYPES:
         if group_of(t) is None:
-            total += unit_macs(t, D, m, a, b, shared_u)[1]
+            total += unit_macs(t, D, m, a, b, shared_u)["dense"]
         elif not (shared_qkv and t in ("query", "key", "value")):
-            total += unit_macs(t, D, m, a, b, shared_u)[0]
+            total += unit(t)
     return total
 
 
-def macs(shape: EncoderShape, spec: ResolvedSpec | None, seq_len: int) -> dict[str, float]:
-    """Encoder MACs per token (``spec=None``: the dense teacher)."""
+def macs(shape: EncoderShape, spec: ResolvedSpec | None, seq_len: int,
+         modes: dict[str, str] | None = None) -> dict[str, float]:
+    """Encoder MACs per token (``spec=None``: the dense teacher); ``modes``: an execution plan's
+    unit kind → mode (:mod:`tdlight.model.execution`; default: all factorized, as trained)."""
     L, D, m = shape.num_layers, shape.hidden, shape.ffn_blocks
+    modes = modes or {}
     linear = 0.0
     for layer in range(L):
         if spec is None:
@@ -110,16 +144,18 @@ def macs(shape: EncoderShape, spec: ResolvedSpec | None, seq_len: int) -> dict[s
                 entry = index.get(Block(layer, t, 0))
                 return None if entry is None else entry[0]
 
-        linear += _linear_macs(spec, D, m, group_of)
+        linear += _linear_macs(spec, D, m, group_of, modes)
     attention = L * 2 * seq_len * D
     mixing = 0.0
-    if spec is not None and spec.strategy.has_bank:
+    mixes = any(modes.get(k, "factorized") == "factorized" for k in UNIT_KINDS)  # folded / dense: mixed once, cached
+    if spec is not None and spec.strategy.has_bank and mixes:
         mixing = sum(len(bl) * spec.banks[g] * spec.rank_in * spec.rank_out for g, bl in spec.layout.groups.items())
     return {"linear": linear, "attention": attention, "per_token": linear + attention, "core_mixing_per_forward": mixing}
 
 
-def predicted_speedup(shape: EncoderShape, spec: ResolvedSpec, seq_len: int, tokens: int) -> float:
-    """Dense / compressed encoder MACs for a forward over ``tokens`` tokens."""
+def predicted_speedup(shape: EncoderShape, spec: ResolvedSpec, seq_len: int, tokens: int,
+                      modes: dict[str, str] | None = None) -> float:
+    """Dense / compressed encoder MACs for a forward over ``tokens`` tokens (``modes``: see :func:`macs`)."""
     d = macs(shape, None, seq_len)
-    c = macs(shape, spec, seq_len)
+    c = macs(shape, spec, seq_len, modes)
     return d["per_token"] * tokens / (c["per_token"] * tokens + c["core_mixing_per_forward"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -14,6 +15,22 @@ from tdlight.tensor.factors import Factors, Fit, Ranks
 NO_COMPRESSION = "dense"  # variant I: a valid word for "leave the weights alone", never a variant here
 
 _REGISTRY: dict[str, Variant] = {}
+
+
+class Fold(NamedTuple):
+    """A grid of blocks as two GEMMs, the cores multiplied into one side (:meth:`Variant.fold`).
+
+    ``side="right"``: ``first`` is U (A × a), applied to each of the n_in input chunks, ``second``
+    the (n_out·B) × (n_in·a) matrix of the C′_jm Vᵀ. ``side="left"``: ``first`` is the
+    (n_out·b) × (n_in·A) matrix of the U C′_jm, ``second`` is V (B × b), applied to each of the
+    n_out output chunks. ``nn.Linear`` orientation (out × in) for the matrices built here, so each
+    GEMM is one ``F.linear`` and the bias joins the last one."""
+
+    side: str
+    first: torch.Tensor
+    second: torch.Tensor
+    n_in: int
+    n_out: int
 
 
 class Variant(ABC):
@@ -93,6 +110,17 @@ class Variant(ABC):
 
         ``x``: (…, n_in·A), input chunk j meets block row j; returns (…, n_out, B).
         """
+
+    def fold(self, factors: Factors, blocks: torch.Tensor) -> Fold:
+        """The grid ``blocks`` as two GEMMs (:class:`Fold`), for inference: fewer multiply-adds than
+        :meth:`matmul` (no core product per token) at the memory of one (n_in·A or n_out·B) × rank
+        matrix per grid. Only variants whose blocks share U and V have one."""
+        raise SpecError(f"variant {self.name!r} has no folded form: its blocks share no factors "
+                        f"(valid execution modes: factorized, dense)")
+
+    def folded_matmul(self, x: torch.Tensor, fold: Fold, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W + bias`` from :meth:`fold`'s two GEMMs: (…, n_out·B)."""
+        raise SpecError(f"variant {self.name!r} has no folded form")
 
     def __repr__(self) -> str:
         return f"<variant {self.name} ({self.numeral}): {self.formula}>"
