@@ -427,9 +427,16 @@ def test_mac_accounting_equals_counted_matmuls(spec, token_ids):
         quiet_compress(model, spec)
         resolved = resolve(spec, shape)
     ids = token_ids["input_ids"]
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(input_ids=ids)
-    predicted = macs(shape, resolved, seq_len=ids.shape[1])
-    expected = predicted["per_token"] * ids.numel() + predicted["core_mixing_per_forward"]
-    assert counter.get_total_flops() / 2 == expected
+    modes = ["factorized"] if spec is None else ["factorized", "dense"] + ["folded"] * resolved.strategy.shared_factors
+    for mode in modes:  # each execution mode's work (tdlight.model.execution), its weights built beforehand
+        if spec is not None:
+            set_mode(model, mode)
+        with torch.no_grad():
+            model(input_ids=ids)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(input_ids=ids)
+        kinds = ("qkv", "query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+        predicted = macs(shape, resolved, seq_len=ids.shape[1], modes={k: mode for k in kinds})
+        expected = predicted["per_token"] * ids.numel() + predicted["core_mixing_per_forward"]
+        assert counter.get_total_flops() / 2 == expected, mode

@@ -105,15 +105,17 @@ def unit_macs(kind: str, D: int, m: int, a: int, b: int, shared_u: bool) -> dict
     return {"factorized": fact, "folded": fold_macs(n_in, n_out, D, a, b)[1], "dense": dense}
 
 
-def _linear_macs(spec: ResolvedSpec | None, D: int, m: int, group_of, modes: dict[str, str]) -> float:
+def _linear_macs(spec: ResolvedSpec | None, D: int, m: int, group_of, modes: dict[str, str],
+                 used: set[str]) -> float:
     """Linear MACs per token for one layer; ``group_of(type)`` names the type's group or None;
-    ``modes``: unit kind → mode (default factorized)."""
+    ``modes``: unit kind → mode (default factorized); the modes counted are added to ``used``."""
     if spec is None:
         return (4 + 2 * m) * D * D
     a, b = spec.rank_in, spec.rank_out
     shared_u = spec.strategy.shared_factors  # blocks reading one input share x @ U
 
     def unit(kind: str) -> int:
+        used.add(modes.get(kind, "factorized"))
         return unit_macs(kind, D, m, a, b, shared_u)[modes.get(kind, "factorized")]
 
     qkv_groups = {group_of(t) for t in ("query", "key", "value")}
@@ -132,7 +134,7 @@ def macs(shape: EncoderShape, spec: ResolvedSpec | None, seq_len: int,
     """Encoder MACs per token (``spec=None``: the dense teacher); ``modes``: an execution plan's
     unit kind → mode (:mod:`tdlight.model.execution`; default: all factorized, as trained)."""
     L, D, m = shape.num_layers, shape.hidden, shape.ffn_blocks
-    modes = modes or {}
+    modes, used = modes or {}, set()
     linear = 0.0
     for layer in range(L):
         if spec is None:
@@ -144,11 +146,10 @@ def macs(shape: EncoderShape, spec: ResolvedSpec | None, seq_len: int,
                 entry = index.get(Block(layer, t, 0))
                 return None if entry is None else entry[0]
 
-        linear += _linear_macs(spec, D, m, group_of, modes)
+        linear += _linear_macs(spec, D, m, group_of, modes, used)
     attention = L * 2 * seq_len * D
     mixing = 0.0
-    mixes = any(modes.get(k, "factorized") == "factorized" for k in UNIT_KINDS)  # folded / dense: mixed once, cached
-    if spec is not None and spec.strategy.has_bank and mixes:
+    if spec is not None and spec.strategy.has_bank and "factorized" in used:  # folded / dense: mixed once, cached
         mixing = sum(len(bl) * spec.banks[g] * spec.rank_in * spec.rank_out for g, bl in spec.layout.groups.items())
     return {"linear": linear, "attention": attention, "per_token": linear + attention, "core_mixing_per_forward": mixing}
 
