@@ -16,6 +16,7 @@ from tdlight.model.surgery import compress
 from tdlight.tensor.spec import CompressionSpec
 
 ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
 
 
 def run_onnx(path, feeds: dict[str, torch.Tensor]) -> np.ndarray:
@@ -30,6 +31,10 @@ def test_tiny_classifier_exports_with_dynamic_axes(tmp_path, tiny_classifier, ex
     model_dir = save_compressed(tiny_classifier, tmp_path / "m")
     r = export_onnx(model_dir, tmp_path / "m.onnx", execution=execution)
     assert r["output"] == "logits" and set(r["execution"].values()) == {execution} and r["max_abs_diff"] <= 1e-4
+    # a unit runs on what its mode says: the bank (k × a·b, mixed by P on every run) is in the graph only
+    # when factorized; folded / dense weights are stored as built, not rebuilt from the factors on every run
+    init = {tuple(t.dims) for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
+    assert ((6, 64) in init) == (execution == "factorized"), sorted(init)
     reference = load_compressed(model_dir, execution="factorized")
     for batch, length in ((1, 5), (4, 30)):  # sizes the export never saw
         g = torch.Generator().manual_seed(batch)

@@ -184,6 +184,14 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
+def build_caches(model: nn.Module) -> None:
+    """Build every folded or dense unit's weights now (nothing for a dense model). Before tracing
+    or compiling: a graph that meets a cache not yet built records its construction from the
+    factors, which then runs on every call."""
+    for u in units(model) if is_compressed(model) else []:
+        u.members[0].build_cache()
+
+
 def compile_for_inference(model: nn.Module, *, dynamic: bool | None = None) -> nn.Module:
     """``torch.compile`` for inference with the weights frozen into the graph (Inductor's
     ``freezing``): a dense or folded unit's weight is built from the factors once, at compile time,
@@ -194,8 +202,7 @@ def compile_for_inference(model: nn.Module, *, dynamic: bool | None = None) -> n
     The dense and folded units' weights are built here, before compiling, and the graph reads them as they
     are (Dynamo cannot follow the cache's stamp, and the bank reached through an attribute that is
     not a submodule is not frozen: traced, the reconstruction would run on every call)."""
-    for u in units(model) if is_compressed(model) else []:  # (a dense model compiles as it is)
-        u.members[0].build_cache()
+    build_caches(model)
     return torch.compile(model.eval(), dynamic=dynamic, options={"freezing": True})
 
 

@@ -259,6 +259,7 @@ def onnx_export_model(model: nn.Module, path: str | os.PathLike, *, opset: int =
     check = [torch.randint(0, vocab, (3, 9), generator=g), torch.ones(3, 9, dtype=torch.long),
              torch.zeros(3, 9, dtype=torch.long)][: len(names)]  # other sizes than traced: the axes are dynamic
     check[1][0, 5:] = 0
+    ex.build_caches(model)  # folded / dense units' weights as constants, not their construction, in the graph
     wrapped = _FirstOutput(model).eval()
     result = {"path": str(path), "inputs": names, "output": output, "opset": opset,
               "execution": (ex.current(model) or {}).get("modes") if is_compressed(model) else None}
