@@ -124,6 +124,8 @@ def main() -> None:
         p.error(f"unknown runtime(s) {bad}; valid: {list(RUNTIMES)}")
     if "onnxruntime" in runtimes and device.type != "cpu":
         runtimes.remove("onnxruntime")  # the CPU provider only here
+    if "compiled" in runtimes:  # one compiled graph per model and shape; Dynamo's default limit (8 per code
+        torch._dynamo.config.recompile_limit = 64  # object, shared by every model of a class) would fall back to eager
     if args.memory and device.type != "cpu":
         p.error("--memory measures the process's resident memory: --device cpu only")
 
@@ -198,8 +200,9 @@ def main() -> None:
                       f"{' | '.join(cells)} | {pred_fact:>8.2f}x {pred:>8.2f}x {best / pred:>8.0%}")
                 sys.stdout.flush()
             if args.profile:
-                for name, model in [("dense", dense)] + [(f"{d}:{k}", m[1]) for (d, k), m in models.items()]:
-                    profile_ops(name, model, ids, batch)
+                dense_total, _ = profile_ops("dense", dense, ids, batch)
+                for (d, k), m in models.items():
+                    profile_ops(f"{d}:{k}", m[1], ids, batch, dense_total)
     if args.memory:
         jobs = []
         for i, batch in enumerate(args.batches):
@@ -297,8 +300,11 @@ def memory_child(job: dict) -> dict:
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
-def profile_ops(name: str, model, ids, batch: int, reps: int = 5) -> None:
-    """ms per forward spent in matmuls vs everything else (self time, torch.profiler)."""
+def profile_ops(name: str, model, ids, batch: int, dense_total: float | None = None,
+                reps: int = 5) -> tuple[float, float]:
+    """ms per forward spent in the linear layers' matmuls vs everything else (self time,
+    torch.profiler; the attention kernel is in "other"). For a compressed model, also the bound on its
+    speed-up if its matmuls cost nothing: dense total / its other time. Returns (total, matmul) ms."""
     from torch.profiler import profile
 
     with profile() as prof:
@@ -308,7 +314,10 @@ def profile_ops(name: str, model, ids, batch: int, reps: int = 5) -> None:
     total = sum(e.self_cpu_time_total for e in ops) / reps / 1e3
     mm = sum(e.self_cpu_time_total for e in ops if e.key in MATMUL_OPS) / reps / 1e3
     top = ", ".join(f"{e.key.removeprefix('aten::')} {e.self_cpu_time_total / reps / 1e3:.2f}" for e in ops[:6])
-    print(f"  profile batch {batch} {name:>6}: {total:7.2f} ms/forward, matmul {mm:7.2f}, other {total - mm:6.2f} | top: {top}")
+    bound = f", bound {dense_total / (total - mm):.2f}x" if dense_total else ""
+    print(f"  profile batch {batch} {name:>6}: {total:7.2f} ms/forward, matmul {mm:7.2f}, other {total - mm:6.2f}"
+          f"{bound} | top: {top}")
+    return total, mm
 
 
 if __name__ == "__main__":
