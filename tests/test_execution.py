@@ -83,6 +83,24 @@ def test_the_cached_weight_follows_the_factors(tiny_bert, token_ids, mode):
     torch.testing.assert_close(after, reference, atol=1e-5, rtol=1e-4)
 
 
+def test_switching_modes_does_not_rebuild_the_other_modes_weights(tiny_bert, token_ids):
+    """A timed plan alternates modes call by call: each mode's weights are built once, not per call
+    (else the timing would count the rebuild)."""
+    model = compressed(tiny_bert)
+    qkv = model.encoder.layer[0].attention.self.query
+    ffn = model.encoder.layer[0].intermediate.dense
+    built = {}
+    with torch.no_grad():
+        for mode in ("dense", "folded", "dense", "folded"):
+            set_mode(model, mode)
+            model(**token_ids)
+            now = (qkv.shared_input.cached(mode)[0], ffn.cached(mode))
+            assert built.setdefault(mode, now)[0] is now[0] and built[mode][1] is now[1], mode
+    assert set(qkv.shared_input._cache.entries) == set(ffn._cache.entries) == {"dense", "folded"}  # both held
+    ex.apply(model, ex.plan(model, "folded"))  # the plan keeps only what it runs on
+    assert qkv.cache_tensors() == [] and ffn.cache_tensors() == []
+
+
 def test_shared_qkv_must_run_in_one_mode(tiny_bert, token_ids):
     model = compressed(tiny_bert)
     model.encoder.layer[0].attention.self.query.mode = "dense"

@@ -141,6 +141,7 @@ def _time_unit(unit: Unit, mode: str, device: torch.device, batches, seq_len: in
     finally:
         for m, mode in zip(unit.members, saved):
             m.mode = mode
+            m.drop_cache()  # the weights built for timing (rebuilt, if the model's mode needs them, on its next call)
     return math.exp(sum(logs) / len(logs))
 
 

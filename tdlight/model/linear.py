@@ -50,35 +50,36 @@ def _stamp(tensors) -> tuple:
 
 
 class _WeightCache:
-    """A weight derived from the factors (dense, or folded) for one mode, rebuilt by ``build``
-    only when the mode or its sources change; never cached while training."""
+    """The weights derived from the factors for each mode that needs them (dense, folded), each
+    rebuilt by its ``build`` only when its sources change; never cached while training. One entry
+    per mode, so that timing two modes against each other (``tdlight.model.execution``) does not
+    rebuild on every call; :func:`~tdlight.model.execution.apply` clears what the plan does not use."""
 
     def __init__(self) -> None:
-        self.stamp: tuple | None = None
-        self.value = None
+        self.entries: dict[str, tuple[tuple, object]] = {}  # mode -> (stamp of the sources, value)
 
     def get(self, mode: str, sources, build):
         if torch.compiler.is_compiling():  # Dynamo cannot follow the stamp: the weight built before compiling
-            built = self.value is not None and self.stamp[0] == mode  # (execution.compile_for_inference)
-            return self.value if built else build()
+            entry = self.entries.get(mode)  # (execution.compile_for_inference)
+            return entry[1] if entry is not None else build()
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
-            self.clear()  # differentiable: rebuilt on every call
+            self.entries.pop(mode, None)  # differentiable: rebuilt on every call
             return build()
-        stamp = (mode, *_stamp(sources))
-        if stamp != self.stamp:
+        stamp = _stamp(sources)
+        entry = self.entries.get(mode)
+        if entry is None or entry[0] != stamp:
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode
-                self.value = build()
-            self.stamp = stamp
-        return self.value
+                entry = self.entries[mode] = (stamp, build())
+        return entry[1]
 
     def clear(self) -> None:
-        self.stamp = self.value = None
+        self.entries.clear()
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors held (for memory accounting; a fold's U or V is the parameter itself)."""
         def walk(v):
             return [v] if isinstance(v, torch.Tensor) else [t for x in v for t in walk(x)] if isinstance(v, tuple) else []
-        return walk(self.value)
+        return [t for _, value in self.entries.values() for t in walk(value)]
 
 
 class SharedInput:
