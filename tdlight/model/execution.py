@@ -22,9 +22,9 @@ together from one ``x @ U``), ``attn_out``, ``ffn_in``, ``ffn_out`` (and ``query
 
 A plan is a JSON-able dict; :func:`apply` sets the modes, and :func:`tdlight.model.io.save_compressed`
 records the model's plan in ``tdlight.json`` so that loading on the same device type applies it
-again (``tdlight.load_compressed(path, execution="auto")``). Dense units cache their weight
-(rebuilt when a factor changes; with gradients on, rebuilt on every call), so a plan changes
-speed and memory, never results beyond float rounding.
+again (``tdlight.load_compressed(path, execution="auto")``). Folded and dense units cache their
+weights (rebuilt when a factor changes; with gradients on, rebuilt on every call), so a plan
+changes speed and memory, never results beyond float rounding.
 """
 
 from __future__ import annotations
