@@ -156,11 +156,10 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"teacher {args.teacher} ({count_parameters(dense)['encoder']:,} encoder params), {where}, "
           f"seq {args.seq_len}, {args.reps} paired reps (median)\n")
-    dense_mb = sum(t.numel() * t.element_size() for t in [*dense.parameters(), *dense.buffers()]) / 2**20
+    dense_mb = ex.weight_bytes(dense) / 2**20
     for (d, k), (fact, planned, plan, _) in models.items():
-        x = {u: s[plan["modes"][u]] if isinstance(s, dict) else s  # per kind {mode: x vs dense}, or one x
-             for u, s in plan["timed_speedup"].items()}
-        print(f"plan d={d} k={k}: " + ", ".join(f"{u} {m} ({x[u]:.2f}x)" for u, m in plan["modes"].items())
+        x = plan["timed_speedup"]  # per kind {mode: speed-up over dense}
+        print(f"plan d={d} k={k}: " + ", ".join(f"{u} {m} ({x[u][m]:.2f}x)" for u, m in plan["modes"].items())
               + f"; weights in memory: dense {dense_mb:.1f} MB, factorized {ex.weight_bytes(fact) / 2**20:.1f} MB, "
                 f"planned {ex.weight_bytes(planned) / 2**20:.1f} MB (cached dense/folded weights included)")
     cols = " | ".join(f"{r + ' ms':>15} {'x':>6}" for r in runtimes)
@@ -289,8 +288,6 @@ def memory_child(job: dict) -> dict:
         _, peak = status_mb()
     if onnx:
         weights = Path(job["onnx"]).stat().st_size  # its initializers, about
-    elif job["model"] == "dense":
-        weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     else:
         weights = ex.weight_bytes(model)
     # (the kernel's peak is kept from an approximate RSS count, within ~0.3 MB here: a flat forward can read -0.2)

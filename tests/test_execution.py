@@ -182,6 +182,9 @@ def test_a_variant_without_shared_factors_is_never_planned_folded(tiny_bert):
         ex.plan(model, "folded")
     with pytest.raises(SpecError, match="variant 'lowrank' has no folded form; valid: factorized, dense"):
         ex.apply(model, {"modes": {"ffn_in": "folded"}})
+    with pytest.raises(SpecError, match="no folded form"):  # refused before any unit changes mode
+        ex.apply(model, {"modes": {"attn_out": "dense", "ffn_out": "folded"}})
+    assert {m.mode for u in ex.units(model) for m in u.members} == {"factorized"}
 
 
 def test_a_recorded_plan_is_saved_and_applied_on_load(tmp_path, tiny_bert, token_ids):

@@ -159,23 +159,23 @@ def apply(model: nn.Module, chosen: dict) -> dict:
                             f"valid: {sorted(kinds)}")
         if mode not in UNIT_MODES:
             raise SpecError(f"execution mode {mode!r} for {kind}; valid: {list(UNIT_MODES)}")
+        if mode == "folded" and not found[0].members[0].bank.strategy.shared_factors:  # before any unit changes
+            raise SpecError(f"execution mode 'folded' for {kind}: variant {found[0].members[0].bank.variant!r} has "
+                            f"no folded form; valid: factorized, dense")
     for u in found:
         for m in u.members:
             m.mode = modes.get(u.kind, "factorized")
-            if m.mode == "folded" and not m.bank.strategy.shared_factors:
-                raise SpecError(f"execution mode 'folded' for {u.kind}: variant {m.bank.variant!r} has no folded "
-                                f"form; valid: factorized, dense")
             m.drop_cache()  # e.g. built while timing the plan, or for the previous mode: memory no longer needed
     get_encoder(model).execution = dict(chosen)
     return dict(chosen)
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes the model holds for its weights: parameters, buffers and the folded or dense units'
-    cached weights (what a plan adds to memory; built on a unit's first forward in that mode)."""
+    """Bytes the model holds for its weights: parameters, buffers and, compressed, the folded or dense
+    units' cached weights (what a plan adds to memory; built on a unit's first forward in that mode)."""
     seen, total = set(), 0
     tensors = [*model.parameters(), *model.buffers()]
-    for u in units(model):
+    for u in units(model) if is_compressed(model) else []:
         for m in u.members:
             tensors.extend(m.cache_tensors())
     for t in tensors:

@@ -78,7 +78,16 @@ def fold_macs(n_in: int, n_out: int, D: int, a: int, b: int) -> tuple[str, int]:
     return ("right", right) if right <= left else ("left", left)
 
 
-UNIT_GRIDS = {"qkv": (1, 3), "query": (1, 1), "key": (1, 1), "value": (1, 1), "attn_out": (1, 1)}  # + FFN: m
+def unit_grid(kind: str, m: int) -> tuple[int, int]:
+    """(n_in, n_out) D×D blocks of one unit: Q/K/V together 1 × 3, one attention matrix 1 × 1,
+    the FFN input 1 × m, the FFN output m × 1."""
+    if kind == "qkv":
+        return 1, 3
+    if kind in ATTENTION_TYPES:
+        return 1, 1
+    if kind in FFN_TYPES:
+        return (1, m) if kind == "ffn_in" else (m, 1)
+    raise ValueError(f"unknown unit kind {kind!r}; valid: {list(UNIT_KINDS)}")
 
 
 def unit_macs(kind: str, D: int, m: int, a: int, b: int, shared_u: bool) -> dict[str, int]:
@@ -86,23 +95,13 @@ def unit_macs(kind: str, D: int, m: int, a: int, b: int, shared_u: bool) -> dict
     ``folded`` (:func:`fold_macs`; only where the blocks share U and V) and ``dense``. A unit is a
     factorized linear of block type ``kind``, or ``"qkv"`` for Q, K and V computed together from
     one ``x @ U``. ``m``: FFN blocks."""
-    block = D * a + a * b + b * D  # one x @ U @ C′ @ Vᵀ
-    if kind == "qkv":
-        fact, dense = D * a + 3 * (a * b + b * D), 3 * D * D
-    elif kind in ATTENTION_TYPES:
-        fact, dense = block, D * D
-    elif kind not in FFN_TYPES:
-        raise ValueError(f"unknown unit kind {kind!r}; valid: {list(UNIT_KINDS)}")
-    elif not shared_u:
-        fact, dense = m * block, m * D * D
-    elif kind == "ffn_in":  # (x @ U) once, m cores, m @ Vᵀ
-        fact, dense = D * a + m * (a * b + b * D), m * D * D
-    else:  # m chunks @ U, m cores summed, one @ Vᵀ
-        fact, dense = m * (D * a + a * b) + b * D, m * D * D
-    if not shared_u:
-        return {"factorized": fact, "dense": dense}
-    n_in, n_out = UNIT_GRIDS.get(kind) or ((1, m) if kind == "ffn_in" else (m, 1))
-    return {"factorized": fact, "folded": fold_macs(n_in, n_out, D, a, b)[1], "dense": dense}
+    n_in, n_out = unit_grid(kind, m)
+    dense = n_in * n_out * D * D
+    if not shared_u:  # every block its own x @ U_i @ C_i @ V_iᵀ
+        return {"factorized": n_in * n_out * (D * a + a * b + b * D), "dense": dense}
+    # x_j @ U once per input chunk, one matmul with the n_in·a × n_out·b grid of cores, @ Vᵀ once per output chunk
+    factorized = n_in * D * a + n_in * n_out * a * b + n_out * b * D
+    return {"factorized": factorized, "folded": fold_macs(n_in, n_out, D, a, b)[1], "dense": dense}
 
 
 def _linear_macs(spec: ResolvedSpec | None, D: int, m: int, group_of, modes: dict[str, str],

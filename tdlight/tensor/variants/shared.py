@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tdlight.tensor.accounting import fold_macs
 from tdlight.tensor.factors import Factors, Fit, Ranks
 from tdlight.tensor.hooi import hooi, identity_if_none
 from tdlight.tensor.output_fit import fit_shared, refit_cores
-from tdlight.tensor.accounting import fold_macs
 from tdlight.tensor.variants.base import Fold, Variant
 
 
