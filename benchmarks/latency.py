@@ -70,7 +70,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tdlight.model import execution as ex  # noqa: E402
-from tdlight.model.io import load_compressed, onnx_export_model, save_compressed  # noqa: E402
+from tdlight.model.io import load_compressed, save_compressed  # noqa: E402
+from tdlight.model.onnx import onnx_export_model  # noqa: E402
 from tdlight.model.speed import paired_speedup, paired_times, random_inputs  # noqa: E402
 from tdlight.model.surgery import compress, count_parameters, encoder_shape  # noqa: E402
 from tdlight.model.teacher import load_teacher  # noqa: E402

@@ -16,7 +16,7 @@ _LAZY = {
     "save_compressed": "tdlight.model.io",
     "load_tokenizer": "tdlight.model.io",
     "export_dense": "tdlight.model.io",
-    "export_onnx": "tdlight.model.io",
+    "export_onnx": "tdlight.model.onnx",
     "record_plan": "tdlight.model.io",
     "compress": "tdlight.model.surgery",
     "densify": "tdlight.model.surgery",

@@ -222,7 +222,7 @@ def export_main(args: list[str]) -> int:
             opset = int(kw["opset"])
         except ValueError as e:
             raise TdlightError(f"opset={kw['opset']!r}; valid: an integer, 14 or later") from e
-        from tdlight.model.io import export_onnx
+        from tdlight.model.onnx import export_onnx
 
         _quiet_dependencies()
         r = export_onnx(args[0], args[1], execution=kw["execution"], opset=opset, verify=kw["verify"] == "true")

@@ -44,11 +44,34 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back: POSIX offers no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(path: Path, mode: int) -> None:
+    """Give ``path`` the permissions a plain ``open``/``mkdir`` would have: ``mode`` less the umask.
+    mkstemp/mkdtemp make their files 0600 and directories 0700 whatever the umask, so a model
+    written through them could not be read by another user or a serving process."""
+    os.chmod(path, mode & ~_umask())
+
+
+def temporary_directory(parent: Path, prefix: str) -> Path:
+    """A new, uniquely named directory in ``parent`` (for a write that is renamed into place),
+    with the permissions of a plain ``mkdir`` under the process's umask."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    _honour_umask(tmp, 0o777)
+    return tmp
+
+
 def atomic_directory(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmpdir)`` then move the result to ``path`` (replacing it only on success)."""
+    """Call ``write(tmpdir)`` then move the result to ``path`` (replacing it only on success).
+    The directory gets the permissions of a plain ``mkdir`` under the process's umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = temporary_directory(path.parent, f".{path.name}.tmp-")
     try:
         write(tmp)
         old = None
@@ -66,13 +89,15 @@ def atomic_directory(path: str | os.PathLike, write: Callable[[Path], object]) -
 
 def atomic_file(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Make the file ``path`` with ``write(tmp)`` (a temporary sibling), then rename it into place:
-    an existing file is replaced only by a complete new one."""
+    an existing file is replaced only by a complete new one. The file gets the permissions of a
+    plain ``open`` under the process's umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        _honour_umask(Path(tmp), 0o666)  # after write: a writer that replaced the file made it anew
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

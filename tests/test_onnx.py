@@ -11,7 +11,8 @@ import torch
 
 from tdlight.errors import ArtifactError
 from tdlight.model import execution as ex
-from tdlight.model.io import export_onnx, load_compressed, save_compressed
+from tdlight.model.io import load_compressed, save_compressed
+from tdlight.model.onnx import export_onnx
 from tdlight.model.surgery import compress
 from tdlight.tensor.spec import CompressionSpec
 

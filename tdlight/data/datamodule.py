@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -32,7 +31,7 @@ from torch.utils.data import DataLoader
 from tdlight.data.augment import MaskedLMCandidates, augment_columns, neighbour_table
 from tdlight.data.glue import GlueTask, get_task, load_split, resolve_source
 from tdlight.data.sampling import EpochSampler, ResumableDataLoader, trainer_progress
-from tdlight.files import file_stamp, state_fingerprint
+from tdlight.files import file_stamp, state_fingerprint, temporary_directory
 
 log = logging.getLogger("tdlight.data")
 
@@ -159,7 +158,7 @@ class GlueDataModule(L.LightningDataModule):
             return datasets.load_from_disk(str(entry))
         ds = self._tokenize(split)
         entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+        tmp = temporary_directory(entry.parent, f".{entry.name}-")
         try:
             with _no_datasets_bars():  # the tokenizing bar above is the step's one bar
                 ds.save_to_disk(str(tmp))
