@@ -199,9 +199,10 @@ def test_save_load_identical(tiny_classifier, token_ids, tmp_path, spec):
     model = copy.deepcopy(tiny_classifier)
     quiet_compress(model, spec)
     path = save_compressed(model, tmp_path / "model")
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "tdlight.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "modeling_tdlight.py",
+                                                      "tdlight.json"]
     loaded = load_compressed(path)
-    assert type(loaded) is type(model)
+    assert isinstance(loaded, type(model)) and type(loaded).__name__ == "Tdlight" + type(model).__name__
     for name, value in model.state_dict().items():  # the weights come back bit for bit
         assert torch.equal(loaded.state_dict()[name], value), name
     # outputs agree to float rounding (BLAS may pick another kernel for fresh buffers)

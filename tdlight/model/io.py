@@ -1,8 +1,11 @@
-"""Saving and loading compressed models as a directory, atomically.
+"""Saving and loading model directories, atomically.
 
-A compressed model directory holds ``model.safetensors`` (weights, no pickle),
-``config.json`` (the teacher's HF config), ``tdlight.json`` (the model class, the encoder
-shape and the resolved compression spec) and the tokenizer files. It is written into a
+A model directory holds ``model.safetensors`` (weights, no pickle), ``config.json`` (the
+teacher's HF config; for a model that plain transformers would misread, a tdlight model type,
+the compression and an ``auto_map`` to the modeling file written beside it, see
+:mod:`tdlight.model.native`), for a compressed model ``tdlight.json`` (the model class, the
+encoder shape, the resolved compression spec, the weights' checksum) and the tokenizer files.
+It is written into a
 temporary sibling and renamed into place, so a crash never leaves half a model where a
 good one is expected, and an existing model at the target is replaced only once the new
 one is complete.
@@ -23,11 +26,11 @@ import torch
 import transformers
 from torch import nn
 
-from tdlight.errors import ArtifactError, SpecError
-from tdlight.files import atomic_directory, atomic_write_text, file_sha256
+from tdlight.errors import ArtifactError, SpecError, TeacherError
+from tdlight.files import atomic_directory, atomic_file, atomic_write_text, file_sha256
 from tdlight.model import execution as ex
-from tdlight.model.pooling import saved_pooling, set_pooling
-from tdlight.model.surgery import compress, densify, encoder_shape, get_encoder, is_compressed
+from tdlight.model import native
+from tdlight.model.surgery import densify, encoder_shape, get_encoder, is_compressed
 from tdlight.tensor.spec import EncoderShape, ResolvedSpec
 
 FORMAT = 1
@@ -36,40 +39,64 @@ WEIGHTS = "model.safetensors"
 
 
 def model_class(config) -> type[nn.Module]:
-    """The transformers class named in ``config.architectures`` (``AutoModel`` if none)."""
+    """The class that ``config.architectures`` names (``AutoModel`` if none): the tdlight class over
+    it when ``config`` is a tdlight config (:mod:`tdlight.model.native`), else the transformers class."""
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            return cls
+            return native.model_class(arch) if config.model_type.startswith(native.PREFIX) else cls
     return transformers.AutoModel
 
 
-def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
-    """Write a compressed model directory at ``path`` (atomically)."""
+def _meta(model: nn.Module, extra: dict | None) -> dict:
     encoder = get_encoder(model)
-    spec: ResolvedSpec | None = getattr(encoder, "compression", None)
-    if spec is None:
-        raise ArtifactError("save_compressed needs a compressed model; for a dense one use save_pretrained")
+    base = getattr(type(model), "_tdlight_base", type(model))
     meta = {
         "format": FORMAT,
-        "class": type(model).__name__,
+        "class": base.__name__,
         "shape": asdict(encoder_shape(model)),
-        "spec": spec.to_dict(),
+        "spec": encoder.compression.to_dict(),
         "extra": extra or {},
     }
     plan = getattr(encoder, "execution", None)
     if plan and plan.get("policy") == "timed":  # per-unit modes measured on a device (tdlight.model.execution);
         meta["execution"] = plan                # the others are recomputed at load time, or forced by the caller
+    return meta
 
-    def write(tmp: Path) -> None:
-        model.config.save_pretrained(tmp)
-        safetensors.torch.save_model(model, str(tmp / WEIGHTS))
-        meta["weights_sha256"] = file_sha256(tmp / WEIGHTS)  # verified by load_compressed
-        (tmp / META).write_text(json.dumps(meta, indent=2))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
 
-    return atomic_directory(path, write)
+def write_model_files(model: nn.Module, path: Path, *, tokenizer=None, extra: dict | None = None,
+                      in_place: bool = False) -> None:
+    """Write the files of ``model``'s directory into the existing directory ``path``, each through a
+    temporary sibling: ``config.json`` (:func:`tdlight.model.native.config_dict`), the weights, and
+    when plain transformers would misread them the modeling file; for a mean-pooling model the
+    sentence-transformers files (``SentenceTransformer(dir, trust_remote_code=True)``); for a compressed model
+    ``tdlight.json`` (its spec and the weights' checksum); the tokenizer when given. ``in_place``
+    (``save_pretrained`` into a directory that may hold other files): remove tdlight's files that
+    no longer apply, keep the rest."""
+    compressed = is_compressed(model)
+    atomic_file(path / WEIGHTS, lambda tmp: native.write_weights(model, tmp))
+    atomic_write_text(path / "config.json", json.dumps(native.config_dict(model), indent=2, sort_keys=True) + "\n")
+    if native.needs_tdlight(model):
+        atomic_write_text(path / native.MODELING_FILE, native.modeling_source(model))
+    elif in_place:
+        (path / native.MODELING_FILE).unlink(missing_ok=True)
+    for name, text in native.sentence_transformers_files(model).items():
+        atomic_write_text(path / name, text)
+    if compressed:
+        meta = _meta(model, extra)
+        meta["weights_sha256"] = file_sha256(path / WEIGHTS)  # verified by load_compressed
+        atomic_write_text(path / META, json.dumps(meta, indent=2))
+    elif in_place:
+        (path / META).unlink(missing_ok=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
+    """Write a compressed model directory at ``path`` (atomically)."""
+    if not is_compressed(model):
+        raise ArtifactError("save_compressed needs a compressed model; for a dense one use save_model")
+    return atomic_directory(path, lambda tmp: write_model_files(model, tmp, tokenizer=tokenizer, extra=extra))
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -119,20 +146,19 @@ def load_compressed(path: str | os.PathLike, device: str | None = None, executio
         raise ArtifactError(f"execution={execution!r}; valid: {list(EXECUTIONS)}")
     path = Path(path)
     meta = read_meta(path)
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path}/config.json is missing or corrupt: {e}") from e
-    cls = getattr(transformers, meta["class"], None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        cls = model_class(config)
-    model = cls(config) if cls is not transformers.AutoModel else transformers.AutoModel.from_config(config)
-    if saved_pooling(config):  # before the weights: a mean-pooling model has no [CLS] pooler weights
-        set_pooling(model, saved_pooling(config))
+    config = read_config(path)
+    recorded = getattr(config, native.CONFIG_KEY, None)
+    if recorded is None:  # written before config.json carried the compression
+        setattr(config, native.CONFIG_KEY, {"spec": meta["spec"], "shape": meta["shape"]})
+    elif recorded.get("spec") != meta["spec"]:
+        raise ArtifactError(f"{path}: config.json's {native.CONFIG_KEY} and {META}'s spec differ (edited by hand?)")
     shape = EncoderShape(**meta["shape"])
+    try:
+        model = native.model_class(meta["class"])(config)  # compressed as the config says, factors empty
+    except TeacherError as e:
+        raise ArtifactError(f"{path}: config.json does not match the saved encoder shape {shape}: {e}") from e
     if encoder_shape(model) != shape:
         raise ArtifactError(f"{path}: config.json does not match the saved encoder shape {shape}")
-    compress(model, ResolvedSpec.from_dict(meta["spec"], shape), init_from_weights=False)
     weights = path / WEIGHTS
     if not weights.is_file():
         raise ArtifactError(f"{path}: {WEIGHTS} is missing")
@@ -180,6 +206,16 @@ def record_plan(path: str | os.PathLike, *, device: str = "cpu", policy: str = "
     return chosen
 
 
+def read_config(path: str | os.PathLike):
+    """The HF config of a model directory tdlight wrote (its tdlight model type registered first)."""
+    path = Path(path)
+    native.ensure_registered(path)
+    try:
+        return transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}/config.json is missing or corrupt: {e}") from e
+
+
 def _tied_keys(model: nn.Module) -> set[str]:
     tied = getattr(model, "_tied_weights_keys", None) or {}
     return set(tied) if not isinstance(tied, dict) else set(tied.keys())
@@ -190,28 +226,15 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 def export_dense(path_in: str | os.PathLike, path_out: str | os.PathLike) -> Path:
-    """Densify a saved compressed model into a plain HF checkpoint (``from_pretrained`` loads it)."""
+    """Densify a saved compressed model: a plain HF checkpoint (a mean-pooling classifier keeps the
+    modeling file that makes transformers pool as it was trained, see :mod:`tdlight.model.native`)."""
     model = densify(load_compressed(path_in))
     tok_files = any((Path(path_in) / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
-    tokenizer = load_tokenizer(path_in) if tok_files else None
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-
-    return atomic_directory(path_out, write)
+    return save_model(model, load_tokenizer(path_in) if tok_files else None, path_out)
 
 
 def save_model(model: nn.Module, tokenizer, path: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Save a trained model atomically: the tdlight format if compressed, else a plain HF directory."""
+    """Save a trained model atomically (:func:`write_model_files`): a directory that transformers
+    (``trust_remote_code=True`` where it needs tdlight's classes) and tdlight load alike."""
     model = model.cpu().eval()
-    if is_compressed(model):
-        return save_compressed(model, path, tokenizer, extra=extra)
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-
-    return atomic_directory(path, write)
+    return atomic_directory(path, lambda tmp: write_model_files(model, tmp, tokenizer=tokenizer, extra=extra))

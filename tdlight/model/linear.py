@@ -182,7 +182,10 @@ class FactorizedLinear(nn.Module):
                  shared_input: SharedInput | None = None, kind: str = ""):
         super().__init__()
         object.__setattr__(self, "bank", bank)
-        self.register_buffer("blocks", blocks.clone().long(), persistent=False)
+        # the grid is structure, not a weight: not saved (persistent=False), kept as Python values too so
+        # that a loader which builds modules on the meta device (HF from_pretrained) can restore it
+        self.block_grid = blocks.long().tolist()
+        self.register_buffer("blocks", blocks.clone().long().to(bank.U.device), persistent=False)
         D = bank.U.shape[-2]
         self.n_in, self.n_out = blocks.shape
         self.in_features, self.out_features = self.n_in * D, self.n_out * D
@@ -194,6 +197,11 @@ class FactorizedLinear(nn.Module):
         self.mode = "factorized"
         self.kind = kind  # the block type it replaces: query, key, value, attn_out, ffn_in or ffn_out
         object.__setattr__(self, "_cache", _WeightCache())  # not a module: no state, not saved
+
+    @torch.no_grad()
+    def reset_blocks(self) -> None:
+        """Write :attr:`block_grid` into the ``blocks`` buffer (after a loader left it uninitialised)."""
+        self.blocks.copy_(torch.tensor(self.block_grid, dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared_input is not None:

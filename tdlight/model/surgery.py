@@ -182,7 +182,7 @@ def compress(
             parent, attr, lin = _get_linear(layer, t, i)
             blks = layout.blocks_of(i, t)
             group = layout.index[blks[0]][0]
-            idx = torch.tensor([layout.index[b][1] for b in blks], device=ref.device)
+            idx = torch.tensor([layout.index[b][1] for b in blks], device="cpu")  # FactorizedLinear moves it
             grid = idx.view(1, -1) if t == "ffn_in" else idx.view(-1, 1)
             new = FactorizedLinear(banks[group], grid, lin.bias,
                                    shared if t in ("query", "key", "value") else None, kind=t)

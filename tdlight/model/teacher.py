@@ -14,6 +14,7 @@ from torch import nn
 
 from tdlight.errors import ArtifactError, TeacherError
 from tdlight.model.io import META, WEIGHTS, load_compressed, load_tokenizer, model_class
+from tdlight.model.native import ensure_registered
 from tdlight.model.pooling import resolve_pooling, saved_pooling, set_pooling
 from tdlight.model.surgery import compress, encoder_weights, get_encoder, is_compressed
 from tdlight.tensor.spec import EncoderShape
@@ -71,6 +72,13 @@ def _refuse_compressed_without_meta(path: Path) -> None:
                             "tdlight saved it (with tdlight.json)")
 
 
+def _register(path: str) -> None:
+    """Register the tdlight classes a local model directory names (a mean-pooling teacher saved by
+    tdlight has a tdlight model type, :mod:`tdlight.model.native`), so the Auto classes read it."""
+    if (Path(path) / "config.json").is_file():
+        ensure_registered(Path(path))
+
+
 def _load_tokenizer(path: str):
     """The teacher's tokenizer; ``None`` for a local model directory that ships none."""
     local = Path(path)
@@ -85,6 +93,7 @@ def load_teacher(name_or_path: str) -> tuple[nn.Module, object]:
     The tokenizer is ``None`` when a local model directory has no tokenizer files.
     """
     path = resolve_teacher(name_or_path)
+    _register(path)
     try:
         config = transformers.AutoConfig.from_pretrained(path)
         cls = model_class(config)
@@ -128,6 +137,7 @@ def load_classifier(name_or_path: str, num_labels: int, pooling: str | None = No
         set_pooling(model, resolve_pooling(pooling, model.config, str(local)))
         return model, load_tokenizer(local)
     path = resolve_teacher(name_or_path)
+    _register(path)
     try:
         config = transformers.AutoConfig.from_pretrained(path)
         new_head = getattr(config, "num_labels", None) != num_labels
@@ -230,6 +240,7 @@ def teacher_shape(name_or_path: str):
     trial's ratio this way).
     """
     path = resolve_teacher(name_or_path)
+    _register(path)
     try:
         c = transformers.AutoConfig.from_pretrained(path)
     except LOAD_ERRORS as e:
