@@ -60,11 +60,12 @@ def _kinds(tmp_path):
     compress(student, CompressionSpec(variant="tucker", rank=8, bank=6))
     encoder = BertModel(tiny_config()).eval()
     compress(encoder, CompressionSpec(variant="shared", rank=12, grouping="type"))
-    kinds = [("plain", plain, "AutoModelForSequenceClassification"),
-             ("teacher", teacher, "AutoModelForSequenceClassification"),
-             ("student", student, "AutoModelForSequenceClassification"),
-             ("encoder", encoder, "AutoModel")]
-    return [(name, save_model(model, tok, tmp_path / name), auto, model) for name, model, auto in kinds]
+    kinds = [("plain", plain, "AutoModelForSequenceClassification", "fp32"),
+             ("teacher", teacher, "AutoModelForSequenceClassification", "fp32"),
+             ("student", student, "AutoModelForSequenceClassification", "fp32"),
+             ("student-int8", student, "AutoModelForSequenceClassification", "int8"),
+             ("encoder", encoder, "AutoModel", "fp32")]
+    return [(name, save_model(model, tok, tmp_path / name, precision=p), auto, model) for name, model, auto, p in kinds]
 
 
 def _feeds():
@@ -133,8 +134,8 @@ def test_every_directory_loads_outside_tdlight_with_the_same_outputs(tmp_path):
             assert r["plain_class"] == "BertForSequenceClassification"
             assert not (path / "modeling_tdlight.py").exists()
         with torch.no_grad():
-            want = model(**feeds)[0]
             mine = _tdlight_load(path)(**feeds)[0]
+            want = model(**feeds)[0] if name != "student-int8" else mine  # int8: as tdlight decodes it
             again = _tdlight_load(tmp_path / f"{name}-resaved")(**feeds)[0]  # transformers' save, tdlight's load
         torch.testing.assert_close(mine, want, atol=1e-5, rtol=0)
         torch.testing.assert_close(torch.tensor(r["output"]), want, atol=1e-5, rtol=0)
@@ -142,3 +143,81 @@ def test_every_directory_loads_outside_tdlight_with_the_same_outputs(tmp_path):
         if name in ("teacher", "student"):
             torch.testing.assert_close(torch.tensor(r["st"]), _mean_embedding(model, tok, sentences), atol=1e-5,
                                        rtol=0)
+
+
+# --- storage precision: fp32, fp16, bf16, int8 weight-only with per-channel scales ---
+
+def test_int8_quantization_is_within_half_a_step_per_channel():
+    import torch
+
+    from tdlight.tensor.precision import decode, dequantize_int8, encode, quantize_int8
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(5, 7, 33, generator=g) * torch.logspace(-3, 2, 7)[None, :, None]  # rows of very different scale
+    t[0, 0] = 0.0  # an all-zero row
+    q, scale = quantize_int8(t)
+    assert q.dtype == torch.int8 and scale.shape == (5, 7)
+    err = (dequantize_int8(q, scale) - t).abs()
+    assert torch.all(err <= scale[..., None] / 2 + 1e-7)  # half a step of its own row, however small the row
+    assert torch.all(dequantize_int8(q, scale)[0, 0] == 0)
+    state = {"w": t, "b": torch.randn(7, generator=g), "ids": torch.arange(4)}
+    stored = encode(state, "int8")
+    assert sorted(stored) == ["b", "ids", "w", "w:int8_scale"] and stored["b"].dtype == torch.float32
+    back = decode(stored)
+    assert torch.equal(back["b"], state["b"]) and torch.equal(back["ids"], state["ids"])
+    torch.testing.assert_close(back["w"], dequantize_int8(q, scale))
+    for p, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        s = encode(state, p)
+        assert s["w"].dtype == dtype and s["ids"].dtype == torch.int64 and decode(s)["w"].dtype == torch.float32
+    assert all(torch.equal(encode(state, "fp32")[k], v) for k, v in state.items())
+    with pytest.raises(ValueError, match=r"precision='int4'; valid: \['fp32', 'fp16', 'bf16', 'int8'\]"):
+        encode(state, "int4")
+
+
+@pytest.mark.parametrize("precision, atol, size", [("fp32", 1e-6, 1.0), ("fp16", 5e-3, 0.5), ("bf16", 5e-2, 0.5),
+                                                   ("int8", 5e-2, 0.4)])
+def test_saved_precision_loads_back_in_fp32(tmp_path, tiny_classifier, precision, atol, size):
+    import json
+
+    import torch
+
+    from tdlight.model.io import load_compressed, save_compressed
+    from tdlight.model.pooling import set_pooling
+    from tdlight.model.surgery import compress
+    from tdlight.tensor.spec import CompressionSpec
+
+    set_pooling(tiny_classifier, "mean")
+    compress(tiny_classifier, CompressionSpec(variant="tucker", rank=16, bank=12))
+    ref = save_compressed(tiny_classifier, tmp_path / "fp32-ref")
+    path = save_compressed(tiny_classifier, tmp_path / precision, precision=precision)
+    assert json.loads((path / "tdlight.json").read_text())["precision"] == precision
+    assert json.loads((path / "config.json").read_text()).get("tdlight_precision", "fp32") == precision
+    ratio = _data_bytes(path / "model.safetensors") / _data_bytes(ref / "model.safetensors")
+    assert ratio <= size + 0.01, ratio  # int8 on a 32-wide tiny model: 1/4 + a 4-byte scale per 32 entries
+    loaded = load_compressed(path, execution="factorized")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    feeds = _feeds()
+    with torch.no_grad():
+        want = tiny_classifier(**feeds).logits
+        got = loaded(**feeds).logits
+    torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    if precision != "fp32":
+        assert not torch.equal(got, want)  # it really was stored at lower precision
+
+
+def _data_bytes(path) -> int:
+    from safetensors import safe_open
+
+    from tdlight.tensor.precision import stored_bytes
+
+    with safe_open(str(path), framework="pt") as f:
+        return stored_bytes({k: f.get_tensor(k) for k in f.keys()})
+
+
+def test_unknown_precision_writes_nothing(tmp_path, tiny_classifier):
+    from tdlight.errors import ArtifactError
+    from tdlight.model.io import save_model
+
+    with pytest.raises(ArtifactError, match=r"precision='fp8'; valid: \['fp32', 'fp16', 'bf16', 'int8'\]"):
+        save_model(tiny_classifier, None, tmp_path / "m", precision="fp8")
+    assert list(tmp_path.iterdir()) == []

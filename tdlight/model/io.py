@@ -21,7 +21,6 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-import safetensors.torch
 import torch
 import transformers
 from torch import nn
@@ -31,11 +30,12 @@ from tdlight.files import atomic_directory, atomic_file, atomic_write_text, file
 from tdlight.model import execution as ex
 from tdlight.model import native
 from tdlight.model.surgery import densify, encoder_shape, get_encoder, is_compressed
+from tdlight.tensor.precision import PRECISIONS
 from tdlight.tensor.spec import EncoderShape, ResolvedSpec
 
 FORMAT = 1
 META = "tdlight.json"
-WEIGHTS = "model.safetensors"
+WEIGHTS = native.WEIGHTS
 
 
 def model_class(config) -> type[nn.Module]:
@@ -65,7 +65,7 @@ def _meta(model: nn.Module, extra: dict | None) -> dict:
 
 
 def write_model_files(model: nn.Module, path: Path, *, tokenizer=None, extra: dict | None = None,
-                      in_place: bool = False) -> None:
+                      in_place: bool = False, precision: str = "fp32") -> None:
     """Write the files of ``model``'s directory into the existing directory ``path``, each through a
     temporary sibling: ``config.json`` (:func:`tdlight.model.native.config_dict`), the weights, and
     when plain transformers would misread them the modeling file; for a mean-pooling model the
@@ -73,10 +73,13 @@ def write_model_files(model: nn.Module, path: Path, *, tokenizer=None, extra: di
     ``tdlight.json`` (its spec and the weights' checksum); the tokenizer when given. ``in_place``
     (``save_pretrained`` into a directory that may hold other files): remove tdlight's files that
     no longer apply, keep the rest."""
+    if precision not in PRECISIONS:
+        raise ArtifactError(f"precision={precision!r}; valid: {list(PRECISIONS)}")
     compressed = is_compressed(model)
-    atomic_file(path / WEIGHTS, lambda tmp: native.write_weights(model, tmp))
-    atomic_write_text(path / "config.json", json.dumps(native.config_dict(model), indent=2, sort_keys=True) + "\n")
-    if native.needs_tdlight(model):
+    atomic_file(path / WEIGHTS, lambda tmp: native.write_weights(model, tmp, precision))
+    config = native.config_dict(model, precision)
+    atomic_write_text(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if native.needs_tdlight(model, precision):
         atomic_write_text(path / native.MODELING_FILE, native.modeling_source(model))
     elif in_place:
         (path / native.MODELING_FILE).unlink(missing_ok=True)
@@ -84,6 +87,7 @@ def write_model_files(model: nn.Module, path: Path, *, tokenizer=None, extra: di
         atomic_write_text(path / name, text)
     if compressed:
         meta = _meta(model, extra)
+        meta["precision"] = precision
         meta["weights_sha256"] = file_sha256(path / WEIGHTS)  # verified by load_compressed
         atomic_write_text(path / META, json.dumps(meta, indent=2))
     elif in_place:
@@ -92,11 +96,13 @@ def write_model_files(model: nn.Module, path: Path, *, tokenizer=None, extra: di
         tokenizer.save_pretrained(path)
 
 
-def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
-    """Write a compressed model directory at ``path`` (atomically)."""
+def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer=None, extra: dict | None = None,
+                    precision: str = "fp32") -> Path:
+    """Write a compressed model directory at ``path`` (atomically), its weights stored at ``precision``
+    (:mod:`tdlight.tensor.precision`)."""
     if not is_compressed(model):
         raise ArtifactError("save_compressed needs a compressed model; for a dense one use save_model")
-    return atomic_directory(path, lambda tmp: write_model_files(model, tmp, tokenizer=tokenizer, extra=extra))
+    return save_model(model, tokenizer, path, extra=extra, precision=precision)
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -167,7 +173,8 @@ def load_compressed(path: str | os.PathLike, device: str | None = None, executio
         raise ArtifactError(f"{weights} is corrupt: its SHA-256 differs from the one recorded in {META} when it "
                             "was saved (the file was changed or damaged since)")
     try:
-        missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False, device=device or "cpu")
+        state = native.read_weights(weights, device=device or "cpu")  # fp32 whatever the stored precision
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise ArtifactError(f"{weights} is corrupt or does not match the model: {e}") from e
     missing = [k for k in missing if k not in _tied_keys(model)]
@@ -233,8 +240,12 @@ def export_dense(path_in: str | os.PathLike, path_out: str | os.PathLike) -> Pat
     return save_model(model, load_tokenizer(path_in) if tok_files else None, path_out)
 
 
-def save_model(model: nn.Module, tokenizer, path: str | os.PathLike, extra: dict | None = None) -> Path:
+def save_model(model: nn.Module, tokenizer, path: str | os.PathLike, extra: dict | None = None,
+               precision: str = "fp32") -> Path:
     """Save a trained model atomically (:func:`write_model_files`): a directory that transformers
     (``trust_remote_code=True`` where it needs tdlight's classes) and tdlight load alike."""
+    if precision not in PRECISIONS:  # before anything is written
+        raise ArtifactError(f"precision={precision!r}; valid: {list(PRECISIONS)}")
     model = model.cpu().eval()
-    return atomic_directory(path, lambda tmp: write_model_files(model, tmp, tokenizer=tokenizer, extra=extra))
+    return atomic_directory(path, lambda tmp: write_model_files(model, tmp, tokenizer=tokenizer, extra=extra,
+                                                                precision=precision))

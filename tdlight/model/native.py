@@ -37,10 +37,12 @@ from tdlight.errors import ArtifactError
 from tdlight.model.linear import FactorizedLinear
 from tdlight.model.pooling import pooling_of, saved_pooling, set_pooling
 from tdlight.model.surgery import compress, encoder_shape, get_encoder, is_compressed
+from tdlight.tensor.precision import PRECISIONS, decode, encode
 from tdlight.tensor.spec import EncoderShape, ResolvedSpec
 
 PREFIX = "tdlight_"
 CONFIG_KEY = "tdlight_compression"  # {"spec": ResolvedSpec.to_dict(), "shape": EncoderShape fields}
+PRECISION_KEY = "tdlight_precision"  # the weights' storage precision, when not fp32
 MODELING_FILE = "modeling_tdlight.py"
 WEIGHTS = "model.safetensors"
 # the Auto classes a directory maps: its encoder and a classifier on it (a new head for an encoder)
@@ -80,8 +82,15 @@ class _TdlightModel:
         apply_config(self, config)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *args, **kwargs):
+        path = pretrained_model_name_or_path
+        if path is not None and "state_dict" not in kwargs and precision_of(path) != "fp32":
+            # stored in fp16/bf16/int8 (tdlight.tensor.precision): decoded to fp32 here, then loaded by
+            # transformers as any state dict (heads, prefixes, devices as usual)
+            kwargs["config"] = kwargs.get("config") or cls.config_class.from_pretrained(path)
+            kwargs["state_dict"] = read_weights(Path(path) / WEIGHTS)
+            path = None
+        loaded = super().from_pretrained(path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info
         # transformers builds the model on the meta device and gives non-persistent buffers uninitialised
         # memory, then re-initialises them through each sub-model's _init_weights (the encoder inside a
@@ -99,16 +108,19 @@ class _TdlightModel:
         return None
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Write this model as a tdlight directory (:func:`write_model`) that both transformers and
-        tdlight read back. Files are replaced one at a time; other files there (a tokenizer) stay."""
+        """Write this model as a tdlight directory (:func:`tdlight.model.io.write_model_files`) that both
+        transformers and tdlight read back, its weights at ``precision`` (``fp32`` unless given). Files
+        are replaced one at a time; other files there (a tokenizer) stay."""
+        precision = kwargs.pop("precision", "fp32")
         unsupported = sorted(k for k, v in kwargs.items() if v and k in ("push_to_hub", "max_shard_size"))
         if args or unsupported:
-            raise ArtifactError(f"save_pretrained of a tdlight model takes a directory only; got {args or unsupported}")
+            raise ArtifactError(f"save_pretrained of a tdlight model takes a directory (and precision=) only; "
+                                f"got {args or unsupported}")
         from tdlight.model.io import write_model_files  # io builds on this module
 
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
-        write_model_files(self, path, in_place=True)
+        write_model_files(self, path, in_place=True, precision=precision)
 
 
 @functools.cache
@@ -160,24 +172,29 @@ def apply_config(model: nn.Module, config) -> None:
         set_pooling(model, pooling)
 
 
-def needs_tdlight(model: nn.Module) -> bool:
-    """Whether plain transformers would misread this model's directory: compressed, or mean pooling."""
-    return is_compressed(model) or pooling_of(model) == "mean"
+def needs_tdlight(model: nn.Module, precision: str = "fp32") -> bool:
+    """Whether plain transformers would misread this model's directory: compressed, mean pooling, or
+    weights stored at another precision than fp32 (int8 needs its scales)."""
+    return is_compressed(model) or pooling_of(model) == "mean" or precision != "fp32"
 
 
-def config_dict(model: nn.Module) -> dict:
-    """``config.json`` for ``model`` as it is now: the tdlight model type, ``auto_map`` and the
-    compression when it needs tdlight, else the plain HF config of its family."""
+def config_dict(model: nn.Module, precision: str = "fp32") -> dict:
+    """``config.json`` for ``model`` as it is now, stored at ``precision``: the tdlight model type,
+    ``auto_map``, the compression and the precision when it needs tdlight, else the plain HF config
+    of its family."""
     d = model.config.to_dict()
-    for key in ("auto_map", CONFIG_KEY, "transformers_version"):
+    for key in ("auto_map", CONFIG_KEY, PRECISION_KEY, "transformers_version"):
         d.pop(key, None)
     base = getattr(type(model), "_tdlight_base", type(model))
     d["model_type"] = base_model_type(model.config)
     d["architectures"] = [base.__name__]
     d["transformers_version"] = transformers.__version__
-    if not needs_tdlight(model):
-        d.pop("tdlight_pooling", None) if pooling_of(model) == "cls" else None
+    if pooling_of(model) == "cls":
+        d.pop("tdlight_pooling", None)
+    if not needs_tdlight(model, precision):
         return d
+    if precision != "fp32":
+        d[PRECISION_KEY] = precision
     fam = family(model)
     d["model_type"] = PREFIX + d["model_type"]
     cfg = config_class(model.config.__class__.__name__.removeprefix("Tdlight"))
@@ -235,9 +252,37 @@ def sentence_transformers_files(model: nn.Module) -> dict[str, str]:
     return {name: json.dumps(d, indent=2) + "\n" for name, d in zip(ST_FILES, (modules, seq, pooling))}
 
 
-def write_weights(model: nn.Module, path: Path) -> None:
-    """The weights file (safetensors; the bank once, however many linears view it)."""
-    safetensors.torch.save_model(model, str(path))
+def write_weights(model: nn.Module, path: Path, precision: str = "fp32") -> None:
+    """The weights file (safetensors; the bank once, however many linears view it) at ``precision``
+    (:mod:`tdlight.tensor.precision`; recorded in the file's metadata too)."""
+    if precision == "fp32":
+        safetensors.torch.save_model(model, str(path))
+        return
+    state, seen = {}, set()
+    for name, t in model.state_dict().items():  # a tensor shared by several names (tied weights) once
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            state[name] = t
+    safetensors.torch.save_file(encode(state, precision), str(path),
+                                metadata={"format": "pt", PRECISION_KEY: precision})
+
+
+def read_weights(path: Path, device: str = "cpu") -> dict:
+    """The fp32 state dict of a weights file written by :func:`write_weights`, at any precision."""
+    return decode(safetensors.torch.load_file(str(path), device=device))
+
+
+def precision_of(path) -> str:
+    """The storage precision a local model directory records in ``config.json`` (``fp32`` if none)."""
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        return "fp32"
+    try:
+        value = json.loads(f.read_text()).get(PRECISION_KEY, "fp32")
+    except (OSError, ValueError, AttributeError):
+        return "fp32"  # a corrupt config is reported by whatever reads it next
+    return value if value in PRECISIONS else "fp32"
 
 
 def read_config_json(path: Path) -> dict:

@@ -14,6 +14,7 @@ from torch import nn
 
 from tdlight.errors import ArtifactError, TeacherError
 from tdlight.model.io import META, WEIGHTS, load_compressed, load_tokenizer, model_class
+from tdlight.model import native
 from tdlight.model.native import ensure_registered
 from tdlight.model.pooling import resolve_pooling, saved_pooling, set_pooling
 from tdlight.model.surgery import compress, encoder_weights, get_encoder, is_compressed
@@ -168,6 +169,7 @@ def as_classifier(model: nn.Module, num_labels: int) -> nn.Module:
         return model
     config = copy.deepcopy(model.config)
     _set_labels(config, num_labels)
+    config.__dict__.pop(native.CONFIG_KEY, None)  # the structure is model's own, compressed below if it is
     clf = transformers.AutoModelForSequenceClassification.from_config(config)
     base = getattr(model, "base_model", model)
     if is_compressed(model):
