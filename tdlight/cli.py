@@ -201,9 +201,16 @@ def _key_values(args: list[str], defaults: dict[str, str]) -> dict[str, str]:
     return kw
 
 
-EXPORT_USAGE = ("usage: tdlight export-onnx <compressed model dir> <out.onnx> [execution=auto] [opset=17] "
-                "[verify=true]\n  an ONNX graph of the model with its head (dynamic batch and sequence axes), "
-                "checked against PyTorch in ONNX Runtime")
+EXPORT_USAGE = ("usage: tdlight export-onnx <model dir> <out.onnx> [execution=size] [precision=fp32] [opset=17] "
+                "[verify=true] [overwrite=false]\n  an ONNX graph of the model (compressed, or a dense teacher) with "
+                "its head (dynamic batch and sequence axes), checked against PyTorch in ONNX Runtime; "
+                "precision=int8: ONNX Runtime's dynamic int8 quantization of it")
+
+
+def _bool(kw: dict, key: str) -> bool:
+    if kw[key] not in ("true", "false"):
+        raise TdlightError(f"{key}={kw[key]!r}; valid: true, false")
+    return kw[key] == "true"
 
 
 def export_main(args: list[str]) -> int:
@@ -213,11 +220,11 @@ def export_main(args: list[str]) -> int:
         return 0
     try:
         if len(args) < 2 or "=" in args[0] or "=" in args[1]:
-            raise TdlightError(f"tdlight export-onnx needs a compressed model directory and an output file\n"
-                               f"{EXPORT_USAGE}")
-        kw = _key_values(args[2:], {"execution": "auto", "opset": "17", "verify": "true"})
-        if kw["verify"] not in ("true", "false"):
-            raise TdlightError(f"verify={kw['verify']!r}; valid: true, false")
+            raise TdlightError(f"tdlight export-onnx needs a model directory (compressed or dense) and an output "
+                               f"file\n{EXPORT_USAGE}")
+        kw = _key_values(args[2:], {"execution": "size", "precision": "fp32", "opset": "17", "verify": "true",
+                                    "overwrite": "false"})
+        verify, overwrite = _bool(kw, "verify"), _bool(kw, "overwrite")
         try:
             opset = int(kw["opset"])
         except ValueError as e:
@@ -225,13 +232,21 @@ def export_main(args: list[str]) -> int:
         from tdlight.model.onnx import export_onnx
 
         _quiet_dependencies()
-        r = export_onnx(args[0], args[1], execution=kw["execution"], opset=opset, verify=kw["verify"] == "true")
+        r = export_onnx(args[0], args[1], execution=kw["execution"], precision=kw["precision"], opset=opset,
+                        verify=verify, overwrite=overwrite)
     except TdlightError as e:
         print(f"tdlight: error: {e}", file=sys.stderr, flush=True)
         return 2
     diff = r.get("max_abs_diff")
-    print(f"wrote {r['path']}: inputs {', '.join(r['inputs'])} -> {r['output']} (opset {r['opset']}); "
-          f"units {r['execution']}" + ("" if diff is None else f"; ONNX Runtime vs PyTorch max |diff| {diff:.2e}"))
+    line = (f"wrote {r['path']} ({r['precision']}, {r['bytes']:,} bytes"
+            + (f"; fp32 graph {r['fp32_bytes']:,} bytes" if r["precision"] != "fp32" else "") + "): "
+            f"inputs {', '.join(r['inputs'])} -> {r['output']} (opset {r['opset']}); "
+            + (f"units {r['execution']}" if r["execution"] is not None else "dense model")
+            + ("" if diff is None else f"; ONNX Runtime vs PyTorch max |diff| {diff:.2e}"))
+    if "int8_rel_diff" in r:
+        line += (f"; int8 vs fp32 max |diff| {r['int8_max_abs_diff']:.2e} "
+                 f"({r['int8_rel_diff']:.1%} of the largest output)")
+    print(line)
     return 0
 
 

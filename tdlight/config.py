@@ -29,6 +29,13 @@ class Pooling(str, Enum):
     mean = "mean"  # masked mean of the last hidden states (sentence encoders such as all-MiniLM-L6-v2)
 
 
+class Precision(str, Enum):  # tdlight.tensor.precision.PRECISIONS: how a shipped model's weights are stored
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    int8 = "int8"  # weight-only, one scale per row of every matrix; computed in fp32 after loading
+
+
 @dataclass
 class TeacherConfig:
     name: str = "minilm"
@@ -79,6 +86,7 @@ class Execution(str, Enum):  # tdlight.model.io.EXECUTIONS: how the student's un
     auto = "auto"  # the plan saved with the model for this device type, else the MAC accounting's
     timed = "timed"  # time every mode of each unit kind on this machine, keep the fastest
     macs = "macs"  # the fewest multiply-adds per unit kind
+    size = "size"  # the fewest stored parameters (factorized units share the bank): ONNX export's default
     factorized = "factorized"  # as trained; only the shared factors in memory
     folded = "folded"  # cores multiplied into V (or U) at load time: two GEMMs per unit
     dense = "dense"
@@ -231,6 +239,9 @@ class EvaluateStage:
     max_length: Optional[int] = None
     limit_eval: Optional[int] = None
     num_workers: int = 0
+    # the precision the model ships at: other than fp32, the model is stored at it in the run's model/
+    # and scored as loaded back from there, with the fp32 score beside it
+    precision: Precision = Precision.fp32
 
 
 @dataclass
@@ -351,7 +362,8 @@ RANGES: dict[str, str] = {
     **dict.fromkeys(("batch_size", "eval_batch_size", "refine_batch_size", "speed_batch_size", "speed_reps",
                      "accumulate_grad_batches", "log_every_n_steps", "val_every_n_steps", "max_iter", "num_nodes",
                      "limit_train", "limit_eval", "max_heldout_sequences", "refine_heldout_batches",
-                     "check_val_every_n_epoch", "checkpoint_every_n_steps", "epochs"), "an integer ≥ 1"),
+                     "check_val_every_n_epoch", "checkpoint_every_n_steps", "epochs", "embedding_rank"),
+                    "an integer ≥ 1"),
     **dict.fromkeys(("max_length", "refine_max_length"), "an integer ≥ 3"),
     **dict.fromkeys(("intermediate_epochs", "prediction_epochs", "refine_steps", "fit_iters", "fit_passes",
                      "num_workers", "shuffle_buffer"), "an integer ≥ 0"),

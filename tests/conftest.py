@@ -76,7 +76,7 @@ def save_tiny_teacher(path, vocab_dir):
     BertForSequenceClassification(tiny_config(num_labels=2)).save_pretrained(path)
     vocab = Path(vocab_dir) / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]))
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(path)
+    BertTokenizerFast(vocab=str(vocab)).save_pretrained(path)  # (transformers 5 ignores vocab_file=: all [UNK])
     return path
 
 

@@ -41,7 +41,7 @@ def test_decompose_writes_a_loadable_model_and_report(tmp_path, teacher_dir):
 
     text = "w1 w2 [MASK]"
     assert tdlight.load_tokenizer(run / "model")(text)["input_ids"] == AutoTokenizer.from_pretrained(teacher_dir)(text)["input_ids"]
-    assert type(model).__name__ == "BertForSequenceClassification"
+    assert type(model).__name__ == "TdlightBertForSequenceClassification"  # BertForSequenceClassification + tdlight's encoder
     assert model.bert.encoder.compression.rank_in == 8
 
 

@@ -161,7 +161,7 @@ def test_weight_bytes_count_the_caches(tiny_bert, token_ids):
 
 @pytest.mark.parametrize("call, message", [
     (lambda m: ex.plan(m, "fastest"),
-     "execution policy 'fastest'; valid: ['timed', 'macs', 'factorized', 'folded', 'dense']"),
+     "execution policy 'fastest'; valid: ['timed', 'macs', 'size', 'factorized', 'folded', 'dense']"),
     (lambda m: ex.plan(m, "timed", batches=(0,)), "batches=[0]"),
     (lambda m: ex.apply(m, {"modes": {"qkv": "sparse"}}), "execution mode 'sparse' for qkv; valid"),
     (lambda m: ex.apply(m, {"modes": {"query": "dense"}}), "unit kind 'query', which this model does not have"),

@@ -17,6 +17,12 @@ together from one ``x @ U``), ``attn_out``, ``ffn_in``, ``ffn_out`` (and ``query
   (geometric mean of the speed-ups over the batch sizes). One unit per kind stands for all:
   every layer's unit of a kind has the same shapes.
 * ``policy="macs"``: the fewest multiply-adds (:func:`tdlight.tensor.accounting.unit_macs`), no timing.
+* ``policy="size"``: the fewest stored parameters (:func:`tdlight.tensor.accounting.stored_weights`):
+  factorized units share their group's bank, folded and dense ones store their own matrices, so
+  the plan that stores least is searched over every combination of modes per kind (ties: fewer
+  MACs). What an exported file holds (the default of :func:`tdlight.model.onnx.export_onnx`):
+  nearly always all factorized, dense where the ranks are so high that the bank outweighs the
+  dense weights.
 * ``policy="factorized"`` / ``"folded"`` / ``"dense"``: one mode everywhere. ``factorized`` is the
   memory-lean one (only the shared factors in memory: the compression ratio holds at run time too).
 
@@ -29,6 +35,7 @@ changes speed and memory, never results beyond float rounding.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -39,10 +46,10 @@ from tdlight.errors import SpecError
 from tdlight.model.linear import FactorizedLinear
 from tdlight.model.speed import paired_times
 from tdlight.model.surgery import encoder_shape, get_encoder, is_compressed
-from tdlight.tensor.accounting import unit_macs
+from tdlight.tensor.accounting import macs, stored_weights, unit_macs
 
 UNIT_MODES = ("factorized", "folded", "dense")
-POLICIES = ("timed", "macs", *UNIT_MODES)
+POLICIES = ("timed", "macs", "size", *UNIT_MODES)
 
 
 @dataclass
@@ -109,12 +116,37 @@ def plan(model: nn.Module, policy: str = "timed", *, device: torch.device | str 
             result["modes"][kind] = policy
         elif policy == "macs":
             result["modes"][kind] = min(counts, key=lambda mode: (counts[mode], mode != "dense"))
+        elif policy == "size":
+            continue  # all kinds at once, below: factorized units share a bank
         else:
             speedups = {"dense": 1.0} | {mode: round(_time_unit(unit, mode, device, batches, seq_len, reps), 4)
                                          for mode in counts if mode != "dense"}
             result["timed_speedup"][kind] = speedups
             result["modes"][kind] = max(speedups, key=speedups.get)
+    if policy == "size":
+        result["modes"] = smallest_modes(model, list(first))
+    result["stored_params"] = stored_params(model, result["modes"])
     return result
+
+
+def stored_params(model: nn.Module, modes: dict[str, str]) -> dict[str, int]:
+    """Encoder weight parameters ``model`` stores under the plan ``modes`` (unit kind → mode), as an
+    exported graph holds them (:func:`tdlight.tensor.accounting.stored_weights`)."""
+    return stored_weights(encoder_shape(model), get_encoder(model).compression, modes)
+
+
+def smallest_modes(model: nn.Module, kinds: list[str]) -> dict[str, str]:
+    """The mode per unit kind that stores the fewest parameters; among equals, the fewest MACs.
+    Every combination is tried (at most 3⁶): a group's bank is stored once if any unit reads it
+    factorized, so the kinds do not choose independently."""
+    spec, shape = get_encoder(model).compression, encoder_shape(model)
+    options = [list(macs_of(model, kind)) for kind in kinds]
+
+    def cost(modes: dict[str, str]) -> tuple[int, float]:
+        return stored_weights(shape, spec, modes)["total"], macs(shape, spec, 128, modes)["per_token"]
+
+    best = min((dict(zip(kinds, combo)) for combo in itertools.product(*options)), key=cost)
+    return best
 
 
 @torch.no_grad()

@@ -1,11 +1,14 @@
-"""ONNX export of tdlight models, checked against PyTorch in ONNX Runtime.
+"""ONNX export of tdlight models and of dense teachers, checked against PyTorch in ONNX Runtime.
 
-Builds on :mod:`tdlight.model.io` (a saved model is loaded through it); ``onnx`` and
-``onnxruntime`` are optional (``pip install 'tdlight[onnx]'``) and imported only here.
+Builds on :mod:`tdlight.model.io` (a compressed directory is loaded through it) and
+:mod:`tdlight.model.teacher` (a dense one: a plain HF directory or a fine-tuned teacher, with its
+saved pooling); ``onnx`` and ``onnxruntime`` are optional (``pip install 'tdlight[onnx]'``) and
+imported only here.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -15,8 +18,16 @@ from torch import nn
 from tdlight.errors import ArtifactError
 from tdlight.files import atomic_file
 from tdlight.model import execution as ex
-from tdlight.model.io import load_compressed
+from tdlight.model.io import EXECUTIONS, META, load_compressed
 from tdlight.model.surgery import is_compressed
+from tdlight.model.teacher import EMBEDDED, embedded_path, load_teacher
+
+PRECISIONS = ("fp32", "int8")
+# int8 (dynamic quantization) is checked against the fp32 graph on the sample batch: the largest
+# difference relative to the fp32 outputs' largest magnitude is reported (``int8_rel_diff``), and only
+# a graph that is wildly off — more than this, or not finite — is refused: a rounding error of a few
+# percent is what int8 costs and is judged on a task score, not here.
+INT8_REFUSE = 0.5
 
 
 class _FirstOutput(nn.Module):
@@ -32,37 +43,90 @@ class _FirstOutput(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)[0]
 
 
-def export_onnx(model_dir: str | os.PathLike, path: str | os.PathLike, *, execution: str = "auto", opset: int = 17,
-                verify: bool = True, atol: float = 1e-4) -> dict:
-    """Write the compressed model at ``model_dir`` (with its head) as an ONNX graph at ``path``.
+def export_onnx(model_dir: str | os.PathLike, path: str | os.PathLike, *, execution: str = "size",
+                precision: str = "fp32", opset: int = 17, verify: bool = True, atol: float = 1e-4,
+                overwrite: bool = False) -> dict:
+    """Write the model at ``model_dir`` (with its head) as an ONNX graph at ``path``.
 
+    ``model_dir``: a compressed model directory (with ``tdlight.json``), or a dense one — a plain
+    HF directory, a fine-tuned teacher (its saved pooling restored by
+    :func:`tdlight.model.teacher.load_teacher`) or an embedded teacher's name (``minilm``).
     Inputs ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model has token
     types), int64, with dynamic batch and sequence axes; output ``logits`` (a classifier) or
-    ``last_hidden_state``. Each unit runs as the execution plan says (:func:`load_compressed`'s
-    ``execution``): dense units are stored as their dense weights, folded ones as their two folded
-    matrices, factorized ones as the factors.
+    ``last_hidden_state``. A compressed model's units run as the execution plan says
+    (:func:`load_compressed`'s ``execution``); the default ``size`` stores each unit in the form
+    that holds the fewest parameters (:mod:`tdlight.model.execution`: factorized units share the
+    bank, folded ones store a rank × D matrix per block and layer, dense ones D²), so the file is
+    no larger than the weights need; ``macs``/``timed``/``folded``/``dense`` trade bytes for speed.
+    ``execution`` is ignored for a dense model.
+    ``precision``: ``fp32``, or ``int8`` — the fp32 graph, checked, then ONNX Runtime's dynamic
+    quantization (weights int8 with per-channel scales for the MatMuls, per-tensor for the embedding
+    tables; activations quantized on the fly) and checked against the fp32 graph (see
+    :data:`INT8_REFUSE`).
     TorchScript-based exporter (``dynamo=False``): the shared Q/K/V input is a Python-side memo
     that tracing records as one computation, where ``torch.export`` would need it rewritten.
     With ``verify`` (needs ``onnxruntime``: ``pip install tdlight[onnx]``) ONNX Runtime's output on
-    a sample batch must match PyTorch's within ``atol``, else nothing is written. Returns what was
-    exported and the largest difference seen.
+    a sample batch must match PyTorch's within ``atol``, else nothing is written. An existing
+    ``path`` is replaced only with ``overwrite``; a ``path`` inside ``model_dir`` never. Returns what
+    was exported, the file's bytes and the largest differences seen.
     """
+    source = _model_source(model_dir)
+    _check_options(execution, precision, opset)
+    check_target(path, overwrite, inside=source)
+    if (source / META).is_file():
+        model = load_compressed(source, execution=execution)
+    else:
+        model, _ = load_teacher(str(source))
+    return onnx_export_model(model, path, precision=precision, opset=opset, verify=verify, atol=atol,
+                             overwrite=overwrite)
+
+
+def _model_source(model_dir: str | os.PathLike) -> Path:
+    """The directory to export: an existing directory, or an embedded teacher's."""
+    if str(model_dir) in EMBEDDED and not Path(model_dir).exists():
+        return Path(embedded_path(str(model_dir)))
+    p = Path(os.path.expanduser(str(model_dir)))
+    if not p.is_dir():
+        raise ArtifactError(f"model directory {str(model_dir)!r} does not exist; valid: a compressed model "
+                            f"directory (with {META}), a dense HF model directory, or one of {list(EMBEDDED)}")
+    return p
+
+
+def _check_options(execution: str, precision: str, opset: int) -> None:
+    if execution not in EXECUTIONS:
+        raise ArtifactError(f"execution={execution!r}; valid: {list(EXECUTIONS)}")
+    if precision not in PRECISIONS:
+        raise ArtifactError(f"precision={precision!r}; valid: {list(PRECISIONS)}")
     if opset < 14:
         raise ArtifactError(f"opset={opset}; valid: 14 or later (the attention's ops need it)")
-    return onnx_export_model(load_compressed(model_dir, execution=execution), path, opset=opset, verify=verify,
-                             atol=atol)
 
 
-def onnx_export_model(model: nn.Module, path: str | os.PathLike, *, opset: int = 17, verify: bool = True,
-                      atol: float = 1e-4) -> dict:
+def check_target(path: str | os.PathLike, overwrite: bool, inside: Path | None = None) -> None:
+    """Refuse an output path that is a directory, that lies inside the model directory ``inside``
+    (its weights or config would be replaced), or that exists unless ``overwrite``."""
+    target = Path(os.path.expanduser(str(path))).resolve()
+    if inside is not None and target.is_relative_to(inside.resolve()):
+        raise ArtifactError(f"output {str(path)!r} is inside the model directory {str(inside)!r} being exported; "
+                            "valid: a path outside it")
+    if target.is_dir():
+        raise ArtifactError(f"output {str(path)!r} is a directory; valid: a file path such as model.onnx")
+    if target.exists() and not overwrite:
+        raise ArtifactError(f"output {str(path)!r} exists; valid: a new path, or overwrite=true to replace it")
+
+
+def onnx_export_model(model: nn.Module, path: str | os.PathLike, *, precision: str = "fp32", opset: int = 17,
+                      verify: bool = True, atol: float = 1e-4, overwrite: bool = False) -> dict:
     """:func:`export_onnx` of a model in memory, compressed (units as their plan says) or dense."""
+    if precision not in PRECISIONS:
+        raise ArtifactError(f"precision={precision!r}; valid: {list(PRECISIONS)}")
+    check_target(path, overwrite)
     ort = None
-    if verify:
+    if verify or precision == "int8":
         try:
             import onnxruntime as ort
         except ImportError as e:
-            raise ArtifactError("export_onnx(verify=True) needs onnxruntime: pip install 'tdlight[onnx]' "
-                                "(or verify=False)") from e
+            raise ArtifactError(f"export_onnx(verify={verify}, precision={precision!r}) needs onnxruntime: "
+                                "pip install 'tdlight[onnx]' (or verify=False at fp32)") from e
     model.eval()
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if getattr(model.config, "type_vocab_size", 0)
                                                else [])
@@ -75,30 +139,85 @@ def onnx_export_model(model: nn.Module, path: str | os.PathLike, *, opset: int =
     check = [torch.randint(0, vocab, (3, 9), generator=g), torch.ones(3, 9, dtype=torch.long),
              torch.zeros(3, 9, dtype=torch.long)][: len(names)]  # other sizes than traced: the axes are dynamic
     check[1][0, 5:] = 0
+    feeds = {n: t.numpy() for n, t in zip(names, check)}
     ex.build_caches(model)  # folded / dense units' weights as constants, not their construction, in the graph
     wrapped = _FirstOutput(model).eval()
-    result = {"path": str(path), "inputs": names, "output": output, "opset": opset,
+    result = {"path": str(path), "inputs": names, "output": output, "opset": opset, "precision": precision,
               "execution": (ex.current(model) or {}).get("modes") if is_compressed(model) else None}
 
-    def write(tmp: Path) -> None:
+    def run(file: Path):
+        session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+        return session.run(None, feeds)[0]
+
+    def export(file: Path) -> None:
         import warnings
 
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-            torch.onnx.export(wrapped, tuple(sample), str(tmp), dynamo=False, input_names=names, output_names=[output],
-                              opset_version=opset, do_constant_folding=True,
+            torch.onnx.export(wrapped, tuple(sample), str(file), dynamo=False, input_names=names,
+                              output_names=[output], opset_version=opset, do_constant_folding=True,
                               dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names},
                                             output: {0: "batch"} if output == "logits" else {0: "batch", 1: "sequence"}})
-        if ort is not None:
-            session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-            got = session.run(None, {n: t.numpy() for n, t in zip(names, check)})[0]
+        result["fp32_bytes"] = file.stat().st_size
+        if verify:
             with torch.no_grad():
                 want = wrapped(*check).numpy()
-            diff = float(abs(got - want).max())
+            diff = float(abs(run(file) - want).max())
             result["max_abs_diff"] = diff
             if not diff <= atol:
                 raise ArtifactError(f"ONNX Runtime's {output} differ from PyTorch's by {diff:.3g} (atol {atol}): "
                                     f"not written to {path}")
 
+    def write(tmp: Path) -> None:
+        if precision == "fp32":
+            export(tmp)
+            return
+        fp32 = tmp.with_name(tmp.name + ".fp32")  # a second temporary sibling, removed whatever happens
+        try:
+            export(fp32)
+            quantize_int8(fp32, tmp)
+            result["int8_bytes"] = tmp.stat().st_size
+            if verify:
+                ref, got = run(fp32), run(tmp)
+                scale = float(abs(ref).max()) or 1.0
+                diff = float(abs(got - ref).max())
+                result["int8_max_abs_diff"], result["int8_rel_diff"] = diff, diff / scale
+                if not diff / scale <= INT8_REFUSE:  # (NaN fails too)
+                    raise ArtifactError(f"the int8 graph's {output} differ from the fp32 graph's by {diff:.3g}, "
+                                        f"{diff / scale:.0%} of their largest magnitude (refused above "
+                                        f"{INT8_REFUSE:.0%}): not written to {path}")
+        finally:
+            fp32.unlink(missing_ok=True)
+
     atomic_file(path, write)
+    result["bytes"] = Path(path).stat().st_size
     return result
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """ONNX Runtime's dynamic quantization of the graph ``src`` into ``dst``: int8 weights (QInt8;
+    per-channel scales where the operator has them: MatMul), uint8 activations quantized on the fly.
+    The exporter writes weights it computed (folded or dense units, constant-folded products) as
+    ``Constant`` nodes, which the quantizer skips; they become initializers first."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    for node in list(graph.node):
+        if node.op_type != "Constant" or len(node.attribute) != 1 or node.attribute[0].name != "value":
+            continue
+        t = node.attribute[0].t
+        if t.data_type != onnx.TensorProto.FLOAT or len(t.dims) < 2:
+            continue
+        init = onnx.TensorProto()
+        init.CopyFrom(t)
+        init.name = node.output[0]
+        graph.initializer.append(init)
+        graph.node.remove(node)
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # its advice to pre-process the graph, printed on every call
+    try:
+        quantize_dynamic(model, str(dst), per_channel=True, weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(previous)

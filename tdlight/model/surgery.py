@@ -6,7 +6,9 @@ Works on any model whose encoder has the ``BertModel`` module structure
 the MiniLM teacher, RoBERTa/ELECTRA-style models with the same structure. The model keeps
 its class; attention code, ``output_hidden_states``, ``output_attentions`` and heads are
 untouched. The banks live in ``encoder.factor_banks`` (one per layout group) and the
-resolved spec in ``encoder.compression``.
+resolved spec in ``encoder.compression``. When the spec compresses the word embeddings too
+(``embedding_rank``, ``vocab``), ``embeddings.word_embeddings`` becomes a
+:class:`~tdlight.model.embedding.FactorizedEmbedding` (:mod:`tdlight.model.embedding`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from torch import nn
 
 from tdlight.errors import SpecError, TeacherError
 from tdlight.model.bank import FactorBank
+from tdlight.model.embedding import (FactorizedEmbedding, check_untied, compress_embeddings, densify_embeddings,
+                                     word_embeddings)
 from tdlight.model.linear import MODES, FactorizedLinear, SharedInput
 from tdlight.tensor.decompose import decompose, warn_dead_blocks
+from tdlight.tensor.embedding import TokenStats
 from tdlight.tensor.factors import Decomposition, Factors
 from tdlight.tensor.layout import stack
 from tdlight.tensor.spec import CompressionSpec, EncoderShape, ResolvedSpec, resolve
@@ -76,7 +81,7 @@ def encoder_shape(model: nn.Module) -> EncoderShape:
 
     def rows(name):
         m = getattr(emb, name, None) if emb is not None else None
-        return m.num_embeddings if isinstance(m, nn.Embedding) else 0
+        return m.num_embeddings if isinstance(m, (nn.Embedding, FactorizedEmbedding)) else 0
 
     return EncoderShape(len(encoder.layer), D, I, rows("word_embeddings"), rows("position_embeddings"),
                         rows("token_type_embeddings"))
@@ -111,6 +116,7 @@ class CompressionReport:
     type_errors: dict[str, float] = field(default_factory=dict)  # block type -> relative error
     rel_error: float = 0.0
     dead_blocks: list[str] = field(default_factory=list)
+    embedding: dict = field(default_factory=dict)  # the word-embedding fit (tdlight.model.embedding); {} if dense
 
 
 def is_compressed(model: nn.Module) -> bool:
@@ -123,23 +129,34 @@ def compress(
     *,
     init_from_weights: bool = True,
     callback: Callable[[str, int, float], None] | None = None,
+    tokens: TokenStats | None = None,
 ) -> CompressionReport:
-    """Replace the encoder linears of ``model`` (in place) by factorized ones.
+    """Replace the encoder linears of ``model`` (in place) by factorized ones, and its word
+    embeddings by a compressed table when the spec asks (``embedding_rank``, ``vocab``).
 
     With ``init_from_weights`` the factors come from decomposing the model's weights
     (the report carries the errors); without it the structure is built with zero
     factors, ready for ``load_state_dict`` (used when loading a saved model).
-    ``callback(group, sweep, rel_error)`` reports HOOI progress.
+    ``callback(group, sweep, rel_error)`` reports HOOI progress. ``tokens``
+    (``tdlight.data.vocab.token_stats``): the text's token counts, needed to fit a restricted
+    vocabulary (its kept ids) or a ``frequency``-weighted embedding.
     """
     if is_compressed(model):
         raise SpecError("this model is already compressed; densify it first or load the teacher again")
     shape = encoder_shape(model)
     weights = encoder_weights(model)
     rspec = spec if isinstance(spec, ResolvedSpec) else resolve(spec, shape)
+    if rspec.compresses_embeddings:  # refused before any work: a tied LM head, a table already compressed
+        check_untied(model)
+        if not isinstance(word_embeddings(model)[1], nn.Embedding):
+            raise SpecError("the word embeddings are already compressed; load the teacher again")
     layout = rspec.layout
     encoder = get_encoder(model)
     ref = next(iter(weights.values()))
-    report = CompressionReport(rspec)
+    embedding_report = {}
+    if rspec.compresses_embeddings:
+        rspec, embedding_report = compress_embeddings(model, rspec, tokens, init_from_weights=init_from_weights)
+    report = CompressionReport(rspec, embedding=embedding_report)
 
     banks = nn.ModuleDict()
     if init_from_weights:
@@ -218,8 +235,10 @@ def set_mode(model: nn.Module, mode: str) -> None:
 
 @torch.no_grad()
 def densify(model: nn.Module) -> nn.Module:
-    """Turn a compressed model back into a plain HF model with dense ``nn.Linear`` (in place)."""
+    """Turn a compressed model back into a plain HF model with dense ``nn.Linear`` (in place), and a
+    compressed word-embedding table back into an ``nn.Embedding`` of the teacher's full vocabulary."""
     encoder = get_encoder(model)
+    densify_embeddings(model)
     if not hasattr(encoder, "factor_banks"):
         return model
     for i, layer in enumerate(encoder.layer):

@@ -13,6 +13,13 @@ layerwise | global | both; ``stage.fit_bias``: biases in closed form), each kept
 held-out last-hidden-state error improves; ``fit.refit`` holds every pass's held-out errors.
 The saved model is the last kept pass; the weight errors in the report are those of the
 output fit before the refit.
+
+Whole-model compression: ``compression.embedding_rank`` / ``compression.vocab`` compress the
+word embeddings too. The text they need is tokenized here (:func:`tdlight.data.vocab.token_stats`):
+the ``vocab`` source (a corpus path, or ``task``: the task's training text) gives the kept tokens,
+and ``compression.embedding_weighting=frequency`` weights the rows by the counts of that text,
+or of ``stage.calibration_files`` (at most :data:`COUNT_CHARS` characters) when the vocabulary is
+full. ``metrics.json`` adds the ``embedding`` fit and the whole-model parameters and ratio.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from tdlight.config import compression_spec
 from tdlight.data.corpus.datamodule import CorpusDataModule
 from tdlight.data.corpus.files import resolve_corpus_files
 from tdlight.data.glue import TASKS, task_text
+from tdlight.data.vocab import token_stats
 from tdlight.errors import TdlightError
 from tdlight.files import atomic_directory, atomic_write_text, state_fingerprint
 from tdlight.model.calibration import REFIT_MODES, collect_grams, fit_outputs, output_errors, refit_outputs
@@ -46,7 +54,7 @@ from tdlight.stages.common import build_trainer, teacher_source
 from tdlight.stages.refine import RefineModule, heldout_error
 from tdlight.tensor.accounting import param_counts
 from tdlight.tensor.decompose import DEAD_BLOCK_ERROR
-from tdlight.tensor.spec import resolve
+from tdlight.tensor.spec import TASK_VOCAB, resolve
 from tdlight.tensor.variants import variant_of
 
 log = logging.getLogger("tdlight.decompose")
@@ -57,6 +65,7 @@ TEACHER_WEIGHTS = ("pretrained", "finetuned")
 TASK_TEXT = "task"  # stage.calibration_files=task: the task's own training text
 FIT_KEYS = ("fit", "calibration_files", "calibration_sequences", "calibration_max_length", "calibration_damp",
             "fit_iters", "fit_passes", "fit_refit", "fit_bias", "refine_heldout_files", "refine_heldout_batches", "refine_batch_size")
+COUNT_CHARS = 10_000_000  # characters of stage.calibration_files read for frequency-weighted embedding rows
 
 
 def resolve_device(trainer) -> torch.device:
@@ -115,6 +124,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if fit == "outputs" and cfg.stage.calibration_files == TASK_TEXT:
         # the file's name holds a hash of its text: the decomposition cache key follows the task and its data
         cfg.stage.calibration_files = str(task_calibration_file(cfg))
+    tokens = _embedding_tokens(cfg, spec, tokenizer, shape.vocab_size, console)
+    if tokens is not None and spec.vocab is not None:  # the kept vocabulary's size, now that its text is read
+        rspec = resolve(spec, shape, vocab_size=int(tokens.kept_ids().numel()))
     if cfg.stage.get("cache", True):
         key = cache_key(teacher, rspec)
         extra = {}
@@ -122,6 +134,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             extra.update({k: cfg.stage[k] for k in cfg.stage if str(k).startswith("refine")})
         if fit == "outputs":  # ... and an output fit on its calibration (and held-out) text
             extra.update({k: cfg.stage.get(k) for k in FIT_KEYS})
+        if tokens is not None:  # ... and compressed embeddings on the token counts of their text
+            extra["embedding_tokens"] = state_fingerprint(
+                {"counts": tokens.counts}, extra=json.dumps([tokens.special_ids, tokens.unk_id]))[:20]
         if extra:
             key = hashlib.sha1((key + json.dumps(OmegaConf.to_container(OmegaConf.create(extra), resolve=True),
                                                  sort_keys=True)).encode()).hexdigest()[:20]
@@ -148,7 +163,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            report = compress(teacher, rspec, callback=on_sweep if tasks else None)
+            report = compress(teacher, rspec, callback=on_sweep if tasks else None, tokens=tokens)
         seconds = time.perf_counter() - t0
         for g, task in tasks.items():
             progress.update(task, completed=rspec.max_iter)
@@ -167,15 +182,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     refined = _refine(cfg, teacher, reference, tokenizer, run_dir, console) if refine else None
     after = count_parameters(teacher)
+    rspec = report.spec  # (with the kept vocabulary's size)
     formula = param_counts(shape, rspec)
-    if after["encoder"] != formula["encoder"]:  # the model and the accounting must agree
-        raise AssertionError(f"parameter accounting mismatch: model {after['encoder']} vs formula {formula['encoder']}")
+    for part in ("encoder", "embeddings"):  # the model and the accounting must agree
+        if after[part] != formula[part]:
+            raise AssertionError(f"parameter accounting mismatch ({part}): model {after[part]} vs formula {formula[part]}")
     result = {
         "teacher": source,
         "spec": rspec.to_dict(),
         "parameters_before": before,
         "parameters_after": after,
         "ratio": formula["ratio"],
+        # the whole model (embeddings + encoder; pooler and heads aside), the user's file beside the paper's ratio
+        "model_parameters_before": formula["dense_model"],
+        "model_parameters_after": formula["model"],
+        "model_ratio": formula["model_ratio"],
+        "embedding": report.embedding,
         "rel_error": report.rel_error,
         "type_errors": report.type_errors,
         "block_errors": report.block_errors,
@@ -198,6 +220,30 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     Console().print(_table(result))
     log.info("ratio %.2f, rel. error %.4f, %.1f s; model in %s", result["ratio"], report.rel_error, seconds, run_dir)
     return result
+
+
+def _embedding_tokens(cfg: DictConfig, spec, tokenizer, vocab_size: int, console: Console):
+    """The token statistics compressed embeddings need (:func:`tdlight.data.vocab.token_stats`), or None:
+    the ``compression.vocab`` text (all of it), else for ``frequency`` weighting the calibration text."""
+    if spec.vocab is None and spec.embedding_weighting != "frequency":
+        return None
+    if spec.vocab is not None:
+        source, what, limit = spec.vocab, "compression.vocab", None
+    else:
+        source, limit = cfg.stage.get("calibration_files"), COUNT_CHARS
+        what = "stage.calibration_files (the token counts of compression.embedding_weighting=frequency)"
+        source = OmegaConf.to_container(source) if OmegaConf.is_config(source) else source
+    if source == TASK_VOCAB:  # the same word as stage.calibration_files=task
+        if cfg.get("task") is None:
+            raise TdlightError(f"{what}={TASK_VOCAB} reads the task's training text: add task=<name>; "
+                               f"valid: {sorted(TASKS)}")
+        source = str(task_calibration_file(cfg))
+    t0 = time.perf_counter()
+    stats = token_stats(tokenizer, source, vocab_size, what=what, max_chars=limit)
+    seen = int((stats.counts > 0).sum())
+    console.print(f"embeddings: {int(stats.counts.sum()):,} tokens of {stats.source} ({seen:,} distinct of "
+                  f"{vocab_size:,}) in {time.perf_counter() - t0:.1f} s")
+    return stats
 
 
 def _refine(cfg: DictConfig, student, teacher, tokenizer, run_dir: Path, console: Console) -> dict:
@@ -388,6 +434,16 @@ def _table(r: dict) -> Table:
     for key in ("encoder_weights", "encoder_biases", "encoder_layernorms", "encoder", "embeddings", "other"):
         t.add_row(key.replace("_", " "), f"{b[key]:,}", f"{a[key]:,}")
     t.add_row("[bold]encoder ratio", "", f"[bold]{r['ratio']:.2f}×")
+    if r.get("model_ratio") is not None:
+        t.add_row("whole model (embeddings + encoder)", f"{r['model_parameters_before']:,}",
+                  f"{r['model_parameters_after']:,}")
+        t.add_row("[bold]whole-model ratio", "", f"[bold]{r['model_ratio']:.2f}×")
+    e = r.get("embedding") or {}
+    if e:
+        rows = f"{e['rows']:,} of {e['ids']:,} rows" + (f", rank {e['rank']}" if e.get("rank") else "")
+        t.add_row(f"word embeddings ({rows}, {e['weighting']})", "", f"rel. error {e['rel_error']:.4f}")
+        if e.get("token_rel_error") is not None:
+            t.add_row("  rel. error per token of the text", "", f"{e['token_rel_error']:.4f}")
     t.add_row("rel. error (all blocks)", "", f"{r['rel_error']:.4f}")
     for typ, e in r["type_errors"].items():
         flag = "  [red](dead blocks)" if any(n.split(".")[1] == typ for n in r["dead_blocks"]) else ""

@@ -24,6 +24,7 @@ from torch import nn
 
 from tdlight.errors import TdlightError
 from tdlight.model.capture import forward_with_scores
+from tdlight.model.embedding import train_compressed_embeddings
 from tdlight.model.pooling import pooling_of, set_pooling
 from tdlight.model.surgery import encoder_shape, is_compressed
 from tdlight.model.teacher import copy_head, load_classifier, load_masked_lm
@@ -58,6 +59,7 @@ class DistillModule(GlueModule):
         self.steps_per_epoch: int | None = None
         if not train_embeddings:
             self.model.base_model.embeddings.requires_grad_(False)
+            train_compressed_embeddings(self.model)  # a compressed word-embedding table is trained back
 
     def phase(self, epoch: int | None = None) -> int:
         epoch = self.current_epoch if epoch is None else epoch

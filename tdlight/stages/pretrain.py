@@ -24,6 +24,7 @@ from torch import nn
 from tdlight.data.corpus.datamodule import CorpusDataModule
 from tdlight.errors import TdlightError
 from tdlight.model.capture import forward_with_scores
+from tdlight.model.embedding import train_compressed_embeddings
 from tdlight.model.io import load_compressed, load_tokenizer
 from tdlight.model.surgery import encoder_shape, is_compressed, set_dropout
 from tdlight.model.teacher import load_teacher
@@ -48,6 +49,7 @@ class PretrainModule(L.LightningModule):
         self.total_steps = total_steps
         if not train_embeddings:
             self.model.base_model.embeddings.requires_grad_(False)
+            train_compressed_embeddings(self.model)  # a compressed word-embedding table is trained back
         self.val_loss: float | None = None
         self._val = []
 

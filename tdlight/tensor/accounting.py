@@ -5,7 +5,11 @@ left out of the layout's scope), encoder biases, encoder LayerNorms, and embeddi
 (word + position + token type + their LayerNorm). The *encoder* is weights + biases +
 LayerNorms; the compression ratio is dense encoder / compressed encoder, as in the
 paper (BERT-base: 85.1M dense). A group's factors count as its variant says
-(:meth:`tdlight.tensor.variants.Variant.param_count`).
+(:meth:`tdlight.tensor.variants.Variant.param_count`). The *model* is embeddings + encoder
+(the pooler and task heads, which depend on the task, are left out of both sides); the
+whole-model ratio, dense / compressed model, is what the user's file sees. Word embeddings
+compressed to rank r over V′ kept rows count V′·r + r·D (the id map from teacher ids to kept
+rows is a buffer, not a parameter).
 
 MACs are per token of a forward pass, counted the way ``tdlight.model`` computes it:
 ``x @ U`` once per group of blocks reading the same input (Q/K/V share one, the m
@@ -13,13 +17,17 @@ FFN-input blocks share one), the m FFN-output block products summed before ``@ V
 The per-forward core mixing C′ = P·𝒞 (n·k·a·b, independent of the batch) is reported
 separately. Attention matmuls (QKᵀ and AV: 2·S·D per token per layer) are included in
 the totals; element-wise work (softmax, GELU, LayerNorm) is not.
+
+*Stored* parameters (:func:`stored_weights`) are what an execution plan keeps of the encoder
+weights — what an exported graph holds: a factorized unit reads its group's bank (stored once
+however many units read it), a folded or dense unit stores its own matrices.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tdlight.tensor.layout import ATTENTION_TYPES, FFN_TYPES, Block
+from tdlight.tensor.layout import ATTENTION_TYPES, BLOCK_TYPES, FFN_TYPES, Block
 
 if TYPE_CHECKING:  # (types only: the variants import fold_macs from here, and spec imports the variants)
     from tdlight.tensor.spec import EncoderShape, ResolvedSpec
@@ -40,8 +48,23 @@ def dense_counts(shape: EncoderShape) -> dict[str, int]:
     }
 
 
+def embedding_counts(shape: EncoderShape, spec: ResolvedSpec | None = None) -> dict[str, int]:
+    """Word-embedding and all-embedding parameters, dense and as ``spec`` compresses them.
+
+    A restricted vocabulary whose size is not known yet (``spec.vocab_size`` None) is counted at
+    the full vocabulary (an upper bound)."""
+    V, D = shape.vocab_size, shape.hidden
+    rows = V if spec is None or spec.vocab_size is None else spec.vocab_size
+    r = None if spec is None else spec.embedding_rank
+    word = rows * r + r * D if r is not None else rows * D
+    rest = (shape.max_position + shape.type_vocab) * D + 2 * D
+    return {"dense_word_embeddings": V * D, "word_embeddings": word, "dense_embeddings": V * D + rest,
+            "embeddings": word + rest}
+
+
 def param_counts(shape: EncoderShape, spec: ResolvedSpec) -> dict[str, float]:
-    """Dense and compressed parameter counts and the encoder compression ratio."""
+    """Dense and compressed parameter counts, the encoder compression ratio (the paper's) and the
+    whole-model ratio (embeddings + encoder)."""
     dense = dense_counts(shape)
     D = shape.hidden
     lay = spec.layout
@@ -51,6 +74,7 @@ def param_counts(shape: EncoderShape, spec: ResolvedSpec) -> dict[str, float]:
         for g, blocks in lay.groups.items()
     )
     encoder = weights + dense["encoder_biases"] + dense["encoder_layernorms"]
+    emb = embedding_counts(shape, spec)
     return {
         "dense_encoder": dense["encoder"],
         "dense_encoder_weights": dense["encoder_weights"],
@@ -58,8 +82,13 @@ def param_counts(shape: EncoderShape, spec: ResolvedSpec) -> dict[str, float]:
         "encoder_biases": dense["encoder_biases"],
         "encoder_layernorms": dense["encoder_layernorms"],
         "encoder": encoder,
-        "embeddings": dense["embeddings"],
+        "embeddings": emb["embeddings"],
+        "word_embeddings": emb["word_embeddings"],
+        "dense_embeddings": emb["dense_embeddings"],
         "ratio": dense["encoder"] / encoder,
+        "dense_model": dense["encoder"] + emb["dense_embeddings"],
+        "model": encoder + emb["embeddings"],
+        "model_ratio": (dense["encoder"] + emb["dense_embeddings"]) / (encoder + emb["embeddings"]),
     }
 
 
@@ -102,6 +131,71 @@ def unit_macs(kind: str, D: int, m: int, a: int, b: int, shared_u: bool) -> dict
     # x_j @ U once per input chunk, one matmul with the n_in·a × n_out·b grid of cores, @ Vᵀ once per output chunk
     factorized = n_in * D * a + n_in * n_out * a * b + n_out * b * D
     return {"factorized": factorized, "folded": fold_macs(n_in, n_out, D, a, b)[1], "dense": dense}
+
+
+def unit_stored(kind: str, D: int, m: int, a: int, b: int, shared_u: bool) -> dict[str, int]:
+    """Parameters one unit stores as its own in each mode it can run in: ``factorized`` 0 (it reads
+    its group's bank, counted once per group by :func:`stored_weights`); ``folded`` the fold's
+    per-unit matrix — (n_out·D) × (n_in·a) beside the group's U when folded into Vᵀ (``"right"``
+    side of :func:`fold_macs`), (n_out·b) × (n_in·D) beside its V otherwise; ``dense``
+    n_in·n_out·D². Only where the blocks share U and V is there a folded form. Biases are the same
+    in every mode and not counted."""
+    n_in, n_out = unit_grid(kind, m)
+    dense = n_in * n_out * D * D
+    if not shared_u:
+        return {"factorized": 0, "dense": dense}
+    side, _ = fold_macs(n_in, n_out, D, a, b)
+    folded = n_out * D * n_in * a if side == "right" else n_out * b * n_in * D
+    return {"factorized": 0, "folded": folded, "dense": dense}
+
+
+def layer_units(spec: ResolvedSpec, layer: int) -> list[tuple[str, str | None]]:
+    """(unit kind, group) of every unit of one layer, in forward order; group ``None``: a block type
+    outside the layout's scope (a plain dense linear). Q, K and V form one ``qkv`` unit when their
+    variant shares U and one group holds all three."""
+    index = spec.layout.index
+    group = {t: (index.get(Block(layer, t, 0)) or (None,))[0] for t in BLOCK_TYPES}
+    qkv = {group[t] for t in ("query", "key", "value")}
+    if spec.strategy.shared_factors and len(qkv) == 1 and None not in qkv:
+        out = [("qkv", group["query"])]
+    else:
+        out = [(t, group[t]) for t in ("query", "key", "value")]
+    return out + [(t, group[t]) for t in ("attn_out", *FFN_TYPES)]
+
+
+def stored_weights(shape: EncoderShape, spec: ResolvedSpec, modes: dict[str, str] | None = None) -> dict[str, int]:
+    """Encoder weight parameters stored under an execution plan (``modes``: unit kind → mode,
+    default factorized; :mod:`tdlight.model.execution`), as an exported graph holds them:
+    ``banks`` — U, V, 𝒞 and P of each group a factorized unit reads, once per group; ``shared`` —
+    the U (or V) that folded units of a group without a stored bank read; ``folded`` and ``dense``
+    — the units' own matrices (:func:`unit_stored`; ``dense`` includes the blocks outside the
+    layout); ``total``. All factorized, ``total`` is :func:`param_counts`' ``encoder_weights``;
+    all dense, the teacher's."""
+    L, D, m = shape.num_layers, shape.hidden, shape.ffn_blocks
+    a, b = spec.rank_in, spec.rank_out
+    shared_u = spec.strategy.shared_factors
+    modes = modes or {}
+    banks, u_read, v_read = set(), set(), set()
+    own = {"folded": 0, "dense": 0}
+    for layer in range(L):
+        for kind, group in layer_units(spec, layer):
+            per = unit_stored(kind, D, m, a, b, shared_u)
+            if group is None:
+                own["dense"] += per["dense"]
+                continue
+            mode = modes.get(kind, "factorized")
+            if mode not in per:
+                raise ValueError(f"mode {mode!r} for unit kind {kind!r}; valid: {list(per)}")
+            if mode == "factorized":
+                banks.add(group)
+                continue
+            own[mode] += per[mode]
+            if mode == "folded":
+                side, _ = fold_macs(*unit_grid(kind, m), D, a, b)
+                (u_read if side == "right" else v_read).add(group)
+    bank = sum(spec.strategy.param_count(len(spec.layout.groups[g]), spec.banks[g], D, D, a, b) for g in banks)
+    shared = D * a * len(u_read - banks) + D * b * len(v_read - banks)
+    return {"banks": bank, "shared": shared, **own, "total": bank + shared + own["folded"] + own["dense"]}
 
 
 def _linear_macs(spec: ResolvedSpec | None, D: int, m: int, group_of, modes: dict[str, str],

@@ -7,6 +7,13 @@ group) so that presets apply to any teacher size, or as a ``target_ratio`` of th
 are set, the most explicit wins: rank_in/rank_out > rank > target_ratio > rank_ratio, and
 bank > bank_ratio; so ``compression.rank=64`` overrides a preset's ratio.
 :func:`resolve` turns it into a :class:`ResolvedSpec` of integers for one encoder shape.
+
+Whole-model compression (the word embeddings, :mod:`tdlight.tensor.embedding`): ``embedding_rank``
+r factorizes the word-embedding table as A (V×r) B (r×D) (None: dense); ``vocab`` keeps only the
+rows of the tokens a text uses (None: the full vocabulary; a corpus path, or ``task``: the task's
+training text), every other id reading the unknown token's row; ``embedding_weighting`` fits the
+rows ``uniform`` ly or by their ``frequency`` on that text (or the calibration text). The kept
+vocabulary's size is known once the text is tokenized: :attr:`ResolvedSpec.vocab_size`.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from dataclasses import dataclass, field
 
 from tdlight.errors import SpecError
 from tdlight.tensor.decompose import BALANCES
+from tdlight.tensor.embedding import WEIGHTINGS
 from tdlight.tensor.factors import Ranks
 from tdlight.tensor.hooi import INITS
 from tdlight.tensor.layout import Layout
@@ -56,6 +64,9 @@ class CompressionSpec:
     max_iter: int = 100
     tol: float = 1e-4
     seed: int = 0
+    embedding_rank: int | None = None  # r of the word-embedding table A (V×r) B (r×D); None: dense
+    vocab: str | None = None  # None: the full vocabulary | a corpus path | task: the task's training text
+    embedding_weighting: str | None = None  # uniform (None) | frequency: rows weighted by token counts
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,9 @@ class ResolvedSpec:
     """Integers for one encoder: ``banks[group]`` is k of that group (n for a variant without a bank).
 
     ``variant`` is the registered name; :attr:`strategy` is its :class:`~tdlight.tensor.variants.Variant`.
+    The word embeddings: ``embedding_rank`` (None: dense rows), ``vocab`` (the restriction's source as
+    given, None: full vocabulary) and ``vocab_size`` (the kept rows; None until the source is tokenized),
+    ``embedding_weighting`` (how the low-rank fit weighted the rows).
     """
 
     variant: str
@@ -75,6 +89,14 @@ class ResolvedSpec:
     max_iter: int = 100
     tol: float = 1e-4
     seed: int = 0
+    embedding_rank: int | None = None
+    vocab: str | None = None
+    vocab_size: int | None = None
+    embedding_weighting: str | None = None
+
+    @property
+    def compresses_embeddings(self) -> bool:
+        return self.embedding_rank is not None or self.vocab is not None
 
     @property
     def strategy(self) -> Variant:
@@ -99,6 +121,8 @@ class ResolvedSpec:
             "max_iter": self.max_iter,
             "tol": self.tol,
             "seed": self.seed,
+            # the embedding keys only when set: an encoder-only spec's dict (and cache key) is unchanged
+            **{k: getattr(self, k) for k in EMBEDDING_KEYS if getattr(self, k) is not None},
         }
 
     @classmethod
@@ -106,7 +130,8 @@ class ResolvedSpec:
         """The inverse of :meth:`to_dict`, checked: the dict comes from a file (``tdlight.json``)."""
         layout = Layout(shape.num_layers, shape.hidden, shape.ffn_blocks, d["scope"], d["grouping"], d["layers_per_group"])
         keys = ("balance", "init", "max_iter", "tol", "seed")
-        out = cls(d["variant"], layout, d["rank_in"], d["rank_out"], dict(d["banks"]), **{k: d[k] for k in keys})
+        out = cls(d["variant"], layout, d["rank_in"], d["rank_out"], dict(d["banks"]), **{k: d[k] for k in keys},
+                  **{k: d.get(k) for k in EMBEDDING_KEYS})
         if out.variant not in VARIANTS:
             raise SpecError(f"variant={out.variant!r}; valid: {', '.join(VARIANTS)}")
         for name, r in (("rank_in", out.rank_in), ("rank_out", out.rank_out)):
@@ -118,7 +143,36 @@ class ResolvedSpec:
         for g, k in out.banks.items():
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(groups[g]):
                 raise SpecError(f"bank of group {g!r} = {k!r}; valid: an integer in [1, {len(groups[g])}]")
+        _check_embedding(out.embedding_rank, out.vocab, out.embedding_weighting, shape)
+        if out.vocab is not None:
+            v = out.vocab_size
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= max(1, shape.vocab_size):
+                raise SpecError(f"vocab_size={v!r}; valid: an integer in [1, {shape.vocab_size}] (the kept rows of "
+                                f"the restricted vocabulary {out.vocab!r})")
+        elif out.vocab_size is not None:
+            raise SpecError(f"vocab_size={out.vocab_size!r} without a vocab restriction; valid: null")
         return out
+
+
+EMBEDDING_KEYS = ("embedding_rank", "vocab", "vocab_size", "embedding_weighting")
+TASK_VOCAB = "task"  # compression.vocab=task: the task's own training text
+
+
+def _check_embedding(rank, vocab, weighting, shape: EncoderShape) -> None:
+    """The word-embedding settings of a spec, each named with what is valid when impossible."""
+    D = shape.hidden
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= D):
+        raise SpecError(f"embedding_rank={rank!r}; valid: an integer in [1, {D}] (the hidden size), "
+                        "or null (dense word embeddings)")
+    if vocab is not None and (not isinstance(vocab, str) or not vocab.strip()):
+        raise SpecError(f"vocab={vocab!r}; valid: null (the full vocabulary), {TASK_VOCAB} (the task's training "
+                        "text) or the path of a text file (or directory or glob) whose tokens are kept")
+    if weighting is not None:
+        if weighting not in WEIGHTINGS:
+            raise SpecError(f"embedding_weighting={weighting!r}; valid: {', '.join(WEIGHTINGS)} (or null: uniform)")
+        if rank is None:
+            raise SpecError(f"embedding_weighting={weighting!r} weights the rows of a low-rank fit: it needs "
+                            "embedding_rank; valid: set embedding_rank, or leave embedding_weighting null")
 
 
 def _check_ratio(name: str, value, lo: float, hi: float) -> None:
@@ -128,8 +182,12 @@ def _check_ratio(name: str, value, lo: float, hi: float) -> None:
         raise SpecError(f"{name}={value!r} is impossible: it must be a number in ({lo}, {hi}]")
 
 
-def resolve(spec: CompressionSpec, shape: EncoderShape) -> ResolvedSpec:
-    """Concrete ranks for ``shape``; raises :class:`SpecError` naming any impossible value."""
+def resolve(spec: CompressionSpec, shape: EncoderShape, *, vocab_size: int | None = None) -> ResolvedSpec:
+    """Concrete ranks for ``shape``; raises :class:`SpecError` naming any impossible value.
+
+    ``vocab_size``: the number of rows a ``vocab`` restriction keeps, once its text is tokenized
+    (``tdlight.data.vocab``); without it the resolved spec's ``vocab_size`` stays None and
+    :func:`tdlight.model.surgery.compress` fills it in from the token statistics it is given."""
     from tdlight.tensor.accounting import param_counts  # accounting imports this module
 
     strategy = variant_of(spec.variant)  # the one place a spec's variant name is looked up
@@ -146,6 +204,14 @@ def resolve(spec: CompressionSpec, shape: EncoderShape) -> ResolvedSpec:
         )
     layout = Layout(shape.num_layers, shape.hidden, shape.ffn_blocks, spec.scope, spec.grouping, spec.layers_per_group)
     D = shape.hidden
+    _check_embedding(spec.embedding_rank, spec.vocab, spec.embedding_weighting, shape)
+    if vocab_size is not None and spec.vocab is None:
+        raise SpecError(f"vocab_size={vocab_size} given for a spec without a vocab restriction")
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                   or not 1 <= vocab_size <= max(1, shape.vocab_size)):
+        raise SpecError(f"vocab_size={vocab_size!r}; valid: an integer in [1, {shape.vocab_size}]")
+    embedding = {"embedding_rank": spec.embedding_rank, "vocab": spec.vocab, "vocab_size": vocab_size,
+                 "embedding_weighting": spec.embedding_weighting}
     _check_ratio("rank_ratio", spec.rank_ratio, 0.0, 1.0)
     _check_ratio("bank_ratio", spec.bank_ratio, 0.0, 1.0)
     if spec.target_ratio is not None:
@@ -180,7 +246,7 @@ def resolve(spec: CompressionSpec, shape: EncoderShape) -> ResolvedSpec:
 
     def make(di, do) -> ResolvedSpec:
         r = ResolvedSpec(strategy.name, layout, di, do, banks, spec.balance, spec.init, spec.max_iter, spec.tol,
-                         spec.seed)
+                         spec.seed, **embedding)
         for g, blocks in layout.groups.items():
             strategy.check(r.ranks(g), (len(blocks), D, D))
         return r
