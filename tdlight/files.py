@@ -66,6 +66,11 @@ def temporary_directory(parent: Path, prefix: str) -> Path:
     return tmp
 
 
+def directory_bytes(path: str | os.PathLike) -> int:
+    """Bytes of every file under ``path`` (a model directory: what a user ships and downloads)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
 def atomic_directory(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmpdir)`` then move the result to ``path`` (replacing it only on success).
     The directory gets the permissions of a plain ``mkdir`` under the process's umask."""

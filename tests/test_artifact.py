@@ -36,7 +36,7 @@ def _tokenizer(tmp_path):
 
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]))
-    return BertTokenizerFast(vocab_file=str(vocab))
+    return BertTokenizerFast(vocab=str(vocab))
 
 
 def _kinds(tmp_path):
@@ -46,7 +46,7 @@ def _kinds(tmp_path):
     import torch
     from transformers import BertForSequenceClassification, BertModel
 
-    from conftest import tiny_config
+    from tests.conftest import tiny_config
     from tdlight.model.io import save_model
     from tdlight.model.pooling import set_pooling
     from tdlight.model.surgery import compress
@@ -57,7 +57,7 @@ def _kinds(tmp_path):
     plain = BertForSequenceClassification(tiny_config(num_labels=3)).eval()
     teacher = set_pooling(copy.deepcopy(plain), "mean")  # a fine-tuned mean-pooling teacher
     student = copy.deepcopy(teacher)
-    compress(student, CompressionSpec(variant="tucker", rank=8, bank=6))
+    compress(student, CompressionSpec(variant="tucker", rank=8, bank=6, embedding_rank=16))  # the whole model
     encoder = BertModel(tiny_config()).eval()
     compress(encoder, CompressionSpec(variant="shared", rank=12, grouping="type"))
     kinds = [("plain", plain, "AutoModelForSequenceClassification", "fp32"),

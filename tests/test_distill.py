@@ -42,7 +42,7 @@ def test_distill_end_to_end(chain):
     import tdlight
 
     student = tdlight.load_compressed(run / "model")
-    assert type(student).__name__ == "BertForSequenceClassification" and student.bert.encoder.compression.rank_in == 8
+    assert type(student).__name__ == "TdlightBertForSequenceClassification" and student.bert.encoder.compression.rank_in == 8
     r = cli(out, "stage=evaluate", "task=mrpc", f"stage.model={run}", "stage.limit_eval=32", "stage.max_length=32",
             "trainer=cpu", "logger=none")
     assert r.returncode == 0, r.stderr[-3000:]

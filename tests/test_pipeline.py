@@ -40,6 +40,10 @@ def test_tiny_pipeline_end_to_end_and_reuse(pretrain_inputs, teacher_dir, tmp_pa
     ev = json.loads((runs(tmp_path, "evaluate")[0] / "metrics.json").read_text())
     assert summary["student_score"] == ev["score"]
     assert "measured speed-up" in r.stdout and "dev GLUE score" in r.stdout
+    # what the user takes home, beside the paper's encoder ratio: whole-model parameters and bytes on disk
+    assert summary["model_ratio"] > 1 and summary["student_bytes"] < summary["teacher_bytes"]
+    assert summary["student_dir"] == str(runs(tmp_path, "distill")[0] / "model")
+    assert "whole-model ratio" in r.stdout and "bytes on disk (student fp32)" in r.stdout
     # each training step is its own W&B run (its wandb_id), grouped by the pipeline
     ids = {}
     for step in ("finetune", "pretrain", "distill", "evaluate"):

@@ -61,10 +61,18 @@ def test_finetune_then_evaluate_cli(tmp_path, teacher_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     (dec,) = runs(tmp_path, "decompose")
     r = cli(tmp_path, "stage=evaluate", "task=mrpc", f"stage.model={dec}", "stage.limit_eval=32",
-            "stage.max_length=32", "trainer=cpu", "logger=none")
+            "stage.max_length=32", "trainer=cpu", "logger=none", "stage.precision=int8")
     assert r.returncode == 0, r.stderr[-3000:]
-    e2 = json.loads((sorted(runs(tmp_path, "evaluate"))[-1] / "metrics.json").read_text())
+    ev2 = sorted(runs(tmp_path, "evaluate"))[-1]
+    e2 = json.loads((ev2 / "metrics.json").read_text())
     assert e2["ratio"] > 1 and e2["rank_in"] == 8
+    # shipped at int8: stored in the run's model/, scored as loaded back, the fp32 score beside it
+    assert e2["precision"] == "int8" and e2["shipped"] == str(ev2 / "model") and "score_fp32" in e2
+    assert json.loads((ev2 / "model" / "tdlight.json").read_text())["precision"] == "int8"
+    assert e2["model_bytes"] < 0.6 * sum(f.stat().st_size for f in (dec / "model").iterdir())
+    assert "GLUE score at fp32 (shipped: int8)" in r.stdout and "bytes on disk (int8)" in r.stdout
+    r = cli(tmp_path, "stage=evaluate", "task=mrpc", f"stage.model={dec}", "stage.precision=int4")
+    assert r.returncode == 2 and "stage.precision" in r.stderr and "int8" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("stop_after", [2, 4, 6], ids=["mid-epoch-0", "end-of-epoch-0", "mid-epoch-1"])

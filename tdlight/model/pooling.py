@@ -11,8 +11,10 @@ parameters): the classifier then reads the mean of the last hidden states over r
 tokens, as sentence-transformers does.
 
 The choice is stored in the HF config (``config.tdlight_pooling``), so it is saved in
-``config.json`` with the model and re-applied by every tdlight loader; a plain
-``from_pretrained`` outside tdlight does not know it (it would read [CLS]).
+``config.json`` with the model and re-applied by every tdlight loader. Outside tdlight a
+directory of a mean-pooling model carries a tdlight model type and a modeling file
+(:mod:`tdlight.model.native`): ``from_pretrained(dir, trust_remote_code=True)`` pools as it
+was trained, and without the flag transformers refuses it rather than reading [CLS].
 
 HF calls the pooler with the hidden states only; the attention mask reaches it through a
 forward pre-hook on the base model (HF offers no other way without copying its forward).

@@ -161,11 +161,13 @@ def datamodule(cfg: DictConfig, task, tokenizer, *, max_length: int, batch_size:
 
 
 def model_summary(model: nn.Module) -> dict[str, float]:
-    """Encoder parameters and compression ratio (1.0 for a dense model)."""
+    """Encoder parameters and the paper's (encoder) compression ratio (1.0 for a dense model), and the
+    whole model's parameters (embeddings, head and all: what the user takes home)."""
     counts = count_parameters(model)
     encoder = counts["encoder_weights"] + counts["encoder_biases"] + counts["encoder_layernorms"]
     dense = dense_counts(encoder_shape(model))["encoder"] if is_compressed(model) else encoder
-    out = {"encoder_params": encoder, "ratio": dense / encoder}
+    out = {"encoder_params": encoder, "ratio": dense / encoder,
+           "model_params": encoder + counts["embeddings"] + counts["other"]}
     if is_compressed(model):
         spec = get_encoder(model).compression
         out.update(rank_in=spec.rank_in, rank_out=spec.rank_out, variant=spec.variant)
@@ -207,8 +209,14 @@ def results_table(title: str, r: dict) -> Table:
         t.add_row(label, f"{v:.4f}")
     if is_constant(r["dev"]):
         t.add_row("[bold red]constant predictor", "[bold red]yes")
+    if r.get("score_fp32") is not None:
+        t.add_row(f"GLUE score at fp32 (shipped: {r['precision']})", f"{r['score_fp32']:.4f}")
     t.add_row("encoder parameters", f"{r['encoder_params']:,}")
-    t.add_row("compression ratio", f"{r['ratio']:.2f}×")
+    t.add_row("compression ratio (encoder)", f"{r['ratio']:.2f}×")
+    if r.get("model_params"):
+        t.add_row("whole-model parameters", f"{r['model_params']:,}")
+    if r.get("model_bytes"):
+        t.add_row(f"bytes on disk ({r.get('precision', 'fp32')})", f"{r['model_bytes'] / 1e6:.1f} MB")
     if r.get("epoch_seconds"):
         t.add_row("s / epoch (train)", ", ".join(f"{s:.0f}" for s in r["epoch_seconds"]))
     if r.get("examples_per_second"):

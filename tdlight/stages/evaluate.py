@@ -2,8 +2,10 @@
 
 ``stage.model`` is a run directory (its ``model/``) or a model directory; empty means
 the teacher (``teacher.run_dir``'s fine-tuned model, else ``teacher.path``). Writes
-``metrics.json`` (task metrics, GLUE score, encoder parameters, compression ratio,
-examples/second) and prints the same as a table.
+``metrics.json`` (task metrics, GLUE score, encoder and whole-model parameters, compression
+ratio, bytes on disk, examples/second) and prints the same as a table. ``stage.precision``
+other than fp32: the model is stored at that precision in the run's ``model/`` (what ships) and
+``score`` is the score of that model as loaded back, ``score_fp32`` the one before.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import lightning as L
 from omegaconf import DictConfig
 from rich.console import Console
 
+from tdlight.config import Precision
 from tdlight.errors import TdlightError
+from tdlight.files import directory_bytes
+from tdlight.model.io import save_model
 from tdlight.model.teacher import load_classifier
 from tdlight.stages.classifier import (
     GlueModule, datamodule, is_constant, model_summary, require_task, results_table, warn_if_constant,
@@ -53,14 +58,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                     num_workers=st.num_workers, train=False)
     dm.prepare_data()
     dm.setup("validate")
-    module = GlueModule(model, task)
     summary = {"task": task.name, "model": source, **model_summary(model)}
     trainer = build_trainer(cfg, run_dir, max_epochs=1, monitor=None, summary=summary)
+    module = GlueModule(model, task)
     trainer.validate(module, datamodule=dm, verbose=False)
-    out = {"stage": "evaluate", **summary, "dev": module.results, "score": module.results["score"],
-           "examples": module.eval_examples,
+    precision = Precision(st.precision).value
+    out = {"stage": "evaluate", **summary, "precision": precision, "dev": module.results,
+           "score": module.results["score"], "examples": module.eval_examples,
            "examples_per_second": module.eval_examples / module.eval_seconds if module.eval_seconds else None,
            "device": str(module.device)}
+    if precision != "fp32":  # what the user takes home: the model stored at that precision, loaded back
+        shipped = save_model(model, tokenizer, run_dir / "model", precision=precision)
+        model, _ = load_classifier(str(shipped), task.num_labels)
+        module = GlueModule(model, task)
+        trainer.validate(module, datamodule=dm, verbose=False)
+        out.update(dev=module.results, score=module.results["score"], dev_fp32=out["dev"], score_fp32=out["score"],
+                   shipped=str(shipped))
+    out["model_bytes"] = directory_bytes(out.get("shipped") or source) if Path(out.get("shipped") or source).is_dir() \
+        else None
     out["constant_predictions"] = is_constant(module.results)
     if trainer.is_global_zero:
         warn_if_constant(module.results, f"model {source}")

@@ -26,6 +26,7 @@ from tdlight.data.glue import get_task, resolve_source
 from tdlight.errors import TdlightError
 from tdlight.files import file_stamp
 from tdlight.config import Execution
+from tdlight.files import directory_bytes
 from tdlight.model.execution import current as current_plan
 from tdlight.model.speed import paired_speedup
 from tdlight.model.teacher import load_classifier
@@ -208,7 +209,10 @@ def _summary(cfg: DictConfig, dirs: dict[str, Path], results: dict[str, dict]) -
     speed = paired_speedup(teacher, student, inputs, reps=cfg.stage.speed_reps)
     t_sum, s_sum = model_summary(teacher), model_summary(student)
     dense = t_sum["encoder_params"]
-    t_dev, s_dev = results["finetune"]["dev"], (results.get("evaluate") or results["distill"])["dev"]
+    final = results.get("evaluate") or results["distill"]
+    t_dev, s_dev = results["finetune"]["dev"], final["dev"]
+    shipped = Path(final.get("shipped") or dirs["distill"] / "model")  # the student at its shipped precision
+    t_bytes, s_bytes = directory_bytes(dirs["finetune"] / "model"), directory_bytes(shipped)
     return {
         "task": task.name,
         "teacher_score": results["finetune"]["score"],
@@ -220,6 +224,15 @@ def _summary(cfg: DictConfig, dirs: dict[str, Path], results: dict[str, dict]) -
         "teacher_encoder_params": dense,
         "student_encoder_params": s_sum["encoder_params"],
         "ratio": dense / s_sum["encoder_params"],
+        "teacher_model_params": t_sum["model_params"],
+        "student_model_params": s_sum["model_params"],
+        "model_ratio": t_sum["model_params"] / s_sum["model_params"],
+        "teacher_bytes": t_bytes,
+        "student_bytes": s_bytes,
+        "bytes_ratio": t_bytes / s_bytes,
+        "student_dir": str(shipped),
+        "student_precision": final.get("precision", "fp32"),
+        "student_score_fp32": final.get("score_fp32"),
         "speedup": speed["speedup"],
         "teacher_ms": speed["baseline_ms"],
         "student_ms": speed["candidate_ms"],
@@ -238,8 +251,15 @@ def _table(r: dict) -> Table:
     if r.get("student_top_share") is not None:
         flag = "  [bold red](constant)" if r.get("student_constant") else ""
         t.add_row("top-prediction share", f"{r['teacher_top_share']:.3f}", f"{r['student_top_share']:.3f}{flag}")
+    if r.get("student_score_fp32") is not None:
+        t.add_row(f"dev score at fp32 (student ships {r['student_precision']})", "", f"{r['student_score_fp32']:.4f}")
     t.add_row("encoder parameters", f"{r['teacher_encoder_params']:,}", f"{r['student_encoder_params']:,}")
-    t.add_row("compression ratio", "1.00×", f"{r['ratio']:.2f}×")
+    t.add_row("compression ratio (encoder, the paper's)", "1.00×", f"{r['ratio']:.2f}×")
+    if r.get("student_model_params"):
+        t.add_row("whole-model parameters", f"{r['teacher_model_params']:,}", f"{r['student_model_params']:,}")
+        t.add_row("whole-model ratio", "1.00×", f"{r['model_ratio']:.2f}×")
+        t.add_row(f"bytes on disk (student {r['student_precision']})", f"{r['teacher_bytes'] / 1e6:.1f} MB",
+                  f"{r['student_bytes'] / 1e6:.1f} MB ({r['bytes_ratio']:.1f}× smaller)")
     t.add_row("forward ms (dev batch)", f"{r['teacher_ms']:.1f}", f"{r['student_ms']:.1f}")
     t.add_row("measured speed-up", "", f"{r['speedup']:.2f}×")
     if r.get("student_execution"):  # the execution plan the student was timed with (stage.execution)
