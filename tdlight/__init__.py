@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_compressed": "tdlight.model.io",
     "save_compressed": "tdlight.model.io",
+    "save_model": "tdlight.model.io",
     "load_tokenizer": "tdlight.model.io",
     "export_dense": "tdlight.model.io",
     "export_onnx": "tdlight.model.onnx",

@@ -124,6 +124,8 @@ def test_sweep_with_two_workers_records_failures_and_reports(tmp_path, teacher_d
         assert t.values[1] == pytest.approx(t.user_attrs["ratio"]) and t.values[1] > 1
         assert 0 <= t.values[0] <= 1 and set(t.user_attrs["scores"]) == {"mrpc"}
         assert {"worker", "gpu", "host"} <= set(t.user_attrs)
+        # what the user takes home, beside the paper's ratio: the whole-model ratio (priced) and the bytes
+        assert 1 < t.user_attrs["model_ratio"] < t.user_attrs["ratio"] and t.user_attrs["bytes"] > 0
     # two workers, one study: every trial ran once in its own directory
     sweep = tmp_path / "sweep"
     assert sorted(p.name for p in (sweep / "trials").iterdir()) == [f"{t.number:04d}" for t in ts]

@@ -83,8 +83,8 @@ def report(sweep_dir: str | Path, console: Console | None = None) -> dict:
 
     # the Markdown table of all trials
     keys = list(sweep.space)
-    head = ["#", *keys, "d_in×d_out", "k", "ratio", *[f"{t}" for t in tasks], "score", "top share", "Pareto", "minutes",
-            "status"]
+    head = ["#", *keys, "d_in×d_out", "k", "ratio", "model ratio", "MB", *[f"{t}" for t in tasks], "score", "top share",
+            "Pareto", "minutes", "status"]
     lines = [f"# Sweep {sweep.settings.name}", "",
              f"{len(done)} finished of {sweep.settings.n_trials} trials; objectives "
              + ", ".join(f"{o} ({d})" for o, d in zip(objectives, sweep.directions)), ""]
@@ -113,7 +113,10 @@ def report(sweep_dir: str | Path, console: Console | None = None) -> dict:
         scores = u.get("scores", {})
         row = [str(t.number), *[_fmt(t.params.get(k)) for k in keys],
                f"{u['rank_in']}×{u['rank_out']}" if "rank_in" in u else "–", _fmt(u.get("bank")),
-               f"{u['ratio']:.2f}" if "ratio" in u else "–", *[_fmt(scores.get(x)) for x in tasks],
+               f"{u['ratio']:.2f}" if "ratio" in u else "–",
+               f"{u['model_ratio']:.2f}" if "model_ratio" in u else "–",  # whole model (embeddings + encoder)
+               f"{u['bytes'] / 1e6:.1f}" if "bytes" in u else "–",  # the shipped student directory
+               *[_fmt(scores.get(x)) for x in tasks],
                _fmt(statistics.mean(scores.values()) if scores and len(scores) == len(tasks) else None),
                _share(u.get("top_share")),
                "★" if t.number in front_ids else "", f"{u['seconds'] / 60:.1f}" if "seconds" in u else "–", _status(t)]

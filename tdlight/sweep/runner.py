@@ -373,7 +373,7 @@ class Runner:
             tags.append(f"k={price['bank']}")
         env = T.environment(gpu, threads)
         beat = _heartbeat(study, trial)
-        per_task, teacher, speed, shares, majority = {}, {}, [], {}, {}
+        per_task, teacher, speed, shares, majority, sizes = {}, {}, [], {}, {}, []
         task_seconds = 0.0  # the trial's own processes; the rest of its time is the sweep's bookkeeping
         try:
             for task in sw.cfg.tasks:
@@ -391,6 +391,8 @@ class Runner:
                     teacher[task] = res["teacher"]
                 if res["speedup"] is not None:
                     speed.append(res["speedup"])
+                if res.get("bytes") is not None:
+                    sizes.append(res["bytes"])
                 if res.get("top_share") is not None:
                     shares[task] = res["top_share"]
                 if res.get("majority") is not None:
@@ -407,12 +409,15 @@ class Runner:
             self._fail(study, trial, f"{type(e).__name__}: {e}", per_task)
             return
         values = {"score": statistics.mean(per_task.values()), "ratio": price["ratio"], "params": price["params"],
-                  "speedup": statistics.mean(speed) if speed else None}
+                  "model_ratio": price["model_ratio"], "speedup": statistics.mean(speed) if speed else None,
+                  "bytes": statistics.mean(sizes) if sizes else None}
         missing = [o for o in sw.objectives if values[o] is None]
         if missing:
             self._fail(study, trial, f"objective(s) {missing} not produced by this trial's stage "
-                                     "(speedup needs stage=pipeline)", per_task)
+                                     "(speedup needs stage=pipeline; bytes a stage that saves a model)", per_task)
             return
+        if sizes:
+            trial.set_user_attr("bytes", values["bytes"])
         trial.set_user_attr("scores", per_task)
         if teacher:
             trial.set_user_attr("teacher", teacher)

@@ -26,11 +26,15 @@ from tdlight.errors import TdlightError
 from tdlight.config import refuse_renamed
 
 # objective -> natural direction. score: the mean dev GLUE score of the trial's tasks;
-# ratio: encoder compression ratio; params: compressed encoder parameters; speedup: the
-# pipeline's measured forward speed-up over the teacher.
-OBJECTIVES = {"score": "maximize", "ratio": "maximize", "params": "minimize", "speedup": "maximize"}
+# ratio: encoder compression ratio (the paper's); params: compressed encoder parameters;
+# model_ratio: whole-model ratio (embeddings + encoder: what the user's file sees; a restricted
+# vocabulary is priced at the full one, its size being known only once the text is read);
+# bytes: the shipped student directory's bytes on disk (measured, at stage.evaluate.precision);
+# speedup: the pipeline's measured forward speed-up over the teacher.
+OBJECTIVES = {"score": "maximize", "ratio": "maximize", "params": "minimize", "model_ratio": "maximize",
+              "bytes": "minimize", "speedup": "maximize"}
 # quantities known from the config alone, before training: constraints may only use these
-PRICED = ("ratio", "params")
+PRICED = ("ratio", "params", "model_ratio")
 SAMPLERS = ("tpe", "nsga2", "random")
 _CONSTRAINT = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
 

@@ -54,11 +54,13 @@ def compose(overrides: list[str]) -> DictConfig:
 
 
 def price(cfg: DictConfig) -> dict:
-    """Encoder compression ratio, parameters and ranks of a config, from the teacher's config.json only."""
+    """Encoder and whole-model compression ratios, encoder parameters and ranks of a config, from the
+    teacher's config.json only."""
     shape = teacher_shape(cfg.teacher.path)
     rspec = resolve(compression_spec(cfg.compression), shape)
     counts = param_counts(shape, rspec)
-    return {"ratio": float(counts["ratio"]), "params": int(counts["encoder"]), "rank_in": rspec.rank_in,
+    return {"ratio": float(counts["ratio"]), "params": int(counts["encoder"]),
+            "model_ratio": float(counts["model_ratio"]), "rank_in": rspec.rank_in,
             "rank_out": rspec.rank_out, "bank": max(rspec.banks.values()) if rspec.banks else None,
             "variant": rspec.variant}
 
@@ -69,14 +71,15 @@ def read_result(run_dir: Path) -> dict:
     if p.is_file():
         d = json.loads(p.read_text())
         return {"score": d["student_score"], "teacher": d.get("teacher_score"), "speedup": d.get("speedup"),
-                "top_share": d.get("student_top_share"), "majority": d.get("majority_score")}
+                "top_share": d.get("student_top_share"), "majority": d.get("majority_score"),
+                "bytes": d.get("student_bytes")}
     m = run_dir / "metrics.json"
     if m.is_file():
         d = json.loads(m.read_text())
         if "score" in d:
             dev = d.get("dev", {})
             return {"score": d["score"], "teacher": None, "speedup": None, "top_share": dev.get("top_share"),
-                    "majority": dev.get("majority_score")}
+                    "majority": dev.get("majority_score"), "bytes": d.get("model_bytes")}
     raise TdlightError(f"{run_dir} has no pipeline.json or metrics.json with a score (did the trial's stage train?)")
 
 
