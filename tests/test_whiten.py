@@ -7,6 +7,8 @@ import copy
 import json
 import warnings
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -157,7 +159,10 @@ def corpus(tmp_path_factory):
 
 
 def test_stage_fit_outputs_end_to_end(tmp_path, teacher_dir, corpus):
+    import shutil
+
     path, heldout = corpus
+    path = shutil.copy(path, tmp_path / Path(path).name)  # edited in place below
     args = ["stage=decompose", f"teacher.path={teacher_dir}", "compression.rank=8", "compression.bank=12",
             "stage.fit=outputs", f"stage.calibration_files={path}", "stage.calibration_sequences=24",
             "stage.calibration_max_length=16", "stage.fit_iters=4", f"stage.refine_heldout_files={heldout}",
@@ -195,6 +200,13 @@ def test_stage_fit_outputs_end_to_end(tmp_path, teacher_dir, corpus):
     r = cli(tmp_path, *args[:4])
     assert r.returncode == 0 and "(cached)" not in r.stdout
     assert "fit" not in json.loads((runs(tmp_path, "decompose")[-1] / "metrics.json").read_text())
+    # the calibration text edited in place is new input: fitted again, not the stale cache entry
+    import gzip
+
+    with gzip.open(path, "at") as f:  # a second gzip member: same name, more text
+        f.write("w9 w8 w7 w6 w5 w4 w3 w2 w1\n")
+    r = cli(tmp_path, *args)
+    assert r.returncode == 0 and "(cached)" not in r.stdout, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("extra,msg", [

@@ -45,7 +45,7 @@ from tdlight.data.corpus.files import resolve_corpus_files
 from tdlight.data.glue import TASKS, task_text
 from tdlight.data.vocab import token_stats
 from tdlight.errors import TdlightError
-from tdlight.files import atomic_directory, atomic_write_text, state_fingerprint
+from tdlight.files import atomic_directory, atomic_write_text, file_stamp, state_fingerprint
 from tdlight.model.calibration import REFIT_MODES, collect_grams, fit_outputs, output_errors, refit_outputs
 from tdlight.model.io import save_compressed
 from tdlight.model.surgery import compress, count_parameters, encoder_shape, encoder_weights
@@ -94,6 +94,19 @@ def cache_key(model: torch.nn.Module, rspec) -> str:
                              json.dumps(rspec.to_dict(), sort_keys=True))[:20]
 
 
+def _file_stamps(cfg: DictConfig, names) -> dict:
+    """Path, size and mtime of every file the settings ``stage.<name>`` read (directories and globs
+    expanded), for the cache key: a file edited in place, or a directory that gained one, is new input."""
+    out = {}
+    for name in names:
+        value = cfg.stage.get(name)
+        if value is None:
+            continue
+        value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        out[name] = [file_stamp(f) for f in resolve_corpus_files(value, what=f"stage.{name}")]
+    return out
+
+
 def _from_cache(entry: Path, run_dir: Path, save_model: bool) -> dict | None:
     report = entry / METRICS
     if not report.is_file():
@@ -132,8 +145,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         extra = {}
         if refine:  # a refined decomposition also depends on how it was refined
             extra.update({k: cfg.stage[k] for k in cfg.stage if str(k).startswith("refine")})
+            extra["refine_file_stamps"] = _file_stamps(cfg, ("refine_files", "refine_heldout_files"))
         if fit == "outputs":  # ... and an output fit on its calibration (and held-out) text
             extra.update({k: cfg.stage.get(k) for k in FIT_KEYS})
+            extra["fit_file_stamps"] = _file_stamps(cfg, ("calibration_files", "refine_heldout_files"))
         if tokens is not None:  # ... and compressed embeddings on the token counts of their text
             extra["embedding_tokens"] = state_fingerprint(
                 {"counts": tokens.counts}, extra=json.dumps([tokens.special_ids, tokens.unk_id]))[:20]
