@@ -268,8 +268,10 @@ def test_load_errors(tiny_bert, tmp_path):
     lambda m: {**m, "spec": {**m["spec"], "variant": "IV+"}},
     lambda m: {**m, "spec": None},
     lambda m: {**m, "shape": {**m["shape"], "num_layers": -1}},
+    lambda m: {**m, "class": 5}, lambda m: {**m, "class": None}, lambda m: {**m, "class": "BertTokenizer"},
 ], ids=["null", "list", "number", "spec-without-banks", "negative-rank", "rank-above-D", "empty-bank",
-        "unknown-group", "unknown-variant", "spec-null", "negative-layers"])
+        "unknown-group", "unknown-variant", "spec-null", "negative-layers", "class-number", "class-null",
+        "class-not-a-model"])
 def test_malformed_metadata_is_an_artifact_error(tiny_bert, tmp_path, edit):
     """Whatever a hand-edited tdlight.json holds, loading says it is corrupt (never a crash deeper in)."""
     import json
@@ -280,6 +282,17 @@ def test_malformed_metadata_is_an_artifact_error(tiny_bert, tmp_path, edit):
     (path / "tdlight.json").write_text(json.dumps(edit(meta)))
     with pytest.raises(ArtifactError, match="tdlight.json"):
         load_compressed(path)
+
+
+def test_a_bad_device_is_named_not_taken_for_a_corrupt_file(tiny_bert, tmp_path):
+    quiet_compress(tiny_bert, SPECS[0])
+    path = save_compressed(tiny_bert, tmp_path / "m")
+    assert load_compressed(path, device=torch.device("cpu")) is not None  # a torch.device is a device
+    for device, msg in [("mps", "tdlight runs on cpu or cuda"), ("nonsense", "is not a device"),
+                        *([] if torch.cuda.is_available() else [("cuda", "no CUDA device is available")])]:
+        with pytest.raises(ArtifactError, match=msg) as e:
+            load_compressed(path, device=device)
+        assert "corrupt" not in str(e.value)
 
 
 def test_flipped_bytes_in_the_weights_are_detected(tiny_bert, tmp_path):

@@ -120,6 +120,11 @@ def read_meta(path: str | os.PathLike) -> dict:
             raise ArtifactError(f"{f}: unsupported format {meta.get('format')!r}; this tdlight reads format {FORMAT}")
         if not isinstance(meta.get("shape"), dict) or not isinstance(meta.get("spec"), dict):
             raise ArtifactError(f"{f} is corrupt: 'shape' and 'spec' must be JSON objects")
+        cls = meta.get("class")
+        if not (isinstance(cls, str) and isinstance(getattr(transformers, cls, None), type)
+                and issubclass(getattr(transformers, cls), transformers.PreTrainedModel)):
+            raise ArtifactError(f"{f} is corrupt: 'class' is {cls!r}; valid: the name of a transformers model "
+                                "class, e.g. 'BertForSequenceClassification'")
         # every value the loader will build the model from, checked here (a bad rank would otherwise
         # surface as a RuntimeError deep in the surgery)
         ResolvedSpec.from_dict(meta["spec"], EncoderShape(**meta["shape"]))
@@ -150,6 +155,7 @@ def load_compressed(path: str | os.PathLike, device: str | None = None, executio
     """
     if execution not in EXECUTIONS:
         raise ArtifactError(f"execution={execution!r}; valid: {list(EXECUTIONS)}")
+    target = _device(device)  # a bad device is named as such, never taken for a corrupt file
     path = Path(path)
     meta = read_meta(path)
     config = read_config(path)
@@ -173,18 +179,16 @@ def load_compressed(path: str | os.PathLike, device: str | None = None, executio
         raise ArtifactError(f"{weights} is corrupt: its SHA-256 differs from the one recorded in {META} when it "
                             "was saved (the file was changed or damaged since)")
     try:
-        state = native.read_weights(weights, device=device or "cpu")  # fp32 whatever the stored precision
+        state = native.read_weights(weights)  # on the CPU, fp32 whatever the stored precision
         missing, unexpected = model.load_state_dict(state, strict=False)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise ArtifactError(f"{weights} is corrupt or does not match the model: {e}") from e
     missing = [k for k in missing if k not in _tied_keys(model)]
     if missing or unexpected:
         raise ArtifactError(f"{weights} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if device:
-        model.to(device)
+    model.to(target)
     saved = meta.get("execution")
-    target = torch.device(device or "cpu").type
-    if execution == "auto" and saved and saved["device"] == target:
+    if execution == "auto" and saved and saved["device"] == target.type:
         try:
             ex.apply(model, saved)
         except SpecError as e:
@@ -194,18 +198,26 @@ def load_compressed(path: str | os.PathLike, device: str | None = None, executio
     return ex.compile_for_inference(model) if compile else model.eval()
 
 
+def _device(device) -> torch.device:
+    """``device`` (a string, a ``torch.device`` or None for the CPU), checked to exist here."""
+    try:
+        dev = torch.device(device if device is not None else "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ArtifactError(f"device={device!r} is not a device; valid: cpu, cuda, cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError(f"device={device!r}, but no CUDA device is available here; valid: cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ArtifactError(f"device={device!r}: tdlight runs on cpu or cuda; valid: cpu, cuda, cuda:N")
+    return dev
+
+
 def record_plan(path: str | os.PathLike, *, device: str = "cpu", policy: str = "timed", batches=(1, 32),
                 seq_len: int = 128, reps: int = 10) -> dict:
     """Choose the execution plan of the compressed model at ``path`` on ``device`` and record it in its
     ``tdlight.json`` (atomically; weights untouched), so that ``load_compressed(path, device)`` applies it."""
     path = Path(path)
     meta = read_meta(path)
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ArtifactError(f"device={device!r} is not a device; valid: cpu, cuda, cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ArtifactError(f"device={device!r}, but no CUDA device is available here; valid: cpu")
+    dev = _device(device)
     model = load_compressed(path, device=device, execution="factorized")
     chosen = ex.plan(model, policy, device=dev, batches=tuple(batches), seq_len=seq_len, reps=reps)
     meta["execution"] = chosen
