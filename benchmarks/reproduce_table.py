@@ -7,8 +7,8 @@ students' ``evaluate/metrics.json`` (column ``dec``) under ``--out/grid``; missi
 as ``–``. Prints three Markdown tables: dev scores per task (teacher, majority-class baseline,
 per ratio decomposition alone / the preset without its pretraining step / the preset, each
 with its share of the teacher's score), with the GLUE average; the share of the most frequent dev prediction
-of every classifier (a constant student is marked); and per ratio the encoder parameters,
-measured speed-up (the pipeline's paired timing of a dev batch), pretraining tokens and the
+of every classifier (a constant student is marked); and per ratio the encoder parameters, the
+encoder and whole-model ratios, the bytes on disk of teacher and shipped student, the measured speed-up (the pipeline's paired timing of a dev batch), pretraining tokens and the
 distillation budget.
 """
 
@@ -105,13 +105,18 @@ def share_table(runs: dict, ratios: list[str]) -> str:
 
 
 def budget_table(out: Path, runs: dict, ratios: list[str]) -> str:
-    lines = ["| preset | encoder params | encoder ratio | speed-up (measured) | pretraining tokens | "
-             "distillation (examples × epochs) |", "|---|---|---|---|---|---|"]
+    lines = ["| preset | encoder params | encoder ratio | whole-model ratio | MB on disk (teacher → student) | "
+             "speed-up (measured) | pretraining tokens | distillation (examples × epochs) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in ratios:
         dist = next((runs[t][(r, "dist")]["pipeline"] for t in TASKS if (r, "dist") in runs[t]), None)
         if dist is None:
-            lines.append(f"| `experiment=cpu_{r}` | – | – | – | – | – |")
+            lines.append(f"| `experiment=cpu_{r}` | – | – | – | – | – | – | – |")
             continue
+        # what the user takes home (pipelines from before it was recorded show –)
+        whole = f"{dist['model_ratio']:.2f}×" if dist.get("model_ratio") else "–"
+        size = (f"{dist['teacher_bytes'] / 1e6:.1f} → {dist['student_bytes'] / 1e6:.1f} "
+                f"({dist.get('student_precision', 'fp32')})" if dist.get("student_bytes") else "–")
         budgets = []
         for t in TASKS:
             p = runs[t].get((r, "dist"))
@@ -119,7 +124,8 @@ def budget_table(out: Path, runs: dict, ratios: list[str]) -> str:
             if d:
                 budgets.append(f"{t} {d.get('train_examples', '?')} × ({d['intermediate_epochs']} + {d['prediction_epochs']})")
         speed = statistics.median(runs[t][(r, "dist")]["pipeline"]["speedup"] for t in TASKS if (r, "dist") in runs[t])
-        lines.append(f"| `experiment=cpu_{r}` | {dist['student_encoder_params']:,} | {dist['ratio']:.2f}× | {speed:.2f}× "
+        lines.append(f"| `experiment=cpu_{r}` | {dist['student_encoder_params']:,} | {dist['ratio']:.2f}× | {whole} "
+                     f"| {size} | {speed:.2f}× "
                      f"| {'–' if not dist.get('pretrain_tokens') else format(dist['pretrain_tokens'], ',')} "
                      f"| {'; '.join(budgets)} |")
     return "\n".join(lines)
