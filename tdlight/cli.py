@@ -36,6 +36,12 @@ def _resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, 
     caller records once the resumed run has started cleanly (:func:`_resume_recorder`)."""
     src = Path(cfg.resume)
     saved = saved_config(src)
+    stage = OmegaConf.select(saved, "stage.name")
+    if stage in STAGES and not STAGES[stage].resumable:
+        raise TdlightError(f"resume={str(src)!r} is a {stage} run, which keeps no training state to continue "
+                           f"(valid: a run of {', '.join(n for n, r in STAGES.items() if r.resumable)}); run the "
+                           f"{stage} command again" + (" (an identical decomposition is reused from the cache)"
+                                                        if stage == "decompose" else ""))
     last_checkpoint(src)  # an error, never a silent restart, when there is nothing to resume
     # overrides given at earlier resumes of this run stay in force (.hydra/resume_overrides.yaml)
     history_file = src / ".hydra" / RESUME_OVERRIDES

@@ -186,6 +186,21 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, teacher_dir):
     assert sorted(p.name for p in run.rglob("*")) == [".hydra", "config.yaml"]  # untouched
 
 
+def test_resume_of_a_decompose_run_says_to_rerun_it(tmp_path, teacher_dir):
+    """A refined decomposition leaves a Lightning checkpoint, but the stage has no training state to
+    continue: one error saying so (was: TypeError, an unexpected keyword argument 'extra_callbacks')."""
+    run = tmp_path / "decompose" / "x"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"refine")
+    cfg = compose_cfg(tmp_path, "stage=decompose", f"teacher.path={teacher_dir}", "stage.refine_steps=2")
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    r = cli(tmp_path, f"resume={run}")
+    assert r.returncode == 2 and "keeps no training state" in r.stderr and "run the decompose command again" \
+        in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_resume_from_a_corrupt_checkpoint_is_one_error_and_writes_nothing(tmp_path, teacher_dir, damage):
     r = cli(tmp_path, "stage=finetune", "task=mrpc", f"teacher.path={teacher_dir}", "stage.epochs=1", "logger=csv",

@@ -32,6 +32,8 @@ class StageRecord:
     reads_task_if: Optional[Callable[[object], bool]] = None
     # (stage key, top-level node): the node is read only when that stage setting is truthy
     reads_if: tuple[tuple[str, str], ...] = ()
+    # a Lightning run whose checkpoints `resume=<run dir>` continues (its run() takes extra_callbacks)
+    resumable: bool = True
 
     def run(self, cfg, run_dir: Path, **kwargs):
         return importlib.import_module(f"tdlight.stages.{self.name}").run(cfg, run_dir, **kwargs)
@@ -58,10 +60,11 @@ STAGES: dict[str, StageRecord] = {r.name: r for r in (
     StageRecord("finetune", FinetuneStage, reads=("teacher", "task", "seed", "trainer"), reads_task_data=True),
     # seed: which calibration sequences are read; trainer: only when the decomposition is refined by training
     StageRecord("decompose", DecomposeStage, reads=("compression", "teacher", "seed"),
-                reads_if=(("refine_steps", "trainer"),), reads_task_if=_fits_task_text),
+                reads_if=(("refine_steps", "trainer"),), reads_task_if=_fits_task_text, resumable=False),
     StageRecord("pretrain", PretrainStage, reads=("teacher", "seed", "trainer")),
     StageRecord("distill", DistillStage, reads=("task", "seed", "trainer"), reads_task_data=True),
-    StageRecord("evaluate", EvaluateStage, artifact="metrics.json", reads=("task", "trainer"), reads_task_data=True),
+    StageRecord("evaluate", EvaluateStage, artifact="metrics.json", reads=("task", "trainer"), reads_task_data=True,
+                resumable=False),
     StageRecord("pipeline", PipelineStage, artifact="pipeline.json", result="pipeline.json"),
 )}
 
