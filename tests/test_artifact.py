@@ -221,3 +221,57 @@ def test_unknown_precision_writes_nothing(tmp_path, tiny_classifier):
     with pytest.raises(ArtifactError, match=r"precision='fp8'; valid: \['fp32', 'fp16', 'bf16', 'int8'\]"):
         save_model(tiny_classifier, None, tmp_path / "m", precision="fp8")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_real_minilm_directories_load_outside_tdlight(tmp_path, minilm):
+    """The real MiniLM: its fine-tuning shape (a mean-pooling classifier) and a whole-model student
+    (paper_1_48 encoder, rank-64 embeddings, int8) load in transformers and sentence-transformers with
+    tdlight's outputs; the teacher's sentence embeddings are the sentence-transformers package's own."""
+    import copy
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    from tdlight.model.io import save_model
+    from tdlight.model.pooling import set_pooling
+    from tdlight.model.surgery import compress
+    from tdlight.model.teacher import as_classifier
+    from tdlight.tensor.spec import CompressionSpec
+
+    st = pytest.importorskip("sentence_transformers")
+    model, tok = minilm
+    teacher = set_pooling(as_classifier(copy.deepcopy(model), 2).eval(), "mean")
+    student = copy.deepcopy(teacher)
+    compress(student, CompressionSpec(variant="tucker", rank=83, bank=18, embedding_rank=64))
+    kinds = [("teacher", teacher, "fp32"), ("student", student, "fp32"), ("student-int8", student, "int8")]
+    sentences = ["a gripping, funny film", "the plot goes nowhere.", "it is what it is"]
+    enc = tok(sentences, padding=True, return_tensors="pt")
+    feeds = {k: enc[k].tolist() for k in ("input_ids", "attention_mask")}
+    dirs = {name: save_model(m, tok, tmp_path / name, precision=p) for name, m, p in kinds}
+    job = {"dirs": [{"path": str(d), "auto": "AutoModelForSequenceClassification", "feeds": feeds,
+                     "sentences": sentences} for d in dirs.values()]}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "artifact_outsider.py"),
+                           str(tmp_path / "job.json"), str(tmp_path / "out.json")], capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    ids = {k: torch.tensor(v) for k, v in feeds.items()}
+    for name, d in dirs.items():
+        r = out[str(d)]
+        assert "trust_remote_code=True" in r["refused"]
+        mine = _tdlight_load(d)
+        with torch.no_grad():
+            want = mine(**ids).logits
+        torch.testing.assert_close(torch.tensor(r["output"]), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(r["st"]), _mean_embedding(mine, tok, sentences), atol=1e-5, rtol=0)
+    # the teacher's embeddings are all-MiniLM-L6-v2's own (before its Normalize module)
+    from tdlight.model.teacher import embedded_path
+
+    reference = st.SentenceTransformer(embedded_path("minilm"), device="cpu")
+    want = reference.encode(sentences, convert_to_tensor=True, normalize_embeddings=True)
+    got = torch.nn.functional.normalize(torch.tensor(out[str(dirs["teacher"])]["st"]), dim=-1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
