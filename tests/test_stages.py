@@ -164,6 +164,10 @@ def test_resume_overrides_are_checked_against_the_runs_own_stage_and_kept_only_w
         (["stage=finetune", "task=cola", "teacher.run_dir=/no/such/run"], "does not exist"),
         (["resume=/no/such/run"], "does not exist"),
         (["stage=finetune", "task=cola", "logger=csv", "trainer.precision=17"], "invalid trainer settings"),
+        # packed calibration sequences longer than the tiny teacher's 64 positions: one error naming the limit,
+        # not a tensor-size traceback
+        (["stage=decompose", "compression.rank=8", "stage.fit=outputs", "stage.calibration_max_length=512"],
+         "stage.calibration_max_length=512 is longer than the model's position table; valid: at most 64"),
     ],
 )
 def test_bad_input_exit_2_and_nothing_written(tmp_path, teacher_dir, overrides, message):

@@ -79,6 +79,21 @@ def stage_artifact(run_dir: str | os.PathLike, stages: tuple[str, ...], what: st
     return art
 
 
+def check_positions(model, **lengths: int | None) -> None:
+    """Each sequence length (``key=value``, ``key`` the setting as the user writes it) fits the model's
+    position table; else one error naming the limit (a longer batch would fail deep in the embeddings)."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    if not limit:
+        return
+    if "roberta" in str(getattr(config, "model_type", "")):  # positions start after the padding index
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    for key, value in lengths.items():
+        if value is not None and value > limit:
+            raise TdlightError(f"{key}={value} is longer than the model's position table; valid: at most {limit} "
+                               "tokens")
+
+
 def teacher_source(cfg: DictConfig) -> str:
     """The teacher to load: the fine-tuned model of ``teacher.run_dir`` if set, else ``teacher.path``."""
     if cfg.teacher.get("run_dir"):

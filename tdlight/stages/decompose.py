@@ -50,7 +50,7 @@ from tdlight.model.calibration import REFIT_MODES, collect_grams, fit_outputs, o
 from tdlight.model.io import save_compressed
 from tdlight.model.surgery import compress, count_parameters, encoder_shape, encoder_weights
 from tdlight.model.teacher import load_teacher
-from tdlight.stages.common import build_trainer, teacher_source
+from tdlight.stages.common import build_trainer, check_positions, teacher_source
 from tdlight.stages.refine import RefineModule, heldout_error
 from tdlight.tensor.accounting import param_counts
 from tdlight.tensor.decompose import DEAD_BLOCK_ERROR
@@ -134,6 +134,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise TdlightError(f"stage.refine_steps={refine} must be ≥ 0")
     _check_teacher_weights(cfg)
     fit = _check_fit(cfg, tokenizer)
+    check_positions(teacher, **{"stage.calibration_max_length": cfg.stage.calibration_max_length if fit == "outputs"
+                                else None, "stage.refine_max_length": cfg.stage.refine_max_length if refine else None})
     if fit == "outputs" and cfg.stage.calibration_files == TASK_TEXT:
         # the file's name holds a hash of its text: the decomposition cache key follows the task and its data
         cfg.stage.calibration_files = str(task_calibration_file(cfg))

@@ -30,7 +30,7 @@ from tdlight.model.surgery import encoder_shape, is_compressed, set_dropout
 from tdlight.model.teacher import load_teacher
 from tdlight.stages import training
 from tdlight.stages.classifier import MODEL_INPUTS, model_summary
-from tdlight.stages.common import adamw, teacher_source
+from tdlight.stages.common import adamw, check_positions, teacher_source
 from tdlight.stages.distill import student_source
 from tdlight.stages.losses import intermediate_loss, layer_map
 
@@ -113,6 +113,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     ls, lt = encoder_shape(student).num_layers, encoder_shape(teacher).num_layers
     spec = OmegaConf.to_container(st.layer_map) if OmegaConf.is_config(st.layer_map) else st.layer_map
     pairs = layer_map(spec, ls, lt)
+    check_positions(student, **{"stage.max_length": st.max_length})
     files = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
              for k, v in (("train", st.train_files), ("heldout", st.heldout_files))}
     dm = CorpusDataModule(tokenizer, train_files=files["train"], heldout_files=files["heldout"] or None,
