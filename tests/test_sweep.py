@@ -78,10 +78,17 @@ def test_search_space_maps_onto_optuna_distributions():
     ("space.stage.distill.lr=interval(-1.0, 1e-3)", "stage.distill.lr=-1.0;"),
     # a renamed key, by the message that names the new one
     ("space.stage.pretrain.steps=choice(4,8)", "'stage.pretrain.steps' was renamed"),
+    # an enqueued point outside its range (was: the worker crashed in study.ask, the trial stayed running)
+    ("sweep.enqueue=[{compression.rank: 5, compression.bank: 6}]", "compression.rank=5 is outside the search space; "
+                                                                 "valid: one of [4, 8, 16]"),
+    (("space.stage.distill.lr=tag(log, interval(1e-5, 1e-3))",
+      "sweep.enqueue=[{compression.rank: 4, compression.bank: 6, stage.distill.lr: 0.01}]"),
+     "stage.distill.lr=0.01 is outside the search space; valid: a number in [1e-05, 0.001]"),
 ])
 def test_bad_sweep_input_is_one_clear_error_before_any_trial(tmp_path, teacher_dir, override, msg):
     path = write_sweep(tmp_path, teacher_dir)
-    r = subprocess.run(sweep_cmd(path, override), capture_output=True, text=True, timeout=300)
+    overrides = override if isinstance(override, tuple) else (override,)
+    r = subprocess.run(sweep_cmd(path, *overrides), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-3000:]
     assert msg in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "sweep" / "trials").exists()

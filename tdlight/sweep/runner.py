@@ -172,6 +172,15 @@ class Runner:
             if unknown:
                 raise SweepError(f"sweep.enqueue point {dict(point)} sets {unknown}, which are not in the search space "
                                  f"{sorted(sw.space)}")
+            # a point outside its range would crash the worker inside study.ask (the trial left running)
+            for k, v in point.items():
+                if not _in_space(sw.space[k], v):
+                    raise SweepError(f"sweep.enqueue point {dict(point)}: {k}={v!r} is outside the search space; "
+                                     f"valid: {_describe(sw.space[k])}")
+            try:
+                T.compose([*sw.cfg.base, *(override(k, v) for k, v in point.items())])  # range-checked like a trial
+            except SweepError as e:
+                raise SweepError(f"sweep.enqueue point {dict(point)}: {e}") from e
         storage = open_storage(self.s.storage, self.dir, heartbeat_interval=self.s.heartbeat_interval,
                                grace_period=self.s.grace_period)
         where = storage_name(self.s.storage, self.dir)
@@ -528,6 +537,28 @@ def _finished_twin(study: optuna.Study, trial: optuna.Trial) -> int | None:
         if t.params == trial.params and (t.state == TrialState.COMPLETE or t.number < trial.number):
             return t.number
     return None
+
+
+def _in_space(d: optuna.distributions.BaseDistribution, value) -> bool:
+    """Whether ``value`` is one the distribution can take (choices, range and step)."""
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        return value in d.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if not d.low <= value <= d.high:
+        return False
+    if isinstance(d, optuna.distributions.IntDistribution) and value != int(value):
+        return False
+    step = getattr(d, "step", None)
+    return step is None or abs((value - d.low) / step - round((value - d.low) / step)) < 1e-8
+
+
+def _describe(d: optuna.distributions.BaseDistribution) -> str:
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        return f"one of {list(d.choices)}"
+    step = getattr(d, "step", None)
+    return (f"{'an integer' if isinstance(d, optuna.distributions.IntDistribution) else 'a number'} in "
+            f"[{d.low}, {d.high}]" + (f" in steps of {step}" if step else ""))
 
 
 def _lost_warning(number: int) -> None:
