@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,16 +25,14 @@ import transformers
 from torch import nn
 
 from tdlight.errors import ArtifactError, SpecError, TeacherError
-from tdlight.files import atomic_directory, atomic_file, atomic_write_text, file_sha256
+from tdlight.files import atomic_directory, atomic_write_text, file_sha256
 from tdlight.model import execution as ex
 from tdlight.model import native
-from tdlight.model.surgery import densify, encoder_shape, get_encoder, is_compressed
+from tdlight.model.surgery import densify, encoder_shape, is_compressed
 from tdlight.tensor.precision import PRECISIONS
 from tdlight.tensor.spec import EncoderShape, ResolvedSpec
 
-FORMAT = 1
-META = "tdlight.json"
-WEIGHTS = native.WEIGHTS
+FORMAT, META, WEIGHTS = native.FORMAT, native.META, native.WEIGHTS
 
 
 def model_class(config) -> type[nn.Module]:
@@ -46,54 +43,6 @@ def model_class(config) -> type[nn.Module]:
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return native.model_class(arch) if config.model_type.startswith(native.PREFIX) else cls
     return transformers.AutoModel
-
-
-def _meta(model: nn.Module, extra: dict | None) -> dict:
-    encoder = get_encoder(model)
-    base = getattr(type(model), "_tdlight_base", type(model))
-    meta = {
-        "format": FORMAT,
-        "class": base.__name__,
-        "shape": asdict(encoder_shape(model)),
-        "spec": encoder.compression.to_dict(),
-        "extra": extra or {},
-    }
-    plan = getattr(encoder, "execution", None)
-    if plan and plan.get("policy") == "timed":  # per-unit modes measured on a device (tdlight.model.execution);
-        meta["execution"] = plan                # the others are recomputed at load time, or forced by the caller
-    return meta
-
-
-def write_model_files(model: nn.Module, path: Path, *, tokenizer=None, extra: dict | None = None,
-                      in_place: bool = False, precision: str = "fp32") -> None:
-    """Write the files of ``model``'s directory into the existing directory ``path``, each through a
-    temporary sibling: ``config.json`` (:func:`tdlight.model.native.config_dict`), the weights, and
-    when plain transformers would misread them the modeling file; for a mean-pooling model the
-    sentence-transformers files (``SentenceTransformer(dir, trust_remote_code=True)``); for a compressed model
-    ``tdlight.json`` (its spec and the weights' checksum); the tokenizer when given. ``in_place``
-    (``save_pretrained`` into a directory that may hold other files): remove tdlight's files that
-    no longer apply, keep the rest."""
-    if precision not in PRECISIONS:
-        raise ArtifactError(f"precision={precision!r}; valid: {list(PRECISIONS)}")
-    compressed = is_compressed(model)
-    atomic_file(path / WEIGHTS, lambda tmp: native.write_weights(model, tmp, precision))
-    config = native.config_dict(model, precision)
-    atomic_write_text(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if native.needs_tdlight(model, precision):
-        atomic_write_text(path / native.MODELING_FILE, native.modeling_source(model))
-    elif in_place:
-        (path / native.MODELING_FILE).unlink(missing_ok=True)
-    for name, text in native.sentence_transformers_files(model).items():
-        atomic_write_text(path / name, text)
-    if compressed:
-        meta = _meta(model, extra)
-        meta["precision"] = precision
-        meta["weights_sha256"] = file_sha256(path / WEIGHTS)  # verified by load_compressed
-        atomic_write_text(path / META, json.dumps(meta, indent=2))
-    elif in_place:
-        (path / META).unlink(missing_ok=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer=None, extra: dict | None = None,
@@ -254,10 +203,10 @@ def export_dense(path_in: str | os.PathLike, path_out: str | os.PathLike) -> Pat
 
 def save_model(model: nn.Module, tokenizer, path: str | os.PathLike, extra: dict | None = None,
                precision: str = "fp32") -> Path:
-    """Save a trained model atomically (:func:`write_model_files`): a directory that transformers
+    """Save a trained model atomically (:func:`tdlight.model.native.write_model_files`): a directory that transformers
     (``trust_remote_code=True`` where it needs tdlight's classes) and tdlight load alike."""
     if precision not in PRECISIONS:  # before anything is written
         raise ArtifactError(f"precision={precision!r}; valid: {list(PRECISIONS)}")
     model = model.cpu().eval()
-    return atomic_directory(path, lambda tmp: write_model_files(model, tmp, tokenizer=tokenizer, extra=extra,
-                                                                precision=precision))
+    return atomic_directory(path, lambda tmp: native.write_model_files(model, tmp, tokenizer=tokenizer, extra=extra,
+                                                                       precision=precision))

@@ -1,4 +1,5 @@
-"""Model directories that plain transformers loads right, or refuses: tdlight's models as HF classes.
+"""Model directories that plain transformers loads right, or refuses: tdlight's models as HF classes,
+and the writer of every file of a model directory (:func:`write_model_files`).
 
 A directory whose weights transformers' own classes would misread gets its own ``model_type``
 (``tdlight_<family>``, e.g. ``tdlight_bert``), an ``auto_map`` and a modeling file
@@ -34,12 +35,15 @@ import transformers
 from torch import nn
 
 from tdlight.errors import ArtifactError
+from tdlight.files import atomic_file, atomic_write_text, file_sha256
 from tdlight.model.linear import FactorizedLinear
 from tdlight.model.pooling import pooling_of, saved_pooling, set_pooling
 from tdlight.model.surgery import compress, encoder_shape, get_encoder, is_compressed
 from tdlight.tensor.precision import PRECISIONS, decode, encode
 from tdlight.tensor.spec import EncoderShape, ResolvedSpec
 
+FORMAT = 1  # of tdlight.json
+META = "tdlight.json"
 PREFIX = "tdlight_"
 CONFIG_KEY = "tdlight_compression"  # {"spec": ResolvedSpec.to_dict(), "shape": EncoderShape fields}
 PRECISION_KEY = "tdlight_precision"  # the weights' storage precision, when not fp32
@@ -108,7 +112,7 @@ class _TdlightModel:
         return None
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Write this model as a tdlight directory (:func:`tdlight.model.io.write_model_files`) that both
+        """Write this model as a tdlight directory (:func:`write_model_files`) that both
         transformers and tdlight read back, its weights at ``precision`` (``fp32`` unless given). Files
         are replaced one at a time; other files there (a tokenizer) stay."""
         precision = kwargs.pop("precision", "fp32")
@@ -116,8 +120,6 @@ class _TdlightModel:
         if args or unsupported:
             raise ArtifactError(f"save_pretrained of a tdlight model takes a directory (and precision=) only; "
                                 f"got {args or unsupported}")
-        from tdlight.model.io import write_model_files  # io builds on this module
-
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
         write_model_files(self, path, in_place=True, precision=precision)
@@ -304,3 +306,52 @@ def ensure_registered(path: Path) -> None:
         if not cfg_name:
             raise ArtifactError(f"{path}/config.json has model_type {mt!r} but no auto_map.AutoConfig: corrupt")
         register(config_class(cfg_name))
+
+
+def _meta(model: nn.Module, extra: dict | None) -> dict:
+    """``tdlight.json`` of a compressed model: the class, encoder shape and spec it is rebuilt from."""
+    encoder = get_encoder(model)
+    base = getattr(type(model), "_tdlight_base", type(model))
+    meta = {
+        "format": FORMAT,
+        "class": base.__name__,
+        "shape": asdict(encoder_shape(model)),
+        "spec": encoder.compression.to_dict(),
+        "extra": extra or {},
+    }
+    plan = getattr(encoder, "execution", None)
+    if plan and plan.get("policy") == "timed":  # per-unit modes measured on a device (tdlight.model.execution);
+        meta["execution"] = plan                # the others are recomputed at load time, or forced by the caller
+    return meta
+
+
+def write_model_files(model: nn.Module, path: Path, *, tokenizer=None, extra: dict | None = None,
+                      in_place: bool = False, precision: str = "fp32") -> None:
+    """Write the files of ``model``'s directory into the existing directory ``path``, each through a
+    temporary sibling: ``config.json`` (:func:`config_dict`), the weights, and
+    when plain transformers would misread them the modeling file; for a mean-pooling model the
+    sentence-transformers files (``SentenceTransformer(dir, trust_remote_code=True)``); for a compressed model
+    ``tdlight.json`` (its spec and the weights' checksum); the tokenizer when given. ``in_place``
+    (``save_pretrained`` into a directory that may hold other files): remove tdlight's files that
+    no longer apply, keep the rest."""
+    if precision not in PRECISIONS:
+        raise ArtifactError(f"precision={precision!r}; valid: {list(PRECISIONS)}")
+    compressed = is_compressed(model)
+    atomic_file(path / WEIGHTS, lambda tmp: write_weights(model, tmp, precision))
+    config = config_dict(model, precision)
+    atomic_write_text(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if needs_tdlight(model, precision):
+        atomic_write_text(path / MODELING_FILE, modeling_source(model))
+    elif in_place:
+        (path / MODELING_FILE).unlink(missing_ok=True)
+    for name, text in sentence_transformers_files(model).items():
+        atomic_write_text(path / name, text)
+    if compressed:
+        meta = _meta(model, extra)
+        meta["precision"] = precision
+        meta["weights_sha256"] = file_sha256(path / WEIGHTS)  # verified by load_compressed
+        atomic_write_text(path / META, json.dumps(meta, indent=2))
+    elif in_place:
+        (path / META).unlink(missing_ok=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
