@@ -70,14 +70,22 @@ def token_ids():
 def save_tiny_teacher(path, vocab_dir):
     """A tiny random BertForSequenceClassification + word-level tokenizer saved as an HF directory
     at ``path`` (its vocabulary file written in ``vocab_dir``); the benchmarks use it too."""
-    from transformers import BertForSequenceClassification, BertTokenizerFast
+    from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
     BertForSequenceClassification(tiny_config(num_labels=2)).save_pretrained(path)
+    tiny_tokenizer(vocab_dir).save_pretrained(path)
+    return path
+
+
+def tiny_tokenizer(vocab_dir):
+    """A word-level tokenizer of the tiny models' 99 ids ([PAD] [UNK] [CLS] [SEP] [MASK] w0..w93), its
+    vocabulary file written in ``vocab_dir``."""
+    from transformers import BertTokenizerFast
+
     vocab = Path(vocab_dir) / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]))
-    BertTokenizerFast(vocab=str(vocab)).save_pretrained(path)  # (transformers 5 ignores vocab_file=: all [UNK])
-    return path
+    return BertTokenizerFast(vocab=str(vocab))  # (transformers 5 ignores vocab_file=: every word [UNK])
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import stat
 import pytest
 
 from tdlight.files import atomic_directory, atomic_write_text
+from tests.conftest import tiny_tokenizer
 
 
 @pytest.fixture
@@ -31,14 +32,6 @@ def test_atomic_writers_honour_the_umask(tmp_path, umask, mask):
 
 # --- every directory tdlight writes loads in transformers and sentence-transformers, or is refused ---
 
-def _tokenizer(tmp_path):
-    from transformers import BertTokenizerFast
-
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]))
-    return BertTokenizerFast(vocab=str(vocab))
-
-
 def _kinds(tmp_path):
     """The directory kinds tdlight writes, on tiny random BERTs: (name, path, Auto class, reference model)."""
     import copy
@@ -52,7 +45,7 @@ def _kinds(tmp_path):
     from tdlight.model.surgery import compress
     from tdlight.tensor.spec import CompressionSpec
 
-    tok = _tokenizer(tmp_path)
+    tok = tiny_tokenizer(tmp_path)
     torch.manual_seed(0)
     plain = BertForSequenceClassification(tiny_config(num_labels=3)).eval()
     teacher = set_pooling(copy.deepcopy(plain), "mean")  # a fine-tuned mean-pooling teacher
@@ -66,16 +59,6 @@ def _kinds(tmp_path):
              ("student-int8", student, "AutoModelForSequenceClassification", "int8"),
              ("encoder", encoder, "AutoModel", "fp32")]
     return [(name, save_model(model, tok, tmp_path / name, precision=p), auto, model) for name, model, auto, p in kinds]
-
-
-def _feeds():
-    import torch
-
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(5, 99, (3, 10), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _tdlight_load(path):
@@ -96,7 +79,7 @@ def _mean_embedding(model, tok, sentences):
     return (h * w).sum(1) / w.sum(1)
 
 
-def test_every_directory_loads_outside_tdlight_with_the_same_outputs(tmp_path):
+def test_every_directory_loads_outside_tdlight_with_the_same_outputs(tmp_path, token_ids):
     """A fresh process that never imports tdlight: without trust_remote_code a directory that needs
     tdlight is refused (never random weights), with it the outputs equal tdlight's (atol 1e-5);
     save_pretrained there writes a directory both loaders read back; mean-pooling directories
@@ -108,7 +91,7 @@ def test_every_directory_loads_outside_tdlight_with_the_same_outputs(tmp_path):
     import torch
 
     pytest.importorskip("sentence_transformers")
-    feeds = _feeds()
+    feeds = token_ids
     sentences = ["w1 w2 w3 w4", "w7 w8", "w50 w51 w52 w53 w54 w55 w56"]
     kinds = _kinds(tmp_path)
     job = {"dirs": [{"path": str(path), "auto": auto, "feeds": {k: v.tolist() for k, v in feeds.items()},
@@ -122,7 +105,7 @@ def test_every_directory_loads_outside_tdlight_with_the_same_outputs(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
-    tok = _tokenizer(tmp_path)
+    tok = tiny_tokenizer(tmp_path)
     for name, path, auto, model in kinds:
         r = out[str(path)]
         needs = name != "plain"
@@ -176,7 +159,7 @@ def test_int8_quantization_is_within_half_a_step_per_channel():
 
 @pytest.mark.parametrize("precision, atol, size", [("fp32", 1e-6, 1.0), ("fp16", 5e-3, 0.5), ("bf16", 5e-2, 0.5),
                                                    ("int8", 5e-2, 0.4)])
-def test_saved_precision_loads_back_in_fp32(tmp_path, tiny_classifier, precision, atol, size):
+def test_saved_precision_loads_back_in_fp32(tmp_path, tiny_classifier, token_ids, precision, atol, size):
     import json
 
     import torch
@@ -196,7 +179,7 @@ def test_saved_precision_loads_back_in_fp32(tmp_path, tiny_classifier, precision
     assert ratio <= size + 0.01, ratio  # int8 on a 32-wide tiny model: 1/4 + a 4-byte scale per 32 entries
     loaded = load_compressed(path, execution="factorized")
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
-    feeds = _feeds()
+    feeds = token_ids
     with torch.no_grad():
         want = tiny_classifier(**feeds).logits
         got = loaded(**feeds).logits

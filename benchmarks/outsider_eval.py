@@ -1,0 +1,77 @@
+"""SST-2 dev accuracy of a model directory or ONNX file, read the way a user outside tdlight reads it.
+
+    python benchmarks/outsider_eval.py <model dir>                  # transformers (trust_remote_code)
+    python benchmarks/outsider_eval.py <model.onnx> --tokenizer <model dir>   # ONNX Runtime
+
+Never imports tdlight itself (a directory's modeling file does, as it would for a user). For a
+directory it first checks that transformers refuses it without ``trust_remote_code`` (or loads it:
+a plain HF directory), then prints the accuracy and the share of the most frequent prediction, and
+loads it in sentence-transformers when it has a ``modules.json``. docs/RESULTS.md §10a.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+from pathlib import Path
+
+import numpy as np
+import transformers
+
+
+def sst2_dev(data_dir: Path) -> list[tuple[str, int]]:
+    with gzip.open(data_dir / "glue" / "SST-2" / "dev.tsv.gz", "rt") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+    return [(r[0], int(r[1])) for r in rows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--tokenizer", help="tokenizer directory (an ONNX file has none)")
+    ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--max-length", type=int, default=64)
+    a = ap.parse_args()
+    rows = sst2_dev(Path(a.data_dir))
+    tok = transformers.AutoTokenizer.from_pretrained(a.tokenizer or a.model)
+    if a.model.endswith(".onnx"):
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(a.model, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+
+        def logits(enc):
+            return session.run(None, {n: enc[n].astype(np.int64) for n in names})[0]
+        kind, tensors = "ONNX Runtime", "np"
+    else:
+        import torch
+
+        try:
+            transformers.AutoModelForSequenceClassification.from_pretrained(a.model)
+            print("loaded without trust_remote_code (a plain HF directory)")
+        except ValueError as e:
+            print("refused without trust_remote_code:", str(e).splitlines()[0][:120])
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(a.model, trust_remote_code=True).eval()
+
+        def logits(enc):
+            with torch.no_grad():
+                return model(**enc).logits.numpy()
+        kind, tensors = type(model).__name__, "pt"
+    preds = []
+    for i in range(0, len(rows), 64):
+        enc = tok([t for t, _ in rows[i:i + 64]], padding=True, truncation=True, max_length=a.max_length,
+                  return_tensors=tensors)
+        preds += logits(enc).argmax(-1).tolist()
+    acc = np.mean([p == g for p, (_, g) in zip(preds, rows)])
+    top = max(preds.count(c) for c in set(preds)) / len(preds)
+    print(f"{a.model} ({kind}): SST-2 dev accuracy {acc:.4f} over {len(rows)}, top-prediction share {top:.3f}")
+    if not a.model.endswith(".onnx") and (Path(a.model) / "modules.json").is_file():
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(a.model, trust_remote_code=True, device="cpu")
+        print("sentence-transformers embedding shape", tuple(st.encode(["a fine film"]).shape))
+
+
+if __name__ == "__main__":
+    main()
