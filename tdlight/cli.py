@@ -7,9 +7,10 @@ behind; anything else is a bug and exits 1 with a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from tdlight.config import ROOT, Config, check_ranges, migrate_saved, refuse_renamed, register
 from tdlight.errors import TdlightError
 from tdlight.files import atomic_write_text
-from tdlight.stages.common import last_checkpoint, saved_config
+from tdlight.run_dirs import discard as discard_run_dir
+from tdlight.stages.common import CHECKPOINTS, LAST, last_checkpoint, saved_config
 from tdlight.stages.registry import STAGES
 
 log = logging.getLogger("tdlight")
@@ -118,19 +120,6 @@ def refuse_unknown_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
                                    f"valid keys: {', '.join(names)}")
 
 
-def _discard_fresh_run_dir(run_dir: Path) -> None:
-    """Remove a run directory that holds nothing but what Hydra wrote at start-up."""
-    if not run_dir.is_dir():
-        return
-    hydra_only = all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())
-    if hydra_only:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        try:
-            run_dir.parent.rmdir()  # and the <stage>/ folder, when it held only this run
-        except OSError:
-            pass
-
-
 def _quiet_dependencies() -> None:
     """One line per event on the console: Lightning's own stream handlers duplicate every line
     that Hydra's logging already prints (and writes to tdlight.log); its cloud-logger tip, the
@@ -150,6 +139,46 @@ def _quiet_dependencies() -> None:
         lambda record: not record.getMessage().startswith("💡 Tip"))
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     transformers.utils.logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def _interruptible(stage: str, run_dir: Path, fresh: Path):
+    """Ctrl-C (SIGINT) ends the command with exit status 130 and the line that continues it.
+
+    The handler is installed explicitly: a command started in the background by a non-interactive
+    shell (``cmd &`` in a script, nohup) inherits SIGINT *ignored*, and ``kill -INT`` would not stop it.
+    Lightning catches the KeyboardInterrupt inside ``fit`` (saving ``last.ckpt``) and exits 1; the
+    flag set here tells that exit from a failure."""
+    interrupted = False
+
+    def on_sigint(signum, frame):
+        nonlocal interrupted
+        interrupted = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as e:
+        if isinstance(e, SystemExit) and not interrupted:
+            raise
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the message short
+        record = STAGES.get(stage)
+        if stage == "pipeline":
+            hint = ("run the same command again: finished steps are reused, an interrupted training step "
+                    "continues from its checkpoint")
+        elif record is not None and record.resumable and (run_dir / CHECKPOINTS / LAST).is_file():
+            hint = f"continue it with: tdlight resume={run_dir}"
+        else:
+            hint = f"nothing to resume (a {stage} run keeps no checkpoint before its first one); run the command again"
+        logging.getLogger("tdlight").warning("interrupted (Ctrl-C)")
+        print(f"tdlight: interrupted; {hint}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        discard_run_dir(fresh)
+        sys.exit(130)  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+    finally:
+        if not interrupted:
+            signal.signal(signal.SIGINT, previous)
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
@@ -175,18 +204,19 @@ def _app(cfg: DictConfig) -> None:
         if cfg.stage.name not in STAGES:
             raise TdlightError(f"unknown stage {cfg.stage.name!r}; valid: {sorted(STAGES)}")
         print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
-        if record is not None:
-            STAGES[cfg.stage.name].run(cfg, run_dir, extra_callbacks=[record])
-            record.record()  # also when nothing was left to train
-        else:
-            STAGES[cfg.stage.name].run(cfg, run_dir)
+        with _interruptible(cfg.stage.name, run_dir, fresh):
+            if record is not None:
+                STAGES[cfg.stage.name].run(cfg, run_dir, extra_callbacks=[record])
+                record.record()  # also when nothing was left to train
+            else:
+                STAGES[cfg.stage.name].run(cfg, run_dir)
     except TdlightError as e:
         print(f"tdlight: error: {e}", file=sys.stderr, flush=True)
         logging.shutdown()
-        _discard_fresh_run_dir(fresh)
+        discard_run_dir(fresh)
         sys.exit(2)
     if fresh != run_dir:
-        _discard_fresh_run_dir(fresh)
+        discard_run_dir(fresh)
 
 
 PLAN_USAGE = ("usage: tdlight plan <compressed model dir> [device=cpu] [policy=timed|macs|factorized|folded|dense] "
@@ -297,6 +327,16 @@ def plan_main(args: list[str]) -> int:
 
 
 def main() -> None:
+    try:
+        _main()
+    except BrokenPipeError:
+        # the reader of our output went away (`tdlight --help | head`): say nothing more. Python's
+        # recipe: point stdout at devnull so that the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE, as a shell reports a process killed by a broken pipe
+
+
+def _main() -> None:
     if os.environ.get("TDLIGHT_SWEEP_PID"):  # (trial.SWEEP_PID) a sweep trial: it must not outlive its sweep
         from tdlight.sweep.trial import die_with_sweep  # only trials load the sweep package
 

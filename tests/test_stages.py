@@ -78,7 +78,11 @@ def test_finetune_then_evaluate_cli(tmp_path, teacher_dir):
 @pytest.mark.parametrize("stop_after", [2, 4, 6], ids=["mid-epoch-0", "end-of-epoch-0", "mid-epoch-1"])
 def test_resume_equals_uninterrupted(tmp_path, teacher_dir, stop_after):
     """2 epochs of 4 steps straight == crashed after `stop_after` steps + resumed: same weights, same scores."""
+    import time
+
     from tdlight.stages import finetune
+
+    t0 = time.perf_counter()
 
     over = ["stage=finetune", "task=stsb", f"teacher.path={teacher_dir}", "stage.epochs=2", "logger=csv",
             "trainer.checkpoint_every_n_steps=1", *SMALL, "stage.limit_train=64"]
@@ -93,6 +97,10 @@ def test_resume_equals_uninterrupted(tmp_path, teacher_dir, stop_after):
     cfg.resume = str(resumed)
     out = finetune.run(cfg, resumed)
     assert out["global_step"] == 8
+    # seconds per epoch: both epochs, each a part of this test's own time (a resume from the end of an
+    # epoch reported the machine's uptime, perf_counter() - 0)
+    assert len(out["epoch_seconds"]) == 2, out["epoch_seconds"]
+    assert all(0 < s < time.perf_counter() - t0 for s in out["epoch_seconds"]), out["epoch_seconds"]
     ref = json.loads((straight / "metrics.json").read_text())
     assert out["dev"] == pytest.approx(ref["dev"], abs=1e-6)
     for name in ("last.ckpt", "best.ckpt"):
@@ -205,20 +213,42 @@ def test_resume_of_a_decompose_run_says_to_rerun_it(tmp_path, teacher_dir):
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_resume_from_a_corrupt_checkpoint_is_one_error_and_writes_nothing(tmp_path, teacher_dir, damage):
-    r = cli(tmp_path, "stage=finetune", "task=mrpc", f"teacher.path={teacher_dir}", "stage.epochs=1", "logger=csv",
-            *SMALL)
+@pytest.mark.parametrize("damage, message", [("truncate", "last.ckpt is corrupt"),
+                                             ("garbage", "last.ckpt is corrupt"),
+                                             ("zip", "is not a Lightning checkpoint of a tdlight run"),
+                                             ("other-run", "was written by another run")])
+def test_resume_from_a_bad_checkpoint_is_one_error_and_writes_nothing(tmp_path, teacher_dir, damage, message):
+    """A damaged last.ckpt, a zip that is no checkpoint, or another run's last.ckpt copied in: one
+    error, nothing written (was, for the last two: RuntimeError, exit 1, and a new csv/version_N)."""
+    import zipfile
+
+    over = ["stage=finetune", "task=mrpc", f"teacher.path={teacher_dir}", "stage.epochs=1", "logger=csv", *SMALL]
+    r = cli(tmp_path, *over)
     assert r.returncode == 0, r.stderr[-2000:]
     (run,) = runs(tmp_path, "finetune")
     ckpt = run / "checkpoints" / "last.ckpt"
     data = ckpt.read_bytes()
-    ckpt.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a checkpoint" * 100)
+    if damage == "zip":
+        with zipfile.ZipFile(ckpt, "w") as z:
+            z.writestr("notes.txt", "not a checkpoint")
+    elif damage == "other-run":
+        r = cli(tmp_path / "other", *over)
+        assert r.returncode == 0, r.stderr[-2000:]
+        (other,) = runs(tmp_path / "other", "finetune")
+        ckpt.write_bytes((other / "checkpoints" / "last.ckpt").read_bytes())
+    else:
+        ckpt.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a checkpoint" * 100)
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     r = cli(tmp_path, f"resume={run}")
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert "last.ckpt is corrupt" in r.stderr and "Traceback" not in r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    # the hint leads somewhere: a new run, not the "no checkpoint" error that deleting the file gives
+    assert "delete it" not in r.stderr and "start a new run" in r.stderr
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # no csv/version_N, no stray run directory
+    if damage == "other-run":  # the run's own checkpoint, back in place, resumes
+        ckpt.write_bytes(data)
+        r = cli(tmp_path, f"resume={run}")
+        assert r.returncode == 0, r.stderr[-2000:]
 
 
 class NotAWeight:  # a pickled object that torch.load(weights_only=True) refuses
@@ -377,3 +407,65 @@ def test_non_finite_weights_are_an_error_not_a_score(tmp_path, teacher_dir):
             "stage.max_length=32", "trainer=cpu", "logger=none")
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert "not finite" in r.stderr and name.split(".", 1)[1] in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ctrl_c_exits_130_with_the_resume_line_also_when_started_in_the_background(tmp_path, teacher_dir):
+    """SIGINT to a fine-tune started with SIGINT ignored (as `cmd &` in a script starts it): it stops,
+    exit 130, and prints the command that continues it — which does (was: Ctrl-C ignored in the
+    background; in the foreground exit 1 and no hint)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "tdlight.cli", f"paths.output_dir={tmp_path}", "stage=finetune", "task=mrpc",
+           f"teacher.path={teacher_dir}", "stage.epochs=400", "logger=csv", "trainer.checkpoint_every_n_steps=1",
+           *SMALL]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("finetune/*/checkpoints/last.ckpt")) and p.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, (p.returncode, err[-3000:])
+    (run,) = runs(tmp_path, "finetune")
+    assert f"tdlight resume={run}" in err and "Traceback" not in err, err[-3000:]
+    assert not (run / "model").exists()
+    # the checkpoint it left continues the run; resumed from another directory, which stays empty
+    # (was: an empty outputs/ left there, where Hydra made the fresh run directory that a resume drops)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = subprocess.run([sys.executable, "-m", "tdlight.cli", f"resume={run}", "stage.epochs=1"], cwd=elsewhere,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run / "model").is_dir() and list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("output_dir, message", [
+    ("{tmp}/a_file/out", "is a file, not a directory"),
+    ("${{x}}/out", "paths.output_dir='${{x}}/out' cannot be resolved"),
+    ("{tmp}/read_only/out", "is not writable"),
+])
+def test_an_output_dir_that_cannot_be_made_is_one_error(tmp_path, teacher_dir, output_dir, message):
+    """Was: NotADirectoryError / InterpolationKeyError / PermissionError tracebacks from Hydra."""
+    import os
+
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "read_only").mkdir(mode=0o555)
+    if "read_only" in output_dir and os.access(tmp_path / "read_only", os.W_OK):
+        pytest.skip("running as root: a mode-0555 directory is writable")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    r = cli(output_dir.format(tmp=tmp_path), f"teacher.path={teacher_dir}")
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert message.format() in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("tdlight: error:")
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_failed_command_removes_the_output_root_it_created(tmp_path, teacher_dir):
+    """Exit 2 in a fresh paths.output_dir: every folder the command made goes, the ones before stay."""
+    r = cli(tmp_path / "new" / "root", f"teacher.path={teacher_dir}", "compression.rank=100000")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []

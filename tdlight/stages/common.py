@@ -61,9 +61,25 @@ def last_checkpoint(run_dir: str | os.PathLike) -> Path:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError) as e:
         bad = f"{type(e).__name__}: {e}"
+    restart = ("start a new run instead (the same command without resume=; in a pipeline, delete the step's "
+               f"{CHECKPOINTS}/ folder and run the pipeline again)")
     if bad is not None:
-        raise RunError(f"cannot resume {str(run_dir)!r}: {CHECKPOINTS}/{LAST} is corrupt ({bad}); valid: a checkpoint "
-                       "as the run wrote it — delete it to restart the run from its previous state, or start anew")
+        raise RunError(f"cannot resume {str(run_dir)!r}: {CHECKPOINTS}/{LAST} is corrupt ({bad}); valid: the checkpoint "
+                       f"as the run wrote it — {restart}")
+    try:  # memory-mapped: only what is read below leaves the disk
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a zip of something else, or a pickle torch refuses to load
+        state, why = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    else:
+        why = "it holds no Lightning training state (state_dict, loops, callbacks)"
+    if not isinstance(state, dict) or not {"state_dict", "loops", "callbacks"} <= state.keys():
+        raise RunError(f"cannot resume {str(run_dir)!r}: {CHECKPOINTS}/{LAST} is not a Lightning checkpoint of a "
+                       f"tdlight run ({why}); valid: the checkpoint the run wrote — {restart}")
+    owner = (state["callbacks"].get(RunIdentity.__name__) or {}).get("run")
+    if owner is not None and owner != Path(run_dir).resolve().name:  # (checkpoints before 2026-12-05 carry none)
+        raise RunError(f"cannot resume {str(run_dir)!r}: {CHECKPOINTS}/{LAST} was written by another run ({owner!r}); "
+                       f"valid: the run's own checkpoint (a run directory renamed after it started: rename it back "
+                       f"to {owner!r}) — or {restart}")
     return ckpt
 
 
@@ -226,6 +242,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, max_epochs: int, monitor: s
                         every_n_train_steps=t.checkpoint_every_n_steps, save_on_train_epoch_end=True,
                         save_on_exception=True),
         RestoreRng(),
+        RunIdentity(run_dir),
         DivergenceGuard(),
     ]
     if monitor:
@@ -303,27 +320,73 @@ def write_json(path: Path, data: dict) -> None:
 
 
 class EpochTimer(Callback):
-    """Seconds of training per epoch (``.seconds``, validation excluded) and of validation."""
+    """Seconds of training per epoch (``.seconds``, validation excluded) and of validation.
+
+    The clock runs between hooks that every training step passes (batch ends, the epoch's start and
+    end, validation's start and end), each interval added to the epoch in progress — not between an
+    epoch's start and end hooks, which a resumed run does not pair (Lightning skips
+    ``on_train_epoch_start`` when it restarts at an epoch's end). Its state travels in the
+    checkpoints, so a resumed run reports every epoch: those before the resume as measured then,
+    the interrupted one as its seconds before plus after."""
 
     def __init__(self) -> None:
-        self.seconds: list[float] = []
+        self.per_epoch: dict[int, float] = {}
         self.val_seconds: list[float] = []
-        self._t0 = self._v0 = 0.0
-        self._in_val = 0.0
+        self._tick: float | None = None  # when training time last started counting (None: in validation or idle)
+        self._v0 = 0.0
+
+    @property
+    def seconds(self) -> list[float]:
+        return [self.per_epoch[e] for e in sorted(self.per_epoch)]
+
+    def _count(self, trainer, restart: bool) -> None:
+        now = time.perf_counter()
+        if self._tick is not None:
+            epoch = trainer.current_epoch
+            self.per_epoch[epoch] = self.per_epoch.get(epoch, 0.0) + now - self._tick
+        self._tick = now if restart else None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._tick = time.perf_counter()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._t0, self._in_val = time.perf_counter(), 0.0
+        self._tick = time.perf_counter()  # (the time between epochs is Lightning's, not the epoch's)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._count(trainer, restart=True)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._count(trainer, restart=False)
         self._v0 = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        dt = time.perf_counter() - self._v0
-        self.val_seconds.append(dt)
-        self._in_val += dt
+        self.val_seconds.append(time.perf_counter() - self._v0)
+        if not trainer.sanity_checking:
+            self._tick = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.seconds.append(time.perf_counter() - self._t0 - self._in_val)
+        self._count(trainer, restart=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"per_epoch": dict(self.per_epoch), "val_seconds": list(self.val_seconds)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.per_epoch = {int(k): float(v) for k, v in state_dict.get("per_epoch", {}).items()}
+        self.val_seconds = list(state_dict.get("val_seconds", []))
+
+
+class RunIdentity(Callback):
+    """Writes the run directory's name into every checkpoint, so that a resume refuses another run's
+    ``last.ckpt`` copied into ``checkpoints/`` (:func:`last_checkpoint`)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run = Path(run_dir).resolve().name
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run": self.run}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # checked before the Trainer exists
 
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
