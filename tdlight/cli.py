@@ -189,6 +189,7 @@ def _app(cfg: DictConfig) -> None:
     fresh = run_dir = Path(HydraConfig.get().runtime.output_dir)
 
     record = None
+    dry_run = bool(cfg.get("dry_run"))
     try:
         if cfg.get("resume"):
             cfg, run_dir, in_force = _resumed_config(cfg, _RESUME_OVERRIDES)
@@ -203,6 +204,14 @@ def _app(cfg: DictConfig) -> None:
         check_ranges(cfg)
         if cfg.stage.name not in STAGES:
             raise TdlightError(f"unknown stage {cfg.stage.name!r}; valid: {sorted(STAGES)}")
+        if dry_run:  # every check that runs before work, the resolved settings, and nothing else
+            STAGES[cfg.stage.name].check(cfg)
+            print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
+            print(f"tdlight: dry run: the {cfg.stage.name} settings above pass every check that comes before work; "
+                  "nothing was run (drop dry_run=true to run it)", flush=True)
+            logging.shutdown()
+            discard_run_dir(fresh)
+            return
         print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
         with _interruptible(cfg.stage.name, run_dir, fresh):
             if record is not None:
@@ -220,10 +229,10 @@ def _app(cfg: DictConfig) -> None:
 
 
 PLAN_USAGE = ("usage: tdlight plan <compressed model dir> [device=cpu] [policy=timed|macs|factorized|folded|dense] "
-              "[batches=1,32] [seq_len=128] [reps=10]\n"
+              "[batches=1,32] [seq_len=auto] [reps=10]\n"
               "  choose, per unit kind (Q/K/V, attention output, FFN in, FFN out), whether the model runs factorized, "
               "folded\n  (cores multiplied into V or U) or as its dense weight on that device, and record it in the model's tdlight.json "
-              "(tdlight.load_compressed applies it)")
+              "(tdlight.load_compressed applies it); seq_len=auto: 128 tokens, or the model's position table if shorter")
 
 
 def _key_values(args: list[str], defaults: dict[str, str]) -> dict[str, str]:
@@ -294,13 +303,14 @@ def plan_main(args: list[str]) -> int:
     try:
         if not args or "=" in args[0]:
             raise TdlightError(f"tdlight plan needs a compressed model directory first\n{PLAN_USAGE}")
-        kw = _key_values(args[1:], {"device": "cpu", "policy": "timed", "batches": "1,32", "seq_len": "128",
+        kw = _key_values(args[1:], {"device": "cpu", "policy": "timed", "batches": "1,32", "seq_len": "auto",
                                     "reps": "10"})
         try:
             batches = tuple(int(b) for b in kw["batches"].split(","))
-            seq_len, reps = int(kw["seq_len"]), int(kw["reps"])
+            seq_len = None if kw["seq_len"] == "auto" else int(kw["seq_len"])  # auto: 128, or the positions
+            reps = int(kw["reps"])
         except ValueError as e:
-            raise TdlightError(f"batches, seq_len and reps take integers (batches: a comma list); got "
+            raise TdlightError(f"batches, seq_len and reps take integers (batches: a comma list; seq_len: or auto); got "
                                f"batches={kw['batches']!r} seq_len={kw['seq_len']!r} reps={kw['reps']!r}") from e
         from tdlight.model.io import record_plan
 
@@ -363,7 +373,7 @@ def _main() -> None:
         # A resume's overrides belong to the resumed run's saved config, not to the config Hydra
         # composes from the defaults (whose stage is decompose): keep them away from Hydra.
         global _RESUME_OVERRIDES
-        keep = ("-", "resume=", "paths.output_dir=", "hydra.")
+        keep = ("-", "resume=", "paths.output_dir=", "hydra.", "dry_run=")
         _RESUME_OVERRIDES = [a for a in args if not a.startswith(keep)]
         sys.argv = [sys.argv[0], *(a for a in args if a.startswith(keep))]
     try:

@@ -20,6 +20,12 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from tdlight.errors import TdlightError
 from tdlight.tensor.spec import CompressionSpec
 
+
+
+def task_options() -> list[str]:
+    """The values ``task=<name>`` accepts: the task configs in ``conf/task/`` (the GLUE registry also
+    knows AX, a test-only diagnostic set with no config)."""
+    return sorted(p.stem for p in (ROOT / "conf" / "task").glob("*.yaml"))
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -338,6 +344,7 @@ class Config:
     experiment: Optional[Any] = None
     resume: Optional[str] = None  # a run directory: reload its config and continue from its last checkpoint
     seed: int = 0
+    dry_run: bool = False  # run every check that comes before work, print the resolved settings, run nothing
 
 
 # Range of every numeric hyperparameter, by field name (a name means the same in every schema):

@@ -113,3 +113,34 @@ def atomic_file(path: str | os.PathLike, write: Callable[[Path], object]) -> Pat
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file through a temporary sibling and a rename."""
     return atomic_file(path, lambda tmp: tmp.write_text(text))
+
+
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` itself if it exists, else its nearest existing ancestor."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def write_obstacle(target: str | os.PathLike) -> str | None:
+    """Why the atomic writers (:mod:`tdlight.files`) could not make the file ``target``, or None.
+    Tried, not inferred from permission bits (root ignores them; a read-only file system does not):
+    the temporary sibling they would create is created and removed, or, where ``target``'s folder
+    does not exist yet, a temporary folder in its nearest existing ancestor (which they would
+    create it in)."""
+    target = Path(target)
+    parent = target.parent
+    ancestor = nearest_existing(parent)
+    if not ancestor.is_dir():
+        return f"{str(ancestor)!r} is a file, not a directory"
+    try:
+        if ancestor == parent:
+            fd, probe = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=parent)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".tdlight-probe-", dir=ancestor))
+    except OSError as e:
+        return f"{e.strerror or e} in {str(ancestor)!r}"
+    return None

@@ -14,7 +14,6 @@ Its own module, not :mod:`tdlight.cli`: Hydra instantiates the callback by its i
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -23,14 +22,9 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from tdlight.files import nearest_existing, write_obstacle
+
 _existing: Optional[Path] = None  # the nearest parent of the run directory that existed before the command
-
-
-def _nearest_existing(path: Path) -> Path:
-    p = path
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
 
 
 def check_run_dir(config: DictConfig, key: str) -> None:
@@ -50,14 +44,11 @@ def check_run_dir(config: DictConfig, key: str) -> None:
         given = value if given is None else given
     resolved = value
     path = Path(str(resolved)).absolute()
-    parent = _nearest_existing(path)
-    if not parent.is_dir():
-        _fail(f"paths.output_dir={given!r}: cannot create the run directory {str(path)!r}: {str(parent)!r} is a file, "
-              "not a directory; valid: a directory you can write to")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        _fail(f"paths.output_dir={given!r}: cannot create the run directory {str(path)!r}: {str(parent)!r} is not "
-              "writable; valid: a directory you can write to")
-    _existing = parent
+    why = write_obstacle(path)
+    if why is not None:
+        _fail(f"paths.output_dir={given!r}: cannot create the run directory {str(path)!r}: {why}; valid: a directory "
+              "you can write to")
+    _existing = nearest_existing(path)
 
 
 def _fail(message: str) -> None:

@@ -6,6 +6,10 @@ and each test gets databases of its own. Run as root, the server runs as the ``p
 ``nobody``) user — PostgreSQL refuses to run as root. Without PostgreSQL binaries on the machine
 (``initdb`` on the PATH or under /usr/lib/postgresql/<version>/bin; Debian's ``postgresql``
 package, which ``.ci/run`` installs when it can) the tests that need it are skipped with that reason.
+
+The server dies with the test process, whatever kills it (a CI timeout's SIGKILL included): a small
+watchdog, in a session of its own so that a signal to the test's process group spares it, waits
+for the test process to go (its parent changes), then stops the server and removes its directory.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -31,6 +37,42 @@ def binaries() -> Path | None:
     versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parent.parent.name)
                       if Path(p).parent.parent.name.isdigit() else 0)
     return Path(versions[-1]).parent if versions else None
+
+
+# argv: the test process's pid, the server's root directory. Stops the postmaster (immediate shutdown: it
+# takes its backends with it) and removes the directory once the test process is gone; exits on its own
+# once the directory is gone (stopped normally).
+WATCHDOG = r"""
+import os, shutil, signal, sys, time
+parent, root = int(sys.argv[1]), sys.argv[2]
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+while os.getppid() == parent and os.path.isdir(root):
+    time.sleep(0.2)
+
+def running():
+    try:
+        pid = int(open(os.path.join(root, "data", "postmaster.pid")).readline())
+        if not os.path.isdir("/proc"):
+            os.kill(pid, 0)
+            return pid
+        state = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):  # no pid file yet / any more, or no such process
+        return None
+    return None if state == "Z" else pid  # (a zombie: dead, its reaper slow)
+
+t0 = time.monotonic()
+while os.path.isdir(root) and time.monotonic() - t0 < 30:
+    pid = running()
+    if pid is None and time.monotonic() - t0 > 3:  # (a pg_ctl start under way may yet start it)
+        break
+    if pid is not None:
+        try:  # immediate shutdown: the postmaster takes its backends with it; then the hard way
+            os.kill(pid, signal.SIGQUIT if time.monotonic() - t0 < 15 else signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(0.2)
+shutil.rmtree(root, ignore_errors=True)
+"""
 
 
 def free_port() -> int:
@@ -56,6 +98,16 @@ class PostgresServer:
         self.root = Path(tempfile.mkdtemp(prefix="tdlight-pg-"))
         self.data = self.root / "data"
         self.port = free_port()
+        # before anything is made under root: a test killed during initdb leaves nothing either
+        self.watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(self.root)],
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self.data / "postmaster.pid").read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def _cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         cmd = list(args)
@@ -98,3 +150,9 @@ class PostgresServer:
     def stop(self) -> None:
         self._cmd(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
         shutil.rmtree(self.root, ignore_errors=True)
+        self.watchdog.send_signal(signal.SIGTERM)
+        try:
+            self.watchdog.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.watchdog.kill()
+            self.watchdog.wait()

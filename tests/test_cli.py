@@ -152,3 +152,24 @@ def test_saved_configs_of_older_runs_read_with_the_renamed_keys():
                                                          "pretrain": {"steps": 4}}}))
     assert list(pipeline.stage.steps) == ["finetune", "decompose"]  # the pipeline's list of steps stays
     assert pipeline.stage.pretrain.max_steps == 4 and "steps" not in pipeline.stage.pretrain
+
+
+def test_dry_run_checks_everything_before_work_and_runs_nothing(tmp_path, teacher_dir):
+    """dry_run=true: the checks that come before work, the resolved settings, nothing written."""
+    out = tmp_path / "out"
+    r = run_cli(out, "stage=finetune", "task=mrpc", f"teacher.path={teacher_dir}", "dry_run=true")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "dry run: the finetune settings above pass every check" in r.stdout and "task:" in r.stdout
+    assert not out.exists()
+    # what a run refuses before work, a dry run refuses the same way: a setting, a missing input
+    for bad, message in ((["stage=finetune", "task=mrpc", "teacher.path=/no/such/teacher"], "does not exist"),
+                         (["stage=finetune", "task=mnli"], "no local file for mnli train"),
+                         # the tasks listed are those task= accepts (was: 'ax' too, which has no config)
+                         (["stage=finetune"], "add task=<name>; valid: ['cola', 'mnli', 'mrpc', 'qnli', 'qqp', 'rte', "
+                                              "'sst2', 'stsb', 'wnli']"),
+                         (["stage=pipeline", "task=mrpc", "stage.decompose.fit=bogus"], "stage.decompose.fit='bogus'"),
+                         (["stage=decompose", "compression.rank=0"], "rank_in=0 is impossible")):
+        r = run_cli(out, f"teacher.path={teacher_dir}", *bad, "dry_run=true")
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr[-2000:])
+        assert not out.exists()
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -257,3 +258,70 @@ def test_the_config_offers_what_the_loader_takes():
     from tdlight.model.io import EXECUTIONS
 
     assert [e.value for e in Execution] == list(EXECUTIONS)  # stage.execution is passed to load_compressed
+
+
+# --- tdlight plan: what it cannot do is refused before the model is loaded and timed (minutes on a large one) ---
+
+def refuse_to_time(monkeypatch):
+    from tdlight.model import io
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded and timed before the inputs were checked")
+    monkeypatch.setattr(io, "load_compressed", boom)
+
+
+def test_plan_refuses_bad_inputs_before_timing(tmp_path, tiny_bert, monkeypatch, capsys):
+    import errno
+    import tempfile
+
+    from tdlight.cli import plan_main
+
+    path = save_compressed(compressed(tiny_bert), tmp_path / "m")
+    meta = (path / "tdlight.json").read_bytes()
+    (tmp_path / "afile").write_text("x")
+    refuse_to_time(monkeypatch)
+    for args, message in (
+            ([str(tmp_path / "afile")], f"'{tmp_path / 'afile'}' is a file, not a directory; valid: a compressed model"),
+            ([""], "model directory is an empty string; valid: a compressed model directory"),
+            ([str(path), "seq_len=65"], ("seq_len=65 is longer than the model's position table "
+                                         "(max_position_embeddings=64): it never runs at that length; valid: 1 to 64")),
+            ([str(path), "reps=0"], "seq_len and reps >= 1; got batches=[1, 32], seq_len=64, reps=0"),
+            ([str(path), "batches=0"], "got batches=[0]"),
+            ([str(path), "policy=bogus"], "execution policy 'bogus'; valid: ['timed', 'macs'"),
+            ([str(path), "device=bogus"], "device='bogus' is not a device; valid: cpu, cuda, cuda:N")):
+        code = plan_main(args)
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("tdlight: error: ") and message in err, (args, err[-2000:])
+
+    def read_only_fs(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(tempfile, "mkstemp", read_only_fs)  # root writes through chmod; a read-only mount stops it
+    with pytest.raises(ArtifactError, match=f"cannot record the plan in {path / 'tdlight.json'}: Read-only file "
+                                            "system in .*; valid: a model directory this user can write to"):
+        record_plan(path, batches=(1,), seq_len=8, reps=1)
+    monkeypatch.undo()
+    assert (path / "tdlight.json").read_bytes() == meta
+    assert record_plan(path, policy="macs", seq_len=100_000)["policy"] == "macs"  # seq_len: only timing reads it
+
+
+def test_plan_in_a_read_only_model_directory_is_one_error_line(tmp_path, tiny_bert, monkeypatch, capsys):
+    from tdlight.cli import plan_main
+
+    path = save_compressed(compressed(tiny_bert), tmp_path / "m")
+    meta = (path / "tdlight.json").read_bytes()
+    path.chmod(0o555)
+    try:
+        if os.access(path, os.W_OK):
+            pytest.skip("chmod does not stop this user writing (root?); "
+                        "test_plan_refuses_bad_inputs_before_timing holds the same check")
+        refuse_to_time(monkeypatch)
+        code = plan_main([str(path), "batches=1", "seq_len=8", "reps=1"])
+        err = capsys.readouterr().err
+        assert code == 2 and err == (f"tdlight: error: cannot record the plan in {path / 'tdlight.json'}: Permission "
+                                     f"denied in '{path}'; valid: a model directory this user can write to (copy it "
+                                     "to one first)\n"), err
+        assert sorted(p.name for p in path.iterdir()) == sorted(["config.json", "model.safetensors",
+                                                                 "modeling_tdlight.py", "tdlight.json"])
+    finally:
+        path.chmod(0o755)
+    assert (path / "tdlight.json").read_bytes() == meta

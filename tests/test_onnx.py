@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import torch
 from tdlight.errors import ArtifactError
 from tdlight.model import execution as ex
 from tdlight.model.io import load_compressed, save_compressed
-from tdlight.model.onnx import export_onnx
+from tdlight.model.onnx import export_onnx, onnx_export_model
 from tdlight.model.surgery import compress
 from tdlight.tensor.spec import CompressionSpec
 
@@ -26,10 +27,23 @@ def run_onnx(path, feeds: dict[str, torch.Tensor]) -> np.ndarray:
     return session.run(None, {n: feeds[n].numpy() for n in names})[0]
 
 
-@pytest.mark.parametrize("execution", ["factorized", "folded", "dense"])
-def test_tiny_classifier_exports_with_dynamic_axes(tmp_path, tiny_classifier, execution):
+@pytest.fixture
+def model_dir(tmp_path, tiny_classifier):
+    """A tiny compressed classifier saved at ``tmp_path / "m"``."""
     compress(tiny_classifier, CompressionSpec(variant="tucker", rank=8, bank=6))
-    model_dir = save_compressed(tiny_classifier, tmp_path / "m")
+    return save_compressed(tiny_classifier, tmp_path / "m")
+
+
+@pytest.fixture
+def earlier_export(tmp_path):
+    """An existing output file, which a refused or failed export must leave as it is."""
+    out = tmp_path / "keep.onnx"
+    out.write_bytes(b"an earlier export")
+    return out
+
+
+@pytest.mark.parametrize("execution", ["factorized", "folded", "dense"])
+def test_tiny_classifier_exports_with_dynamic_axes(tmp_path, model_dir, execution):
     r = export_onnx(model_dir, tmp_path / "m.onnx", execution=execution)
     assert r["output"] == "logits" and set(r["execution"].values()) == {execution} and r["max_abs_diff"] <= 1e-4
     # a unit runs on what its mode says: the bank (k × a·b, mixed by P on every run) is in the graph only
@@ -69,12 +83,9 @@ def test_real_minilm_student_exports_and_matches(tmp_path, minilm):
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-def test_bad_export_inputs_leave_nothing_half_written(tmp_path, tiny_classifier):
-    compress(tiny_classifier, CompressionSpec(variant="tucker", rank=8, bank=6))
-    model_dir = save_compressed(tiny_classifier, tmp_path / "m")
-    out = tmp_path / "keep.onnx"
-    out.write_bytes(b"an earlier export")
-    with pytest.raises(ArtifactError, match="opset=11; valid: 14 or later"):
+def test_bad_export_inputs_leave_nothing_half_written(tmp_path, model_dir, earlier_export):
+    out = earlier_export
+    with pytest.raises(ArtifactError, match="opset=11; valid: 14 to "):
         export_onnx(model_dir, out, opset=11)
     with pytest.raises(ArtifactError, match="differ from PyTorch's"):
         export_onnx(model_dir, out, atol=-1.0, overwrite=True)  # a check that cannot pass: the old file must stay
@@ -88,11 +99,10 @@ def test_bad_export_inputs_leave_nothing_half_written(tmp_path, tiny_classifier)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.onnx", "m"]  # no temporary left behind
 
 
-def test_export_cli(tmp_path, tiny_classifier, capsys, monkeypatch):
+def test_export_cli(tmp_path, model_dir, capsys, monkeypatch):
     from tdlight.cli import export_main
+    from tdlight.model.onnx import max_opset
 
-    compress(tiny_classifier, CompressionSpec(variant="tucker", rank=8, bank=6))
-    model_dir = save_compressed(tiny_classifier, tmp_path / "m")
     cmd = [sys.executable, "-m", "tdlight.cli", "export-onnx"]
     r = subprocess.run([*cmd, str(model_dir), str(tmp_path / "o.onnx")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -111,6 +121,13 @@ def test_export_cli(tmp_path, tiny_classifier, capsys, monkeypatch):
                           [[str(model_dir), "x.onnx", "verify=maybe"], "verify='maybe'; valid: true, false"],
                           [[str(model_dir), "x.onnx", "opset=new"], "opset='new'; valid: an integer"],
                           [[str(model_dir), "x.onnx", "execution=fast"], "execution='fast'; valid"],
+                          [[str(model_dir), "x.onnx", "opset=99"], f"opset=99; valid: 14 to {max_opset()}"],
+                          [[str(model_dir), ""], "output is an empty string; valid: a file path"],
+                          [[str(model_dir), str(tmp_path)], "is a directory; valid: a file path"],
+                          [[str(model_dir), str(tmp_path / "o.onnx" / "x.onnx")],
+                           (f"cannot write output {str(tmp_path / 'o.onnx' / 'x.onnx')!r}: "
+                            f"{str(tmp_path / 'o.onnx')!r} is a file, not a directory")],
+                          [["", "x.onnx"], "model directory is an empty string; valid"],
                           [[str(model_dir), "x.onnx", "dtype=fp16"], "unknown argument 'dtype=fp16'"]):
         monkeypatch.chdir(tmp_path)
         code = export_main(args)  # in-process: the real subprocess entry point ran above
@@ -263,11 +280,8 @@ def test_int8_export_is_smaller_and_close(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporaries left
 
 
-def test_an_existing_output_is_replaced_only_when_asked(tmp_path, tiny_classifier):
-    compress(tiny_classifier, CompressionSpec(variant="tucker", rank=8, bank=6))
-    model_dir = save_compressed(tiny_classifier, tmp_path / "m")
-    out = tmp_path / "out.onnx"
-    out.write_bytes(b"an earlier export")
+def test_an_existing_output_is_replaced_only_when_asked(tmp_path, model_dir, earlier_export):
+    out = earlier_export
     with pytest.raises(ArtifactError, match="exists; valid: a new path, or overwrite=true"):
         export_onnx(model_dir, out)
     assert out.read_bytes() == b"an earlier export"
@@ -293,3 +307,98 @@ def test_export_cli_takes_a_dense_teacher_at_int8(tmp_path, capsys):
     size = (tmp_path / "t.onnx").stat().st_size
     assert f"(int8, {size:,} bytes; fp32 graph " in out and "dense model" in out, out
     assert "int8 vs fp32 max |diff|" in out
+
+
+# --- refused up front, with one line: outputs that cannot be written, opsets, non-finite weights ---
+
+def refuse_to_load(monkeypatch):
+    """Make loading the model fail loudly: a check that must come before the (slow) load and export."""
+    import tdlight.model.onnx as onnx_module
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the output was checked")
+    monkeypatch.setattr(onnx_module, "load_compressed", boom)
+
+
+def test_an_output_in_a_read_only_directory_is_refused_before_exporting(tmp_path, model_dir, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("chmod does not stop this user writing (root?); "
+                        "test_an_unwritable_output_is_refused_whoever_runs holds the same check")
+        refuse_to_load(monkeypatch)
+        for out in (ro / "x.onnx", ro / "sub" / "x.onnx"):
+            with pytest.raises(ArtifactError, match=f"cannot write output '{out}': Permission denied in '{ro}'"):
+                export_onnx(model_dir, out)
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_an_unwritable_output_is_refused_whoever_runs(tmp_path, model_dir, earlier_export, monkeypatch):
+    """The output's directory is tried (root writes through chmod, and a read-only mount stops root):
+    where the temporary sibling cannot be made, the export is refused before the model is loaded."""
+    import errno
+    import tempfile
+
+    def read_only_fs(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(tempfile, "mkstemp", read_only_fs)
+    refuse_to_load(monkeypatch)
+    with pytest.raises(ArtifactError, match=f"cannot write output '{tmp_path / 'new.onnx'}': Read-only file system"):
+        export_onnx(model_dir, tmp_path / "new.onnx")
+    with pytest.raises(ArtifactError, match="cannot write output .*: Read-only file system"):
+        export_onnx(model_dir, earlier_export, overwrite=True)
+    monkeypatch.undo()
+    (tmp_path / "afile").write_text("x")  # a file where a folder of the path should be
+    refuse_to_load(monkeypatch)
+    for out in (tmp_path / "afile" / "x.onnx", tmp_path / "afile" / "sub" / "x.onnx"):
+        with pytest.raises(ArtifactError, match=f"'{tmp_path / 'afile'}' is a file, not a directory"):
+            export_onnx(model_dir, out)
+    (tmp_path / "adir").mkdir()
+    for out, message in ((tmp_path / "adir", "is a directory; valid: a file path"),
+                         ("", "output is an empty string; valid: a file path"),
+                         (f"{tmp_path}/new.onnx/", "ends with a path separator")):
+        with pytest.raises(ArtifactError, match=message):
+            export_onnx(model_dir, out)  # (not overwrite: refused all the same)
+    assert earlier_export.read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile", "keep.onnx", "m"]
+
+
+def test_opsets_outside_the_exporters_range_are_refused(tmp_path, model_dir, tiny_classifier, monkeypatch):
+    from torch.onnx import _constants
+
+    import tdlight.model.onnx as onnx_module
+
+    high = onnx_module.max_opset()
+    assert high == getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET)
+    for opset in (13, high + 1, 99):
+        with pytest.raises(ArtifactError, match=f"opset={opset}; valid: 14 to {high} "):
+            export_onnx(model_dir, tmp_path / "x.onnx", opset=opset)
+    with pytest.raises(ArtifactError, match=f"opset=99; valid: 14 to {high} "):  # the in-memory entry point too
+        onnx_export_model(tiny_classifier, tmp_path / "x.onnx", opset=99)
+    assert export_onnx(model_dir, tmp_path / "high.onnx", opset=high)["max_abs_diff"] <= 1e-4  # the top is valid
+    monkeypatch.setattr(onnx_module, "max_opset", lambda: None)  # a torch that does not declare it:
+    with pytest.raises(ArtifactError, match="opset=99; valid: 14 or later"):  # the exporter's refusal, translated
+        export_onnx(model_dir, tmp_path / "x.onnx", opset=99, verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["high.onnx", "m"]
+
+
+def test_non_finite_weights_are_named_before_exporting(tmp_path, tiny_classifier):
+    compress(tiny_classifier, CompressionSpec(variant="tucker", rank=8, bank=6))
+    with torch.no_grad():
+        next(iter(tiny_classifier.bert.encoder.factor_banks.values())).U[0, 0] = float("nan")
+        tiny_classifier.classifier.weight[0, 0] = float("inf")
+    model_dir = save_compressed(tiny_classifier, tmp_path / "nan")
+    with pytest.raises(ArtifactError, match=r"weights hold NaN or inf in 2 tensor\(s\): bert\.encoder\.factor_banks\."
+                                            r"[a-z_]+\.U, classifier\.weight; .*nothing was written to"):
+        export_onnx(model_dir, tmp_path / "nan.onnx")
+    with torch.no_grad():  # finite weights whose products overflow float32: said so, not "differ by nan"
+        for p in tiny_classifier.parameters():
+            p.nan_to_num_(0.0)
+        tiny_classifier.bert.embeddings.LayerNorm.weight.fill_(1e30)
+    with pytest.raises(ArtifactError, match="not finite .NaN or inf. although every weight is"):
+        onnx_export_model(tiny_classifier, tmp_path / "overflow.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan"]

@@ -13,6 +13,25 @@ from tdlight.stages.registry import STAGES
 from tests.conftest import cli, runs
 
 
+def test_every_step_is_checked_before_the_first_runs(teacher_dir, tmp_path):
+    """A bad decompose or distill setting is refused before the fine-tune step trains, naming the key
+    as written (was: after the fine-tune, as `stage.fit`)."""
+    base = ["stage=pipeline", "task=mrpc", f"teacher.path={teacher_dir}", "trainer=cpu", "logger=csv"]
+    for bad, message in ((["stage.decompose.fit=bogus"], "stage.decompose.fit='bogus'; valid: weights, outputs"),
+                         (["stage.decompose.teacher_weights=bogus"],
+                          "stage.decompose.teacher_weights='bogus'; valid: pretrained, finetuned"),
+                         (["stage.distill.intermediate_epochs=0", "stage.distill.prediction_epochs=0"],
+                          "stage.distill.intermediate_epochs + stage.distill.prediction_epochs must be ≥ 1"),
+                         (["stage.decompose.fit=outputs", "stage.decompose.calibration_files=/no/such/file"],
+                          "stage.decompose.calibration_files: '/no/such/file' does not exist"),
+                         (["stage.steps=[finetune,decompose,distill,evaluate]", "stage.evaluate.max_length=0"],
+                          "stage.evaluate.max_length=0")):
+        r = cli(tmp_path, *base, *bad)
+        assert r.returncode == 2, (bad, r.stderr[-2000:])
+        assert message in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr[-2000:])
+        assert list(tmp_path.iterdir()) == [], bad  # no step ran, nothing left
+
+
 def test_tiny_pipeline_end_to_end_and_reuse(pretrain_inputs, teacher_dir, tmp_path):
     _, _, files = pretrain_inputs
     args = ["stage=pipeline", "task=mrpc", f"teacher.path={teacher_dir}", "compression.rank=8", "compression.bank=12",

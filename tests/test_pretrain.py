@@ -56,7 +56,7 @@ def test_pretrain_resume_equals_uninterrupted(pretrain_inputs, teacher_dir, tmp_
 
 def test_pretrain_bad_input(pretrain_inputs, teacher_dir, tmp_path):
     out, dec, files = pretrain_inputs
-    for extra, msg in ((["stage.student=" + str(dec), "stage.max_steps=0"], "stage.max_steps=0 must be ≥ 1"),
+    for extra, msg in ((["stage.student=" + str(dec), "stage.max_steps=0"], "stage.max_steps=0; valid: an integer ≥ 1"),
                        # the old name of the step count is refused by a message that names the new one
                        (["stage.student=" + str(dec), "stage.steps=6"], "'stage.steps' was renamed (override "
                                                                         "'stage.steps=6'); valid: stage.max_steps"),

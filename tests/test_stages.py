@@ -176,6 +176,14 @@ def test_resume_overrides_are_checked_against_the_runs_own_stage_and_kept_only_w
         # not a tensor-size traceback
         (["stage=decompose", "compression.rank=8", "stage.fit=outputs", "stage.calibration_max_length=512"],
          "stage.calibration_max_length=512 is longer than the model's position table; valid: at most 64"),
+        # the same for GLUE stages, named as set (was: a traceback when a batch reached 65 tokens)
+        (["stage=finetune", "task=mrpc", "stage.max_length=512", *SMALL[:3], "trainer=cpu", "logger=csv"],
+         "stage.max_length=512 is longer than the model's position table; valid: at most 64"),
+        (["stage=finetune", "task=mrpc", "task.max_length=100", *SMALL[:3], "trainer=cpu", "logger=csv"],
+         "task.max_length=100 is longer than the model's position table; valid: at most 64"),
+        # a damping the fit cannot use says which values it can (was: "valid: a number ≥ 0" for 1e7)
+        (["stage=decompose", "compression.rank=8", "stage.fit=outputs", "stage.calibration_damp=1e7"],
+         "stage.calibration_damp=10000000.0; valid: a number ≥ 0 and below 1e+06"),
     ],
 )
 def test_bad_input_exit_2_and_nothing_written(tmp_path, teacher_dir, overrides, message):
@@ -446,7 +454,7 @@ def test_ctrl_c_exits_130_with_the_resume_line_also_when_started_in_the_backgrou
 @pytest.mark.parametrize("output_dir, message", [
     ("{tmp}/a_file/out", "is a file, not a directory"),
     ("${{x}}/out", "paths.output_dir='${{x}}/out' cannot be resolved"),
-    ("{tmp}/read_only/out", "is not writable"),
+    ("{tmp}/read_only/out", "Permission denied"),
 ])
 def test_an_output_dir_that_cannot_be_made_is_one_error(tmp_path, teacher_dir, output_dir, message):
     """Was: NotADirectoryError / InterpolationKeyError / PermissionError tracebacks from Hydra."""

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from tdlight.sweep.runner import DUPLICATE, INTERRUPTED, TRIAL_PID, Runner, counts_toward_budget, open_storage
+from tdlight.sweep.runner import (ABANDONED, DUPLICATE, INTERRUPTED, TRIAL_PID, Runner, counts_toward_budget,
+                                  error_summary, open_storage)
 from tdlight.sweep.spec import SweepError, distribution, load
 
 TRIAL = ["stage=pipeline", "stage.steps=[finetune,decompose,distill]", "trainer=cpu",
@@ -92,6 +93,121 @@ def test_bad_sweep_input_is_one_clear_error_before_any_trial(tmp_path, teacher_d
     assert r.returncode == 2, r.stderr[-3000:]
     assert msg in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "sweep" / "trials").exists()
+
+
+def error_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.startswith("tdlight: error:")]
+
+
+@pytest.mark.parametrize("content, msg", [
+    ("sweep: {name: [\n", "is not valid YAML at line 2, column 1: expected the node content"),
+    ("", "is empty; valid: a YAML mapping with the top-level keys sweep, tasks, base, space"),
+    ("# only a comment\n", "is empty; valid: a YAML mapping"),
+    ("sweep: 5\n", "sweep: 5 is not a mapping of settings; valid: a mapping of settings"),
+    ("7\n", "cannot be read as a sweep definition (Invalid loaded object type: int); valid: a YAML mapping"),
+    ("- rte\n", "holds a list at the top level; valid: a YAML mapping"),
+    ("space:\n  compression.rank: range(1,10,0)\n",
+     "search space compression.rank: 'range(1,10,0)' has step 0; valid: range(start, stop[, step]) with a step > 0"),
+], ids=["yaml-syntax", "empty", "comment-only", "sweep-not-a-mapping", "scalar", "list", "zero-step"])
+def test_a_broken_sweep_file_is_one_error_naming_it(tmp_path, capsys, content, msg):
+    from tdlight.sweep.cli import main
+
+    path = tmp_path / "broken.yaml"
+    path.write_text(content)
+    assert main("sweep", [str(path)]) == 2  # (was: a traceback from yaml, OmegaConf or range())
+    (line,) = error_lines(capsys.readouterr().err)
+    assert f"sweep file {str(path)!r}" in line and msg in line, line
+
+
+@pytest.mark.parametrize("setting, msg", [
+    # (were: every trial failed at once / nothing ran, and both exited 0)
+    ("sweep.trial_timeout=-1", "sweep.trial_timeout=-1.0: out of range; valid: null (no limit) or a number of seconds > 0"),
+    ("sweep.trial_timeout=0", "sweep.trial_timeout=0.0: out of range; valid: null (no limit)"),
+    ("sweep.max_infeasible=0", "sweep.max_infeasible=0: out of range; valid: an integer >= 1"),
+    ("sweep.n_trials=-2", "sweep.n_trials=-2: out of range; valid: an integer >= 1"),
+    ("sweep.workers=0", "sweep.workers=0: out of range; valid: an integer >= 1"),
+    ("sweep.threads=0", "sweep.threads=0: out of range; valid: null (the machine's cores / workers) or an integer >= 1"),
+    ("sweep.heartbeat_interval=0", "sweep.heartbeat_interval=0: out of range; valid: an integer number of seconds >= 1"),
+    ("sweep.grace_period=30", ("sweep.grace_period=30: out of range; valid: an integer number of seconds > "
+                               "sweep.heartbeat_interval (30)")),
+    ("sweep.sampler.n_startup_trials=-1", "sweep.sampler.n_startup_trials=-1: out of range; valid: null"),
+    ("sweep.sampler.population_size=1", ("sweep.sampler.population_size=1: out of range; valid: null (Optuna's "
+                                         "default) or an integer >= 2")),
+    ("sweep.name=a/b", "sweep.name='a/b': valid: a non-empty name without '/'"),
+    ("sweep.enqueue=[5]", "sweep.enqueue entry 5 is not a point; valid: a list of mappings"),
+])
+def test_sweep_settings_that_cannot_run_are_refused_up_front(tmp_path, teacher_dir, capsys, setting, msg):
+    from tdlight.sweep.cli import main
+
+    assert main("sweep", [str(write_sweep(tmp_path, teacher_dir)), setting]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert msg in line, line
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_worker_that_dies_fails_its_trial_and_the_sweep_exits_nonzero(tmp_path, teacher_dir, capsys):
+    from tdlight.sweep.cli import main
+
+    path = write_sweep(tmp_path, teacher_dir, n_trials=1)
+    study = optuna.create_study(study_name="tiny", storage=open_storage(None, tmp_path / "sweep"),
+                                directions=["maximize", "maximize"])
+    # a point the space cannot hold, queued in the study by an older tdlight (it did not check them): the
+    # worker dies inside sampling it (was: exit 0, trial 0 running forever with no host, the budget used up)
+    study.enqueue_trial({"compression.rank": 5, "compression.bank": 6, "stage.distill.layer_map": "all"})
+    assert main("sweep", [str(path)]) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "sweep worker 0 stopped by ValueError: '5' not in (4, 8, 16)" in line and "trial 0 is marked failed" in line
+    (t,) = trials(tmp_path)
+    assert t.state == TrialState.FAIL and "ValueError" in t.user_attrs["error"] and t.user_attrs["host"]
+    assert not (tmp_path / "sweep" / "trials").exists()
+
+
+def test_a_running_trial_without_host_or_heartbeat_is_recovered_after_the_grace_period(tmp_path, teacher_dir):
+    from tdlight.sweep.report import _status
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"  # an RDB storage: heartbeats, as between hosts
+    path = write_sweep(tmp_path, teacher_dir, storage=url, heartbeat_interval=1, grace_period=2)
+    runner = Runner(load(path))
+    study = optuna.create_study(study_name="tiny", directions=["maximize", "maximize"],
+                                storage=open_storage(url, runner.dir, heartbeat_interval=1, grace_period=2))
+    good = {"compression.rank": 8, "compression.bank": 6, "stage.distill.layer_map": "all"}
+    study.enqueue_trial(good)
+    study.enqueue_trial({**good, "compression.rank": 5})  # outside the space
+    # trials popped and left RUNNING with no host attribute, as by a process that died inside study.ask
+    stale_good, stale_bad, beating = study.ask(), study.ask(), study.ask()
+    time.sleep(2.5)  # older than sweep.grace_period
+    study._storage.record_heartbeat(beating._trial_id)  # a process beats for it: Optuna's heartbeat judges it
+    young = study.ask()  # a process may be between ask and recording its host
+    assert runner.recover(study) == 2
+    ts = {t.number: t for t in study.get_trials()}
+    assert ts[beating.number].state == ts[young.number].state == TrialState.RUNNING
+    for t in (stale_good, stale_bad):
+        assert ts[t.number].state == TrialState.FAIL and not counts_toward_budget(ts[t.number])
+    retries = [t for t in ts.values() if "retry_of" in t.user_attrs]
+    assert [(t.user_attrs["retry_of"], t.state, t.system_attrs["fixed_params"]) for t in retries] == [
+        (stale_good.number, TrialState.WAITING, good)]  # a point outside the space is not queued again
+    assert _status(ts[stale_good.number]).startswith("abandoned: left running with no sweep process recorded")
+    assert "is outside the search space: not re-queued" in ts[stale_bad.number].user_attrs[ABANDONED]
+    assert runner.recover(study) == 0  # done once
+
+
+def test_a_failed_trial_shows_the_end_of_its_error_whole(tmp_path, teacher_dir, caplog):
+    from tdlight.sweep.report import _status
+    from tdlight.sweep.trial import _tail
+
+    log = tmp_path / "mrpc.log"
+    last = "tdlight: error: stage.distill.layer_map=[[7,7]]: " + "x" * 1600 + " till the end"
+    log.write_text("[2025-01-01][lightning][INFO] - " + "y" * 3000 + "\nValueError: first\n" + last + "\n")
+    error = f"exit code 1: {_tail(log)}"
+    assert error_summary(error) == "exit code 1: " + last  # (was cut at its start: "failed: till] ...")
+    assert error_summary("exit code 1: RuntimeError: a | tdlight: error: b | x") == "exit code 1: tdlight: error: b"
+    assert error_summary("timed out after 3 s (sweep.trial_timeout)") == "timed out after 3 s (sweep.trial_timeout)"
+    runner = Runner(load(write_sweep(tmp_path, teacher_dir)))
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    with caplog.at_level("WARNING", logger="tdlight.sweep"):
+        runner._fail(study, study.ask(), error)
+    assert f"trial 0 failed: exit code 1: {last}" in caplog.text  # the console
+    assert _status(study.trials[0]) == f"failed: exit code 1: {last}"  # trials.md
 
 
 def test_pareto_front_leaves_constant_students_off():

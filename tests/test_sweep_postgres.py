@@ -7,8 +7,11 @@ a running one — as between real machines.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +24,7 @@ import yaml
 from optuna.trial import TrialState
 
 from tdlight.sweep.runner import DUPLICATE, IDENTITY_ATTR, counts_toward_budget
-from tests.postgres import PASSWORD, PostgresServer, binaries, free_port
+from tests.postgres import PASSWORD, USER, PostgresServer, binaries, free_port
 from tests.test_sweep import TRIAL, sweep_cmd
 
 
@@ -52,8 +55,9 @@ def write(tmp_path: Path, teacher_dir: Path, host: str, url: str, **settings) ->
     return p
 
 
-def host_env(host: str) -> dict:
-    return {**os.environ, "TDLIGHT_HOST_ID": host, "OMP_NUM_THREADS": "1"}
+def host_env(host: str, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}  # no password but the test's own
+    return {**env, "TDLIGHT_HOST_ID": host, "OMP_NUM_THREADS": "1", **extra}
 
 
 def study(url: str) -> optuna.Study:
@@ -118,8 +122,9 @@ def test_two_hosts_share_one_study_and_one_finishes_what_a_killed_host_left(post
     assert all(DUPLICATE in t.user_attrs for t in ts if t.state == TrialState.PRUNED)
     # each host kept its own artifacts (no shared disk): the report reads the database from either
     for h in ("a", "b"):
+        # (sweep.yaml keeps no password: the report's libpq takes it from PGPASSWORD)
         r = subprocess.run([sys.executable, "-m", "tdlight.cli", "sweep-report", str(tmp_path / h)],
-                           capture_output=True, text=True, timeout=300)
+                           env=host_env(h, PGPASSWORD=PASSWORD), capture_output=True, text=True, timeout=300)
         assert r.returncode == 0 and "Pareto front" in r.stdout, r.stderr[-2000:]
         md = (tmp_path / h / "trials.md").read_text()
         assert "lost: its sweep process stopped beating (re-queued)" in md and md.count(" complete |") == 5
@@ -155,3 +160,92 @@ def test_bad_database_input_is_one_error_and_writes_nothing(postgres, tmp_path, 
     # a database whose schema an older Optuna wrote
     postgres.execute(url, "UPDATE alembic_version SET version_num = 'v3.0.0.a'")
     refused(url, expect="no longer compatible with the table schema")
+
+
+def test_the_password_is_never_shown_or_stored_and_libpq_can_give_it(postgres, tmp_path, teacher_dir):
+    url = postgres.new_database()
+    bare = url.replace(f"{USER}:{PASSWORD}@", f"{USER}@")  # the same URL without its password
+    path = write(tmp_path, teacher_dir, "a", url, n_trials=1)
+    sweep_dir = tmp_path / "a"
+    shown = []
+
+    def tdlight(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        r = subprocess.run([sys.executable, "-m", "tdlight.cli", *args], env=env or host_env("a"),
+                           capture_output=True, text=True, timeout=900)
+        shown.append(r.stdout + r.stderr)
+        return r
+
+    # a password inside the URL connects ...
+    r = tdlight("sweep", str(path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    # ... and is written nowhere: sweep.yaml keeps the URL without it (was: in plain text)
+    assert yaml.safe_load((sweep_dir / "sweep.yaml").read_text())["sweep"]["storage"] == bare
+    # a usage error quoting the arguments masks it (was: printed)
+    r = tdlight("sweep-report", str(sweep_dir), f"sweep.storage={url}", "extra")
+    assert r.returncode == 2 and "sweep.storage=postgresql://tdlight:***@" in r.stderr, r.stderr[-2000:]
+    # the report reads the stored URL; libpq gives the password from the environment (or ~/.pgpass, PGSERVICE)
+    r = tdlight("sweep-report", str(sweep_dir))
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("tdlight: error:")]
+    assert r.returncode == 2 and "no password supplied" in line and "PGPASSWORD" in line, r.stderr[-2000:]
+    r = tdlight("sweep-report", str(sweep_dir), env=host_env("a", PGPASSWORD=PASSWORD))
+    assert r.returncode == 0 and "Pareto front" in r.stdout, r.stderr[-2000:]
+    r = tdlight("sweep-report", str(sweep_dir), f"sweep.storage={url}")  # or the URL given again
+    assert r.returncode == 0 and "Pareto front" in r.stdout, r.stderr[-2000:]
+    # a sweep on a URL without password, the password in PGPASSWORD: connects (resumes the finished study)
+    r = tdlight("sweep", str(path), f"sweep.storage={bare}", env=host_env("a", PGPASSWORD=PASSWORD))
+    assert r.returncode == 0 and "1/1 trials done" in r.stderr, r.stderr[-3000:]
+    # never on the console, in any file of the sweep directory, or in the study's attributes
+    assert not [out for out in shown if PASSWORD in out]
+    written = [p for p in sweep_dir.rglob("*") if p.is_file() and PASSWORD.encode() in p.read_bytes()]
+    assert (sweep_dir / "trials.md").is_file() and (sweep_dir / "trials").is_dir() and not written
+    attrs = [study(url).user_attrs, *[t.user_attrs for t in study(url).get_trials()]]
+    assert PASSWORD not in repr(attrs)
+
+
+@pytest.mark.parametrize("kill_group", [False, True], ids=["the-test-process", "its-process-group"])
+def test_the_test_server_dies_with_the_test_process_whatever_kills_it(kill_group):
+    """A test run killed midway (a CI timeout's SIGKILL) leaves no PostgreSQL server or data directory."""
+    bindir = binaries()
+    if bindir is None:
+        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl) on this machine: apt-get install postgresql")
+    script = ("import json, time; from tests.postgres import PostgresServer, binaries; "
+              "s = PostgresServer(binaries()).start(); "
+              "print(json.dumps([str(s.root), s.port, s.postmaster_pid()]), flush=True); time.sleep(600)")
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    root = port = pid = None
+    try:
+        root, port, pid = json.loads(child.stdout.readline())
+        root = Path(root)
+        assert pid and Path(f"/proc/{pid}").exists() and (root / "data").is_dir()
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # the server answers
+        (os.killpg if kill_group else os.kill)(child.pid, signal.SIGKILL)
+        child.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and (_alive(pid) or root.exists() or _listening(port)):
+            time.sleep(0.2)
+        assert not _alive(pid) and not _listening(port) and not root.exists()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if pid and _alive(pid):  # the test failed: leave nothing behind all the same
+            os.kill(pid, signal.SIGKILL)
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False

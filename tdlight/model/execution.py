@@ -93,11 +93,7 @@ def macs_of(model: nn.Module, kind: str) -> dict[str, int]:
 def plan(model: nn.Module, policy: str = "timed", *, device: torch.device | str | None = None,
          batches: tuple[int, ...] = (1, 32), seq_len: int = 128, reps: int = 10) -> dict:
     """Choose a mode for every unit kind of ``model`` (see the module doc). The model is left as it was."""
-    if policy not in POLICIES:
-        raise SpecError(f"execution policy {policy!r}; valid: {list(POLICIES)}")
-    if not batches or any(int(b) < 1 for b in batches) or seq_len < 1 or reps < 1:
-        raise SpecError(f"execution timing needs batch sizes, seq_len and reps >= 1; got batches={list(batches)}, "
-                        f"seq_len={seq_len}, reps={reps}")
+    check_plan_options(policy, batches, seq_len, reps)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     first: dict[str, Unit] = {}
     for u in units(model):
@@ -127,6 +123,16 @@ def plan(model: nn.Module, policy: str = "timed", *, device: torch.device | str 
         result["modes"] = smallest_modes(model, list(first))
     result["stored_params"] = stored_params(model, result["modes"])
     return result
+
+
+def check_plan_options(policy: str, batches, seq_len: int, reps: int) -> None:
+    """Refuse a policy :func:`plan` does not know, or timing shapes below 1 (before any model is
+    loaded or timed: :func:`tdlight.model.io.record_plan` checks them first)."""
+    if policy not in POLICIES:
+        raise SpecError(f"execution policy {policy!r}; valid: {list(POLICIES)}")
+    if not batches or any(int(b) < 1 for b in batches) or seq_len < 1 or reps < 1:
+        raise SpecError(f"execution timing needs batch sizes, seq_len and reps >= 1; got batches={list(batches)}, "
+                        f"seq_len={seq_len}, reps={reps}")
 
 
 def stored_params(model: nn.Module, modes: dict[str, str]) -> dict[str, int]:

@@ -25,7 +25,7 @@ import transformers
 from torch import nn
 
 from tdlight.errors import ArtifactError, SpecError, TeacherError
-from tdlight.files import atomic_directory, atomic_write_text, file_sha256
+from tdlight.files import atomic_directory, atomic_write_text, file_sha256, write_obstacle
 from tdlight.model import execution as ex
 from tdlight.model import native
 from tdlight.model.surgery import densify, encoder_shape, is_compressed
@@ -57,6 +57,9 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer=None, e
 def read_meta(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_dir():
+        if path.exists():
+            raise ArtifactError(f"{str(path)!r} is a file, not a directory; valid: a compressed model directory "
+                                f"(with {META})")
         raise ArtifactError(f"compressed model directory {str(path)!r} does not exist")
     f = path / META
     if not f.is_file():
@@ -161,16 +164,37 @@ def _device(device) -> torch.device:
 
 
 def record_plan(path: str | os.PathLike, *, device: str = "cpu", policy: str = "timed", batches=(1, 32),
-                seq_len: int = 128, reps: int = 10) -> dict:
+                seq_len: int | None = None, reps: int = 10) -> dict:
     """Choose the execution plan of the compressed model at ``path`` on ``device`` and record it in its
-    ``tdlight.json`` (atomically; weights untouched), so that ``load_compressed(path, device)`` applies it."""
+    ``tdlight.json`` (atomically; weights untouched), so that ``load_compressed(path, device)`` applies it.
+    Every argument, and that ``tdlight.json`` can be replaced, is checked before the model is loaded
+    and timed (which takes minutes on a large model)."""
+    if not str(path).strip():
+        raise ArtifactError(f"model directory is an empty string; valid: a compressed model directory (with {META})")
     path = Path(path)
     meta = read_meta(path)
     dev = _device(device)
+    batches = tuple(batches)
+    limit = getattr(read_config(path), "max_position_embeddings", None)
+    if seq_len is None:  # the default: 128 tokens, or all the model has
+        seq_len = min(128, limit) if isinstance(limit, int) else 128
+    ex.check_plan_options(policy, batches, seq_len, reps)  # (a SpecError)
+    if policy == "timed":  # (the other policies do not use seq_len)
+        if isinstance(limit, int) and seq_len > limit:
+            raise ArtifactError(f"seq_len={seq_len} is longer than the model's position table "
+                                f"(max_position_embeddings={limit}): it never runs at that length; valid: 1 to {limit}")
+    target = path / META
+    why = write_obstacle(target)
+    if why is not None:
+        raise ArtifactError(f"cannot record the plan in {target}: {why}; valid: a model directory this user can "
+                            "write to (copy it to one first)")
     model = load_compressed(path, device=device, execution="factorized")
-    chosen = ex.plan(model, policy, device=dev, batches=tuple(batches), seq_len=seq_len, reps=reps)
+    chosen = ex.plan(model, policy, device=dev, batches=batches, seq_len=seq_len, reps=reps)
     meta["execution"] = chosen
-    atomic_write_text(path / META, json.dumps(meta, indent=2))
+    try:
+        atomic_write_text(target, json.dumps(meta, indent=2))
+    except OSError as e:  # (the directory changed since the check, or the disk is full)
+        raise ArtifactError(f"cannot record the plan in {target}: {e.strerror or e}") from e
     return chosen
 
 

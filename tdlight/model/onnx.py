@@ -12,11 +12,12 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from tdlight.errors import ArtifactError
-from tdlight.files import atomic_file
+from tdlight.files import atomic_file, write_obstacle
 from tdlight.model import execution as ex
 from tdlight.model.io import EXECUTIONS, META, load_compressed
 from tdlight.model.surgery import is_compressed
@@ -28,6 +29,7 @@ PRECISIONS = ("fp32", "int8")
 # a graph that is wildly off — more than this, or not finite — is refused: a rounding error of a few
 # percent is what int8 costs and is judged on a task score, not here.
 INT8_REFUSE = 0.5
+MIN_OPSET = 14  # the attention's ops need it
 
 
 class _FirstOutput(nn.Module):
@@ -67,8 +69,9 @@ def export_onnx(model_dir: str | os.PathLike, path: str | os.PathLike, *, execut
     that tracing records as one computation, where ``torch.export`` would need it rewritten.
     With ``verify`` (needs ``onnxruntime``: ``pip install tdlight[onnx]``) ONNX Runtime's output on
     a sample batch must match PyTorch's within ``atol``, else nothing is written. An existing
-    ``path`` is replaced only with ``overwrite``; a ``path`` inside ``model_dir`` never. Returns what
-    was exported, the file's bytes and the largest differences seen.
+    ``path`` is replaced only with ``overwrite``; a ``path`` inside ``model_dir`` never. The options,
+    the output path (a file that can be written there) and the weights (all finite) are checked
+    before the export. Returns what was exported, the file's bytes and the largest differences seen.
     """
     source = _model_source(model_dir)
     _check_options(execution, precision, opset)
@@ -83,6 +86,9 @@ def export_onnx(model_dir: str | os.PathLike, path: str | os.PathLike, *, execut
 
 def _model_source(model_dir: str | os.PathLike) -> Path:
     """The directory to export: an existing directory, or an embedded teacher's."""
+    if not str(model_dir).strip():
+        raise ArtifactError("model directory is an empty string; valid: a compressed model directory "
+                            f"(with {META}), a dense HF model directory, or one of {list(EMBEDDED)}")
     if str(model_dir) in EMBEDDED and not Path(model_dir).exists():
         return Path(embedded_path(str(model_dir)))
     p = Path(os.path.expanduser(str(model_dir)))
@@ -95,15 +101,63 @@ def _model_source(model_dir: str | os.PathLike) -> Path:
 def _check_options(execution: str, precision: str, opset: int) -> None:
     if execution not in EXECUTIONS:
         raise ArtifactError(f"execution={execution!r}; valid: {list(EXECUTIONS)}")
+    _check_precision_opset(precision, opset)
+
+
+def max_opset() -> int | None:
+    """The highest opset the TorchScript exporter (``dynamo=False``) supports, as ``torch.onnx``
+    declares it (None where this torch does not say: the exporter's own refusal is then translated)."""
+    try:
+        from torch.onnx import _constants
+    except ImportError:
+        return None
+    high = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", None)
+    if high is None:
+        high = getattr(_constants, "ONNX_MAX_OPSET", None)
+    return high if isinstance(high, int) else None
+
+
+def _opset_error(opset) -> ArtifactError:
+    high = max_opset()
+    valid = f"{MIN_OPSET} to {high}" if high is not None else f"{MIN_OPSET} or later"
+    return ArtifactError(f"opset={opset}; valid: {valid} (from {MIN_OPSET}: the attention's ops need it; up to "
+                         "what torch's TorchScript ONNX exporter supports)")
+
+
+def _check_precision_opset(precision: str, opset: int) -> None:
     if precision not in PRECISIONS:
         raise ArtifactError(f"precision={precision!r}; valid: {list(PRECISIONS)}")
-    if opset < 14:
-        raise ArtifactError(f"opset={opset}; valid: 14 or later (the attention's ops need it)")
+    high = max_opset()
+    if (not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET
+            or (high is not None and opset > high)):
+        raise _opset_error(opset)
+
+
+def nonfinite_weights(model: nn.Module) -> list[str]:
+    """Names of ``model``'s floating-point parameters and buffers holding NaN or inf."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _check_finite(model: nn.Module, path) -> None:
+    bad = nonfinite_weights(model)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ArtifactError(f"the model's weights hold NaN or inf in {len(bad)} tensor(s): {shown}; its outputs "
+                            f"would not be finite, so nothing was written to {path}; valid: a model with finite "
+                            "weights (a diverged training run writes such a model: retrain, e.g. at a lower "
+                            "learning rate, or export an earlier checkpoint)")
 
 
 def check_target(path: str | os.PathLike, overwrite: bool, inside: Path | None = None) -> None:
-    """Refuse an output path that is a directory, that lies inside the model directory ``inside``
-    (its weights or config would be replaced), or that exists unless ``overwrite``."""
+    """Refuse an output path that is empty or a directory, that lies inside the model directory
+    ``inside`` (its weights or config would be replaced), that exists unless ``overwrite``, or where
+    no file can be written (tried: :func:`tdlight.files.write_obstacle`)."""
+    if not str(path).strip():
+        raise ArtifactError("output is an empty string; valid: a file path such as model.onnx")
+    if str(path).endswith(("/", os.sep)):
+        raise ArtifactError(f"output {str(path)!r} ends with a path separator (a directory); valid: a file path "
+                            "such as model.onnx")
     target = Path(os.path.expanduser(str(path))).resolve()
     if inside is not None and target.is_relative_to(inside.resolve()):
         raise ArtifactError(f"output {str(path)!r} is inside the model directory {str(inside)!r} being exported; "
@@ -112,13 +166,16 @@ def check_target(path: str | os.PathLike, overwrite: bool, inside: Path | None =
         raise ArtifactError(f"output {str(path)!r} is a directory; valid: a file path such as model.onnx")
     if target.exists() and not overwrite:
         raise ArtifactError(f"output {str(path)!r} exists; valid: a new path, or overwrite=true to replace it")
+    why = write_obstacle(target)
+    if why is not None:
+        raise ArtifactError(f"cannot write output {str(path)!r}: {why}; valid: a path in a directory this user can "
+                            "write to")
 
 
 def onnx_export_model(model: nn.Module, path: str | os.PathLike, *, precision: str = "fp32", opset: int = 17,
                       verify: bool = True, atol: float = 1e-4, overwrite: bool = False) -> dict:
     """:func:`export_onnx` of a model in memory, compressed (units as their plan says) or dense."""
-    if precision not in PRECISIONS:
-        raise ArtifactError(f"precision={precision!r}; valid: {list(PRECISIONS)}")
+    _check_precision_opset(precision, opset)
     check_target(path, overwrite)
     ort = None
     if verify or precision == "int8":
@@ -127,6 +184,7 @@ def onnx_export_model(model: nn.Module, path: str | os.PathLike, *, precision: s
         except ImportError as e:
             raise ArtifactError(f"export_onnx(verify={verify}, precision={precision!r}) needs onnxruntime: "
                                 "pip install 'tdlight[onnx]' (or verify=False at fp32)") from e
+    _check_finite(model, path)
     model.eval()
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if getattr(model.config, "type_vocab_size", 0)
                                                else [])
@@ -154,14 +212,23 @@ def onnx_export_model(model: nn.Module, path: str | os.PathLike, *, precision: s
 
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-            torch.onnx.export(wrapped, tuple(sample), str(file), dynamo=False, input_names=names,
-                              output_names=[output], opset_version=opset, do_constant_folding=True,
-                              dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names},
-                                            output: {0: "batch"} if output == "logits" else {0: "batch", 1: "sequence"}})
+            try:
+                torch.onnx.export(wrapped, tuple(sample), str(file), dynamo=False, input_names=names,
+                                  output_names=[output], opset_version=opset, do_constant_folding=True,
+                                  dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names},
+                                                output: {0: "batch"} if output == "logits"
+                                                else {0: "batch", 1: "sequence"}})
+            except RuntimeError as e:  # (where max_opset() could not tell beforehand)
+                if "Unsupported onnx_opset_version" in str(e):
+                    raise _opset_error(opset) from e
+                raise
         result["fp32_bytes"] = file.stat().st_size
         if verify:
             with torch.no_grad():
                 want = wrapped(*check).numpy()
+            if not np.isfinite(want).all():  # finite weights (checked above) whose products overflow
+                raise ArtifactError(f"PyTorch's {output} on a sample batch are not finite (NaN or inf) although every "
+                                    f"weight is: the model overflows float32; not written to {path}")
             diff = float(abs(run(file) - want).max())
             result["max_abs_diff"] = diff
             if not diff <= atol:
@@ -189,7 +256,10 @@ def onnx_export_model(model: nn.Module, path: str | os.PathLike, *, precision: s
         finally:
             fp32.unlink(missing_ok=True)
 
-    atomic_file(path, write)
+    try:
+        atomic_file(path, write)
+    except OSError as e:  # (the directory changed since check_target, or the disk is full)
+        raise ArtifactError(f"cannot write output {str(path)!r}: {e.strerror or e}") from e
     result["bytes"] = Path(path).stat().st_size
     return result
 

@@ -18,12 +18,13 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from tdlight.config import task_options
 from tdlight.data.datamodule import GlueDataModule
-from tdlight.data.glue import TASKS, get_task
+from tdlight.data.glue import get_task, resolve_source
 from tdlight.data.metrics import CONSTANT_SHARE, GlueMetric
 from tdlight.errors import TdlightError
 from tdlight.model.surgery import count_parameters, encoder_shape, get_encoder, is_compressed
-from tdlight.stages.common import adamw, first_nonfinite
+from tdlight.stages.common import adamw, check_positions, first_nonfinite
 from tdlight.tensor.accounting import dense_counts
 
 log = logging.getLogger("tdlight")
@@ -136,8 +137,23 @@ def training_steps(trainer: L.Trainer, num_examples: int, batch_size: int) -> in
 
 def require_task(cfg: DictConfig):
     if cfg.get("task") is None:
-        raise TdlightError(f"stage={cfg.stage.name} needs a task: add task=<name>; valid: {sorted(TASKS)}")
+        raise TdlightError(f"stage={cfg.stage.name} needs a task: add task=<name>; valid: {task_options()}")
     return get_task(cfg.task.name)
+
+
+def check_task_data(cfg: DictConfig, task, *, train: bool) -> None:
+    """The task's data files are there (or the hub is an option): its training split when ``train``,
+    and its labelled dev split(s) — the error :func:`tdlight.data.glue.resolve_source` gives, before
+    any model is loaded."""
+    source = getattr(cfg.task.source, "value", cfg.task.source)
+    for split in (("train",) if train else ()) + tuple(task.validation_splits):
+        resolve_source(task, split, Path(cfg.paths.data_dir) / "glue", source)
+
+
+def check_lengths(model, cfg: DictConfig, max_length: int) -> None:
+    """The GLUE ``max_length`` in force fits the model's position table, named as the user set it."""
+    key = "stage.max_length" if cfg.stage.get("max_length") is not None else "task.max_length"
+    check_positions(model, **{key: max_length})
 
 
 def task_settings(cfg: DictConfig, *keys: str) -> list:

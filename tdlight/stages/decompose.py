@@ -39,17 +39,17 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tdlight.config import compression_spec
+from tdlight.config import compression_spec, task_options
 from tdlight.data.corpus.datamodule import CorpusDataModule
 from tdlight.data.corpus.files import resolve_corpus_files
-from tdlight.data.glue import TASKS, task_text
+from tdlight.data.glue import task_text
 from tdlight.data.vocab import token_stats
 from tdlight.errors import TdlightError
 from tdlight.files import atomic_directory, atomic_write_text, file_stamp, state_fingerprint
 from tdlight.model.calibration import REFIT_MODES, collect_grams, fit_outputs, output_errors, refit_outputs
 from tdlight.model.io import save_compressed
 from tdlight.model.surgery import compress, count_parameters, encoder_shape, encoder_weights
-from tdlight.model.teacher import load_teacher
+from tdlight.model.teacher import load_teacher, teacher_shape
 from tdlight.stages.common import build_trainer, check_positions, teacher_source
 from tdlight.stages.refine import RefineModule, heldout_error
 from tdlight.tensor.accounting import param_counts
@@ -65,6 +65,7 @@ TEACHER_WEIGHTS = ("pretrained", "finetuned")
 TASK_TEXT = "task"  # stage.calibration_files=task: the task's own training text
 FIT_KEYS = ("fit", "calibration_files", "calibration_sequences", "calibration_max_length", "calibration_damp",
             "fit_iters", "fit_passes", "fit_refit", "fit_bias", "refine_heldout_files", "refine_heldout_batches", "refine_batch_size")
+MAX_DAMP = 1e6  # stage.calibration_damp at or above it: the fit is the damping, not the data
 COUNT_CHARS = 10_000_000  # characters of stage.calibration_files read for frequency-weighted embedding rows
 
 
@@ -118,7 +119,26 @@ def _from_cache(entry: Path, run_dir: Path, save_model: bool) -> dict | None:
     return json.loads(report.read_text())
 
 
+def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) -> None:
+    """Every check of a decomposition's settings that loads no model (the stage protocol of
+    :mod:`tdlight.stages.registry`): the device, the compression spec, the refinement, the teacher
+    weights, the output fit and the files it reads, and the teacher given — unless ``wired`` (a
+    pipeline fills ``teacher.run_dir`` from a step that has not run yet). Errors name the keys as
+    ``where`` (``stage``, or ``stage.decompose`` in a pipeline) spells them."""
+    resolve_device(cfg.trainer)
+    spec = compression_spec(cfg.compression)
+    refine = cfg.stage.get("refine_steps", 0) or 0
+    if refine < 0:
+        raise TdlightError(f"{where}.refine_steps={refine}; valid: an integer ≥ 0")
+    _check_teacher_weights(cfg, where)
+    _check_fit(cfg, where)
+    # the ranks against the teacher's sizes, read from its config.json (a fine-tuned teacher a pipeline
+    # has not made yet has the sizes of the one it starts from)
+    resolve(spec, teacher_shape(cfg.teacher.path if "teacher.run_dir" in wired else teacher_source(cfg)))
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
+    check(cfg)
     console = Console(stderr=True)
     device = resolve_device(cfg.trainer)
     spec = compression_spec(cfg.compression)
@@ -130,10 +150,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     log.info("teacher %s: %s; resolved spec %s", source, shape, rspec.to_dict())
     entry = None
     refine = cfg.stage.get("refine_steps", 0) or 0
-    if refine < 0:
-        raise TdlightError(f"stage.refine_steps={refine} must be ≥ 0")
-    _check_teacher_weights(cfg)
-    fit = _check_fit(cfg, tokenizer)
+    fit = cfg.stage.get("fit", "weights")
+    if fit == "outputs" and tokenizer is None:
+        raise TdlightError("stage.fit=outputs needs the teacher's tokenizer to read calibration text")
     check_positions(teacher, **{"stage.calibration_max_length": cfg.stage.calibration_max_length if fit == "outputs"
                                 else None, "stage.refine_max_length": cfg.stage.refine_max_length if refine else None})
     if fit == "outputs" and cfg.stage.calibration_files == TASK_TEXT:
@@ -253,7 +272,7 @@ def _embedding_tokens(cfg: DictConfig, spec, tokenizer, vocab_size: int, console
     if source == TASK_VOCAB:  # the same word as stage.calibration_files=task
         if cfg.get("task") is None:
             raise TdlightError(f"{what}={TASK_VOCAB} reads the task's training text: add task=<name>; "
-                               f"valid: {sorted(TASKS)}")
+                               f"valid: {task_options()}")
         source = str(task_calibration_file(cfg))
     t0 = time.perf_counter()
     stats = token_stats(tokenizer, source, vocab_size, what=what, max_chars=limit)
@@ -302,21 +321,22 @@ def task_calibration_file(cfg: DictConfig) -> Path:
     return path
 
 
-def _check_teacher_weights(cfg: DictConfig) -> None:
+def _check_teacher_weights(cfg: DictConfig, where: str = "stage") -> None:
     """``stage.teacher_weights`` (which teacher the pipeline decomposes) against the teacher given."""
     weights = cfg.stage.get("teacher_weights", "pretrained")
     if weights not in TEACHER_WEIGHTS:
-        raise TdlightError(f"stage.teacher_weights={weights!r}; valid: {', '.join(TEACHER_WEIGHTS)}")
+        raise TdlightError(f"{where}.teacher_weights={weights!r}; valid: {', '.join(TEACHER_WEIGHTS)}")
     if weights == "finetuned" and not cfg.teacher.get("run_dir"):
-        raise TdlightError("stage.teacher_weights=finetuned needs the fine-tuned teacher: teacher.run_dir=<finetune run>")
+        raise TdlightError(f"{where}.teacher_weights=finetuned needs the fine-tuned teacher: "
+                           "teacher.run_dir=<finetune run>")
 
 
-def _check_fit(cfg: DictConfig, tokenizer) -> str:
+def _check_fit(cfg: DictConfig, where: str = "stage") -> str:
     """``stage.fit``, checked with its calibration settings before any work."""
     st = cfg.stage
     fit = st.get("fit", "weights")
     if fit not in FITS:
-        raise TdlightError(f"stage.fit={fit!r}; valid: {', '.join(FITS)} "
+        raise TdlightError(f"{where}.fit={fit!r}; valid: {', '.join(FITS)} "
                            "(weights = HOOI on the weights, outputs = fit each block's outputs on calibration text)")
     if fit == "weights":
         return fit
@@ -324,26 +344,25 @@ def _check_fit(cfg: DictConfig, tokenizer) -> str:
                      ("refine_batch_size", 1), ("refine_heldout_batches", 1)):
         v = st.get(name)
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise TdlightError(f"stage.{name}={v!r}; valid: an integer ≥ {lo} (for stage.fit=outputs)")
+            raise TdlightError(f"{where}.{name}={v!r}; valid: an integer ≥ {lo} (for {where}.fit=outputs)")
 
     if st.get("fit_refit", "layerwise") not in REFIT_MODES:
-        raise TdlightError(f"stage.fit_refit={st.get('fit_refit')!r}; valid: {', '.join(REFIT_MODES)}")
+        raise TdlightError(f"{where}.fit_refit={st.get('fit_refit')!r}; valid: {', '.join(REFIT_MODES)}")
     if not isinstance(st.get("fit_bias", True), bool):
-        raise TdlightError(f"stage.fit_bias={st.get('fit_bias')!r}; valid: true, false")
+        raise TdlightError(f"{where}.fit_bias={st.get('fit_bias')!r}; valid: true, false")
     damp = st.get("calibration_damp")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < 1e6:
-        raise TdlightError(f"stage.calibration_damp={damp!r}; valid: a number ≥ 0 (e.g. 0.01)")
-    if tokenizer is None:
-        raise TdlightError("stage.fit=outputs needs the teacher's tokenizer to read calibration text")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < MAX_DAMP:
+        raise TdlightError(f"{where}.calibration_damp={damp!r}; valid: a number ≥ 0 and below {MAX_DAMP:g} "
+                           "(a fraction of the Gram's mean diagonal, e.g. 0.01)")
 
     if st.get("calibration_files") == TASK_TEXT and cfg.get("task") is None:
-        raise TdlightError(f"stage.calibration_files={TASK_TEXT} calibrates on the task's training text: add task=<name>; "
-                           f"valid: {sorted(TASKS)}")
+        raise TdlightError(f"{where}.calibration_files={TASK_TEXT} calibrates on the task's training text: add "
+                           f"task=<name>; valid: {task_options()}")
     for name in ("calibration_files", "refine_heldout_files"):
         v = st.get(name)
         if name == "calibration_files" and v == TASK_TEXT:
             continue
-        resolve_corpus_files(OmegaConf.to_container(v) if OmegaConf.is_config(v) else v, what=f"stage.{name}")
+        resolve_corpus_files(OmegaConf.to_container(v) if OmegaConf.is_config(v) else v, what=f"{where}.{name}")
     return fit
 
 

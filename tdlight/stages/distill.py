@@ -30,8 +30,8 @@ from tdlight.model.surgery import encoder_shape, is_compressed
 from tdlight.model.teacher import copy_head, load_classifier, load_masked_lm
 from tdlight.stages import training
 from tdlight.stages.classifier import (
-    MODEL_INPUTS, GlueModule, datamodule, model_summary, require_task, results_table, steps_per_epoch, task_settings,
-    training_steps,
+    MODEL_INPUTS, GlueModule, check_lengths, check_task_data, datamodule, model_summary, require_task, results_table,
+    steps_per_epoch, task_settings, training_steps,
 )
 from tdlight.stages.common import adamw, saved_config, stage_artifact
 from tdlight.stages.losses import gold_loss, intermediate_loss, layer_map, prediction_loss
@@ -183,28 +183,44 @@ def masked_lm_for(cfg: DictConfig, tokenizer) -> nn.Module:
     return mlm
 
 
-def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> dict:
+def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) -> None:
+    """The settings checks that load no model (:mod:`tdlight.stages.registry`): the task and its data,
+    the two phases and their losses, augmentation, and the teacher and student given — unless
+    ``wired`` (a pipeline fills them from steps that have not run yet)."""
     task = require_task(cfg)
     st = cfg.stage
     if not cfg.teacher.get("run_dir"):
-        raise TdlightError("stage=distill needs the fine-tuned teacher: teacher.run_dir=<finetune run directory>")
-    teacher_dir = stage_artifact(cfg.teacher.run_dir, ("finetune",))
-    student_dir = student_source(cfg)
+        raise TdlightError(f"stage={cfg.stage.name} needs the fine-tuned teacher: teacher.run_dir=<finetune run directory>")
     for name, v in (("intermediate_epochs", st.intermediate_epochs), ("prediction_epochs", st.prediction_epochs)):
         if v < 0:
-            raise TdlightError(f"stage.{name}={v} must be ≥ 0")
+            raise TdlightError(f"{where}.{name}={v}; valid: an integer ≥ 0")
     if st.intermediate_epochs + st.prediction_epochs == 0:
-        raise TdlightError("stage.intermediate_epochs + stage.prediction_epochs must be ≥ 1")
+        raise TdlightError(f"{where}.intermediate_epochs + {where}.prediction_epochs must be ≥ 1")
     if st.intermediate_epochs and not (st.hidden_weight or st.attention_weight or st.embedding_weight):
-        raise TdlightError("phase 1 (stage.intermediate_epochs > 0) needs a hidden, attention or embedding weight > 0")
+        raise TdlightError(f"phase 1 ({where}.intermediate_epochs > 0) needs a hidden, attention or embedding "
+                           "weight > 0")
     if not 0 <= st.gold_weight <= 1:
-        raise TdlightError(f"stage.gold_weight={st.gold_weight} must be in [0, 1]")
+        raise TdlightError(f"{where}.gold_weight={st.gold_weight}; valid: a number in [0, 1]")
     if st.augment and st.gold_weight > 0:
-        raise TdlightError("stage.augment=true makes examples without a trustworthy gold label: "
-                           "use stage.gold_weight=0 (soft targets only) with augmentation")
+        raise TdlightError(f"{where}.augment=true makes examples without a trustworthy gold label: "
+                           f"use {where}.gold_weight=0 (soft targets only) with augmentation")
     if st.augment and (st.augment_copies < 1 or not 0 < st.augment_prob <= 1 or st.augment_neighbours < 1):
-        raise TdlightError(f"augmentation needs augment_copies ≥ 1, augment_prob in (0, 1], augment_neighbours ≥ 1; "
-                           f"got {st.augment_copies}, {st.augment_prob}, {st.augment_neighbours}")
+        raise TdlightError(f"augmentation needs {where}.augment_copies ≥ 1, augment_prob in (0, 1], "
+                           f"augment_neighbours ≥ 1; got {st.augment_copies}, {st.augment_prob}, "
+                           f"{st.augment_neighbours}")
+    check_task_data(cfg, task, train=True)
+    if "teacher.run_dir" not in wired:
+        stage_artifact(cfg.teacher.run_dir, ("finetune",))
+    if "stage.student" not in wired:
+        student_source(cfg)
+
+
+def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> dict:
+    check(cfg)
+    task = require_task(cfg)
+    st = cfg.stage
+    teacher_dir = stage_artifact(cfg.teacher.run_dir, ("finetune",))
+    student_dir = student_source(cfg)
     lr, batch_size, max_length = task_settings(cfg, "lr", "batch_size", "max_length")
     ckpt = training.begin(cfg, run_dir)
 
@@ -212,6 +228,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     student, _ = load_classifier(student_dir, task.num_labels)
     if not is_compressed(student):
         raise TdlightError(f"student {student_dir!r} is not a compressed model")
+    check_lengths(student, cfg, max_length)
     pooling = set_pooling(student, pooling_of(teacher)) and pooling_of(teacher)  # the head reads what the teacher's read
     head = getattr(st.head, "value", st.head)
     if head == "teacher" and ckpt is None:  # a resumed run restores its own head from the checkpoint

@@ -23,7 +23,8 @@ from tdlight.files import directory_bytes
 from tdlight.model.io import save_model
 from tdlight.model.teacher import load_classifier
 from tdlight.stages.classifier import (
-    GlueModule, datamodule, is_constant, model_summary, require_task, results_table, warn_if_constant,
+    GlueModule, check_lengths, check_task_data, datamodule, is_constant, model_summary, require_task, results_table,
+    warn_if_constant,
 )
 from tdlight.stages.common import build_trainer, stage_artifact, teacher_pooling, teacher_source, write_json
 from tdlight.stages.registry import MODEL_STAGES
@@ -42,10 +43,21 @@ def model_source(cfg: DictConfig) -> str:
     return src
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
+def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) -> None:
+    """The settings checks that load no model (:mod:`tdlight.stages.registry`): a task with a labelled
+    dev set on disk (or the hub), and the model given — unless ``wired`` (a pipeline fills it from a
+    step that has not run yet)."""
     task = require_task(cfg)
     if not task.validation_splits:
         raise TdlightError(f"task {task.name!r} has no labelled dev set to evaluate on")
+    check_task_data(cfg, task, train=False)
+    if "stage.model" not in wired:
+        model_source(cfg)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    check(cfg)
+    task = require_task(cfg)
     st = cfg.stage
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     source = model_source(cfg)
@@ -53,6 +65,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     head = getattr(getattr(model, "config", None), "num_labels", task.num_labels)
     if head != task.num_labels:
         raise TdlightError(f"model {source!r} has {head} output(s) but task {task.name!r} needs {task.num_labels}")
+    check_lengths(model, cfg, st.max_length or cfg.task.max_length)
     dm = datamodule(cfg, task, tokenizer, max_length=st.max_length or cfg.task.max_length, batch_size=st.batch_size,
                     eval_batch_size=st.batch_size, limit_train=None, limit_eval=st.limit_eval,
                     num_workers=st.num_workers, train=False)

@@ -16,27 +16,39 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from tdlight.errors import TdlightError
-from tdlight.model.teacher import load_classifier
+from tdlight.model.teacher import load_classifier, resolve_teacher
 from tdlight.stages import training
 from tdlight.stages.classifier import (
-    GlueModule, datamodule, model_summary, require_task, results_table, task_settings, training_steps,
+    GlueModule, check_lengths, check_task_data, datamodule, model_summary, require_task, results_table, task_settings,
+    training_steps,
 )
 from tdlight.stages.common import teacher_pooling, teacher_source
 
 log = logging.getLogger("tdlight.finetune")
 
 
-def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> dict:
-    """Fine-tune; ``extra_callbacks`` are added to the Trainer (programmatic use, tests)."""
+def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) -> None:
+    """The settings checks that load no model (:mod:`tdlight.stages.registry`): a task with training
+    data on disk (or the hub), and the teacher given."""
     task = require_task(cfg)
     if not task.splits.get("train"):
         raise TdlightError(f"task {task.name!r} has no training data (it is a test-only diagnostic set)")
+    check_task_data(cfg, task, train=True)
+    if "teacher.run_dir" not in wired:
+        resolve_teacher(teacher_source(cfg))
+
+
+def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> dict:
+    """Fine-tune; ``extra_callbacks`` are added to the Trainer (programmatic use, tests)."""
+    check(cfg)
+    task = require_task(cfg)
     st = cfg.stage
     lr, epochs, batch_size, max_length = task_settings(cfg, "lr", "epochs", "batch_size", "max_length")
     ckpt = training.begin(cfg, run_dir)
 
     source = teacher_source(cfg)
     model, tokenizer = load_classifier(source, task.num_labels, pooling=teacher_pooling(cfg))
+    check_lengths(model, cfg, max_length)
     dm = datamodule(cfg, task, tokenizer, max_length=max_length, batch_size=batch_size,
                     eval_batch_size=st.eval_batch_size, limit_train=st.limit_train, limit_eval=st.limit_eval,
                     num_workers=st.num_workers)

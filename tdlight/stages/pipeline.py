@@ -119,23 +119,16 @@ def _step_config(cfg: DictConfig, step: str, stage_cfg, run_dir: Path, wiring: d
     return out
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
+def _plan(cfg: DictConfig) -> list[tuple[str, DictConfig, Path, dict]]:
+    """The steps to run, in order: (step, its stage settings, its directory, its wiring — the
+    settings it takes from the steps before it). Computed from the config alone, before any step
+    runs: a step's directory is named by its key, which hashes its inputs and its upstream keys."""
     st = cfg.stage
-    steps = list(st.steps)
-    unknown = [s for s in steps if s not in ORDER]
-    if unknown:
-        raise TdlightError(f"unknown pipeline step(s) {unknown}; valid: {list(ORDER)}")
-    missing = [s for s in REQUIRED if s not in steps]
-    if missing:
-        raise TdlightError(f"stage.steps must include {list(REQUIRED)}; missing {missing}")
-    if cfg.get("task") is None:
-        raise TdlightError("stage=pipeline needs a task: add task=<name>")
-    steps = [s for s in ORDER if s in steps]
-
+    steps = [s for s in ORDER if s in st.steps]
     out_root = Path(cfg.paths.output_dir)
     keys: dict[str, str] = {}
     dirs: dict[str, Path] = {}
-    results: dict[str, dict] = {}
+    plan = []
     for step in steps:
         # as in the paper: the *pretrained* teacher is decomposed (and pretrained against) and the
         # fine-tuned one only teaches the task in distill — unless stage.decompose.teacher_weights=finetuned
@@ -162,8 +155,36 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             wiring = {"stage.model": str(dirs["distill"])}
         stage_cfg = st[step]
         key = step_key(step, stage_cfg, cfg, upstream)
-        d = out_root / step / f"pipeline-{key}"
-        keys[step], dirs[step] = key, d
+        keys[step], dirs[step] = key, out_root / step / f"pipeline-{key}"
+        plan.append((step, stage_cfg, dirs[step], wiring))
+    return plan
+
+
+def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) -> list:
+    """Every step's settings, checked before the first step runs (a bad distill setting must not wait
+    for a fine-tune to finish), each error naming the key as the user writes it
+    (``stage.decompose.fit``). Returns the plan (:func:`_plan`)."""
+    st = cfg.stage
+    unknown = [s for s in st.steps if s not in ORDER]
+    if unknown:
+        raise TdlightError(f"unknown pipeline step(s) {unknown} in {where}.steps; valid: {list(ORDER)}")
+    missing = [s for s in REQUIRED if s not in st.steps]
+    if missing:
+        raise TdlightError(f"{where}.steps must include {list(REQUIRED)}; missing {missing}")
+    if cfg.get("task") is None:
+        raise TdlightError("stage=pipeline needs a task: add task=<name>")
+    plan = _plan(cfg)
+    for step, stage_cfg, d, wiring in plan:
+        STAGES[step].check(_step_config(cfg, step, stage_cfg, d, wiring), where=f"{where}.{step}", wired=tuple(wiring))
+    return plan
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    plan = check(cfg)
+    dirs: dict[str, Path] = {}
+    results: dict[str, dict] = {}
+    for step, stage_cfg, d, wiring in plan:
+        dirs[step] = d
         d.parent.mkdir(parents=True, exist_ok=True)
         # concurrent pipelines (sweep trials) share step directories: the first computes a step,
         # the others wait for it and reuse it

@@ -22,12 +22,13 @@ from rich.table import Table
 from torch import nn
 
 from tdlight.data.corpus.datamodule import CorpusDataModule
+from tdlight.data.corpus.files import resolve_corpus_files
 from tdlight.errors import TdlightError
 from tdlight.model.capture import forward_with_scores
 from tdlight.model.embedding import train_compressed_embeddings
 from tdlight.model.io import load_compressed, load_tokenizer
 from tdlight.model.surgery import encoder_shape, is_compressed, set_dropout
-from tdlight.model.teacher import load_teacher
+from tdlight.model.teacher import load_teacher, resolve_teacher
 from tdlight.stages import training
 from tdlight.stages.classifier import MODEL_INPUTS, model_summary
 from tdlight.stages.common import adamw, check_positions, teacher_source
@@ -91,10 +92,26 @@ class PretrainModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> dict:
+def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) -> None:
+    """The settings checks that load no model (:mod:`tdlight.stages.registry`): the step budget, the
+    corpus files, and the student and teacher given — unless ``wired`` (a pipeline fills them from
+    steps that have not run yet)."""
     st = cfg.stage
     if st.max_steps < 1:
-        raise TdlightError(f"stage.max_steps={st.max_steps} must be ≥ 1")
+        raise TdlightError(f"{where}.max_steps={st.max_steps}; valid: an integer ≥ 1")
+    for name in ("train_files", "heldout_files"):
+        v = st.get(name)
+        if v:
+            resolve_corpus_files(OmegaConf.to_container(v) if OmegaConf.is_config(v) else v, what=f"{where}.{name}")
+    if "stage.student" not in wired:
+        student_source(cfg)
+    if "teacher.run_dir" not in wired:
+        resolve_teacher(teacher_source(cfg))
+
+
+def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> dict:
+    check(cfg)
+    st = cfg.stage
     student_dir = student_source(cfg)
     ckpt = training.begin(cfg, run_dir)
     source = teacher_source(cfg)

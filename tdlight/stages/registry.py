@@ -1,7 +1,8 @@
 """Every stage of tdlight, one record each: what the CLI dispatches and validates, what the
 pipeline chains, reuses and keys, what a finished run leaves behind.
 
-Adding a stage: its module ``tdlight/stages/<name>.py`` with ``run(cfg, run_dir)`` (training stages also
+Adding a stage: its module ``tdlight/stages/<name>.py`` with ``check(cfg, where, wired)`` (its settings
+checks, before any work) and ``run(cfg, run_dir)`` (which calls ``check`` first; training stages also
 take ``extra_callbacks``),
 its schema (a dataclass holding every default) in :mod:`tdlight.config`, and one line in :data:`STAGES`
 (:func:`tdlight.config.register` stores that schema as the ``stage=<name>`` option: no YAML file).
@@ -37,6 +38,14 @@ class StageRecord:
 
     def run(self, cfg, run_dir: Path, **kwargs):
         return importlib.import_module(f"tdlight.stages.{self.name}").run(cfg, run_dir, **kwargs)
+
+    def check(self, cfg, where: str = "stage", wired: tuple[str, ...] = ()) -> None:
+        """Every check of the stage's settings that loads no model and reads no data beyond a file's
+        existence — what ``run`` checks first, what the pipeline checks for every step before the
+        first, what ``dry_run=true`` runs. ``where`` spells the stage's keys in messages
+        (``stage.decompose`` in a pipeline); ``wired`` lists the keys a pipeline fills from steps that
+        have not run yet (their inputs are not checked)."""
+        importlib.import_module(f"tdlight.stages.{self.name}").check(cfg, where=where, wired=wired)
 
     def reads_task(self, stage_cfg) -> bool:
         """Whether a run with these stage settings reads the task's data."""

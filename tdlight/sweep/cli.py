@@ -10,31 +10,45 @@ from rich.console import Console
 from tdlight.errors import TdlightError
 
 USAGE = ("usage: tdlight sweep <sweeps/NAME.yaml> [sweep.workers=N sweep.n_trials=N space.KEY='choice(..)' ...]\n"
-         "       tdlight sweep-report <sweep dir>")
+         "       tdlight sweep-report <sweep dir> [sweep.storage=URL]")
 
 
 HELP = ("\n\nsweep: run (or resume: the same command again) an Optuna study whose trials are tdlight runs; "
         "the sweep file's\n  sweep:, tasks:, base: and space: keys, and any of them as key=value overrides, are "
         "described in the README\n  (section 'Sweeps'); examples in sweeps/.\n"
-        "sweep-report: print the Pareto front and rewrite trials.md and pareto.png of a sweep directory.")
+        "sweep-report: print the Pareto front and rewrite trials.md and pareto.png of a sweep directory\n  (sweep.storage=URL: "
+        "the study's URL again; sweep.yaml never keeps a password: libpq reads PGPASSWORD or ~/.pgpass).")
+
+
+class _Masking(logging.Formatter):
+    """Log lines (tracebacks included) never show a URL's password."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from tdlight.sweep.runner import mask_secrets
+
+        return mask_secrets(super().format(record))
 
 
 def main(command: str, args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(USAGE + HELP)
         return 0
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Masking("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("optuna").setLevel(logging.WARNING)
     try:
         if command == "sweep-report":
             from tdlight.sweep.report import report
 
-            if len(args) != 1:
-                raise TdlightError(f"sweep-report takes one sweep directory; got {args}\n{USAGE}")
-            report(args[0])
+            storage = [a.split("=", 1)[1] for a in args[1:] if a.startswith("sweep.storage=")]
+            if not args or "=" in args[0] or len(args) != 1 + len(storage) or len(storage) > 1:
+                raise TdlightError(f"sweep-report takes one sweep directory and optionally sweep.storage=URL; got "
+                                   f"{args}\n{USAGE}")
+            report(args[0], storage=storage[0] if storage else None)
             return 0
         from tdlight.sweep.report import report
-        from tdlight.sweep.runner import Runner
+        from tdlight.sweep.runner import Runner, WorkerCrashed
         from tdlight.sweep.spec import load
 
         if not args or "=" in args[0]:
@@ -42,12 +56,21 @@ def main(command: str, args: list[str]) -> int:
         runner = Runner(load(args[0], args[1:]))
         try:
             runner.run()
+        except WorkerCrashed as e:  # not bad input: the sweep failed (its trials are recorded; report it later)
+            print(f"tdlight: error: {_masked(str(e))}", file=sys.stderr, flush=True)
+            return 1
         except KeyboardInterrupt:
             print(f"\ntdlight sweep: interrupted; running trials were stopped and re-queued. Rerun the same command "
                   f"to resume ({runner.dir}).", file=sys.stderr, flush=True)
             return 130
-        report(runner.dir, Console())
+        report(runner.dir, Console(), storage=runner.s.storage)
         return 0
     except TdlightError as e:
-        print(f"tdlight: error: {e}", file=sys.stderr, flush=True)
+        print(f"tdlight: error: {_masked(str(e))}", file=sys.stderr, flush=True)
         return 2
+
+
+def _masked(text: str) -> str:
+    from tdlight.sweep.runner import mask_secrets
+
+    return mask_secrets(text)

@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from tdlight.data.metrics import CONSTANT_SHARE
-from tdlight.sweep.runner import DUPLICATE, INFEASIBLE, INTERRUPTED, SAVED, SURPLUS, open_storage, storage_name
+from tdlight.sweep.runner import (ABANDONED, DUPLICATE, INFEASIBLE, INTERRUPTED, SAVED, SURPLUS, error_summary,
+                                  open_storage, storage_name)
 from tdlight.sweep.spec import SweepError, load
 
 PAPER = ((7.5, 0.99, "paper 1/7"), (48.0, 0.967, "paper 1/48"))
@@ -29,13 +30,15 @@ def _status(t: optuna.trial.FrozenTrial) -> str:
     if t.state == TrialState.PRUNED and t.user_attrs.get(INFEASIBLE):
         return f"infeasible ({t.user_attrs[INFEASIBLE]})"
     if t.state == TrialState.FAIL:
+        if t.user_attrs.get(ABANDONED):
+            return "abandoned: " + str(t.user_attrs[ABANDONED]).replace("|", "/")
         if t.user_attrs.get(INTERRUPTED):
             return "interrupted (re-queued)"
         if t.user_attrs.get(SURPLUS):
             return "surplus (not run)"
         if "error" not in t.user_attrs:  # failed by Optuna's heartbeat check: its sweep process or host died
             return "lost: its sweep process stopped beating (re-queued)"
-        return "failed: " + str(t.user_attrs["error"]).replace("|", "/")[:200]
+        return "failed: " + error_summary(str(t.user_attrs["error"])).replace("|", "/")
     return t.state.name.lower()
 
 
@@ -54,25 +57,29 @@ def pareto_front(done: list[optuna.trial.FrozenTrial], directions) -> list[optun
     return [t for t in useful if not any(dominates(key[o.number], key[t.number]) for o in useful)]
 
 
-def load_study(sweep_dir: str | Path) -> tuple[optuna.Study, object]:
+def load_study(sweep_dir: str | Path, storage: str | None = None) -> tuple[optuna.Study, object]:
+    """The study of a sweep directory; ``storage``: its URL when given again (``sweep.yaml`` keeps none's
+    password)."""
     d = Path(sweep_dir)
     if not (d / SAVED).is_file():
         raise SweepError(f"{str(d)!r} is not a sweep directory (no {SAVED}); valid: the sweep.dir of a tdlight sweep, "
                          "e.g. outputs/sweeps/<name>")
     saved = OmegaConf.load(d / SAVED)
     sweep = load(None, data=OmegaConf.to_container(saved, resolve=True))
-    storage = open_storage(sweep.settings.storage, d)
+    if storage is not None:
+        sweep.settings.storage = storage
+    url = sweep.settings.storage
     try:
-        study = optuna.load_study(study_name=sweep.settings.name, storage=storage)
+        study = optuna.load_study(study_name=sweep.settings.name, storage=open_storage(url, d))
     except KeyError as e:
-        raise SweepError(f"no study {sweep.settings.name!r} in {storage_name(sweep.settings.storage, d)}") from e
+        raise SweepError(f"no study {sweep.settings.name!r} in {storage_name(url, d)}") from e
     return study, sweep
 
 
-def report(sweep_dir: str | Path, console: Console | None = None) -> dict:
+def report(sweep_dir: str | Path, console: Console | None = None, storage: str | None = None) -> dict:
     console = console or Console()
     d = Path(sweep_dir)
-    study, sweep = load_study(d)
+    study, sweep = load_study(d, storage)
     objectives = sweep.objectives
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state == TrialState.COMPLETE]

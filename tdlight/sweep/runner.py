@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import statistics
 import threading
 import time
 import warnings
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -39,6 +41,9 @@ SURPLUS = "surplus"  # user attr: asked after the budget was full (machines raci
 INFEASIBLE = "infeasible"  # user attr on PRUNED trials: the constraint it violates; not trained, not counted
 TRIAL_PID = "trial_pid"  # user attr: the running task process of the trial (stopped if its sweep died)
 DUPLICATE = "duplicate_of"  # user attr on PRUNED trials: the finished trial with the same point; not trained
+# user attr on FAIL trials found RUNNING with no sweep process recorded (no host: a process that died between
+# ask and recording itself, or an older tdlight): why it was failed, and whether it was re-queued; not counted
+ABANDONED = "abandoned"
 SAVED = "sweep.yaml"
 IDENTITY_ATTR = "tdlight_sweep"  # study user attr: the definition (IDENTITY parts) that created the study
 # the parts of a sweep that define its study: a rerun must not change them
@@ -94,7 +99,11 @@ def open_storage(url: str | None, sweep_dir: Path, *, heartbeat_interval: int = 
                 raise SweepError(f"cannot open sweep.storage={shown!r}: {_first_line(e, url)}") from e
             time.sleep(1.0 + attempt)
         except Exception as e:  # SQLAlchemy raises many kinds: any of them means "cannot open"
-            raise SweepError(f"cannot open sweep.storage={shown!r}: {_first_line(e, url)}") from e
+            hint = ""
+            if _is_postgres(url) and _parsed(url).password is None and "password" in str(e):
+                hint = ("; a URL without a password takes it from PGPASSWORD, ~/.pgpass or PGSERVICE (libpq): "
+                        "set one of them (sweep.yaml never stores a password)")
+            raise SweepError(f"cannot open sweep.storage={shown!r}: {_first_line(e, url)}{hint}") from e
 
 
 def _parsed(url: str):
@@ -109,7 +118,28 @@ def _parsed(url: str):
 def safe_url(url: str) -> str:
     """``url`` with its password (if any) replaced by ``***``: what messages and logs show."""
     u = _parsed(url)
-    return u.render_as_string(hide_password=True) if u is not None else url
+    return u.render_as_string(hide_password=True) if u is not None else mask_secrets(url)
+
+
+def stored_url(url: str | None) -> str | None:
+    """``url`` as written to ``sweep.yaml``: without its password, which libpq then takes from
+    ``PGPASSWORD``, ``~/.pgpass`` or ``PGSERVICE`` (a masked ``***`` would be sent as the password)."""
+    u = _parsed(url) if url else None
+    if u is None or u.password is None:
+        return url
+    from sqlalchemy.engine import URL
+
+    bare = URL.create(u.drivername, username=u.username, host=u.host, port=u.port, database=u.database, query=u.query)
+    return bare.render_as_string(hide_password=False)
+
+
+# scheme://user:password@ in any text: the last guard of messages and logs
+_SECRET = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@'\"]*):(?P<password>[^\s@'\"/]+)@")
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``."""
+    return _SECRET.sub(lambda m: f"{m['head']}:***@", text)
 
 
 def storage_name(url: str | None, sweep_dir: Path) -> str:
@@ -235,8 +265,17 @@ class Runner:
                                  "Use a new sweep.name")
 
     def _save(self) -> None:
+        """``sweep.yaml``: the definition, to resume and report from (and to share between hosts); a
+        storage URL's password is never written (see ``stored_url``)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.dir / SAVED, OmegaConf.to_yaml(self.sweep.cfg))
+        cfg = OmegaConf.to_container(self.sweep.cfg, resolve=False)
+        url = cfg["sweep"]["storage"]
+        note = ""
+        if url and stored_url(url) != url:
+            cfg["sweep"]["storage"] = stored_url(url)
+            note = ("# sweep.storage: its password is not stored. libpq reads it from PGPASSWORD, ~/.pgpass or "
+                    "PGSERVICE;\n# or give the URL again: tdlight sweep-report <dir> sweep.storage=<url>\n")
+        atomic_write_text(self.dir / SAVED, note + OmegaConf.to_yaml(OmegaConf.create(cfg)))
 
     def recover(self, study: optuna.Study) -> int:
         """Trials left RUNNING by a sweep process of this machine that is gone: failed, re-queued.
@@ -247,7 +286,9 @@ class Runner:
             optuna.storages.fail_stale_trials(study)  # RDB storages: stale heartbeats (any machine)
         n = 0
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.user_attrs.get("host") == self.host and not _alive(t.user_attrs.get("pid")):
+            if t.user_attrs.get("host") is None:
+                n += self._recover_hostless(study, t)
+            elif t.user_attrs.get("host") == self.host and not _alive(t.user_attrs.get("pid")):
                 orphan = t.user_attrs.get(TRIAL_PID)
                 if orphan and T.stop_orphan(int(orphan), self.trial_dir(t.number)):
                     log.warning("trial %d: stopped its process %s, left running by a sweep that died", t.number, orphan)
@@ -257,14 +298,39 @@ class Runner:
             log.info("re-queued %d interrupted trial(s)", n)
         return n
 
-    def _interrupt(self, study: optuna.Study, number: int, trial_id: int, params: dict) -> None:
+    def _recover_hostless(self, study: optuna.Study, t: optuna.trial.FrozenTrial) -> int:
+        """A RUNNING trial with no host recorded. Every sweep process records its host on a trial right
+        after asking for it, and beats for it on storages with heartbeats: one without a host and without
+        a heartbeat, older than ``sweep.grace_period``, has no live process (here or on any host) — its
+        process died in between (or was an older tdlight that crashed inside ``study.ask``). It is failed
+        (not counted) and its point, if it was one asked for and lies in the space, re-queued."""
+        age = (datetime.now() - t.datetime_start).total_seconds() if t.datetime_start else float("inf")
+        if age <= self.s.grace_period or _has_heartbeat(study, t._trial_id):
+            return 0  # a process may be between ask and recording its host; a beating one is Optuna's to judge
+        point = t.system_attrs.get("fixed_params") or (t.params if set(t.params) == set(self.sweep.space) else {})
+        outside = {k: v for k, v in point.items() if k not in self.sweep.space or not _in_space(self.sweep.space[k], v)}
+        why = "left running with no sweep process recorded (no host)"
+        if point and not outside:
+            why += "; its point was re-queued"
+        elif outside:
+            why += f"; its point {point} is outside the search space: not re-queued"
+        else:
+            why += " before its point was sampled"
+        self._interrupt(study, t.number, t._trial_id, point, {ABANDONED: why}, requeue=bool(point) and not outside)
+        log.warning("trial %d: %s", t.number, why)
+        return 1
+
+    def _interrupt(self, study: optuna.Study, number: int, trial_id: int, params: dict, attrs: dict | None = None,
+                   requeue: bool = True) -> None:
         storage = study._storage
         try:
-            storage.set_trial_user_attr(trial_id, INTERRUPTED, True)
+            for k, v in (attrs or {INTERRUPTED: True}).items():
+                storage.set_trial_user_attr(trial_id, k, v)
             storage.set_trial_state_values(trial_id, TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             return
-        study.enqueue_trial(params, user_attrs={"retry_of": number}, skip_if_exists=False)
+        if requeue:
+            study.enqueue_trial(params, user_attrs={"retry_of": number}, skip_if_exists=False)
 
     def trial_dir(self, number: int) -> Path:
         return self.dir / "trials" / f"{number:04d}"
@@ -298,7 +364,10 @@ class Runner:
                 if (t.user_attrs.get("host"), t.user_attrs.get("pid")) != (self.host, self.pid)
                 and (beats or t.user_attrs.get("host") == self.host)]
 
-    def worker(self, study: optuna.Study, index: int, gpu: str | None, threads: int) -> None:
+    def worker(self, study: optuna.Study, index: int, gpu: str | None, threads: int, held: dict | None = None) -> None:
+        """Ask for trials and run them until the budget is spoken for. ``held["trial"]``: the trial this
+        worker holds, which ``_guard`` fails if the worker dies of an exception."""
+        held = {} if held is None else held
         while not self.stop.is_set():
             with self.lock:
                 full = self._used(study) >= self.s.n_trials
@@ -324,12 +393,17 @@ class Runner:
                               self.skipped_streak, [str(c) for c in self.sweep.constraints])
                     return
                 self.recover(study)  # a dead process's trial is re-queued, and handed out first
-                trial = study.ask(self.sweep.space)
+                trial = study.ask()
+                held["trial"] = trial  # from here, an exception in this worker fails the trial (_guard)
                 if _heartbeats_enabled(study):  # alive from the start: a trial that never beats is never reaped
                     study._storage.record_heartbeat(trial._trial_id)
                 for k, v in {"host": self.host, "pid": self.pid, "worker": index, "gpu": gpu,
                              "sampler_seed": self.sampler_seed}.items():
                     trial.set_user_attr(k, v)
+                # what study.ask(space) does, once the trial names its process: an enqueued point the
+                # space cannot hold fails here, and the trial is failed, not left running forever
+                for name, dist in self.sweep.space.items():
+                    trial._suggest(name, dist)
                 same = None if self.s.allow_duplicates else _finished_twin(study, trial)
                 if same is not None:
                     # samplers repeat points of a small discrete space; a point finished or being run (here
@@ -450,12 +524,12 @@ class Runner:
             _lost_warning(trial.number)
 
     def _fail(self, study, trial, error: str, per_task: dict | None = None) -> None:
-        trial.set_user_attr("error", error[-2000:])
+        trial.set_user_attr("error", error if len(error) <= 2000 else error_summary(error))
         if per_task:
             trial.set_user_attr("scores", per_task)
         with self.lock:
             self._tell(study, trial, state=TrialState.FAIL)
-        log.warning("trial %d failed: %s", trial.number, error[-500:])
+        log.warning("trial %d failed: %s", trial.number, error_summary(error))
 
     def _wandb_summary(self, cfg, trial, price, per_task, values, tags, tdir: Path) -> None:
         """One W&B run per trial (group = the sweep), for side-by-side comparison in the W&B UI."""
@@ -488,6 +562,7 @@ class Runner:
         done = self._used(study)
         log.info("sweep %s in %s: %d/%d trials done, %d worker(s)%s", self.s.name, self.dir, done, self.s.n_trials,
                  workers, f" on GPUs {gpus}" if gpus else f", {threads} CPU thread(s) each")
+        self.crashes: list[str] = []
         finished = [threading.Event() for _ in range(workers)]
         pool = [threading.Thread(target=self._guard, args=(study, i, gpus[i % len(gpus)] if gpus else None, threads,
                                                            finished[i]),
@@ -511,15 +586,56 @@ class Runner:
         finally:
             signal.signal(signal.SIGTERM, previous)
             signal.signal(signal.SIGINT, previous_int)
+        if self.crashes:
+            raise WorkerCrashed("; ".join(self.crashes) + f". Rerun the same command to go on ({self.dir})")
         return study
 
     def _guard(self, study, index, gpu, threads, done: threading.Event) -> None:
+        held: dict = {}
         try:
-            self.worker(study, index, gpu, threads)
-        except Exception:  # noqa: BLE001 - logged; the other workers go on
+            self.worker(study, index, gpu, threads, held)
+        except Exception as e:  # noqa: BLE001 - logged, its trial failed; the other workers go on, the sweep exits 1
             log.exception("sweep worker %d stopped", index)
+            error = f"the sweep worker stopped: {type(e).__name__}: {e}"
+            number = self._fail_held(study, held.get("trial"), error)
+            self.crashes.append(f"sweep worker {index} stopped by {type(e).__name__}: {e}"
+                                + (f" (its trial {number} is marked failed)" if number is not None else ""))
         finally:
             done.set()
+
+    def _fail_held(self, study: optuna.Study, trial: optuna.Trial | None, error: str) -> int | None:
+        """Fail the trial a dying worker held, if still RUNNING (else ``recover`` finds it later); its number."""
+        if trial is None:
+            return None
+        storage = study._storage
+        try:
+            with self.lock:
+                if storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+                    return None
+                storage.set_trial_user_attr(trial._trial_id, "error", error[-2000:])
+                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except Exception as e:  # noqa: BLE001 - the storage itself failed: the next run's recover() handles it
+            log.warning("trial %d could not be marked failed (%s): the next run of the sweep re-queues it",
+                        trial.number, e)
+            return None
+        return trial.number
+
+
+class WorkerCrashed(TdlightError):
+    """A sweep worker died of an exception (its trial was marked failed): the sweep exits 1."""
+
+
+def error_summary(error: str) -> str:
+    """The part of a trial's error worth a line: its exit code and its last meaningful line, whole — the
+    last ``tdlight: error:`` line if any (a trial's error is its log's error lines joined by `` | ``)."""
+    head, rest = "", error.strip()
+    m = re.match(r"(exit code -?\d+): ", rest)
+    if m:
+        head, rest = m.group(0), rest[m.end():]
+    parts = [p.strip() for p in re.split(r" \| |\n", rest) if p.strip()]
+    if not parts:
+        return error.strip()
+    return head + next((p for p in reversed(parts) if p.startswith("tdlight: error:")), parts[-1])
 
 
 def _wait_all(events: list[threading.Event]) -> None:
@@ -585,6 +701,18 @@ def _heartbeats_enabled(study: optuna.Study) -> bool:
     from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 
     return isinstance(study._storage, BaseHeartbeat) and is_heartbeat_enabled(study._storage)
+
+
+def _has_heartbeat(study: optuna.Study, trial_id: int) -> bool:
+    """Whether a heartbeat was ever recorded for the trial (RDB storages; Optuna has no public getter)."""
+    if not _heartbeats_enabled(study):
+        return False
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    rdb = getattr(study._storage, "_backend", study._storage)  # create_study wraps an RDBStorage in a cache
+    with _create_scoped_session(rdb.scoped_session) as session:
+        return models.TrialHeartbeatModel.where_trial_id(trial_id, session) is not None
 
 
 def process_seed(seed: int, n_trials: int, host: str, pid: int) -> int:

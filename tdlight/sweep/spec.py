@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import optuna
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tdlight.errors import TdlightError
@@ -162,6 +162,9 @@ def distribution(key: str, expr: Any) -> optuna.distributions.BaseDistribution:
         native = all(isinstance(c, (int, float, str, bool)) or c is None for c in raw)
         return D.CategoricalDistribution(raw if native else choices)
     if isinstance(v, RangeSweep):
+        if not isinstance(v.step, (int, float)) or v.step <= 0:  # Python's range() would raise on a zero step
+            raise SweepError(f"search space {key}: {expr!r} has step {v.step}; valid: range(start, stop[, step]) "
+                             "with a step > 0 (stop excluded)")
         values = list(o.sweep_iterator())
         if not values:
             raise SweepError(f"search space {key}: {expr!r} is an empty range")
@@ -191,19 +194,90 @@ def override(key: str, value: Any) -> str:
     return f"{key}={value}"
 
 
+TOP_LEVEL = {"sweep": "a mapping of settings (name, n_trials, workers, storage, ...)",
+             "tasks": "a list of GLUE tasks, e.g. [rte]", "base": "a list of key=value tdlight overrides",
+             "space": "a mapping of config keys to sweep expressions, e.g. compression.rank: choice(64, 128)"}
+_VALID_FILE = "valid: a YAML mapping with the top-level keys sweep, tasks, base, space (examples in sweeps/)"
+
+
+def _read(p: Path):
+    """A sweep file as an OmegaConf mapping: every way a file can be unreadable is one error naming it."""
+    import yaml
+
+    if not p.is_file():
+        raise SweepError(f"sweep file {str(p)!r} does not exist; valid: a YAML file such as sweeps/ratio_vs_glue.yaml")
+    try:
+        raw = OmegaConf.load(p)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SweepError(f"sweep file {str(p)!r} is not valid YAML{at}: {what}; {_VALID_FILE}") from None
+    except (OSError, UnicodeDecodeError) as e:  # unreadable, or a scalar at the top ("Invalid loaded object type")
+        raise SweepError(f"sweep file {str(p)!r} cannot be read as a sweep definition ({e}); {_VALID_FILE}") from None
+    if not isinstance(raw, DictConfig):
+        raise SweepError(f"sweep file {str(p)!r} holds a {type(raw).__name__.replace('Config', '').lower()} at the top "
+                         f"level; {_VALID_FILE}")
+    if not raw:
+        raise SweepError(f"sweep file {str(p)!r} is empty; {_VALID_FILE}")
+    return raw
+
+
+def _check_top_level(raw, where: str) -> None:
+    """Each top-level part has its kind (``sweep: 5`` would fail deep inside OmegaConf's merge)."""
+    for key, valid in TOP_LEVEL.items():
+        node = raw.get(key)  # None: absent or null (the default applies)
+        ok = isinstance(node, ListConfig) if key in ("tasks", "base") else isinstance(node, DictConfig)
+        if node is not None and not ok:
+            raise SweepError(f"{where}: {key}: {OmegaConf.to_container(raw, resolve=False).get(key)!r} is not "
+                             f"{valid.split(' (')[0].split(',')[0]}; valid: {valid}")
+
+
+# sweep.* settings whose value must lie in a range: (valid range in words, test); None passes where allowed
+_RANGES = {
+    "n_trials": ("an integer >= 1", lambda v: v >= 1),
+    "workers": ("an integer >= 1", lambda v: v >= 1),
+    "threads": ("null (the machine's cores / workers) or an integer >= 1", lambda v: v is None or v >= 1),
+    "trial_timeout": ("null (no limit) or a number of seconds > 0", lambda v: v is None or v > 0),
+    "max_infeasible": ("an integer >= 1", lambda v: v >= 1),
+    "heartbeat_interval": ("an integer number of seconds >= 1", lambda v: v >= 1),
+    "sampler.n_startup_trials": ("null (Optuna's default) or an integer >= 0", lambda v: v is None or v >= 0),
+    "sampler.population_size": ("null (Optuna's default) or an integer >= 2", lambda v: v is None or v >= 2),
+}
+
+
+def check_settings(s) -> None:
+    """Every ``sweep.*`` value that cannot run is refused here, in one place, before anything starts (a
+    negative ``trial_timeout`` would fail every trial, ``max_infeasible=0`` run none, and both exit 0)."""
+    for key, (valid, ok) in _RANGES.items():
+        value = OmegaConf.select(s, key)
+        if not ok(value):
+            raise SweepError(f"sweep.{key}={value}: out of range; valid: {valid}")
+    if s.grace_period <= s.heartbeat_interval:
+        raise SweepError(f"sweep.grace_period={s.grace_period}: out of range; valid: an integer number of seconds "
+                         f"> sweep.heartbeat_interval ({s.heartbeat_interval})")
+    if not s.name or "/" in s.name or s.name in (".", ".."):
+        raise SweepError(f"sweep.name={s.name!r}: valid: a non-empty name without '/' (it names the sweep's directory "
+                         "and its study)")
+    for point in s.enqueue:
+        if not isinstance(point, DictConfig):
+            raise SweepError(f"sweep.enqueue entry {point!r} is not a point; valid: a list of mappings "
+                             "{search-space key: value}, e.g. [{compression.rank: 64}]")
+
+
 def load(path: str | Path | None, overrides: list[str] | None = None, *, data: dict | None = None) -> Sweep:
     """Read ``path`` (or ``data``), apply ``key=value`` overrides, check everything."""
     schema = OmegaConf.structured(SweepFile)
     try:
         if path is not None:
             p = Path(path)
-            if not p.is_file():
-                raise SweepError(f"sweep file {str(p)!r} does not exist; valid: a YAML file such as sweeps/ratio_vs_glue.yaml")
-            raw = OmegaConf.load(p)
+            raw = _read(p)
+            where = f"sweep file {str(p)!r}"
         else:
-            p, raw = None, OmegaConf.create(data or {})
+            p, raw, where = None, OmegaConf.create(data or {}), "sweep definition"
+        _check_top_level(raw, where)
         # the space's dotted keys are data, not nesting: keep them out of the structured merge
-        space = _flatten(OmegaConf.to_container(raw.get("space") or {}, resolve=True))
+        space = _flatten(OmegaConf.to_container(raw.space, resolve=True)) if raw.get("space") is not None else {}
         if "space" in raw:
             raw = OmegaConf.masked_copy(raw, [k for k in raw if k != "space"])
         cli_space = {}
@@ -220,16 +294,11 @@ def load(path: str | Path | None, overrides: list[str] | None = None, *, data: d
     except OmegaConfBaseException as e:
         raise SweepError(f"sweep definition: {str(e).splitlines()[0]}. Valid top-level keys: sweep, tasks, base, space; "
                          f"sweep.*: {sorted(SweepSettings.__dataclass_fields__)}") from e
+    origin = {k: where for k in space} | {k: f"override space.{k}" for k in cli_space}
     space.update(cli_space)
     cfg.space = {}
     s = cfg.sweep
-    if s.n_trials < 1:
-        raise SweepError(f"sweep.n_trials must be >= 1; got {s.n_trials}")
-    if s.workers < 1:
-        raise SweepError(f"sweep.workers must be >= 1; got {s.workers}")
-    if s.heartbeat_interval < 1 or s.grace_period <= s.heartbeat_interval:
-        raise SweepError(f"sweep.heartbeat_interval={s.heartbeat_interval}, sweep.grace_period={s.grace_period}; valid: "
-                         "heartbeat_interval >= 1 and grace_period > heartbeat_interval (seconds)")
+    check_settings(s)
     if s.sampler.name not in SAMPLERS:
         raise SweepError(f"unknown sampler {s.sampler.name!r}; valid: {list(SAMPLERS)}")
     if not s.objectives:
@@ -267,7 +336,12 @@ def load(path: str | Path | None, overrides: list[str] | None = None, *, data: d
         refuse_renamed(base + [f"{k}=" for k in space], stage)
     except TdlightError as e:
         raise SweepError(f"sweep definition: {e}") from None
-    dists = {k: distribution(k, v) for k, v in space.items()}
+    dists = {}
+    for k, v in space.items():
+        try:
+            dists[k] = distribution(k, v)
+        except SweepError as e:
+            raise SweepError(f"{origin[k]}: {e}") from None
     cfg.space = {k: str(v) for k, v in space.items()}
     return Sweep(cfg, dists, directions, constraints, p)
 

@@ -117,6 +117,10 @@ def run_task(cmd: list[str], run_dir: Path, env: dict, *, timeout: float | None,
                     if timeout and time.monotonic() - t0 > timeout:
                         _stop(proc)
                         raise TrialFailed(f"timed out after {timeout:g} s (sweep.trial_timeout)")
+        except BaseException:
+            if proc.poll() is None:  # e.g. the heartbeat's database went away: no trial trains on unwatched
+                _stop(proc)
+            raise
         finally:
             if procs is not None:
                 procs.discard(proc)
@@ -146,7 +150,10 @@ def _tail(path: Path, lines: int = 4) -> str:
     text = [ln for ln in path.read_text(errors="replace").strip().splitlines()
             if ln.strip() and "HYDRA_FULL_ERROR" not in ln and not ln.startswith("See https://hydra.cc")]
     errs = [ln for ln in text if ln.startswith("tdlight: error") or ln.split(":")[0].endswith(("Error", "Exception"))]
-    return " | ".join(errs[-2:] if errs else text[-lines:])[-1500:]
+    picked = errs[-2:] if errs else text[-lines:]
+    while len(picked) > 1 and len(" | ".join(picked)) > 1500:
+        picked = picked[1:]  # the last line stays whole: it says what went wrong (runner.error_summary)
+    return " | ".join(picked)
 
 
 SWEEP_PID = "TDLIGHT_SWEEP_PID"  # environment of a trial process: the pid of the sweep that started it
