@@ -11,7 +11,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from tdlight.data.glue import TASKS, get_task
-from tdlight.data.metrics import GlueMetric, glue_average, glue_metrics
+from tdlight.data.metrics import GlueMetric, glue_metrics
 
 
 # --- per-task metrics and GlueMetric ---------------------------------------------------------
@@ -108,21 +108,3 @@ def test_glue_metric_states_concatenate_across_processes(task):
     rank1.update(logits[60:], y[60:])
     rank0.merge_state(rank1)
     assert rank0.compute() == pytest.approx(single.compute(), abs=1e-12)
-
-
-# --- the GLUE average ------------------------------------------------------------------------
-
-
-def test_glue_average_counts_mnli_once():
-    assert glue_average({"cola": 0.5, "sst2": 0.9}) == pytest.approx(0.7)
-    avg = glue_average({"cola": 0.4, "mnli_matched": 0.8, "mnli_mismatched": 0.6, "ax": 0.1})
-    assert avg == pytest.approx((0.4 + 0.7) / 2)
-    with pytest.raises(ValueError):
-        glue_average({"mnli": 0.8, "mnli_matched": 0.8})
-
-
-def test_glue_average_conventions():
-    assert glue_average({"mnli": 0.8, "rte": 0.6}) == pytest.approx(0.7)
-    assert glue_average({"mnli_matched": 0.9, "mnli_mismatched": 0.7, "rte": 0.6}) == pytest.approx(0.7)
-    with pytest.raises(ValueError, match="no task scores"):
-        glue_average({"ax": 0.3})

@@ -102,16 +102,16 @@ def test_parameter_formula_matches_paper_bert_base():
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.variant}-{s.scope}-{s.grouping}")
-def test_factorized_and_reconstructed_modes_agree(tiny_classifier, token_ids, spec):
+def test_factorized_and_dense_modes_agree(tiny_classifier, token_ids, spec):
     model = copy.deepcopy(tiny_classifier)
     quiet_compress(model, spec)
     fact = outputs(model, token_ids)
-    set_mode(model, "reconstructed")
-    rec = outputs(model, token_ids)
+    set_mode(model, "dense")  # the weights rebuilt from the factors, one F.linear each
+    dense = outputs(model, token_ids)
     set_mode(model, "factorized")
-    scale = rec.logits.abs().max()
-    assert (fact.logits - rec.logits).abs().max() <= 1e-5 * scale + 1e-7
-    for h, r in zip(fact.hidden_states, rec.hidden_states, strict=True):
+    scale = dense.logits.abs().max()
+    assert (fact.logits - dense.logits).abs().max() <= 1e-5 * scale + 1e-7
+    for h, r in zip(fact.hidden_states, dense.hidden_states, strict=True):
         assert (h - r).norm() <= 1e-5 * r.norm()
 
 

@@ -105,21 +105,3 @@ class GlueMetric(torchmetrics.Metric):
 
         preds, target = cat(self.preds).cpu(), cat(self.target).cpu()
         return {**glue_metrics(self.task, preds, target), **prediction_stats(self.task, preds, target)}
-
-
-def glue_average(scores: dict[str, float]) -> float:
-    """The GLUE average of per-task scores ``{task: score}``.
-
-    MNLI counts once: pass ``"mnli"`` (already the matched/mismatched mean), or
-    ``"mnli_matched"`` and ``"mnli_mismatched"``, which are averaged into one. ``"ax"``
-    (a diagnostic) is not part of the average.
-    """
-    folded = {k: v for k, v in scores.items() if not k.startswith("mnli_") and k != "ax"}
-    parts = [v for k, v in scores.items() if k.startswith("mnli_")]
-    if parts:
-        if "mnli" in folded:
-            raise ValueError("give MNLI either as 'mnli' or as 'mnli_matched'/'mnli_mismatched', not both")
-        folded["mnli"] = sum(parts) / len(parts)
-    if not folded:
-        raise ValueError("no task scores to average")
-    return sum(folded.values()) / len(folded)

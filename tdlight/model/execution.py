@@ -43,12 +43,12 @@ import torch
 from torch import nn
 
 from tdlight.errors import SpecError
-from tdlight.model.linear import FactorizedLinear
+from tdlight.model.linear import MODES, FactorizedLinear
 from tdlight.model.speed import paired_times
 from tdlight.model.surgery import encoder_shape, get_encoder, is_compressed
 from tdlight.tensor.accounting import macs, stored_weights, unit_macs
 
-UNIT_MODES = ("factorized", "folded", "dense")
+UNIT_MODES = MODES  # every forward mode of a factorized linear is a unit mode
 POLICIES = ("timed", "macs", "size", *UNIT_MODES)
 
 

@@ -27,7 +27,6 @@ construction.
   ``F.linear`` (``addmm``, bias fused); Q, K and V sharing an input run as one GEMM against
   their concatenated weights. Where d is close to D the factorized products cost more than
   the dense one (``tdlight.model.execution`` chooses per module).
-* ``"reconstructed"`` — rebuilds W on every call (for tests).
 
 A cached weight (folded or dense) is rebuilt when a factor or the bias changes; with
 gradients on, differentiably on every call.
@@ -41,7 +40,7 @@ from torch import nn
 
 from tdlight.model.bank import FactorBank
 
-MODES = ("factorized", "folded", "dense", "reconstructed")
+MODES = ("factorized", "folded", "dense")
 
 
 def _stamp(tensors) -> tuple:
@@ -148,7 +147,7 @@ class SharedInput:
         if mode == "folded":  # one x @ U, one GEMM with the members' C′Vᵀ side by side, biases fused
             fold, b = self.cached("folded")
             return bank.strategy.folded_matmul(x, fold, b).unflatten(-1, (n, D))
-        W, b = self.cached("dense") if mode == "dense" else self._stacked()
+        W, b = self.cached("dense")
         return F.linear(x, W, b).unflatten(-1, (n, D))
 
     def _grid(self) -> torch.Tensor:
@@ -206,8 +205,6 @@ class FactorizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared_input is not None:
             return self.shared_input.output(x, self.slot)
-        if self.mode == "reconstructed":
-            return F.linear(x, self.weight, self.bias)
         bank = self.bank
         if self.mode == "dense":
             return F.linear(x, self.cached("dense"), self.bias)

@@ -25,12 +25,9 @@ however many units read it), a folded or dense unit stores its own matrices.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from tdlight.tensor.layout import ATTENTION_TYPES, BLOCK_TYPES, FFN_TYPES, Block
-
-if TYPE_CHECKING:  # (types only: the variants import fold_macs from here, and spec imports the variants)
-    from tdlight.tensor.spec import EncoderShape, ResolvedSpec
+from tdlight.tensor.spec_data import EncoderShape, ResolvedSpec
+from tdlight.tensor.variants.base import fold_macs  # the fold's side and cost: decided where the fold is built
 
 
 def dense_counts(shape: EncoderShape) -> dict[str, int]:
@@ -93,18 +90,6 @@ def param_counts(shape: EncoderShape, spec: ResolvedSpec) -> dict[str, float]:
 
 
 UNIT_KINDS = ("qkv", *ATTENTION_TYPES, *FFN_TYPES)  # "qkv": Q, K and V sharing one x @ U
-
-
-def fold_macs(n_in: int, n_out: int, D: int, a: int, b: int) -> tuple[str, int]:
-    """The cheaper folded form of an n_in × n_out grid of blocks ``U C′_jm Vᵀ`` and its MACs per token.
-
-    Folding multiplies the mixed cores into one side once, leaving two GEMMs per forward:
-    ``"right"`` — ``x_j @ U`` per input chunk, then one ``(n_in·a) × (n_out·D)`` matrix (C′Vᵀ);
-    ``"left"`` — one ``(n_in·D) × (n_out·b)`` matrix (U C′), then ``@ Vᵀ`` per output chunk.
-    The core product (a·b per block and token) is gone either way."""
-    right = n_in * D * a + n_in * a * n_out * D
-    left = n_in * D * n_out * b + n_out * b * D
-    return ("right", right) if right <= left else ("left", left)
 
 
 def unit_grid(kind: str, m: int) -> tuple[int, int]:

@@ -118,7 +118,7 @@ class Layout:
         return sum(len(b) for b in self.groups.values())
 
 
-# --- cutting nn.Linear weights into blocks and back --------------------------------
+# --- cutting nn.Linear weights into blocks -----------------------------------------
 
 
 def linear_to_blocks(weight: torch.Tensor, type_: str, hidden: int) -> list[torch.Tensor]:
@@ -129,17 +129,6 @@ def linear_to_blocks(weight: torch.Tensor, type_: str, hidden: int) -> list[torc
     if type_ == "ffn_out":
         return list(w.split(hidden, dim=0))
     return [w]
-
-
-def blocks_to_linear(blocks: list[torch.Tensor] | torch.Tensor, type_: str) -> torch.Tensor:
-    """Inverse of :func:`linear_to_blocks`: D×D blocks -> ``nn.Linear.weight``."""
-    if type_ == "ffn_in":
-        w = torch.cat(list(blocks), dim=1)
-    elif type_ == "ffn_out":
-        w = torch.cat(list(blocks), dim=0)
-    else:
-        (w,) = list(blocks)
-    return w.t().contiguous()
 
 
 def stack(layout: Layout, weights: dict[tuple[int, str], torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -155,16 +144,4 @@ def stack(layout: Layout, weights: dict[tuple[int, str], torch.Tensor]) -> dict[
         if missing:
             raise SpecError(f"weights for blocks {missing[:4]} are missing from the stack input")
         out[name] = torch.stack([cut[b] for b in blocks])
-    return out
-
-
-def unstack(layout: Layout, tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], torch.Tensor]:
-    """Inverse of :func:`stack`: ``{group: (n, D, D)}`` -> ``{(layer, type): nn.Linear.weight}``."""
-    cut = {b: tensors[g][i] for g, blocks in layout.groups.items() for i, b in enumerate(blocks)}
-    out = {}
-    for layer in range(layout.num_layers):
-        for type_ in layout.types:
-            out[(layer, type_)] = blocks_to_linear(
-                [cut[b] for b in layout.blocks_of(layer, type_)], type_
-            )
     return out

@@ -33,6 +33,19 @@ class Fold(NamedTuple):
     n_out: int
 
 
+def fold_macs(n_in: int, n_out: int, D: int, a: int, b: int) -> tuple[str, int]:
+    """The cheaper folded form of an n_in × n_out grid of blocks ``U C′_jm Vᵀ`` and its MACs per token.
+
+    Folding multiplies the mixed cores into one side once, leaving two GEMMs per forward:
+    ``"right"`` — ``x_j @ U`` per input chunk, then one ``(n_in·a) × (n_out·D)`` matrix (C′Vᵀ);
+    ``"left"`` — one ``(n_in·D) × (n_out·b)`` matrix (U C′), then ``@ Vᵀ`` per output chunk.
+    The core product (a·b per block and token) is gone either way. :meth:`Variant.fold` builds the
+    side chosen here; :mod:`tdlight.tensor.accounting` counts with it."""
+    right = n_in * D * a + n_in * a * n_out * D
+    left = n_in * D * n_out * b + n_out * b * D
+    return ("right", right) if right <= left else ("left", left)
+
+
 class Variant(ABC):
     """One compression variant: the facts that tell it apart and the math that differs.
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tdlight.tensor.accounting import fold_macs
 from tdlight.tensor.factors import Factors, Fit, Ranks
 from tdlight.tensor.hooi import hooi, identity_if_none
 from tdlight.tensor.output_fit import fit_shared, refit_cores
-from tdlight.tensor.variants.base import Fold, Variant
+from tdlight.tensor.variants.base import Fold, Variant, fold_macs
 
 
 class Shared(Variant):
@@ -54,7 +53,7 @@ class Shared(Variant):
         return z.unflatten(-1, (n_out, b)) @ factors.V.t()  # (…, n_out, B)
 
     def fold(self, factors: Factors, blocks: torch.Tensor) -> Fold:
-        """The cores multiplied into the cheaper side (:func:`~tdlight.tensor.accounting.fold_macs`):
+        """The cores multiplied into the cheaper side (:func:`~tdlight.tensor.variants.base.fold_macs`):
         into Vᵀ when the grid has one input chunk (Q/K/V, the FFN input: one ``x @ U`` then one
         GEMM for all outputs), into U when it has one output chunk (the FFN output: one GEMM over
         the whole input, then one ``@ Vᵀ``)."""
