@@ -18,12 +18,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tdlight.config import ROOT, Config, check_ranges, migrate_saved, refuse_renamed, register
+from tdlight.config import ROOT, Config, check_ranges, migrate_saved, refuse_renamed
 from tdlight.errors import TdlightError
 from tdlight.files import atomic_write_text
 from tdlight.run_dirs import discard as discard_run_dir
-from tdlight.stages.common import CHECKPOINTS, LAST, last_checkpoint, saved_config
-from tdlight.stages.registry import STAGES
+from tdlight.stages.runs import CHECKPOINTS, LAST, last_checkpoint, saved_config
+from tdlight.stages.registry import STAGES, register
 
 log = logging.getLogger("tdlight")
 RESUME_OVERRIDES = "resume_overrides.yaml"
@@ -69,8 +69,8 @@ def _resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, 
         dotlist.append(o)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), saved, OmegaConf.from_dotlist(dotlist))
-        if stage in STAGES:  # Config.stage is untyped: check the stage's values against its own schema
-            OmegaConf.merge(OmegaConf.structured(STAGES[stage].schema), merged.stage)
+        if stage in STAGES:  # Config.stage is untyped: the stage's values typed by its own schema (and ranged)
+            merged.stage = OmegaConf.merge(OmegaConf.structured(STAGES[stage].schema), merged.stage)
     except Exception as e:  # OmegaConf's ValidationError & co: a value of the wrong type
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TdlightError(f"resume override(s) {dotlist} do not fit the saved {stage} config: {first}") from e

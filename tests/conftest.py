@@ -233,7 +233,8 @@ def compose_cfg(tmp_path, *overrides: str):
     """The tdlight config as the command would compose it (Hydra's compose API)."""
     from hydra import compose, initialize_config_dir
 
-    from tdlight.config import ROOT, register
+    from tdlight.config import ROOT
+    from tdlight.stages.registry import register
 
     register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -26,6 +26,13 @@ def chain(tmp_path_factory, teacher_dir):
     return out, ft, dec
 
 
+def _column(csv: str, name: str) -> list[str]:
+    """The non-empty values of column ``name`` of a CSV logger's metrics.csv."""
+    import csv as csvlib
+
+    return [row[name] for row in csvlib.DictReader(csv.splitlines()) if row.get(name)]
+
+
 def test_distill_end_to_end(chain):
     out, ft, dec = chain
     r = cli(out, "stage=distill", "task=mrpc", f"teacher.run_dir={ft}", f"stage.student={dec}",
@@ -39,6 +46,11 @@ def test_distill_end_to_end(chain):
     for key in ("train/hidden_loss_step", "train/attention_loss_step", "train/prediction_loss_step",
                 "val/phase1_score", "val/score"):
         assert key in header, key
+    # the logged learning rate is the real one (was: AdamW built at lr 1.0, the schedule's factor the rate):
+    # phase 1 at the task's lr (mrpc 2e-5 unless set), phase 2 likewise, warm-up from 0, never above it
+    lrs = [float(v) for v in _column(csv, "lr-AdamW/pg1")]
+    lr = compose_cfg(out, "task=mrpc").task.lr
+    assert lrs and max(lrs) == pytest.approx(lr) and min(lrs) >= 0, lrs
     import tdlight
 
     student = tdlight.load_compressed(run / "model")

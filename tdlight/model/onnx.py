@@ -20,7 +20,7 @@ from tdlight.errors import ArtifactError
 from tdlight.files import atomic_file, write_obstacle
 from tdlight.model import execution as ex
 from tdlight.model.io import EXECUTIONS, META, load_compressed
-from tdlight.model.surgery import is_compressed
+from tdlight.model.surgery import is_compressed, nonfinite_tensors
 from tdlight.model.teacher import EMBEDDED, embedded_path, load_teacher
 
 PRECISIONS = ("fp32", "int8")
@@ -133,14 +133,8 @@ def _check_precision_opset(precision: str, opset: int) -> None:
         raise _opset_error(opset)
 
 
-def nonfinite_weights(model: nn.Module) -> list[str]:
-    """Names of ``model``'s floating-point parameters and buffers holding NaN or inf."""
-    tensors = [*model.named_parameters(), *model.named_buffers()]
-    return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-
-
 def _check_finite(model: nn.Module, path) -> None:
-    bad = nonfinite_weights(model)
+    bad = nonfinite_tensors(model)
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise ArtifactError(f"the model's weights hold NaN or inf in {len(bad)} tensor(s): {shown}; its outputs "

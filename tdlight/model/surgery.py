@@ -296,3 +296,9 @@ def set_dropout(model: nn.Module, p: float) -> None:
     for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
         if cfg is not None and hasattr(cfg, key):
             setattr(cfg, key, p)
+
+
+def nonfinite_tensors(module: nn.Module) -> list[str]:
+    """Names of ``module``'s floating-point parameters and buffers holding a NaN or an infinity."""
+    return [name for name, t in (*module.named_parameters(), *module.named_buffers())
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]

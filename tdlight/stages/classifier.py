@@ -23,8 +23,9 @@ from tdlight.data.datamodule import GlueDataModule
 from tdlight.data.glue import get_task, resolve_source
 from tdlight.data.metrics import CONSTANT_SHARE, GlueMetric
 from tdlight.errors import TdlightError
-from tdlight.model.surgery import count_parameters, encoder_shape, get_encoder, is_compressed
-from tdlight.stages.common import adamw, check_positions, first_nonfinite
+from tdlight.model.surgery import count_parameters, encoder_shape, get_encoder, is_compressed, nonfinite_tensors
+from tdlight.stages.runs import check_positions
+from tdlight.stages.trainer import adamw
 from tdlight.tensor.accounting import dense_counts
 
 log = logging.getLogger("tdlight")
@@ -39,8 +40,11 @@ class GlueModule(L.LightningModule):
     MNLI: the mean over matched and mismatched), and counts evaluation throughput.
     """
 
-    def __init__(self, model: nn.Module, task, *, lr: float = 5e-5, weight_decay: float = 0.01,
-                 warmup_ratio: float = 0.1):
+    def __init__(self, model: nn.Module, task, *, lr: float | None = None, weight_decay: float | None = None,
+                 warmup_ratio: float | None = None):
+        """``lr``, ``weight_decay``, ``warmup_ratio``: the stage's settings (their defaults are the
+        schema's, :mod:`tdlight.stages.schemas`, never restated here); None for a module that only
+        evaluates."""
         super().__init__()
 
         self.model = model
@@ -73,7 +77,7 @@ class GlueModule(L.LightningModule):
         logits = self(batch)
         if not torch.isfinite(logits).all():  # a score of NaN logits would still be a finite number
             raise TdlightError(f"the model's outputs are not finite (first non-finite parameter: "
-                               f"{first_nonfinite(self.model) or 'none'}); its score would be meaningless")
+                               f"{next(iter(nonfinite_tensors(self.model)), 'none')}); its score would be meaningless")
         self.val_metrics[dataloader_idx].update(logits, batch["labels"])
         self._n += len(batch["labels"])
 
@@ -103,6 +107,8 @@ class GlueModule(L.LightningModule):
     def configure_optimizers(self):
         from transformers import get_linear_schedule_with_warmup
 
+        if self.lr is None or self.weight_decay is None or self.warmup_ratio is None:
+            raise ValueError("GlueModule: training needs lr, weight_decay and warmup_ratio (the stage's settings)")
         opt = adamw(self.model, self.lr, self.weight_decay)
         total = self.total_steps or int(self.trainer.estimated_stepping_batches)
         sched = get_linear_schedule_with_warmup(opt, int(self.warmup_ratio * total), total)

@@ -50,7 +50,8 @@ from tdlight.model.calibration import REFIT_MODES, collect_grams, fit_outputs, o
 from tdlight.model.io import save_compressed
 from tdlight.model.surgery import compress, count_parameters, encoder_shape, encoder_weights
 from tdlight.model.teacher import load_teacher, teacher_shape
-from tdlight.stages.common import build_trainer, check_positions, teacher_source
+from tdlight.stages.runs import check_positions, teacher_source
+from tdlight.stages.trainer import build_trainer
 from tdlight.stages.refine import RefineModule, heldout_error
 from tdlight.tensor.accounting import param_counts
 from tdlight.tensor.decompose import DEAD_BLOCK_ERROR
@@ -127,7 +128,7 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
     ``where`` (``stage``, or ``stage.decompose`` in a pipeline) spells them."""
     resolve_device(cfg.trainer)
     spec = compression_spec(cfg.compression)
-    refine = cfg.stage.get("refine_steps", 0) or 0
+    refine = cfg.stage.refine_steps
     if refine < 0:
         raise TdlightError(f"{where}.refine_steps={refine}; valid: an integer ≥ 0")
     _check_teacher_weights(cfg, where)
@@ -149,8 +150,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     before = count_parameters(teacher)
     log.info("teacher %s: %s; resolved spec %s", source, shape, rspec.to_dict())
     entry = None
-    refine = cfg.stage.get("refine_steps", 0) or 0
-    fit = cfg.stage.get("fit", "weights")
+    refine = cfg.stage.refine_steps
+    fit = cfg.stage.fit
     if fit == "outputs" and tokenizer is None:
         raise TdlightError("stage.fit=outputs needs the teacher's tokenizer to read calibration text")
     check_positions(teacher, **{"stage.calibration_max_length": cfg.stage.calibration_max_length if fit == "outputs"
@@ -161,7 +162,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     tokens = _embedding_tokens(cfg, spec, tokenizer, shape.vocab_size, console)
     if tokens is not None and spec.vocab is not None:  # the kept vocabulary's size, now that its text is read
         rspec = resolve(spec, shape, vocab_size=int(tokens.kept_ids().numel()))
-    if cfg.stage.get("cache", True):
+    if cfg.stage.cache:
         key = cache_key(teacher, rspec)
         extra = {}
         if refine:  # a refined decomposition also depends on how it was refined
@@ -323,7 +324,7 @@ def task_calibration_file(cfg: DictConfig) -> Path:
 
 def _check_teacher_weights(cfg: DictConfig, where: str = "stage") -> None:
     """``stage.teacher_weights`` (which teacher the pipeline decomposes) against the teacher given."""
-    weights = cfg.stage.get("teacher_weights", "pretrained")
+    weights = cfg.stage.teacher_weights
     if weights not in TEACHER_WEIGHTS:
         raise TdlightError(f"{where}.teacher_weights={weights!r}; valid: {', '.join(TEACHER_WEIGHTS)}")
     if weights == "finetuned" and not cfg.teacher.get("run_dir"):
@@ -334,7 +335,7 @@ def _check_teacher_weights(cfg: DictConfig, where: str = "stage") -> None:
 def _check_fit(cfg: DictConfig, where: str = "stage") -> str:
     """``stage.fit``, checked with its calibration settings before any work."""
     st = cfg.stage
-    fit = st.get("fit", "weights")
+    fit = st.fit
     if fit not in FITS:
         raise TdlightError(f"{where}.fit={fit!r}; valid: {', '.join(FITS)} "
                            "(weights = HOOI on the weights, outputs = fit each block's outputs on calibration text)")
@@ -346,10 +347,10 @@ def _check_fit(cfg: DictConfig, where: str = "stage") -> str:
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise TdlightError(f"{where}.{name}={v!r}; valid: an integer ≥ {lo} (for {where}.fit=outputs)")
 
-    if st.get("fit_refit", "layerwise") not in REFIT_MODES:
-        raise TdlightError(f"{where}.fit_refit={st.get('fit_refit')!r}; valid: {', '.join(REFIT_MODES)}")
-    if not isinstance(st.get("fit_bias", True), bool):
-        raise TdlightError(f"{where}.fit_bias={st.get('fit_bias')!r}; valid: true, false")
+    if st.fit_refit not in REFIT_MODES:
+        raise TdlightError(f"{where}.fit_refit={st.fit_refit!r}; valid: {', '.join(REFIT_MODES)}")
+    if not isinstance(st.fit_bias, bool):
+        raise TdlightError(f"{where}.fit_bias={st.fit_bias!r}; valid: true, false")
     damp = st.get("calibration_damp")
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < MAX_DAMP:
         raise TdlightError(f"{where}.calibration_damp={damp!r}; valid: a number ≥ 0 and below {MAX_DAMP:g} "
@@ -415,10 +416,10 @@ def _fit_outputs(cfg: DictConfig, student, teacher, report, calibration: dict, d
             progress.update(task, completed=max(1, st.fit_iters))
     after = output_errors(student, teacher, heldout)
     refit = None
-    passes = st.get("fit_passes", 0) or 0
+    passes = st.fit_passes
     if passes:
 
-        mode, bias = st.get("fit_refit", "layerwise"), st.get("fit_bias", True)
+        mode, bias = st.fit_refit, st.fit_bias
         t0 = time.perf_counter()
         records = refit_outputs(student, teacher, calibration["batches"], heldout, passes=passes,
                                 damp=st.calibration_damp, iters=st.fit_iters, bias=bias, mode=mode)

@@ -33,7 +33,8 @@ from tdlight.stages.classifier import (
     MODEL_INPUTS, GlueModule, check_lengths, check_task_data, datamodule, model_summary, require_task, results_table,
     steps_per_epoch, task_settings, training_steps,
 )
-from tdlight.stages.common import adamw, saved_config, stage_artifact
+from tdlight.stages.runs import saved_config, stage_artifact, student_source
+from tdlight.stages.trainer import adamw
 from tdlight.stages.losses import gold_loss, intermediate_loss, layer_map, prediction_loss
 
 log = logging.getLogger("tdlight.distill")
@@ -110,21 +111,23 @@ class DistillModule(GlueModule):
             super().log_results(results)
 
     def configure_optimizers(self):
-        opt = adamw(self.model, 1.0, self.weight_decay)  # base lr 1: the schedule below gives absolute lrs
+        # the base lr is phase 2's (stage.lr): the optimizer, its checkpoints and the logged lr hold the
+        # real rate; phase 1 runs at stage.intermediate_lr through the factor lr1 / lr2
+        opt = adamw(self.model, self.lr, self.weight_decay)
         per_epoch = self.steps_per_epoch  # set by the stage, as total_steps (see classifier.training_steps)
         p1 = per_epoch * self.intermediate_epochs
         total = self.total_steps
         p2 = max(1, total - p1)
-        lr1, lr2, warm = self.intermediate_lr, self.lr, self.warmup_ratio
+        scale1, warm = self.intermediate_lr / self.lr, self.warmup_ratio
 
         def factor(step: int) -> float:
-            # piecewise: phase 1 warm-up/decay to 0, then phase 2 warm-up/decay to 0 (absolute lr, base lr 1)
+            # piecewise: phase 1 warm-up/decay to 0, then phase 2 warm-up/decay to 0 (of the base lr)
             if step < p1:
                 w = max(1, int(warm * p1))
-                return lr1 * (step / w if step < w else max(0.0, (p1 - step) / max(1, p1 - w)))
+                return scale1 * (step / w if step < w else max(0.0, (p1 - step) / max(1, p1 - w)))
             s = step - p1
             w = max(1, int(warm * p2))
-            return lr2 * (s / w if s < w else max(0.0, (p2 - s) / max(1, p2 - w)))
+            return s / w if s < w else max(0.0, (p2 - s) / max(1, p2 - w))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -156,19 +159,6 @@ def cache_teacher_logits(teacher: nn.Module, dm, device: torch.device) -> float:
         out[idx] = logits
     dm.datasets["train"] = ds.add_column(TEACHER_LOGITS, out.tolist())
     return time.perf_counter() - t0
-
-
-def student_source(cfg: DictConfig) -> str:
-    src = cfg.stage.student
-    if not src:
-        raise TdlightError(f"stage={cfg.stage.name} needs a student: stage.student=<decompose or pretrain run directory>")
-    p = Path(src)
-    if (p / ".hydra" / "config.yaml").is_file():
-        return str(stage_artifact(p, ("decompose", "pretrain", "distill")))
-    if not (p / "tdlight.json").is_file():
-        raise TdlightError(f"stage.student={src!r} is neither a decompose/pretrain run directory nor a compressed "
-                           "model directory (with tdlight.json)")
-    return src
 
 
 def masked_lm_for(cfg: DictConfig, tokenizer) -> nn.Module:

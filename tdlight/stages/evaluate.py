@@ -26,7 +26,9 @@ from tdlight.stages.classifier import (
     GlueModule, check_lengths, check_task_data, datamodule, is_constant, model_summary, require_task, results_table,
     warn_if_constant,
 )
-from tdlight.stages.common import build_trainer, stage_artifact, teacher_pooling, teacher_source, write_json
+from tdlight.stages.runs import stage_artifact, teacher_pooling, teacher_source, write_json
+from tdlight.stages.loggers import end_loggers
+from tdlight.stages.trainer import build_trainer
 from tdlight.stages.registry import MODEL_STAGES
 
 log = logging.getLogger("tdlight.evaluate")
@@ -94,4 +96,5 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         warn_if_constant(module.results, f"model {source}")
         write_json(run_dir / "metrics.json", out)
         Console().print(results_table(f"tdlight evaluate: {Path(source).name or source} on {task.name}", out))
+    end_loggers(trainer.loggers, {f"dev/{k}": v for k, v in out["dev"].items() if isinstance(v, (int, float))})
     return out

@@ -22,7 +22,7 @@ from tdlight.stages.classifier import (
     GlueModule, check_lengths, check_task_data, datamodule, model_summary, require_task, results_table, task_settings,
     training_steps,
 )
-from tdlight.stages.common import teacher_pooling, teacher_source
+from tdlight.stages.runs import teacher_pooling, teacher_source
 
 log = logging.getLogger("tdlight.finetune")
 

@@ -31,7 +31,8 @@ from tdlight.model.execution import current as current_plan
 from tdlight.model.speed import paired_speedup
 from tdlight.model.teacher import load_classifier
 from tdlight.stages.classifier import datamodule, is_constant, model_summary, require_task
-from tdlight.stages.common import CHECKPOINTS, LAST, finish_wandb, write_json
+from tdlight.stages.runs import CHECKPOINTS, LAST, write_json
+from tdlight.stages.loggers import finish_wandb
 from tdlight.stages.registry import STAGES
 
 log = logging.getLogger("tdlight.pipeline")
@@ -132,27 +133,17 @@ def _plan(cfg: DictConfig) -> list[tuple[str, DictConfig, Path, dict]]:
     for step in steps:
         # as in the paper: the *pretrained* teacher is decomposed (and pretrained against) and the
         # fine-tuned one only teaches the task in distill — unless stage.decompose.teacher_weights=finetuned
-        student = "pretrain" if "pretrain" in dirs else "decompose"
-        if step == "finetune":
-            upstream, wiring = {}, {}
-        elif step == "decompose" and st.decompose.teacher_weights == "finetuned":
-            upstream = {"finetune": keys["finetune"]}
-            wiring = {"teacher.run_dir": str(dirs["finetune"])}
-        elif step == "decompose":
-            upstream, wiring = {}, {}
-        elif step == "pretrain" and st.decompose.teacher_weights == "finetuned":
-            # the student reconstructs the teacher it was decomposed from
-            upstream = {"decompose": keys["decompose"], "finetune": keys["finetune"]}
-            wiring = {"stage.student": str(dirs["decompose"]), "teacher.run_dir": str(dirs["finetune"])}
-        elif step == "pretrain":
-            upstream = {"decompose": keys["decompose"]}
-            wiring = {"stage.student": str(dirs["decompose"])}
-        elif step == "distill":
-            upstream = {"finetune": keys["finetune"], "student": keys[student]}
-            wiring = {"teacher.run_dir": str(dirs["finetune"]), "stage.student": str(dirs[student])}
-        else:
-            upstream = {"distill": keys["distill"]}
-            wiring = {"stage.model": str(dirs["distill"])}
+        # (each stage's record says what it consumes: tdlight.stages.registry.Input)
+        upstream, wiring = {}, {}
+        for inp in STAGES[step].consumes:
+            if inp.when is not None and not inp.when(st):
+                continue
+            source = next((s for s in inp.stages if s in dirs), None)
+            if source is None:  # (REQUIRED makes this unreachable for the stages the pipeline runs)
+                raise TdlightError(f"pipeline step {step} reads {inp.key} from {' or '.join(inp.stages)}, "
+                                   f"which stage.steps={list(st.steps)} does not run")
+            upstream[inp.name or source] = keys[source]
+            wiring[inp.key] = str(dirs[source])
         stage_cfg = st[step]
         key = step_key(step, stage_cfg, cfg, upstream)
         keys[step], dirs[step] = key, out_root / step / f"pipeline-{key}"

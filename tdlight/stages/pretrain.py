@@ -31,8 +31,8 @@ from tdlight.model.surgery import encoder_shape, is_compressed, set_dropout
 from tdlight.model.teacher import load_teacher, resolve_teacher
 from tdlight.stages import training
 from tdlight.stages.classifier import MODEL_INPUTS, model_summary
-from tdlight.stages.common import adamw, check_positions, teacher_source
-from tdlight.stages.distill import student_source
+from tdlight.stages.runs import check_positions, student_source, teacher_source
+from tdlight.stages.trainer import adamw
 from tdlight.stages.losses import intermediate_loss, layer_map
 
 log = logging.getLogger("tdlight.pretrain")

@@ -4,8 +4,8 @@ pipeline chains, reuses and keys, what a finished run leaves behind.
 Adding a stage: its module ``tdlight/stages/<name>.py`` with ``check(cfg, where, wired)`` (its settings
 checks, before any work) and ``run(cfg, run_dir)`` (which calls ``check`` first; training stages also
 take ``extra_callbacks``),
-its schema (a dataclass holding every default) in :mod:`tdlight.config`, and one line in :data:`STAGES`
-(:func:`tdlight.config.register` stores that schema as the ``stage=<name>`` option: no YAML file).
+its schema (a dataclass holding every default and range) in :mod:`tdlight.stages.schemas`, and one line in :data:`STAGES`
+(:func:`register` stores that schema as the ``stage=<name>`` option: no YAML file).
 The stage modules are imported only when a stage runs, so reading the registry stays cheap.
 """
 
@@ -16,7 +16,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from tdlight.config import DecomposeStage, DistillStage, EvaluateStage, FinetuneStage, PipelineStage, PretrainStage
+from hydra.core.config_store import ConfigStore
+
+from tdlight.config import Config, register_resolvers
+from tdlight.stages.schemas import (
+    DecomposeStage, DistillStage, EvaluateStage, FinetuneStage, PipelineStage, PretrainStage,
+)
+
+
+@dataclass(frozen=True)
+class Input:
+    """What a stage reads from an earlier pipeline step: the setting ``key`` is set to the run directory
+    of the first of ``stages`` the pipeline ran (``stage.student`` of distill: pretrain, else decompose),
+    and that step's key joins this step's cache key under ``name`` (default: the stage's name). ``when``
+    (the pipeline's ``stage`` node -> bool) makes the input conditional."""
+
+    key: str
+    stages: tuple[str, ...]
+    name: Optional[str] = None
+    when: Optional[Callable[[object], bool]] = None
+
+
+def _finetuned_teacher(pipeline_stage) -> bool:
+    """``stage.decompose.teacher_weights=finetuned``: the decomposition (and the reconstruction that
+    pretrains it) use the fine-tuned teacher instead of the pretrained one."""
+    return pipeline_stage.decompose.get("teacher_weights") == "finetuned"
 
 
 @dataclass(frozen=True)
@@ -35,9 +59,13 @@ class StageRecord:
     reads_if: tuple[tuple[str, str], ...] = ()
     # a Lightning run whose checkpoints `resume=<run dir>` continues (its run() takes extra_callbacks)
     resumable: bool = True
+    # what it reads from earlier steps when the pipeline runs it (the pipeline wires them, in this order)
+    consumes: tuple[Input, ...] = ()
+    # the module with its check() and run(); None: tdlight.stages.<name> (a stage may live outside the package)
+    module: Optional[str] = None
 
     def run(self, cfg, run_dir: Path, **kwargs):
-        return importlib.import_module(f"tdlight.stages.{self.name}").run(cfg, run_dir, **kwargs)
+        return self._module().run(cfg, run_dir, **kwargs)
 
     def check(self, cfg, where: str = "stage", wired: tuple[str, ...] = ()) -> None:
         """Every check of the stage's settings that loads no model and reads no data beyond a file's
@@ -45,7 +73,10 @@ class StageRecord:
         first, what ``dry_run=true`` runs. ``where`` spells the stage's keys in messages
         (``stage.decompose`` in a pipeline); ``wired`` lists the keys a pipeline fills from steps that
         have not run yet (their inputs are not checked)."""
-        importlib.import_module(f"tdlight.stages.{self.name}").check(cfg, where=where, wired=wired)
+        self._module().check(cfg, where=where, wired=wired)
+
+    def _module(self):
+        return importlib.import_module(self.module or f"tdlight.stages.{self.name}")
 
     def reads_task(self, stage_cfg) -> bool:
         """Whether a run with these stage settings reads the task's data."""
@@ -69,13 +100,30 @@ STAGES: dict[str, StageRecord] = {r.name: r for r in (
     StageRecord("finetune", FinetuneStage, reads=("teacher", "task", "seed", "trainer"), reads_task_data=True),
     # seed: which calibration sequences are read; trainer: only when the decomposition is refined by training
     StageRecord("decompose", DecomposeStage, reads=("compression", "teacher", "seed"),
-                reads_if=(("refine_steps", "trainer"),), reads_task_if=_fits_task_text, resumable=False),
-    StageRecord("pretrain", PretrainStage, reads=("teacher", "seed", "trainer")),
-    StageRecord("distill", DistillStage, reads=("task", "seed", "trainer"), reads_task_data=True),
+                reads_if=(("refine_steps", "trainer"),), reads_task_if=_fits_task_text, resumable=False,
+                consumes=(Input("teacher.run_dir", ("finetune",), when=_finetuned_teacher),)),
+    # (pretrain reconstructs the teacher it was decomposed from)
+    StageRecord("pretrain", PretrainStage, reads=("teacher", "seed", "trainer"),
+                consumes=(Input("stage.student", ("decompose",)),
+                          Input("teacher.run_dir", ("finetune",), when=_finetuned_teacher))),
+    StageRecord("distill", DistillStage, reads=("task", "seed", "trainer"), reads_task_data=True,
+                consumes=(Input("teacher.run_dir", ("finetune",)),
+                          Input("stage.student", ("pretrain", "decompose"), name="student"))),
     StageRecord("evaluate", EvaluateStage, artifact="metrics.json", reads=("task", "trainer"), reads_task_data=True,
-                resumable=False),
+                resumable=False, consumes=(Input("stage.model", ("distill",)),)),
     StageRecord("pipeline", PipelineStage, artifact="pipeline.json", result="pipeline.json"),
 )}
 
 # the stages whose finished run holds a model (a run directory another stage can read a model from)
 MODEL_STAGES: tuple[str, ...] = tuple(n for n, r in STAGES.items() if r.artifact == "model")
+
+
+def register() -> None:
+    """Hydra's ConfigStore: the top-level schema (``tdlight_schema``, the first default of
+    ``conf/config.yaml``) and each stage's schema as the option ``stage=<name>`` (no YAML file), plus
+    the config's resolvers. Every entry point calls it before composing a config."""
+    register_resolvers()
+    cs = ConfigStore.instance()
+    cs.store(name="tdlight_schema", node=Config)
+    for name, record in STAGES.items():
+        cs.store(group="stage", name=name, node=record.schema)

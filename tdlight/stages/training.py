@@ -3,7 +3,7 @@ own LightningModule and datamodule:
 
 1. :func:`begin` — the checkpoint a resumed run continues from (an error before any work when it
    has none), then the seed;
-2. :func:`fit` — the Trainer (:func:`~tdlight.stages.common.build_trainer`, with an epoch timer),
+2. :func:`fit` — the Trainer (:func:`~tdlight.stages.trainer.build_trainer`, with an epoch timer),
    a stage's last preparation that needs the Trainer's device (``before_fit``), ``trainer.fit``
    (resuming), then the best checkpoint's weights and one final validation when the stage keeps
    the best epoch (``monitor``);
@@ -29,7 +29,9 @@ from rich.table import Table
 
 from tdlight.model.io import save_model
 from tdlight.stages.classifier import is_constant, warn_if_constant
-from tdlight.stages.common import CHECKPOINTS, EpochTimer, build_trainer, last_checkpoint, write_json
+from tdlight.stages.loggers import end_loggers
+from tdlight.stages.runs import CHECKPOINTS, last_checkpoint, write_json
+from tdlight.stages.trainer import EpochTimer, build_trainer
 
 BEST = "best.ckpt"
 
@@ -87,9 +89,5 @@ def finish(run_dir: Path, fitted: Fitted, out: dict, *, model: torch.nn.Module, 
             warn_if_constant(out["dev"], who)
         write_json(run_dir / "metrics.json", out)
         Console().print(table(out) if callable(table) else table)
-    for lg in trainer.loggers:
-        if type(lg).__name__ == "WandbLogger":
-            if fitted.results:
-                lg.experiment.summary.update({f"best/{k}": v for k, v in fitted.results.items()})
-            lg.finalize("success")
+    end_loggers(trainer.loggers, {f"best/{k}": v for k, v in fitted.results.items()})
     return out

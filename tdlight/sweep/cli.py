@@ -24,7 +24,7 @@ class _Masking(logging.Formatter):
     """Log lines (tracebacks included) never show a URL's password."""
 
     def format(self, record: logging.LogRecord) -> str:
-        from tdlight.sweep.runner import mask_secrets
+        from tdlight.sweep.storage import mask_secrets
 
         return mask_secrets(super().format(record))
 
@@ -71,6 +71,6 @@ def main(command: str, args: list[str]) -> int:
 
 
 def _masked(text: str) -> str:
-    from tdlight.sweep.runner import mask_secrets
+    from tdlight.sweep.storage import mask_secrets
 
     return mask_secrets(text)

@@ -1,9 +1,12 @@
 """``tdlight sweep-report <sweep dir>``: the Pareto front (PNG) and a Markdown table of all trials.
 
-Also written automatically at the end of ``tdlight sweep``. The plot puts the encoder
-compression ratio on x (log scale) and the GLUE score on y, marks the Pareto-optimal
-trials, the teacher (ratio 1) and the paper's two reference rows as shares of this
-teacher's score (ratio 7.5 at 99%, ratio 48 at 96.7%: the claims of Ren et al., ICLR 2022).
+Also written automatically at the end of ``tdlight sweep``. Every objective is shown through its
+object (``tdlight.sweep.objectives``: label, column, format, log scale, the teacher's value). The
+plot puts two objectives against each other (``plot_axes``: the sweep's first two, a priced one on
+x; by default the encoder compression ratio on x, log scale, and the GLUE score on y), marks the
+Pareto-optimal trials and the teacher where both its values are known (ratio 1), and, on the ratio
+vs score plot, the paper's two reference rows as shares of this teacher's score (ratio 7.5 at 99%,
+ratio 48 at 96.7%: the claims of Ren et al., ICLR 2022).
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from rich.console import Console
 from rich.table import Table
 
 from tdlight.data.metrics import CONSTANT_SHARE
-from tdlight.sweep.runner import (ABANDONED, DUPLICATE, INFEASIBLE, INTERRUPTED, SAVED, SURPLUS, error_summary,
-                                  open_storage, storage_name)
-from tdlight.sweep.spec import SweepError, load
+from tdlight.sweep.objectives import OBJECTIVES, SCORE, Objective, fmt
+from tdlight.sweep.runner import ABANDONED, DUPLICATE, INFEASIBLE, INTERRUPTED, SAVED, SURPLUS, error_summary
+from tdlight.sweep.spec import Sweep, SweepError, load
+from tdlight.sweep.storage import open_storage, storage_name
 
-PAPER = ((7.5, 0.99, "paper 1/7"), (48.0, 0.967, "paper 1/48"))
+PAPER = ((7.5, 0.99, "paper 1/7"), (48.0, 0.967, "paper 1/48"))  # (ratio, share of the teacher's score, name)
+DEFAULT_AXES = ("score", "ratio")  # a plot of a one-objective sweep pairs it with one of these
 
 
 def _status(t: optuna.trial.FrozenTrial) -> str:
@@ -90,8 +95,12 @@ def report(sweep_dir: str | Path, console: Console | None = None, storage: str |
 
     # the Markdown table of all trials
     keys = list(sweep.space)
-    head = ["#", *keys, "d_in×d_out", "k", "ratio", "model ratio", "MB", *[f"{t}" for t in tasks], "score", "top share",
-            "Pareto", "minutes", "status"]
+    columns = table_objectives(sweep)
+    head = ["#", *keys, "d_in×d_out", "k"]
+    for o in columns:
+        head += [*tasks] if getattr(o, "task_columns", False) else []
+        head.append(o.header)
+    head += ["top share", "Pareto", "minutes", "status"]
     lines = [f"# Sweep {sweep.settings.name}", "",
              f"{len(done)} finished of {sweep.settings.n_trials} trials; objectives "
              + ", ".join(f"{o} ({d})" for o, d in zip(objectives, sweep.directions)), ""]
@@ -117,34 +126,56 @@ def report(sweep_dir: str | Path, console: Console | None = None, storage: str |
         if DUPLICATE in t.user_attrs:
             continue
         u = t.user_attrs
-        scores = u.get("scores", {})
-        row = [str(t.number), *[_fmt(t.params.get(k)) for k in keys],
-               f"{u['rank_in']}×{u['rank_out']}" if "rank_in" in u else "–", _fmt(u.get("bank")),
-               f"{u['ratio']:.2f}" if "ratio" in u else "–",
-               f"{u['model_ratio']:.2f}" if "model_ratio" in u else "–",  # whole model (embeddings + encoder)
-               f"{u['bytes'] / 1e6:.1f}" if "bytes" in u else "–",  # the shipped student directory
-               *[_fmt(scores.get(x)) for x in tasks],
-               _fmt(statistics.mean(scores.values()) if scores and len(scores) == len(tasks) else None),
-               _share(u.get("top_share")),
-               "★" if t.number in front_ids else "", f"{u['seconds'] / 60:.1f}" if "seconds" in u else "–", _status(t)]
+        row = [str(t.number), *[fmt(t.params.get(k)) for k in keys],
+               f"{u['rank_in']}×{u['rank_out']}" if "rank_in" in u else "–", fmt(u.get("bank"))]
+        for o in columns:
+            if getattr(o, "task_columns", False):
+                row += [fmt(o.per_task(u).get(x)) for x in tasks]
+            row.append(o.format(value(o, t, sweep)))
+        row += [_share(u.get("top_share")), "★" if t.number in front_ids else "",
+                f"{u['seconds'] / 60:.1f}" if "seconds" in u else "–", _status(t)]
         lines.append("| " + " | ".join(row) + " |")
     md = d / "trials.md"
     md.write_text("\n".join(lines) + "\n")
 
     png = d / "pareto.png"
-    _plot(png, done, front, teacher, sweep)
+    axes = plot_axes(sweep)
+    _plot(png, done, front, teacher, sweep, axes)
 
+    shown = [*axes, *[o for o in sweep.strategies if o not in axes]]
     t = Table(title=f"sweep {sweep.settings.name}: Pareto front ({len(front)} of {len(done)} finished trials)")
-    for c in ("#", *keys, "ratio", "score"):
+    for c in ("#", *keys, *[o.header for o in shown]):
         t.add_column(c, justify="right")
-    for tr in sorted(front, key=lambda x: x.user_attrs.get("ratio", 0)):
-        sc = tr.user_attrs.get("scores", {})
-        t.add_row(str(tr.number), *[_fmt(tr.params.get(k)) for k in keys], f"{tr.user_attrs.get('ratio', 0):.2f}",
-                  _fmt(statistics.mean(sc.values()) if sc else None))
+    for tr in sorted(front, key=lambda x: value(axes[0], x, sweep) or 0):
+        t.add_row(str(tr.number), *[fmt(tr.params.get(k)) for k in keys],
+                  *[o.format(value(o, tr, sweep)) for o in shown])
     console.print(t)
     console.print(f"report: {md}  plot: {png}")
     return {"finished": len(done), "front": [x.number for x in front], "trials_per_hour": rate, "teacher": teacher,
-            "markdown": str(md), "plot": str(png)}
+            "markdown": str(md), "plot": str(png), "axes": [o.name for o in axes]}
+
+
+def table_objectives(sweep: Sweep) -> list[Objective]:
+    """The objectives trials.md has a column for: every ``shown`` one (in the registry's order: ratio,
+    model ratio, MB, score), then the sweep's others in its order."""
+    shown = [o for o in OBJECTIVES.values() if o.shown]
+    return shown + [o for o in sweep.strategies if o not in shown]
+
+
+def plot_axes(sweep: Sweep) -> tuple[Objective, Objective]:
+    """The Pareto plot's (x, y): the sweep's first two objectives (one alone is paired with the score, or
+    the ratio), a priced one on x when only one of them is priced (the cost against what it buys)."""
+    names = [n for n in dict.fromkeys([*sweep.objectives, *DEFAULT_AXES]) if n in OBJECTIVES][:2]
+    a, b = (OBJECTIVES[n] for n in names)
+    return (a, b) if a.priced and not b.priced else (b, a)
+
+
+def value(o: Objective, t: optuna.trial.FrozenTrial, sweep: Sweep) -> float | None:
+    """Trial ``t``'s value of objective ``o``: the study's own for a finished trial of a sweep that optimises
+    ``o``, else what the trial recorded (``Objective.recorded``); None if it has none."""
+    if t.state == TrialState.COMPLETE and t.values is not None and o.name in sweep.objectives:
+        return t.values[sweep.objectives.index(o.name)]
+    return o.recorded(t.user_attrs, list(sweep.cfg.tasks))
 
 
 def _teacher(done, tasks) -> float | None:
@@ -185,37 +216,39 @@ def _trials_per_hour(done) -> float | None:
     return len(done) / hours if hours > 0 else None
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e-3 else f"{v:.4f}".rstrip("0").rstrip(".")
-    return str(v)
-
-
-def _plot(path: Path, done, front, teacher, sweep) -> None:
+def _plot(path: Path, done, front, teacher, sweep: Sweep, axes: tuple[Objective, Objective]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    x, y = axes
+
+    def points(trials):
+        pairs = ((value(x, t, sweep), value(y, t, sweep)) for t in trials)
+        return [p for p in pairs if None not in p]
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    pts = [(t.user_attrs["ratio"], statistics.mean(t.user_attrs["scores"].values())) for t in done
-           if "ratio" in t.user_attrs and t.user_attrs.get("scores")]
+    pts = points(done)
     if pts:
         ax.scatter(*zip(*pts), c="0.6", s=25, label="trials")
-    fr = sorted((t.user_attrs["ratio"], statistics.mean(t.user_attrs["scores"].values())) for t in front
-                if "ratio" in t.user_attrs and t.user_attrs.get("scores"))
+    fr = sorted(points(front))
     if fr:
         ax.plot(*zip(*fr), "o-", c="tab:red", label="Pareto front")
-    if teacher is not None:
-        ax.scatter([1.0], [teacher], marker="*", s=160, c="black", label="teacher", zorder=3)
+    tx, ty = x.of_teacher(teacher), y.of_teacher(teacher)
+    if tx is not None and ty is not None:
+        ax.scatter([tx], [ty], marker="*", s=160, c="black", label="teacher", zorder=3)
+    if teacher is not None and (x.name, y.name) == ("ratio", SCORE.name):  # the paper's claims: ratio vs score
         for r, share, name in PAPER:
             ax.scatter([r], [share * teacher], marker="D", s=50, c="tab:blue", zorder=3)
             ax.annotate(name, (r, share * teacher), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("encoder compression ratio (log)")
-    ax.set_ylabel(f"dev GLUE score ({', '.join(sweep.cfg.tasks)})")
+    tasks = list(sweep.cfg.tasks)
+    if x.log:
+        ax.set_xscale("log")
+    if y.log:
+        ax.set_yscale("log")
+    ax.set_xlabel(x.axis_label(tasks) + (" (log)" if x.log else ""))
+    ax.set_ylabel(y.axis_label(tasks) + (" (log)" if y.log else ""))
     ax.set_title(f"sweep {sweep.settings.name} — {datetime.now():%Y-%m-%d}")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)

@@ -17,8 +17,6 @@ import logging
 import os
 import re
 import signal
-import socket
-import statistics
 import threading
 import time
 import warnings
@@ -31,9 +29,12 @@ from optuna.trial import TrialState
 
 from tdlight.errors import TdlightError
 from tdlight.files import atomic_write_text
-from tdlight.stages.common import wandb_offline
+from tdlight.stages.loggers import wandb_offline
 from tdlight.sweep import trial as T
+from tdlight.sweep.objectives import OBJECTIVES, READINGS, SCORE, finite, lookup, measured_values
 from tdlight.sweep.spec import Sweep, SweepError, override, sampler
+from tdlight.sweep.storage import (first_line, has_heartbeat, heartbeat, heartbeats_enabled, host_id, open_storage,
+                                   storage_name, stored_url)
 
 log = logging.getLogger("tdlight.sweep")
 INTERRUPTED = "interrupted"  # user attr: the trial was stopped by Ctrl-C / a killed sweep; a copy is re-queued
@@ -57,116 +58,6 @@ def counts_toward_budget(t: optuna.trial.FrozenTrial) -> bool:
         # our failures always carry "error"; a FAIL without it was failed by the storage's heartbeat check
         return "error" in t.user_attrs and not t.user_attrs.get(INTERRUPTED) and not t.user_attrs.get(SURPLUS)
     return False
-
-
-def open_storage(url: str | None, sweep_dir: Path, *, heartbeat_interval: int = 30, grace_period: int = 120):
-    """The study's storage: ``<sweep dir>/study.journal`` by default, or any Optuna storage URL
-    (an RDB URL with heartbeats: see ``sweep.heartbeat_interval`` / ``sweep.grace_period``)."""
-    if url is None or url.endswith(".journal"):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        path = Path(url) if url else sweep_dir / "study.journal"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(path)))
-        except OSError as e:
-            raise SweepError(f"cannot open the sweep journal {str(path)!r}: {e}") from e
-    if "://" not in url:
-        raise SweepError(f"sweep.storage={url!r}: valid: null (a journal file in the sweep directory), a path ending "
-                         "in .journal, or an Optuna RDB URL such as sqlite:///sweep.db or postgresql://user@host/db")
-    shown = safe_url(url)
-    if _is_postgres(url):
-        try:
-            import psycopg  # noqa: F401 - SQLAlchemy 2's default PostgreSQL driver
-        except ImportError:
-            raise SweepError(f"sweep.storage={shown!r} needs the PostgreSQL driver: pip install 'tdlight[postgres]' "
-                             "(psycopg 3)") from None
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
-
-    for attempt in range(4):
-        try:
-            # heartbeats let another machine tell a dead worker's trial from a running one
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                                                  heartbeat_stale_trial_callback=_requeue_stale,
-                                                  engine_kwargs=_engine_kwargs(url))
-        except (IntegrityError, ProgrammingError) as e:
-            # sweep processes started together on an empty database race to create Optuna's tables
-            # (one gets "duplicate key ... pg_type"): the tables are there a moment later
-            if attempt == 3:
-                raise SweepError(f"cannot open sweep.storage={shown!r}: {_first_line(e, url)}") from e
-            time.sleep(1.0 + attempt)
-        except Exception as e:  # SQLAlchemy raises many kinds: any of them means "cannot open"
-            hint = ""
-            if _is_postgres(url) and _parsed(url).password is None and "password" in str(e):
-                hint = ("; a URL without a password takes it from PGPASSWORD, ~/.pgpass or PGSERVICE (libpq): "
-                        "set one of them (sweep.yaml never stores a password)")
-            raise SweepError(f"cannot open sweep.storage={shown!r}: {_first_line(e, url)}{hint}") from e
-
-
-def _parsed(url: str):
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url)
-    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can parse
-        return None
-
-
-def safe_url(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``: what messages and logs show."""
-    u = _parsed(url)
-    return u.render_as_string(hide_password=True) if u is not None else mask_secrets(url)
-
-
-def stored_url(url: str | None) -> str | None:
-    """``url`` as written to ``sweep.yaml``: without its password, which libpq then takes from
-    ``PGPASSWORD``, ``~/.pgpass`` or ``PGSERVICE`` (a masked ``***`` would be sent as the password)."""
-    u = _parsed(url) if url else None
-    if u is None or u.password is None:
-        return url
-    from sqlalchemy.engine import URL
-
-    bare = URL.create(u.drivername, username=u.username, host=u.host, port=u.port, database=u.database, query=u.query)
-    return bare.render_as_string(hide_password=False)
-
-
-# scheme://user:password@ in any text: the last guard of messages and logs
-_SECRET = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@'\"]*):(?P<password>[^\s@'\"/]+)@")
-
-
-def mask_secrets(text: str) -> str:
-    """``text`` with the password of every URL in it replaced by ``***``."""
-    return _SECRET.sub(lambda m: f"{m['head']}:***@", text)
-
-
-def storage_name(url: str | None, sweep_dir: Path) -> str:
-    """Where a sweep's study lives, as messages name it: its URL (password masked) or its directory."""
-    return safe_url(url) if url else str(sweep_dir)
-
-
-def _is_postgres(url: str) -> bool:
-    u = _parsed(url)
-    return u is not None and u.get_backend_name() == "postgresql"
-
-
-def _engine_kwargs(url: str) -> dict:
-    # a database that does not answer fails within seconds instead of the driver's minutes
-    return {"connect_args": {"connect_timeout": 10}} if _is_postgres(url) else {}
-
-
-def _first_line(e: Exception, url: str) -> str:
-    """The first line of an error that says something, the password never in it."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(e).__name__
-    password = getattr(_parsed(url), "password", None) if url else None
-    return text.replace(password, "***") if password else text
-
-
-def _requeue_stale(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
-    study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
 
 
 class Runner:
@@ -220,7 +111,7 @@ class Runner:
         except ValueError as e:
             raise SweepError(f"study {self.s.name!r} in {where}: {e}") from e
         except Exception as e:  # noqa: BLE001 - the database went away or refused: one clear line
-            raise SweepError(f"study {self.s.name!r} in {where}: {_first_line(e, self.s.storage or '')}") from e
+            raise SweepError(f"study {self.s.name!r} in {where}: {first_line(e, self.s.storage or '')}") from e
         if [d.name.lower() for d in study.directions] != sw.directions:
             raise SweepError(f"study {self.s.name!r} exists with directions {[d.name.lower() for d in study.directions]}; "
                              f"this sweep asks for {sw.directions}. Use a new sweep.name or sweep.dir")
@@ -305,7 +196,7 @@ class Runner:
         process died in between (or was an older tdlight that crashed inside ``study.ask``). It is failed
         (not counted) and its point, if it was one asked for and lies in the space, re-queued."""
         age = (datetime.now() - t.datetime_start).total_seconds() if t.datetime_start else float("inf")
-        if age <= self.s.grace_period or _has_heartbeat(study, t._trial_id):
+        if age <= self.s.grace_period or has_heartbeat(study, t._trial_id):
             return 0  # a process may be between ask and recording its host; a beating one is Optuna's to judge
         point = t.system_attrs.get("fixed_params") or (t.params if set(t.params) == set(self.sweep.space) else {})
         outside = {k: v for k, v in point.items() if k not in self.sweep.space or not _in_space(self.sweep.space[k], v)}
@@ -359,7 +250,7 @@ class Runner:
     def _others_running(self, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
         """Trials another sweep process is running whose fate this one can learn: on this host (a dead
         process is seen by its pid) or anywhere when the storage records heartbeats."""
-        beats = _heartbeats_enabled(study)
+        beats = heartbeats_enabled(study)
         return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                 if (t.user_attrs.get("host"), t.user_attrs.get("pid")) != (self.host, self.pid)
                 and (beats or t.user_attrs.get("host") == self.host)]
@@ -395,7 +286,7 @@ class Runner:
                 self.recover(study)  # a dead process's trial is re-queued, and handed out first
                 trial = study.ask()
                 held["trial"] = trial  # from here, an exception in this worker fails the trial (_guard)
-                if _heartbeats_enabled(study):  # alive from the start: a trial that never beats is never reaped
+                if heartbeats_enabled(study):  # alive from the start: a trial that never beats is never reaped
                     study._storage.record_heartbeat(trial._trial_id)
                 for k, v in {"host": self.host, "pid": self.pid, "worker": index, "gpu": gpu,
                              "sampler_seed": self.sampler_seed}.items():
@@ -439,13 +330,15 @@ class Runner:
             return
         for k, v in price.items():
             trial.set_user_attr(k, v)
-        broken = [str(c) for c in sw.constraints if not c.ok(price[c.key])]
+        broken = [c for c in sw.constraints if not c.ok(price[c.key])]
         if broken:
-            trial.set_user_attr(INFEASIBLE, ", ".join(broken))
+            trial.set_user_attr(INFEASIBLE, ", ".join(str(c) for c in broken))
             with self.lock:
                 self.skipped_streak += 1
                 self._tell(study, trial, state=TrialState.PRUNED)
-            log.info("trial %d: ratio %.1f violates %s: not trained", trial.number, price["ratio"], broken)
+            log.info("trial %d: %s violates %s: not trained", trial.number,
+                     ", ".join(f"{c.key} {OBJECTIVES[c.key].format(price[c.key])}" for c in broken),
+                     [str(c) for c in broken])
             return
         with self.lock:
             self.skipped_streak = 0
@@ -455,8 +348,9 @@ class Runner:
         if price["bank"]:
             tags.append(f"k={price['bank']}")
         env = T.environment(gpu, threads)
-        beat = _heartbeat(study, trial)
-        per_task, teacher, speed, shares, majority, sizes = {}, {}, [], {}, {}, []
+        beat = heartbeat(study, trial)
+        results: dict[str, dict] = {}  # task -> the whole result its process left (pipeline.json / metrics.json)
+        per_task: dict[str, float] = {}  # task -> its score
         task_seconds = 0.0  # the trial's own processes; the rest of its time is the sweep's bookkeeping
         try:
             for task in sw.cfg.tasks:
@@ -469,17 +363,8 @@ class Runner:
                                  on_wait=beat, procs=self.procs,
                                  on_start=lambda p: trial.set_user_attr(TRIAL_PID, p.pid))
                 task_seconds += time.monotonic() - started
-                per_task[task] = res["score"]
-                if res["teacher"] is not None:
-                    teacher[task] = res["teacher"]
-                if res["speedup"] is not None:
-                    speed.append(res["speedup"])
-                if res.get("bytes") is not None:
-                    sizes.append(res["bytes"])
-                if res.get("top_share") is not None:
-                    shares[task] = res["top_share"]
-                if res.get("majority") is not None:
-                    majority[task] = res["majority"]
+                results[task] = res
+                per_task[task] = SCORE.read(res)
         except KeyboardInterrupt:
             with self.lock:
                 self._interrupt(study, trial.number, trial._trial_id, trial.params)
@@ -491,28 +376,33 @@ class Runner:
             log.exception("trial %d", trial.number)
             self._fail(study, trial, f"{type(e).__name__}: {e}", per_task)
             return
-        values = {"score": statistics.mean(per_task.values()), "ratio": price["ratio"], "params": price["params"],
-                  "model_ratio": price["model_ratio"], "speedup": statistics.mean(speed) if speed else None,
-                  "bytes": statistics.mean(sizes) if sizes else None}
-        missing = [o for o in sw.objectives if values[o] is None]
+        # every registered objective's value: priced from the config, or read from each task's result
+        measured = measured_values(results)
+        values = {o.name: price[o.name] if o.priced else o.combine(measured[o.name]) for o in OBJECTIVES.values()}
+        missing = [o for o in sw.strategies if values[o.name] is None]
         if missing:
-            self._fail(study, trial, f"objective(s) {missing} not produced by this trial's stage "
-                                     "(speedup needs stage=pipeline; bytes a stage that saves a model)", per_task)
+            needs = "; ".join(o.needs for o in missing if getattr(o, "needs", ""))
+            self._fail(study, trial, f"objective(s) {[o.name for o in missing]} not produced by this trial's stage"
+                                     + (f" ({needs})" if needs else ""), per_task)
             return
-        if sizes:
-            trial.set_user_attr("bytes", values["bytes"])
-        trial.set_user_attr("scores", per_task)
-        if teacher:
-            trial.set_user_attr("teacher", teacher)
-        if shares:  # the share of the most frequent dev prediction: a constant student shows here
-            trial.set_user_attr("top_share", shares)
-        if majority:
-            trial.set_user_attr("majority", majority)
+        broken = {o.name: values[o.name] for o in sw.strategies if not finite(values[o.name])}
+        if broken:
+            self._fail(study, trial, f"objective(s) {broken} not finite", per_task)
+            return
+        for o in OBJECTIVES.values():
+            kept = None if o.priced else o.record(measured[o.name])  # priced ones are recorded with the price
+            if kept is not None:
+                trial.set_user_attr(o.key, kept)
+        for name, keys in READINGS.items():
+            got = {task: v for task, r in results.items() if (v := lookup(r, keys)) is not None}
+            if got:
+                trial.set_user_attr(name, got)
         trial.set_user_attr("seconds", time.time() - t0)
         trial.set_user_attr("task_seconds", task_seconds)
         with self.lock:
             self._tell(study, trial, [values[o] for o in sw.objectives])
-        log.info("trial %d: score %.4f ratio %.1f (%s)", trial.number, values["score"], price["ratio"],
+        log.info("trial %d: %s (%s)", trial.number,
+                 " ".join(f"{o.name} {o.format(values[o.name])}" for o in sw.strategies),
                  ", ".join(f"{t} {s:.4f}" for t, s in per_task.items()))
         self._wandb_summary(cfg, trial, price, per_task, values, tags, tdir)
 
@@ -526,7 +416,7 @@ class Runner:
     def _fail(self, study, trial, error: str, per_task: dict | None = None) -> None:
         trial.set_user_attr("error", error if len(error) <= 2000 else error_summary(error))
         if per_task:
-            trial.set_user_attr("scores", per_task)
+            trial.set_user_attr(SCORE.key, per_task)
         with self.lock:
             self._tell(study, trial, state=TrialState.FAIL)
         log.warning("trial %d failed: %s", trial.number, error_summary(error))
@@ -544,7 +434,7 @@ class Runner:
                                  tags=[*tags, f"score={values['score']:.3f}"], dir=str(tdir),
                                  config={**trial.params, **price}, reinit="create_new",
                                  mode="offline" if wandb_offline(cfg.logger) else "online")
-                run.summary.update({"score": values["score"], "ratio": price["ratio"], "params": price["params"],
+                run.summary.update({**{k: v for k, v in values.items() if v is not None},
                                     **{f"score/{t}": s for t, s in per_task.items()}})
                 run.finish()
         except Exception as e:  # noqa: BLE001 - W&B trouble never fails a finished trial
@@ -684,36 +574,6 @@ def _lost_warning(number: int) -> None:
                 "sweep.grace_period); its result is dropped and its re-queued copy counts", number)
 
 
-def host_id() -> str:
-    """This machine, as recorded on its trials: ``$TDLIGHT_HOST_ID`` if set, else the host name and
-    the kernel's boot id — containers on several machines often share one host name, and a pid
-    is only meaningful on the machine (and boot) that issued it."""
-    if os.environ.get("TDLIGHT_HOST_ID"):
-        return os.environ["TDLIGHT_HOST_ID"]
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
-    except OSError:
-        boot = ""
-    return f"{socket.gethostname()}-{boot}" if boot else socket.gethostname()
-
-
-def _heartbeats_enabled(study: optuna.Study) -> bool:
-    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
-
-    return isinstance(study._storage, BaseHeartbeat) and is_heartbeat_enabled(study._storage)
-
-
-def _has_heartbeat(study: optuna.Study, trial_id: int) -> bool:
-    """Whether a heartbeat was ever recorded for the trial (RDB storages; Optuna has no public getter)."""
-    if not _heartbeats_enabled(study):
-        return False
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    rdb = getattr(study._storage, "_backend", study._storage)  # create_study wraps an RDBStorage in a cache
-    with _create_scoped_session(rdb.scoped_session) as session:
-        return models.TrialHeartbeatModel.where_trial_id(trial_id, session) is not None
-
 
 def process_seed(seed: int, n_trials: int, host: str, pid: int) -> int:
     """The sampler seed of one sweep process: ``sweep.sampler.seed`` mixed with the number of trials
@@ -742,23 +602,6 @@ def _alive(pid) -> bool:
         return True
     return True
 
-
-def _heartbeat(study: optuna.Study, trial: optuna.Trial):
-    """Called while a trial runs: records Optuna heartbeats on storages that support them (three per
-    ``sweep.heartbeat_interval``, at most one every 10 s)."""
-    if not _heartbeats_enabled(study):
-        return None
-    storage = study._storage
-    every = min(10.0, storage.get_heartbeat_interval() / 3)
-    last = [0.0]
-
-    def beat():
-        if time.monotonic() - last[0] >= every:
-            storage.record_heartbeat(trial._trial_id)
-            last[0] = time.monotonic()
-
-    beat()
-    return beat
 
 
 def _as_interrupt(signum, frame):

@@ -24,17 +24,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tdlight.errors import TdlightError
 from tdlight.config import refuse_renamed
+from tdlight.sweep.objectives import DIRECTIONS, OBJECTIVES, Objective, priced
 
-# objective -> natural direction. score: the mean dev GLUE score of the trial's tasks;
-# ratio: encoder compression ratio (the paper's); params: compressed encoder parameters;
-# model_ratio: whole-model ratio (embeddings + encoder: what the user's file sees; a restricted
-# vocabulary is priced at the full one, its size being known only once the text is read);
-# bytes: the shipped student directory's bytes on disk (measured, at stage.evaluate.precision);
-# speedup: the pipeline's measured forward speed-up over the teacher.
-OBJECTIVES = {"score": "maximize", "ratio": "maximize", "params": "minimize", "model_ratio": "maximize",
-              "bytes": "minimize", "speedup": "maximize"}
-# quantities known from the config alone, before training: constraints may only use these
-PRICED = ("ratio", "params", "model_ratio")
 SAMPLERS = ("tpe", "nsga2", "random")
 _CONSTRAINT = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
 
@@ -53,7 +44,7 @@ class SamplerConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "score"
+    name: str = "score"  # a name in tdlight.sweep.objectives.OBJECTIVES
     direction: Optional[str] = None  # maximize | minimize; null: the objective's natural direction
 
 
@@ -119,6 +110,11 @@ class Sweep:
     @property
     def objectives(self) -> list[str]:
         return [o.name for o in self.cfg.sweep.objectives]
+
+    @property
+    def strategies(self) -> list[Objective]:
+        """The objectives as objects (``tdlight.sweep.objectives``), in the sweep's order."""
+        return [OBJECTIVES[n] for n in self.objectives]
 
     def directory(self) -> Path:
         s = self.cfg.sweep
@@ -307,18 +303,19 @@ def load(path: str | Path | None, overrides: list[str] | None = None, *, data: d
     for o in s.objectives:
         if o.name not in OBJECTIVES:
             raise SweepError(f"unknown objective {o.name!r}; valid: {sorted(OBJECTIVES)}")
-        d = o.direction or OBJECTIVES[o.name]
-        if d not in ("maximize", "minimize"):
-            raise SweepError(f"objective {o.name}: direction {d!r}; valid: maximize, minimize")
+        d = o.direction or OBJECTIVES[o.name].direction
+        if d not in DIRECTIONS:
+            raise SweepError(f"objective {o.name}: direction {d!r}; valid: {', '.join(DIRECTIONS)}")
         o.direction = d
         directions.append(d)
     if len(set(o.name for o in s.objectives)) != len(s.objectives):
         raise SweepError(f"sweep.objectives names an objective twice: {[o.name for o in s.objectives]}")
     constraints = []
+    known_before = [o.name for o in priced()]  # only these can be constrained
     for c in s.constraints:
         m = _CONSTRAINT.match(str(c))
-        if not m or m.group(1) not in PRICED:
-            raise SweepError(f"constraint {c!r}: valid form '<{'|'.join(PRICED)}> <op> <number>' with op one of "
+        if not m or m.group(1) not in known_before:
+            raise SweepError(f"constraint {c!r}: valid form '<{'|'.join(known_before)}> <op> <number>' with op one of "
                              ">=, <=, >, < (only quantities known before training can be constrained)")
         constraints.append(Constraint(m.group(1), m.group(2), float(m.group(3))))
     if not cfg.tasks:

@@ -10,7 +10,6 @@ the whole sweep (``stage=pipeline`` reuses them, under a file lock).
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -20,9 +19,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from tdlight.config import ROOT, check_ranges, compression_spec, register
+from tdlight.config import ROOT, check_ranges, compression_spec
 from tdlight.errors import TdlightError
 from tdlight.model.teacher import teacher_shape
+from tdlight.stages.registry import register
+from tdlight.sweep.objectives import SCORE, Pricing, finite, holds, price_all
 from tdlight.sweep.spec import SweepError
 from tdlight.tensor.accounting import param_counts
 from tdlight.tensor.spec import resolve
@@ -54,32 +55,27 @@ def compose(overrides: list[str]) -> DictConfig:
 
 
 def price(cfg: DictConfig) -> dict:
-    """Encoder and whole-model compression ratios, encoder parameters and ranks of a config, from the
-    teacher's config.json only."""
+    """A config's priced objectives (``objectives.Priced``: encoder and whole-model compression ratios,
+    encoder parameters, ...) and its ranks, from the teacher's config.json only."""
     shape = teacher_shape(cfg.teacher.path)
     rspec = resolve(compression_spec(cfg.compression), shape)
     counts = param_counts(shape, rspec)
-    return {"ratio": float(counts["ratio"]), "params": int(counts["encoder"]),
-            "model_ratio": float(counts["model_ratio"]), "rank_in": rspec.rank_in,
-            "rank_out": rspec.rank_out, "bank": max(rspec.banks.values()) if rspec.banks else None,
-            "variant": rspec.variant}
+    return {**price_all(Pricing(cfg, shape, rspec, counts)), "rank_in": rspec.rank_in, "rank_out": rspec.rank_out,
+            "bank": max(rspec.banks.values()) if rspec.banks else None, "variant": rspec.variant}
+
+
+RESULTS = ("pipeline.json", "metrics.json")  # what a finished tdlight run leaves, in order of preference
 
 
 def read_result(run_dir: Path) -> dict:
-    """The score a finished tdlight run left: ``pipeline.json`` or ``metrics.json``."""
-    p = run_dir / "pipeline.json"
-    if p.is_file():
-        d = json.loads(p.read_text())
-        return {"score": d["student_score"], "teacher": d.get("teacher_score"), "speedup": d.get("speedup"),
-                "top_share": d.get("student_top_share"), "majority": d.get("majority_score"),
-                "bytes": d.get("student_bytes")}
-    m = run_dir / "metrics.json"
-    if m.is_file():
-        d = json.loads(m.read_text())
-        if "score" in d:
-            dev = d.get("dev", {})
-            return {"score": d["score"], "teacher": None, "speedup": None, "top_share": dev.get("top_share"),
-                    "majority": dev.get("majority_score"), "bytes": d.get("model_bytes")}
+    """The whole result a finished tdlight run left: its ``pipeline.json``, else its ``metrics.json``
+    (one with a score); the objectives read their values from it (``Measured.read``)."""
+    for name in RESULTS:
+        p = run_dir / name
+        if p.is_file():
+            d = json.loads(p.read_text())
+            if holds(d, SCORE.keys):
+                return d
     raise TdlightError(f"{run_dir} has no pipeline.json or metrics.json with a score (did the trial's stage train?)")
 
 
@@ -131,8 +127,9 @@ def run_task(cmd: list[str], run_dir: Path, env: dict, *, timeout: float | None,
     if rc != 0:
         raise TrialFailed(f"exit code {rc}: {_tail(log_path)}")
     res = read_result(run_dir)
-    if res["score"] is None or not math.isfinite(res["score"]):
-        raise TrialFailed(f"the score is {res['score']} (diverged)")
+    score = SCORE.read(res)
+    if not finite(score):
+        raise TrialFailed(f"the score is {score} (diverged)")
     return res
 
 

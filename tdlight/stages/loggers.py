@@ -1,0 +1,96 @@
+"""The loggers of a run: Lightning's CSV logger and W&B (offline unless credentials are set), the
+W&B run id kept in the run directory so that a resume logs into the same W&B run."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("tdlight")
+
+
+def _wandb_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_offline(lc) -> bool:
+    """Whether W&B runs offline for logger config ``lc`` (offline unless credentials or ``mode=online``)."""
+    mode = getattr(lc.mode, "value", lc.mode)
+    offline = mode == "offline" or (mode == "auto" and not _wandb_configured())
+    return offline or os.environ.get("WANDB_MODE") in ("offline", "disabled")
+
+
+def _wandb_settings():
+    """No console output of W&B's own (banner, offline notices, `wandb leet` hint, sync hint):
+    :func:`build_loggers` logs the one line a user acts on."""
+    import wandb
+
+    return wandb.Settings(silent=True)
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> list:
+    """CSV logger (unless ``logger=none``) and W&B (``logger=wandb``), both inside ``run_dir``.
+
+    The W&B run id is stored in ``run_dir/wandb_id`` so a resumed run logs into the same
+    W&B run. W&B runs offline unless credentials are configured (or ``logger.mode=online``).
+    """
+    lc = cfg.logger
+    loggers: list = []
+    if lc.csv:
+        from lightning.pytorch.loggers import CSVLogger
+
+        # csv/version_N/metrics.csv: a resumed run starts a new version instead of overwriting
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv"))
+    if lc.wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        offline = wandb_offline(lc)
+        id_file = run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id + "\n")
+        wb = WandbLogger(
+            project=lc.project, entity=lc.entity, group=lc.group, tags=list(lc.tags) or None,
+            name=f"{cfg.stage.name}/{run_dir.name}", id=run_id, resume="allow", offline=offline,
+            save_dir=str(run_dir), job_type=cfg.stage.name, settings=_wandb_settings(),
+        )
+        # Lightning always passes `anonymous`, which this wandb ignores with a deprecation warning
+        # on every run; WandbLogger has no way to leave it out but its init-kwargs dict
+        wb._wandb_init.pop("anonymous", None)
+        log.info("W&B run %s (%s) in %s%s", run_id, "offline" if offline else f"project {lc.project}",
+                 run_dir / "wandb", f"; upload it with `wandb sync {run_dir / 'wandb'}/offline-run-*-{run_id}`"
+                 if offline else "")
+        loggers.append(wb)
+    for lg in loggers:
+        lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), **summary})
+    return loggers
+
+
+def finish_wandb() -> None:
+    """End this process's active W&B run, if any. A pipeline runs its steps in one process, and
+    Lightning's WandbLogger adopts a run that is still active: without this, every later step
+    would log into the first step's W&B run instead of its own (its ``wandb_id``)."""
+    import sys
+
+    wandb = sys.modules.get("wandb")  # never import it just to find that nothing runs
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+def end_loggers(loggers: list, summary: dict[str, float]) -> None:
+    """Give W&B ``summary`` as its run summary and end its run (training stages and evaluate alike)."""
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            if summary:
+                lg.experiment.summary.update(summary)
+            lg.finalize("success")
