@@ -336,6 +336,51 @@ def plan_main(args: list[str]) -> int:
     return 0
 
 
+def help_text() -> str:
+    """``tdlight --help`` / ``tdlight help``: what the command does, its subcommands, the config groups
+    and their options (read from ``conf/`` and the stage registry, so it never goes stale), the keys
+    most runs set, and where the rest is."""
+    groups = {"stage": sorted(STAGES)}
+    for d in sorted((ROOT / "conf").iterdir()):
+        if d.is_dir():
+            groups[d.name] = sorted(p.stem for p in d.glob("*.yaml"))
+    width = max(len(g) for g in groups) + 2
+    group_lines = "\n".join(f"  {g + ':':<{width}}{', '.join(opts)}" for g, opts in groups.items())
+    return f"""usage: tdlight [GROUP=OPTION] [KEY=VALUE ...] [--multirun] [--cfg job]
+       tdlight SUBCOMMAND ...
+
+Makes a pretrained BERT-family encoder 7-50x smaller: Tucker decomposition of its encoder weights
+with factors shared across layers, then reconstruction pretraining and task distillation win the
+accuracy back. One command runs one stage (stage=...) or all of them (stage=pipeline).
+
+  tdlight experiment=quickstart                     the quick start: SST-2, every step, ~8 min on 2 CPUs
+  tdlight stage=pipeline task=rte compression=paper_1_48
+  tdlight stage=finetune task=mrpc trainer=gpu
+  tdlight resume=outputs/finetune/<run>             continue an interrupted run
+
+subcommands (each takes --help):
+  sweep FILE.yaml [KEY=VALUE ...]    an Optuna study of tdlight runs (e.g. compression ratio vs GLUE score)
+  sweep-report SWEEP_DIR             its Pareto front, trials.md and pareto.png
+  plan MODEL_DIR [KEY=VALUE ...]     time and record a compressed model's execution plan
+  export-onnx MODEL_DIR OUT.onnx     an ONNX graph of a model, checked in ONNX Runtime (int8 too)
+  help                               this text
+
+config groups (GROUP=OPTION):
+{group_lines}
+
+keys most runs set:
+  task=NAME                          the GLUE task (stages that train or evaluate a classifier)
+  stage.KEY=VALUE                    the stage's settings; in a pipeline stage.STEP.KEY=VALUE
+  compression.rank=N  compression.bank=N  compression.embedding_rank=N
+  teacher.path=DIR|NAME  teacher.run_dir=RUN   the teacher, or a fine-tuned one by its run directory
+  trainer=cpu|gpu  trainer.devices=[N]         where training runs
+  paths.output_dir=DIR               where run directories go (default outputs/)
+  seed=N  resume=RUN_DIR  dry_run=true         dry_run: every check, the resolved settings, nothing run
+
+every setting in force: tdlight OVERRIDES --cfg job; the reference: README.md; Hydra's flags: --hydra-help
+"""
+
+
 def main() -> None:
     try:
         _main()
@@ -347,6 +392,9 @@ def main() -> None:
 
 
 def _main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("--help", "-h", "help"):  # tdlight's own page, not Hydra's
+        print(help_text(), end="", flush=True)
+        sys.exit(0)
     if os.environ.get("TDLIGHT_SWEEP_PID"):  # (trial.SWEEP_PID) a sweep trial: it must not outlive its sweep
         from tdlight.sweep.trial import die_with_sweep  # only trials load the sweep package
 

@@ -173,3 +173,17 @@ def test_dry_run_checks_everything_before_work_and_runs_nothing(tmp_path, teache
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr[-2000:])
         assert not out.exists()
 
+
+
+def test_help_is_tdlights_own_page():
+    """`tdlight --help` / `tdlight help`: the subcommands, every config group with its options (from
+    conf/ and the stage registry), the most used keys (was: Hydra's page, no subcommand mentioned;
+    `tdlight help` a parse error)."""
+    from tdlight.stages.registry import STAGES
+
+    for flag in ("--help", "help"):
+        r = subprocess.run([sys.executable, "-m", "tdlight.cli", flag], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and r.stderr == "", (flag, r.stderr[-2000:])
+        for text in ("sweep-report SWEEP_DIR", "export-onnx MODEL_DIR", "plan MODEL_DIR", "dry_run=true", "--cfg job",
+                     "task:        cola", "experiment:", "quickstart", *STAGES):
+            assert text in r.stdout, (flag, text)
