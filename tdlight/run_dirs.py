@@ -14,6 +14,7 @@ Its own module, not :mod:`tdlight.cli`: Hydra instantiates the callback by its i
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -63,6 +64,7 @@ def discard(run_dir: Path) -> None:
         return
     if not all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
         return
+    _close_file_handlers(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     stop = _existing.resolve() if _existing is not None else None
     p = run_dir.resolve().parent
@@ -75,6 +77,20 @@ def discard(run_dir: Path) -> None:
         except OSError:
             break
         p = p.parent
+
+
+def _close_file_handlers(run_dir: Path) -> None:
+    """Detach the logging handlers that write into ``run_dir`` (Hydra's ``tdlight.log``): a handler
+    left on a removed directory fails on the next log line of this process (a command run in-process
+    by a test or a notebook, then anything that logs)."""
+    inside = run_dir.resolve()
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    for lg in loggers:
+        for h in list(lg.handlers):
+            if isinstance(h, logging.FileHandler) and Path(h.baseFilename).resolve().is_relative_to(inside):
+                lg.removeHandler(h)
+                h.close()
 
 
 class RunDirCheck(Callback):

@@ -4,6 +4,7 @@ proved by adding one from outside the package and running it through the `tdligh
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import pytest
@@ -18,9 +19,17 @@ def _tdlight(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
     monkeypatch.setattr(sys, "argv", ["tdlight", *args])
     monkeypatch.setattr(cli, "_task_started", False)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-        raise SystemExit(0)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level  # Hydra configures logging for its job: put it back
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+            raise SystemExit(0)
+    finally:
+        for h in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(h)
+            h.close()
+        root.setLevel(level)
     out, err = capsys.readouterr()
     return exit_.value.code or 0, out, err
 
