@@ -445,8 +445,14 @@ def test_ctrl_c_exits_130_with_the_resume_line_also_when_started_in_the_backgrou
     # (was: an empty outputs/ left there, where Hydra made the fresh run directory that a resume drops)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    r = subprocess.run([sys.executable, "-m", "tdlight.cli", f"resume={run}", "stage.epochs=1"], cwd=elsewhere,
-                       capture_output=True, text=True, timeout=600)
+    done = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["epoch"]
+    # fewer epochs than the checkpoint has done: one error (was Lightning's MisconfigurationException)
+    r = subprocess.run([sys.executable, "-m", "tdlight.cli", f"resume={run}", f"stage.epochs={max(done - 1, 0)}"],
+                       cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    if done >= 2:  # (stage.epochs must be ≥ 1)
+        assert r.returncode == 2 and f"its checkpoint is past epoch {done}" in r.stderr, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "tdlight.cli", f"resume={run}", f"stage.epochs={done + 1}"],
+                       cwd=elsewhere, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run / "model").is_dir() and list(elsewhere.iterdir()) == []
 

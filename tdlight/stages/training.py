@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from tdlight.errors import TdlightError
 from tdlight.model.io import save_model
 from tdlight.stages.classifier import is_constant, warn_if_constant
 from tdlight.stages.loggers import end_loggers
@@ -58,6 +59,12 @@ def fit(cfg: DictConfig, run_dir: Path, module: L.LightningModule, datamodule: L
     the best epoch's weights (``checkpoints/best.ckpt``) and validate them once more: ``module.results``
     then holds the scores of the model that will be saved. ``before_fit(trainer)`` runs once the
     Trainer exists (the device is known) and before the loop starts."""
+    if ckpt is not None and max_epochs not in (None, -1):  # (Lightning's own refusal is a traceback)
+        done = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("epoch", 0)
+        if done > max_epochs:
+            raise TdlightError(f"cannot resume {str(run_dir)!r} with {max_epochs} epoch(s): its checkpoint is past "
+                               f"epoch {done}; valid: at least {done} epochs (stage.epochs; for distill "
+                               "stage.intermediate_epochs + stage.prediction_epochs)")
     timer = EpochTimer()
     trainer = build_trainer(cfg, run_dir, max_epochs=max_epochs, monitor=monitor, summary=summary,
                             extra_callbacks=[timer, *(extra_callbacks or [])])
