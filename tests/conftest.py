@@ -1,5 +1,6 @@
 """Shared fixtures. Tests never touch the network: everything is offline."""
 
+import contextlib
 import os
 import tempfile
 
@@ -250,3 +251,19 @@ def pretrain_inputs(tmp_path_factory, teacher_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     (dec,) = runs(out, "decompose")
     return out, dec, [f"stage.train_files={corpus}", f"stage.heldout_files={heldout}"]
+
+
+@contextlib.contextmanager
+def read_only(path, also: str):
+    """``path`` (a directory) at mode 0555 for the ``with`` block, then 0755 again; the test is skipped
+    where chmod does not stop this user writing (root), naming the test ``also`` that holds the same
+    check by simulating a read-only file system."""
+    import os
+
+    path.chmod(0o555)
+    try:
+        if os.access(path, os.W_OK):
+            pytest.skip(f"chmod does not stop this user writing (root?); {also} holds the same check")
+        yield path
+    finally:
+        path.chmod(0o755)

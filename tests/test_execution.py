@@ -15,7 +15,7 @@ from tdlight.model import execution as ex
 from tdlight.model.io import load_compressed, record_plan, save_compressed
 from tdlight.model.surgery import compress, set_mode
 from tdlight.tensor.spec import CompressionSpec
-from tests.conftest import tiny_config
+from tests.conftest import read_only, tiny_config
 
 
 def compressed(tiny_bert, rank=8, bank=6, variant="tucker"):
@@ -309,11 +309,7 @@ def test_plan_in_a_read_only_model_directory_is_one_error_line(tmp_path, tiny_be
 
     path = save_compressed(compressed(tiny_bert), tmp_path / "m")
     meta = (path / "tdlight.json").read_bytes()
-    path.chmod(0o555)
-    try:
-        if os.access(path, os.W_OK):
-            pytest.skip("chmod does not stop this user writing (root?); "
-                        "test_plan_refuses_bad_inputs_before_timing holds the same check")
+    with read_only(path, also="test_plan_refuses_bad_inputs_before_timing"):
         refuse_to_time(monkeypatch)
         code = plan_main([str(path), "batches=1", "seq_len=8", "reps=1"])
         err = capsys.readouterr().err
@@ -322,6 +318,4 @@ def test_plan_in_a_read_only_model_directory_is_one_error_line(tmp_path, tiny_be
                                      "to one first)\n"), err
         assert sorted(p.name for p in path.iterdir()) == sorted(["config.json", "model.safetensors",
                                                                  "modeling_tdlight.py", "tdlight.json"])
-    finally:
-        path.chmod(0o755)
     assert (path / "tdlight.json").read_bytes() == meta
