@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tdlight.model.io import EXECUTIONS  # noqa: E402
+from tdlight.model.execution import EXECUTIONS  # noqa: E402
 from tdlight.model.onnx import export_onnx  # noqa: E402
 from tdlight.model.speed import paired_times  # noqa: E402
 from tdlight.model.teacher import EMBEDDED, embedded_path  # noqa: E402

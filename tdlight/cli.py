@@ -18,12 +18,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tdlight.config import ROOT, Config, check_ranges, migrate_saved, refuse_renamed
+from tdlight.config import ROOT, check_ranges, migrate_saved, check_overrides, refuse_renamed
 from tdlight.errors import TdlightError
 from tdlight.files import atomic_write_text
 from tdlight.run_dirs import discard as discard_run_dir
 from tdlight.stages.runs import CHECKPOINTS, LAST, last_checkpoint, saved_config
-from tdlight.stages.registry import STAGES, register
+from tdlight.stages.registry import STAGES, register, typed
 
 log = logging.getLogger("tdlight")
 RESUME_OVERRIDES = "resume_overrides.yaml"
@@ -68,9 +68,7 @@ def _resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, 
             raise TdlightError(f"override {o!r}: the saved config of {str(src)!r} ({stage} run) has no key {key!r}")
         dotlist.append(o)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), saved, OmegaConf.from_dotlist(dotlist))
-        if stage in STAGES:  # Config.stage is untyped: the stage's values typed by its own schema (and ranged)
-            merged.stage = OmegaConf.merge(OmegaConf.structured(STAGES[stage].schema), merged.stage)
+        merged = typed(OmegaConf.merge(saved, OmegaConf.from_dotlist(dotlist)))
     except Exception as e:  # OmegaConf's ValidationError & co: a value of the wrong type
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TdlightError(f"resume override(s) {dotlist} do not fit the saved {stage} config: {first}") from e
@@ -122,9 +120,12 @@ def refuse_unknown_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
 
 def _quiet_dependencies() -> None:
     """One line per event on the console: Lightning's own stream handlers duplicate every line
-    that Hydra's logging already prints (and writes to tdlight.log); its cloud-logger tip, the
-    weight-loading bars of transformers and a deprecation inside Lightning that only its next
-    release fixes are noise on every run."""
+    that Hydra's logging already prints (and writes to tdlight.log); its cloud-logger tip, its
+    accelerator inventory on a machine without one ("GPU available: False", "TPU available", "HPU
+    available"), its warning that an epoch of a small dataset has fewer batches than
+    ``log_every_n_steps`` (the metrics are still logged at each epoch's end), the weight-loading
+    bars of transformers and a deprecation inside Lightning that only its next release fixes are
+    noise on every run (README, "The console")."""
     import warnings
 
     import lightning.pytorch  # noqa: F401 - importing it installs the handlers removed here
@@ -135,8 +136,10 @@ def _quiet_dependencies() -> None:
         for h in [h for h in lg.handlers if type(h) is logging.StreamHandler]:
             lg.removeHandler(h)
         lg.propagate = True
+    noise = ("💡 Tip", "GPU available: False", "TPU available", "HPU available")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: not record.getMessage().startswith("💡 Tip"))
+        lambda record: not record.getMessage().startswith(noise))
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     transformers.utils.logging.disable_progress_bar()
 
@@ -189,7 +192,7 @@ def _app(cfg: DictConfig) -> None:
     fresh = run_dir = Path(HydraConfig.get().runtime.output_dir)
 
     record = None
-    dry_run = bool(cfg.get("dry_run"))
+    dry_run, print_config = bool(cfg.get("dry_run")), bool(cfg.get("print_config"))
     try:
         if cfg.get("resume"):
             cfg, run_dir, in_force = _resumed_config(cfg, _RESUME_OVERRIDES)
@@ -198,7 +201,6 @@ def _app(cfg: DictConfig) -> None:
             handler = logging.FileHandler(run_dir / "tdlight.log")
             handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
             logging.getLogger().addHandler(handler)
-            log.info("resuming %s", run_dir)
         else:
             refuse_unknown_added_keys(cfg, list(HydraConfig.get().overrides.task))
         check_ranges(cfg)
@@ -212,7 +214,10 @@ def _app(cfg: DictConfig) -> None:
             logging.shutdown()
             discard_run_dir(fresh)
             return
-        print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
+        if print_config:
+            print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
+        log.info("%s %s in %s (its settings: .hydra/config.yaml there; print_config=true prints them)",
+                 "resuming" if record is not None else "running", cfg.stage.name, run_dir)
         with _interruptible(cfg.stage.name, run_dir, fresh):
             if record is not None:
                 STAGES[cfg.stage.name].run(cfg, run_dir, extra_callbacks=[record])
@@ -354,6 +359,7 @@ with factors shared across layers, then reconstruction pretraining and task dist
 accuracy back. One command runs one stage (stage=...) or all of them (stage=pipeline).
 
   tdlight experiment=quickstart                     the quick start: SST-2, every step, ~8 min on 2 CPUs
+  tdlight experiment=debug task=mrpc                a smoke run of every step at its smallest (minutes)
   tdlight stage=pipeline task=rte compression=paper_1_48
   tdlight stage=finetune task=mrpc trainer=gpu
   tdlight resume=outputs/finetune/<run>             continue an interrupted run
@@ -371,11 +377,13 @@ config groups (GROUP=OPTION):
 keys most runs set:
   task=NAME                          the GLUE task (stages that train or evaluate a classifier)
   stage.KEY=VALUE                    the stage's settings; in a pipeline stage.STEP.KEY=VALUE
+  stage.limit_train=N  stage.limit_eval=N      the first N examples (a pipeline: every step that reads the task)
   compression.rank=N  compression.bank=N  compression.embedding_rank=N
   teacher.path=DIR|NAME  teacher.run_dir=RUN   the teacher, or a fine-tuned one by its run directory
   trainer=cpu|gpu  trainer.devices=[N]         where training runs
   paths.output_dir=DIR               where run directories go (default outputs/)
   seed=N  resume=RUN_DIR  dry_run=true         dry_run: every check, the resolved settings, nothing run
+  print_config=true                  print the resolved settings before the run (always in RUN/.hydra/config.yaml)
 
 every setting in force: tdlight OVERRIDES --cfg job; the reference: README.md; Hydra's flags: --hydra-help
 """
@@ -413,7 +421,11 @@ def _main() -> None:
         # before Hydra, whose error for a renamed key would only say that the key does not exist
         stage = next((a.split("=", 1)[1] for a in args if a.startswith("stage=")), "decompose")
         try:
-            refuse_renamed([a for a in args if "=" in a and not a.startswith(("-", "hydra."))], stage)
+            given = [a for a in args if "=" in a and not a.startswith(("-", "hydra."))]
+            refuse_renamed(given, stage)
+            # (a preset may choose the stage: then its keys are known only once Hydra composes)
+            preset = any(a.startswith("experiment=") for a in args) and not any(a.startswith("stage=") for a in args)
+            check_overrides(given, None if preset else stage, {n: r.schema for n, r in STAGES.items()})
         except TdlightError as e:
             print(f"tdlight: error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
@@ -421,7 +433,7 @@ def _main() -> None:
         # A resume's overrides belong to the resumed run's saved config, not to the config Hydra
         # composes from the defaults (whose stage is decompose): keep them away from Hydra.
         global _RESUME_OVERRIDES
-        keep = ("-", "resume=", "paths.output_dir=", "hydra.", "dry_run=")
+        keep = ("-", "resume=", "paths.output_dir=", "hydra.", "dry_run=", "print_config=")
         _RESUME_OVERRIDES = [a for a in args if not a.startswith(keep)]
         sys.argv = [sys.argv[0], *(a for a in args if a.startswith(keep))]
     try:

@@ -17,6 +17,8 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from tdlight.errors import TdlightError
+from tdlight.model.execution import EXECUTIONS
+from tdlight.tensor.precision import PRECISIONS
 from tdlight.tensor.spec import CompressionSpec
 
 
@@ -40,11 +42,9 @@ class Pooling(str, Enum):
     mean = "mean"  # masked mean of the last hidden states (sentence encoders such as all-MiniLM-L6-v2)
 
 
-class Precision(str, Enum):  # tdlight.tensor.precision.PRECISIONS: how a shipped model's weights are stored
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-    int8 = "int8"  # weight-only, one scale per row of every matrix; computed in fp32 after loading
+# one vocabulary per choice, defined where it is implemented: the config's enums are built from it
+Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str, module=__name__)  # how a shipped model's weights are stored
+Execution = Enum("Execution", {e: e for e in EXECUTIONS}, type=str, module=__name__)  # how the student's units run
 
 
 @dataclass
@@ -85,16 +85,6 @@ class DataSource(str, Enum):
     auto = "auto"  # the local GLUE directory when the file is there, else the hub
     local = "local"
     hub = "hub"
-
-
-class Execution(str, Enum):  # tdlight.model.io.EXECUTIONS: how the student's units run (tdlight.model.execution)
-    auto = "auto"  # the plan saved with the model for this device type, else the MAC accounting's
-    timed = "timed"  # time every mode of each unit kind on this machine, keep the fastest
-    macs = "macs"  # the fewest multiply-adds per unit kind
-    size = "size"  # the fewest stored parameters (factorized units share the bank): ONNX export's default
-    factorized = "factorized"  # as trained; only the shared factors in memory
-    folded = "folded"  # cores multiplied into V (or U) at load time: two GEMMs per unit
-    dense = "dense"
 
 
 class WandbMode(str, Enum):
@@ -174,6 +164,7 @@ class Config:
     resume: Optional[str] = None  # a run directory: reload its config and continue from its last checkpoint
     seed: int = 0
     dry_run: bool = False  # run every check that comes before work, print the resolved settings, run nothing
+    print_config: bool = False  # print the resolved settings before the run (they are always in <run>/.hydra/config.yaml)
 
 
 # Range of a numeric hyperparameter: the rule's text (what the error says is valid) -> its test. The
@@ -185,6 +176,8 @@ _RULES = {
     "≥ 0": lambda v: v >= 0,
     "in [0, 1)": lambda v: 0 <= v < 1,
     "in [0, 1]": lambda v: 0 <= v <= 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "in [0, 1e6)": lambda v: 0 <= v < 1e6,
     "an integer ≥ 1": lambda v: isinstance(v, int) and v >= 1,
     "an integer ≥ 3": lambda v: isinstance(v, int) and v >= 3,
     "an integer ≥ 0": lambda v: isinstance(v, int) and v >= 0,
@@ -254,6 +247,66 @@ def refuse_renamed(overrides: list[str], stage: Optional[str]) -> None:
         r = _renamed(key, stage)
         if r:
             raise TdlightError(f"{key!r} was renamed (override {o!r}); valid: {r.valid}")
+
+
+def _field_type(schema: type, name: str):
+    """The declared type of ``schema``'s field ``name`` (``Optional[X]`` read as ``X``), or None."""
+    import typing
+
+    if not (isinstance(schema, type) and is_dataclass(schema)):
+        return None
+    t = typing.get_type_hints(schema).get(name)
+    if typing.get_origin(t) is typing.Union:
+        inner = [a for a in typing.get_args(t) if a is not type(None)]
+        t = inner[0] if len(inner) == 1 else None
+    return t
+
+
+def check_overrides(overrides: list[str], stage: Optional[str], stage_schemas: dict[str, type]) -> None:
+    """Raise :class:`~tdlight.errors.TdlightError` for the first ``key=value`` override that names no key
+    of the schemas, or gives a choice key (an enum field: ``stage.fit``, ``teacher.pooling``,
+    ``stage.decompose.fit`` in a pipeline) a value it does not have — before Hydra, whose messages say
+    the same in five lines of OmegaConf internals and suggest ``+key=value``, which tdlight refuses.
+    An unknown key gets the close spellings and, in a pipeline, the steps that have it
+    (``stage.limit_train`` -> ``stage.finetune.limit_train``). ``stage``: the ``stage=`` being run (None:
+    not known before composition, e.g. set by an ``experiment=`` preset: ``stage.*`` keys are left to
+    Hydra); ``stage_schemas``: every stage's schema by name. ``+``/``~`` overrides are checked elsewhere
+    (:func:`tdlight.cli.refuse_unknown_added_keys`)."""
+    import difflib
+
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        value = value.strip().strip("'\"")
+        if not sep or o.startswith(("+", "~")) or key.startswith("hydra."):
+            continue
+        parts = key.split(".")
+        schema: Optional[type] = Config
+        for i, part in enumerate(parts):
+            if schema is Config and part == "stage" and i < len(parts) - 1:
+                schema = stage_schemas.get(stage) if stage else None
+                if schema is None:
+                    break
+                continue
+            if not (isinstance(schema, type) and is_dataclass(schema)):
+                break  # an untyped node (experiment, a list, a dict): Hydra and the stage check it
+            names = [f.name for f in fields(schema)]
+            if part not in names:
+                where = ".".join(parts[:i]) or "the top level"
+                where = f"stage={stage}" if where == "stage" else (f"'{where}'" if i else where)
+                hint = difflib.get_close_matches(part, names, n=3)
+                if schema is stage_schemas.get("pipeline"):  # a step's key given at the pipeline's level
+                    hint += [f"stage.{step}.{part}" for step in ("finetune", "decompose", "pretrain", "distill",
+                                                                 "evaluate")
+                             if step in names and part in {f.name for f in fields(stage_schemas[step])}]
+                raise TdlightError(f"override {o!r}: {where} has no key {part!r}"
+                                   + (f"; did you mean {' or '.join(hint)}?" if hint else "")
+                                   + f" (valid keys: {', '.join(names)})")
+            choice = _field_type(schema, part)
+            if i == len(parts) - 1 and isinstance(choice, type) and issubclass(choice, Enum) \
+                    and value not in ("null", "") and not value.startswith("${") and value not in choice.__members__ \
+                    and not any(c in value for c in ",()[]"):  # (a --multirun sweep: Hydra checks each value)
+                raise TdlightError(f"{key}={value!r}; valid: {', '.join(m.value for m in choice)}")
+            schema = choice
 
 
 def migrate_saved(cfg: DictConfig) -> DictConfig:

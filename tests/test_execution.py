@@ -254,10 +254,12 @@ def test_compiled_for_inference_computes_what_eager_does(tmp_path, tiny_bert, to
 
 
 def test_the_config_offers_what_the_loader_takes():
-    from tdlight.config import Execution
+    from tdlight.config import Execution, Precision
     from tdlight.model.io import EXECUTIONS
+    from tdlight.tensor.precision import PRECISIONS
 
     assert [e.value for e in Execution] == list(EXECUTIONS)  # stage.execution is passed to load_compressed
+    assert [p.value for p in Precision] == list(PRECISIONS)  # stage.precision is passed to save_compressed
 
 
 # --- tdlight plan: what it cannot do is refused before the model is loaded and timed (minutes on a large one) ---

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import statistics
+import warnings
 
+import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
@@ -18,6 +20,7 @@ from optuna.trial import TrialState
 from tdlight.sweep.objectives import OBJECTIVES, SCORE, Measured, Priced, lookup, register
 from tdlight.sweep.runner import INFEASIBLE
 from tdlight.sweep.spec import SweepError, load
+from tdlight.sweep.storage import open_storage
 from tests.test_sweep import trials, write_sweep
 
 ALL = sorted(OBJECTIVES)
@@ -134,6 +137,10 @@ def test_a_new_objective_is_one_class_and_one_registry_entry(tmp_path, teacher_d
         out = capsys.readouterr().out
 
         ts = trials(tmp_path)
+        with warnings.catch_warnings():  # (experimental in Optuna 5)
+            warnings.simplefilter("ignore")
+            names = optuna.load_study(study_name="tiny", storage=open_storage(None, tmp_path / "sweep")).metric_names
+        assert names == ["score", "encoder_params", "student_ms"]  # what optuna-dashboard and Optuna's plots show
         assert [(t.params["compression.rank"], t.state) for t in ts] == [
             (4, TrialState.COMPLETE), (16, TrialState.PRUNED), (8, TrialState.COMPLETE)]
         # the priced objective: the study's value, recorded with the price, used by the constraint

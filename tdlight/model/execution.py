@@ -49,7 +49,15 @@ from tdlight.model.surgery import encoder_shape, get_encoder, is_compressed
 from tdlight.tensor.accounting import macs, stored_weights, unit_macs
 
 UNIT_MODES = MODES  # every forward mode of a factorized linear is a unit mode
+# how a model's units are chosen: timed (time every mode of each unit kind on this machine, keep the
+# fastest), macs (the fewest multiply-adds per unit kind), size (the fewest stored parameters:
+# factorized units share the bank; ONNX export's default), or one unit mode for every kind
+# (factorized: as trained, only the shared factors in memory; folded: cores multiplied into V or U at
+# load time, two GEMMs per unit; dense)
 POLICIES = ("timed", "macs", "size", *UNIT_MODES)
+# what a loader accepts (tdlight.model.io.load_compressed, stage.execution, export-onnx): a policy, or
+# auto — the plan saved with the model for this device type, else the MAC accounting's
+EXECUTIONS = ("auto", *POLICIES)
 
 
 @dataclass

@@ -91,7 +91,7 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-EXECUTIONS = ("auto", *ex.POLICIES)  # auto: the recorded plan for this device type, else the MAC plan
+EXECUTIONS = ex.EXECUTIONS  # (re-exported: what load_compressed accepts)
 
 
 def load_compressed(path: str | os.PathLike, device: str | None = None, execution: str = "auto",

@@ -19,7 +19,8 @@ from torch import nn
 from tdlight.errors import ArtifactError
 from tdlight.files import atomic_file, write_obstacle
 from tdlight.model import execution as ex
-from tdlight.model.io import EXECUTIONS, META, load_compressed
+from tdlight.model.execution import EXECUTIONS
+from tdlight.model.io import META, load_compressed
 from tdlight.model.surgery import is_compressed, nonfinite_tensors
 from tdlight.model.teacher import EMBEDDED, embedded_path, load_teacher
 

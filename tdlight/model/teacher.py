@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -19,6 +21,41 @@ from tdlight.model.native import ensure_registered
 from tdlight.model.pooling import resolve_pooling, saved_pooling, set_pooling
 from tdlight.model.surgery import compress, encoder_weights, get_encoder, is_compressed
 from tdlight.tensor.spec import EncoderShape
+
+log = logging.getLogger("tdlight.model")
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    """transformers' LOAD REPORT off for one load: a table with terminal escape codes on every load of
+    a checkpoint without this task's head (and, for a mean-pooling encoder, a pooler it never reads);
+    :func:`_report_new_weights` says what matters in one line instead."""
+    tl = transformers.utils.logging
+    level = tl.get_verbosity()
+    tl.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tl.set_verbosity(level)
+
+
+def _report_new_weights(name: str, info: dict, pooling: str, num_labels: int) -> None:
+    """One line for the weights a classifier load had to initialize: the task head (expected when the
+    checkpoint has none for this many labels), the pooler only when the head reads it (``cls``), and a
+    warning for anything else (encoder weights missing from the checkpoint)."""
+    new = list(info.get("missing_keys") or []) + [k if isinstance(k, str) else k[0]
+                                                   for k in info.get("mismatched_keys") or []]
+    head = [k for k in new if k.startswith("classifier.")]
+    pooler = [k for k in new if ".pooler." in f".{k}"]
+    other = [k for k in new if k not in head and k not in pooler]
+    if head:
+        log.info("%s: a new task head (%d output(s)) starts at random: %s", name, num_labels, ", ".join(sorted(head)))
+    if pooler and pooling == "cls":
+        log.info("%s: a new pooler starts at random (the checkpoint has none; teacher.pooling=mean reads no pooler): %s",
+                 name, ", ".join(sorted(pooler)))
+    if other:
+        log.warning("%s: %d weight(s) missing from the checkpoint were initialized at random: %s", name, len(other),
+                    ", ".join(sorted(other)[:8]) + (" …" if len(other) > 8 else ""))
 
 EMBEDDED = ("minilm",)
 
@@ -144,15 +181,18 @@ def load_classifier(name_or_path: str, num_labels: int, pooling: str | None = No
         new_head = getattr(config, "num_labels", None) != num_labels
         _set_labels(config, num_labels)
         # a head for another label count (e.g. a teacher fine-tuned on another task) starts fresh
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, ignore_mismatched_sizes=new_head)
+        with _quiet_load_report():
+            model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, ignore_mismatched_sizes=new_head, output_loading_info=True)
         tokenizer = _load_tokenizer(path)
     except LOAD_ERRORS as e:
         raise TeacherError(
             f"could not load {name_or_path!r} for sequence classification: {str(e).splitlines()[0]}"
         ) from e
     encoder_weights(model)
-    set_pooling(model, resolve_pooling(pooling, config, path))
+    reads = resolve_pooling(pooling, config, path)
+    _report_new_weights(name_or_path, info, reads, num_labels)
+    set_pooling(model, reads)
     return model, tokenizer
 
 

@@ -22,6 +22,7 @@ from tdlight.config import task_options
 from tdlight.data.datamodule import GlueDataModule
 from tdlight.data.glue import get_task, resolve_source
 from tdlight.data.metrics import CONSTANT_SHARE, GlueMetric
+from tdlight.console import FILE_ONLY
 from tdlight.errors import TdlightError
 from tdlight.model.surgery import count_parameters, encoder_shape, get_encoder, is_compressed, nonfinite_tensors
 from tdlight.stages.runs import check_positions
@@ -151,9 +152,8 @@ def check_task_data(cfg: DictConfig, task, *, train: bool) -> None:
     """The task's data files are there (or the hub is an option): its training split when ``train``,
     and its labelled dev split(s) — the error :func:`tdlight.data.glue.resolve_source` gives, before
     any model is loaded."""
-    source = getattr(cfg.task.source, "value", cfg.task.source)
     for split in (("train",) if train else ()) + tuple(task.validation_splits):
-        resolve_source(task, split, Path(cfg.paths.data_dir) / "glue", source)
+        resolve_source(task, split, Path(cfg.paths.data_dir) / "glue", cfg.task.source)
 
 
 def check_lengths(model, cfg: DictConfig, max_length: int) -> None:
@@ -162,10 +162,10 @@ def check_lengths(model, cfg: DictConfig, max_length: int) -> None:
     check_positions(model, **{key: max_length})
 
 
-def task_settings(cfg: DictConfig, *keys: str) -> list:
-    """The stage's values of ``keys`` (e.g. ``lr``, ``batch_size``), each left unset (null) taken
-    from the task's defaults (``conf/task/<name>.yaml``)."""
-    return [cfg.stage[k] if cfg.stage[k] is not None else cfg.task[k] for k in keys]
+def task_settings(st, cfg: DictConfig, *keys: str) -> list:
+    """The values of ``keys`` (e.g. ``lr``, ``batch_size``) in the stage's settings ``st``, each left
+    unset (null) taken from the task's defaults (``conf/task/<name>.yaml``)."""
+    return [getattr(st, k) if getattr(st, k) is not None else cfg.task[k] for k in keys]
 
 
 def datamodule(cfg: DictConfig, task, tokenizer, *, max_length: int, batch_size: int, eval_batch_size: int,
@@ -175,7 +175,7 @@ def datamodule(cfg: DictConfig, task, tokenizer, *, max_length: int, batch_size:
     if tokenizer is None:
         raise TdlightError("the model directory has no tokenizer files; GLUE stages need one to tokenize the text")
     return GlueDataModule(
-        task.name, tokenizer, data_dir=Path(cfg.paths.data_dir) / "glue", source=getattr(cfg.task.source, "value", cfg.task.source),
+        task.name, tokenizer, data_dir=Path(cfg.paths.data_dir) / "glue", source=cfg.task.source,
         max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
         cache_dir=cfg.paths.cache_dir, seed=cfg.seed, limit_train=limit_train, limit_eval=limit_eval, train=train,
         augment=augment,
@@ -214,7 +214,7 @@ def warn_if_constant(results: dict[str, float], who: str) -> bool:
            f"{CONSTANT_SHARE:.0%} of dev predictions in one class, or no spread): it has learned nothing, "
            "whatever its score")
     Console(stderr=True).print(f"[bold red]WARNING[/]: {msg}")
-    log.warning("%s", msg)
+    log.warning("%s", msg, extra=FILE_ONLY)  # (on the console above)
     return True
 
 

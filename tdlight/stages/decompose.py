@@ -44,13 +44,16 @@ from tdlight.data.corpus.datamodule import CorpusDataModule
 from tdlight.data.corpus.files import resolve_corpus_files
 from tdlight.data.glue import task_text
 from tdlight.data.vocab import token_stats
+from tdlight.console import FILE_ONLY
 from tdlight.errors import TdlightError
 from tdlight.files import atomic_directory, atomic_write_text, file_stamp, state_fingerprint
-from tdlight.model.calibration import REFIT_MODES, collect_grams, fit_outputs, output_errors, refit_outputs
+from tdlight.model.calibration import collect_grams, fit_outputs, output_errors, refit_outputs
 from tdlight.model.io import save_compressed
 from tdlight.model.surgery import compress, count_parameters, encoder_shape, encoder_weights
 from tdlight.model.teacher import load_teacher, teacher_shape
+from tdlight.stages.registry import settings
 from tdlight.stages.runs import check_positions, teacher_source
+from tdlight.stages.schemas import DecomposeStage, Fit, TeacherWeights
 from tdlight.stages.trainer import build_trainer
 from tdlight.stages.refine import RefineModule, heldout_error
 from tdlight.tensor.accounting import param_counts
@@ -61,12 +64,9 @@ from tdlight.tensor.variants import variant_of
 log = logging.getLogger("tdlight.decompose")
 
 METRICS = "metrics.json"  # what every stage's finished run reports in
-FITS = ("weights", "outputs")
-TEACHER_WEIGHTS = ("pretrained", "finetuned")
 TASK_TEXT = "task"  # stage.calibration_files=task: the task's own training text
 FIT_KEYS = ("fit", "calibration_files", "calibration_sequences", "calibration_max_length", "calibration_damp",
             "fit_iters", "fit_passes", "fit_refit", "fit_bias", "refine_heldout_files", "refine_heldout_batches", "refine_batch_size")
-MAX_DAMP = 1e6  # stage.calibration_damp at or above it: the fit is the damping, not the data
 COUNT_CHARS = 10_000_000  # characters of stage.calibration_files read for frequency-weighted embedding rows
 
 
@@ -96,15 +96,14 @@ def cache_key(model: torch.nn.Module, rspec) -> str:
                              json.dumps(rspec.to_dict(), sort_keys=True))[:20]
 
 
-def _file_stamps(cfg: DictConfig, names) -> dict:
+def _file_stamps(st: DecomposeStage, names) -> dict:
     """Path, size and mtime of every file the settings ``stage.<name>`` read (directories and globs
     expanded), for the cache key: a file edited in place, or a directory that gained one, is new input."""
     out = {}
     for name in names:
-        value = cfg.stage.get(name)
+        value = getattr(st, name)
         if value is None:
             continue
-        value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
         out[name] = [file_stamp(f) for f in resolve_corpus_files(value, what=f"stage.{name}")]
     return out
 
@@ -128,11 +127,9 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
     ``where`` (``stage``, or ``stage.decompose`` in a pipeline) spells them."""
     resolve_device(cfg.trainer)
     spec = compression_spec(cfg.compression)
-    refine = cfg.stage.refine_steps
-    if refine < 0:
-        raise TdlightError(f"{where}.refine_steps={refine}; valid: an integer ≥ 0")
-    _check_teacher_weights(cfg, where)
-    _check_fit(cfg, where)
+    st = settings(cfg)
+    _check_teacher_weights(cfg, st, where)
+    _check_fit(cfg, st, where)
     # the ranks against the teacher's sizes, read from its config.json (a fine-tuned teacher a pipeline
     # has not made yet has the sizes of the one it starts from)
     resolve(spec, teacher_shape(cfg.teacher.path if "teacher.run_dir" in wired else teacher_source(cfg)))
@@ -140,6 +137,7 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     check(cfg)
+    st = settings(cfg)
     console = Console(stderr=True)
     device = resolve_device(cfg.trainer)
     spec = compression_spec(cfg.compression)
@@ -148,46 +146,47 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     shape = encoder_shape(teacher)
     rspec = resolve(spec, shape)  # bad ranks fail here, before any work
     before = count_parameters(teacher)
-    log.info("teacher %s: %s; resolved spec %s", source, shape, rspec.to_dict())
+    log.info("teacher %s: %d layers, hidden %d, FFN %d; ranks d_in=%d d_out=%d, banks %s", source, shape.num_layers,
+             shape.hidden, shape.intermediate, rspec.rank_in, rspec.rank_out, rspec.banks)
+    log.info("teacher %s: %s; resolved spec %s", source, shape, rspec.to_dict(), extra=FILE_ONLY)
     entry = None
-    refine = cfg.stage.refine_steps
-    fit = cfg.stage.fit
-    if fit == "outputs" and tokenizer is None:
+    refine = st.refine_steps
+    outputs = st.fit is Fit.outputs
+    if outputs and tokenizer is None:
         raise TdlightError("stage.fit=outputs needs the teacher's tokenizer to read calibration text")
-    check_positions(teacher, **{"stage.calibration_max_length": cfg.stage.calibration_max_length if fit == "outputs"
-                                else None, "stage.refine_max_length": cfg.stage.refine_max_length if refine else None})
-    if fit == "outputs" and cfg.stage.calibration_files == TASK_TEXT:
+    check_positions(teacher, **{"stage.calibration_max_length": st.calibration_max_length if outputs else None,
+                                "stage.refine_max_length": st.refine_max_length if refine else None})
+    if outputs and st.calibration_files == TASK_TEXT:
         # the file's name holds a hash of its text: the decomposition cache key follows the task and its data
-        cfg.stage.calibration_files = str(task_calibration_file(cfg))
-    tokens = _embedding_tokens(cfg, spec, tokenizer, shape.vocab_size, console)
+        st.calibration_files = str(task_calibration_file(cfg))
+    tokens = _embedding_tokens(cfg, st, spec, tokenizer, shape.vocab_size, console)
     if tokens is not None and spec.vocab is not None:  # the kept vocabulary's size, now that its text is read
         rspec = resolve(spec, shape, vocab_size=int(tokens.kept_ids().numel()))
-    if cfg.stage.cache:
+    if st.cache:
         key = cache_key(teacher, rspec)
         extra = {}
         if refine:  # a refined decomposition also depends on how it was refined
-            extra.update({k: cfg.stage[k] for k in cfg.stage if str(k).startswith("refine")})
-            extra["refine_file_stamps"] = _file_stamps(cfg, ("refine_files", "refine_heldout_files"))
-        if fit == "outputs":  # ... and an output fit on its calibration (and held-out) text
-            extra.update({k: cfg.stage.get(k) for k in FIT_KEYS})
-            extra["fit_file_stamps"] = _file_stamps(cfg, ("calibration_files", "refine_heldout_files"))
+            extra.update({k: v for k, v in vars(st).items() if k.startswith("refine")})
+            extra["refine_file_stamps"] = _file_stamps(st, ("refine_files", "refine_heldout_files"))
+        if outputs:  # ... and an output fit on its calibration (and held-out) text
+            extra.update({k: getattr(st, k) for k in FIT_KEYS})
+            extra["fit_file_stamps"] = _file_stamps(st, ("calibration_files", "refine_heldout_files"))
         if tokens is not None:  # ... and compressed embeddings on the token counts of their text
             extra["embedding_tokens"] = state_fingerprint(
                 {"counts": tokens.counts}, extra=json.dumps([tokens.special_ids, tokens.unk_id]))[:20]
         if extra:
-            key = hashlib.sha1((key + json.dumps(OmegaConf.to_container(OmegaConf.create(extra), resolve=True),
-                                                 sort_keys=True)).encode()).hexdigest()[:20]
+            key = hashlib.sha1((key + json.dumps(extra, sort_keys=True)).encode()).hexdigest()[:20]
         entry = Path(cfg.paths.cache_dir) / "decompose" / key
-        cached = _from_cache(entry, run_dir, cfg.stage.save_model)
+        cached = _from_cache(entry, run_dir, st.save_model)
         if cached is not None:
             cached.update(cached=str(entry), teacher=source)
             atomic_write_text(run_dir / METRICS, json.dumps(cached, indent=2))
             Console().print(_table(cached))
             log.info("reused the cached decomposition %s (same teacher weights and spec)", entry)
             return cached
-    reference = copy.deepcopy(teacher) if refine or fit == "outputs" else None  # compress() works in place
+    reference = copy.deepcopy(teacher) if refine or outputs else None  # compress() works in place
     teacher.to(device)
-    calibration = _calibration(cfg, teacher, tokenizer, console) if fit == "outputs" else None
+    calibration = _calibration(st, cfg.seed, teacher, tokenizer, console) if outputs else None
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
@@ -205,19 +204,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         for g, task in tasks.items():
             progress.update(task, completed=rspec.max_iter)
     for w in caught:
-        if fit == "outputs":  # HOOI is only the start of the output fit
+        if outputs:  # HOOI is only the start of the output fit
             console.print(f"[yellow]note (HOOI start, before the output fit)[/]: {w.message}")
-            log.info("HOOI start: %s", w.message)
+            log.info("HOOI start: %s", w.message, extra=FILE_ONLY)  # (on the console above)
         else:
             console.print(f"[bold red]WARNING[/]: {w.message}")
-            log.warning("%s", w.message)
+            log.warning("%s", w.message, extra=FILE_ONLY)
     fitted = None
-    if fit == "outputs":
+    if outputs:
         t1 = time.perf_counter()
-        fitted = _fit_outputs(cfg, teacher, reference, report, calibration, device, console)
+        fitted = _fit_outputs(st, teacher, reference, report, calibration, device, console)
         seconds += time.perf_counter() - t1
 
-    refined = _refine(cfg, teacher, reference, tokenizer, run_dir, console) if refine else None
+    refined = _refine(cfg, st, teacher, reference, tokenizer, run_dir, console) if refine else None
     after = count_parameters(teacher)
     rspec = report.spec  # (with the kept vocabulary's size)
     formula = param_counts(shape, rspec)
@@ -248,18 +247,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         result["fit"] = fitted
     if refined is not None:
         result["refine"] = refined
-    if cfg.stage.save_model:
+    if st.save_model:
         save_compressed(teacher.cpu(), run_dir / "model", tokenizer, extra={"teacher": source})
         if entry is not None:  # keep a copy for later runs with the same inputs
             atomic_directory(entry / "model", lambda tmp: shutil.copytree(run_dir / "model", tmp, dirs_exist_ok=True))
             atomic_write_text(entry / METRICS, json.dumps(result, indent=2))
     atomic_write_text(run_dir / METRICS, json.dumps(result, indent=2))
     Console().print(_table(result))
-    log.info("ratio %.2f, rel. error %.4f, %.1f s; model in %s", result["ratio"], report.rel_error, seconds, run_dir)
+    # (the table above says it on the console; its rel. error is the saved model's, the fit's when there is one)
+    log.info("ratio %.2f, rel. error %.4f, %.1f s; model in %s", result["ratio"], result["rel_error"], seconds, run_dir,
+             extra=FILE_ONLY)
     return result
 
 
-def _embedding_tokens(cfg: DictConfig, spec, tokenizer, vocab_size: int, console: Console):
+def _embedding_tokens(cfg: DictConfig, st: DecomposeStage, spec, tokenizer, vocab_size: int, console: Console):
     """The token statistics compressed embeddings need (:func:`tdlight.data.vocab.token_stats`), or None:
     the ``compression.vocab`` text (all of it), else for ``frequency`` weighting the calibration text."""
     if spec.vocab is None and spec.embedding_weighting != "frequency":
@@ -267,9 +268,8 @@ def _embedding_tokens(cfg: DictConfig, spec, tokenizer, vocab_size: int, console
     if spec.vocab is not None:
         source, what, limit = spec.vocab, "compression.vocab", None
     else:
-        source, limit = cfg.stage.get("calibration_files"), COUNT_CHARS
+        source, limit = st.calibration_files, COUNT_CHARS
         what = "stage.calibration_files (the token counts of compression.embedding_weighting=frequency)"
-        source = OmegaConf.to_container(source) if OmegaConf.is_config(source) else source
     if source == TASK_VOCAB:  # the same word as stage.calibration_files=task
         if cfg.get("task") is None:
             raise TdlightError(f"{what}={TASK_VOCAB} reads the task's training text: add task=<name>; "
@@ -283,14 +283,11 @@ def _embedding_tokens(cfg: DictConfig, spec, tokenizer, vocab_size: int, console
     return stats
 
 
-def _refine(cfg: DictConfig, student, teacher, tokenizer, run_dir: Path, console: Console) -> dict:
+def _refine(cfg: DictConfig, st: DecomposeStage, student, teacher, tokenizer, run_dir: Path, console: Console) -> dict:
     """Activation-aware refinement of the factors (see :mod:`tdlight.stages.refine`)."""
-    st = cfg.stage
     if tokenizer is None:
         raise TdlightError("refinement needs the teacher's tokenizer to read calibration text")
-    files = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
-             for k, v in (("train", st.refine_files), ("heldout", st.refine_heldout_files))}
-    dm = CorpusDataModule(tokenizer, train_files=files["train"], heldout_files=files["heldout"],
+    dm = CorpusDataModule(tokenizer, train_files=st.refine_files, heldout_files=st.refine_heldout_files,
                           max_length=st.refine_max_length, batch_size=st.refine_batch_size, seed=cfg.seed,
                           max_heldout_sequences=st.refine_batch_size * st.refine_heldout_batches)
     heldout = list(dm.val_dataloader())
@@ -312,8 +309,7 @@ def task_calibration_file(cfg: DictConfig) -> Path:
     """The task's training text as a calibration file, ``<cache_dir>/calibration/<task>-<hash of the text>.txt``
     (written once; an existing file of the same text is reused)."""
     task = cfg.task.name
-    lines = task_text(task, "train", data_dir=Path(cfg.paths.data_dir) / "glue",
-                      source=getattr(cfg.task.source, "value", cfg.task.source))
+    lines = task_text(task, "train", data_dir=Path(cfg.paths.data_dir) / "glue", source=cfg.task.source)
     text = "\n".join(lines) + "\n"
     path = Path(cfg.paths.cache_dir) / "calibration" / f"{task}-{hashlib.sha1(text.encode()).hexdigest()[:12]}.txt"
     if not path.is_file():
@@ -322,62 +318,37 @@ def task_calibration_file(cfg: DictConfig) -> Path:
     return path
 
 
-def _check_teacher_weights(cfg: DictConfig, where: str = "stage") -> None:
+def _check_teacher_weights(cfg: DictConfig, st: DecomposeStage, where: str = "stage") -> None:
     """``stage.teacher_weights`` (which teacher the pipeline decomposes) against the teacher given."""
-    weights = cfg.stage.teacher_weights
-    if weights not in TEACHER_WEIGHTS:
-        raise TdlightError(f"{where}.teacher_weights={weights!r}; valid: {', '.join(TEACHER_WEIGHTS)}")
-    if weights == "finetuned" and not cfg.teacher.get("run_dir"):
+    if st.teacher_weights is TeacherWeights.finetuned and not cfg.teacher.get("run_dir"):
         raise TdlightError(f"{where}.teacher_weights=finetuned needs the fine-tuned teacher: "
                            "teacher.run_dir=<finetune run>")
 
 
-def _check_fit(cfg: DictConfig, where: str = "stage") -> str:
-    """``stage.fit``, checked with its calibration settings before any work."""
-    st = cfg.stage
-    fit = st.fit
-    if fit not in FITS:
-        raise TdlightError(f"{where}.fit={fit!r}; valid: {', '.join(FITS)} "
-                           "(weights = HOOI on the weights, outputs = fit each block's outputs on calibration text)")
-    if fit == "weights":
-        return fit
-    for name, lo in (("calibration_sequences", 1), ("calibration_max_length", 3), ("fit_iters", 0), ("fit_passes", 0),
-                     ("refine_batch_size", 1), ("refine_heldout_batches", 1)):
-        v = st.get(name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise TdlightError(f"{where}.{name}={v!r}; valid: an integer ≥ {lo} (for {where}.fit=outputs)")
-
-    if st.fit_refit not in REFIT_MODES:
-        raise TdlightError(f"{where}.fit_refit={st.fit_refit!r}; valid: {', '.join(REFIT_MODES)}")
-    if not isinstance(st.fit_bias, bool):
-        raise TdlightError(f"{where}.fit_bias={st.fit_bias!r}; valid: true, false")
-    damp = st.get("calibration_damp")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < MAX_DAMP:
-        raise TdlightError(f"{where}.calibration_damp={damp!r}; valid: a number ≥ 0 and below {MAX_DAMP:g} "
-                           "(a fraction of the Gram's mean diagonal, e.g. 0.01)")
-
-    if st.get("calibration_files") == TASK_TEXT and cfg.get("task") is None:
+def _check_fit(cfg: DictConfig, st: DecomposeStage, where: str = "stage") -> None:
+    """An output fit's text, checked before any work: the task for ``calibration_files=task``, and the
+    calibration and held-out files (each setting's range is its schema field's)."""
+    if st.fit is not Fit.outputs:
+        return
+    if st.calibration_files == TASK_TEXT and cfg.get("task") is None:
         raise TdlightError(f"{where}.calibration_files={TASK_TEXT} calibrates on the task's training text: add "
                            f"task=<name>; valid: {task_options()}")
     for name in ("calibration_files", "refine_heldout_files"):
-        v = st.get(name)
+        v = getattr(st, name)
         if name == "calibration_files" and v == TASK_TEXT:
             continue
-        resolve_corpus_files(OmegaConf.to_container(v) if OmegaConf.is_config(v) else v, what=f"{where}.{name}")
-    return fit
+        resolve_corpus_files(v, what=f"{where}.{name}")
 
 
-def _calibration(cfg: DictConfig, teacher, tokenizer, console: Console) -> dict:
+def _calibration(st: DecomposeStage, seed: int, teacher, tokenizer, console: Console) -> dict:
     """Calibration batches -> the teacher's input Grams; plus the held-out batches."""
-    st = cfg.stage
-    files = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
-             for k, v in (("train", st.calibration_files), ("heldout", st.refine_heldout_files))}
+    files = {"train": st.calibration_files, "heldout": st.refine_heldout_files}
     want = st.calibration_sequences
     heldout_n = st.refine_batch_size * st.refine_heldout_batches
     dm = CorpusDataModule(tokenizer, train_files=files["train"], heldout_files=files["heldout"],
                           max_length=st.calibration_max_length, batch_size=min(16, want), shuffle_buffer=0,
                           eval_batch_size=st.refine_batch_size, max_train_sequences=want,
-                          max_heldout_sequences=heldout_n, seed=cfg.seed)
+                          max_heldout_sequences=heldout_n, seed=seed)
     batches = list(dm.train_dataloader())
     got = sum(len(b["input_ids"]) for b in batches)
     if got < want:
@@ -396,9 +367,8 @@ def _calibration(cfg: DictConfig, teacher, tokenizer, console: Console) -> dict:
             "heldout_sequences": sum(len(b["input_ids"]) for b in heldout)}
 
 
-def _fit_outputs(cfg: DictConfig, student, teacher, report, calibration: dict, device, console: Console) -> dict:
+def _fit_outputs(st: DecomposeStage, student, teacher, report, calibration: dict, device, console: Console) -> dict:
     """Refit the HOOI start to the teacher's block outputs; held-out errors of both (see module doc)."""
-    st = cfg.stage
     teacher.to(device)
     heldout = calibration["heldout"]
     before = output_errors(student, teacher, heldout)
@@ -419,7 +389,7 @@ def _fit_outputs(cfg: DictConfig, student, teacher, report, calibration: dict, d
     passes = st.fit_passes
     if passes:
 
-        mode, bias = st.fit_refit, st.fit_bias
+        mode, bias = st.fit_refit.value, st.fit_bias
         t0 = time.perf_counter()
         records = refit_outputs(student, teacher, calibration["batches"], heldout, passes=passes,
                                 damp=st.calibration_damp, iters=st.fit_iters, bias=bias, mode=mode)
@@ -443,8 +413,7 @@ def _fit_outputs(cfg: DictConfig, student, teacher, report, calibration: dict, d
 
     return {
         "method": "outputs",
-        "calibration_files": OmegaConf.to_container(st.calibration_files) if OmegaConf.is_config(st.calibration_files)
-        else st.calibration_files,  # (for calibration_files=task: the task's text file it read)
+        "calibration_files": st.calibration_files,  # (for calibration_files=task: the task's text file it read)
         "calibration_sequences": calibration["sequences"],
         "calibration_tokens": calibration["tokens"],
         "heldout_sequences": calibration["heldout_sequences"],

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from tdlight.errors import TdlightError
@@ -33,7 +33,9 @@ from tdlight.stages.classifier import (
     MODEL_INPUTS, GlueModule, check_lengths, check_task_data, datamodule, model_summary, require_task, results_table,
     steps_per_epoch, task_settings, training_steps,
 )
+from tdlight.stages.registry import settings
 from tdlight.stages.runs import saved_config, stage_artifact, student_source
+from tdlight.stages.schemas import AugmentMethod, StudentHead
 from tdlight.stages.trainer import adamw
 from tdlight.stages.losses import gold_loss, intermediate_loss, layer_map, prediction_loss
 
@@ -165,7 +167,7 @@ def masked_lm_for(cfg: DictConfig, tokenizer) -> nn.Module:
     """The masked LM of ``stage.augment_method=mlm``: ``stage.augment_mlm``, else the pretrained
     model the fine-tuned teacher started from (its run's ``teacher.path``). Its vocabulary must
     be the teacher's, since its predictions replace the teacher tokenizer's words."""
-    name = cfg.stage.augment_mlm or saved_config(cfg.teacher.run_dir).teacher.path
+    name = settings(cfg).augment_mlm or saved_config(cfg.teacher.run_dir).teacher.path
     mlm, mlm_tokenizer = load_masked_lm(name)
     if mlm_tokenizer is None or mlm_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise TdlightError(f"stage.augment_mlm={name!r} has another vocabulary than the teacher's tokenizer: "
@@ -178,26 +180,17 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
     the two phases and their losses, augmentation, and the teacher and student given — unless
     ``wired`` (a pipeline fills them from steps that have not run yet)."""
     task = require_task(cfg)
-    st = cfg.stage
+    st = settings(cfg)
     if not cfg.teacher.get("run_dir"):
-        raise TdlightError(f"stage={cfg.stage.name} needs the fine-tuned teacher: teacher.run_dir=<finetune run directory>")
-    for name, v in (("intermediate_epochs", st.intermediate_epochs), ("prediction_epochs", st.prediction_epochs)):
-        if v < 0:
-            raise TdlightError(f"{where}.{name}={v}; valid: an integer ≥ 0")
+        raise TdlightError(f"stage={st.name} needs the fine-tuned teacher: teacher.run_dir=<finetune run directory>")
     if st.intermediate_epochs + st.prediction_epochs == 0:
         raise TdlightError(f"{where}.intermediate_epochs + {where}.prediction_epochs must be ≥ 1")
     if st.intermediate_epochs and not (st.hidden_weight or st.attention_weight or st.embedding_weight):
         raise TdlightError(f"phase 1 ({where}.intermediate_epochs > 0) needs a hidden, attention or embedding "
                            "weight > 0")
-    if not 0 <= st.gold_weight <= 1:
-        raise TdlightError(f"{where}.gold_weight={st.gold_weight}; valid: a number in [0, 1]")
     if st.augment and st.gold_weight > 0:
         raise TdlightError(f"{where}.augment=true makes examples without a trustworthy gold label: "
                            f"use {where}.gold_weight=0 (soft targets only) with augmentation")
-    if st.augment and (st.augment_copies < 1 or not 0 < st.augment_prob <= 1 or st.augment_neighbours < 1):
-        raise TdlightError(f"augmentation needs {where}.augment_copies ≥ 1, augment_prob in (0, 1], "
-                           f"augment_neighbours ≥ 1; got {st.augment_copies}, {st.augment_prob}, "
-                           f"{st.augment_neighbours}")
     check_task_data(cfg, task, train=True)
     if "teacher.run_dir" not in wired:
         stage_artifact(cfg.teacher.run_dir, ("finetune",))
@@ -208,10 +201,10 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
 def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> dict:
     check(cfg)
     task = require_task(cfg)
-    st = cfg.stage
+    st = settings(cfg)
     teacher_dir = stage_artifact(cfg.teacher.run_dir, ("finetune",))
     student_dir = student_source(cfg)
-    lr, batch_size, max_length = task_settings(cfg, "lr", "batch_size", "max_length")
+    lr, batch_size, max_length = task_settings(st, cfg, "lr", "batch_size", "max_length")
     ckpt = training.begin(cfg, run_dir)
 
     teacher, tokenizer = load_classifier(str(teacher_dir), task.num_labels)
@@ -220,17 +213,16 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
         raise TdlightError(f"student {student_dir!r} is not a compressed model")
     check_lengths(student, cfg, max_length)
     pooling = set_pooling(student, pooling_of(teacher)) and pooling_of(teacher)  # the head reads what the teacher's read
-    head = getattr(st.head, "value", st.head)
-    if head == "teacher" and ckpt is None:  # a resumed run restores its own head from the checkpoint
+    head = st.head.value
+    if st.head is StudentHead.teacher and ckpt is None:  # a resumed run restores its own head from the checkpoint
         copied = copy_head(student, teacher)
         log.info("student head: the teacher's (%s)", ", ".join(copied))
     ls, lt = encoder_shape(student).num_layers, encoder_shape(teacher).num_layers
-    map_spec = OmegaConf.to_container(st.layer_map) if OmegaConf.is_config(st.layer_map) else st.layer_map
-    pairs = layer_map(map_spec, ls, lt)
+    pairs = layer_map(st.layer_map, ls, lt)
     augment = None
     if st.augment:
         augment = {"copies": st.augment_copies, "prob": st.augment_prob, "neighbours": st.augment_neighbours}
-        if getattr(st.augment_method, "value", st.augment_method) == "mlm":
+        if st.augment_method is AugmentMethod.mlm:
             augment["mlm"] = masked_lm_for(cfg, tokenizer)
         else:
             augment["embeddings"] = teacher.get_input_embeddings().weight.detach()

@@ -13,23 +13,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import lightning as L
 from omegaconf import DictConfig
-from rich.console import Console
 
-from tdlight.config import Precision
 from tdlight.errors import TdlightError
 from tdlight.files import directory_bytes
 from tdlight.model.io import save_model
 from tdlight.model.teacher import load_classifier
+from tdlight.stages import training
 from tdlight.stages.classifier import (
-    GlueModule, check_lengths, check_task_data, datamodule, is_constant, model_summary, require_task, results_table,
-    warn_if_constant,
+    GlueModule, check_lengths, check_task_data, datamodule, model_summary, require_task, results_table,
 )
-from tdlight.stages.runs import stage_artifact, teacher_pooling, teacher_source, write_json
-from tdlight.stages.loggers import end_loggers
-from tdlight.stages.trainer import build_trainer
-from tdlight.stages.registry import MODEL_STAGES
+from tdlight.stages.runs import stage_artifact, teacher_source
+from tdlight.stages.registry import MODEL_STAGES, settings
 
 log = logging.getLogger("tdlight.evaluate")
 
@@ -60,10 +55,9 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     check(cfg)
     task = require_task(cfg)
-    st = cfg.stage
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    st = settings(cfg)
     source = model_source(cfg)
-    model, tokenizer = load_classifier(source, task.num_labels, pooling=teacher_pooling(cfg))
+    model, tokenizer = load_classifier(source, task.num_labels, pooling=cfg.teacher.pooling.value)
     head = getattr(getattr(model, "config", None), "num_labels", task.num_labels)
     if head != task.num_labels:
         raise TdlightError(f"model {source!r} has {head} output(s) but task {task.name!r} needs {task.num_labels}")
@@ -74,10 +68,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     dm.prepare_data()
     dm.setup("validate")
     summary = {"task": task.name, "model": source, **model_summary(model)}
-    trainer = build_trainer(cfg, run_dir, max_epochs=1, monitor=None, summary=summary)
     module = GlueModule(model, task)
-    trainer.validate(module, datamodule=dm, verbose=False)
-    precision = Precision(st.precision).value
+    fitted = training.validate(cfg, run_dir, module, dm, summary=summary)
+    precision = st.precision.value
     out = {"stage": "evaluate", **summary, "precision": precision, "dev": module.results,
            "score": module.results["score"], "examples": module.eval_examples,
            "examples_per_second": module.eval_examples / module.eval_seconds if module.eval_seconds else None,
@@ -86,15 +79,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         shipped = save_model(model, tokenizer, run_dir / "model", precision=precision)
         model, _ = load_classifier(str(shipped), task.num_labels)
         module = GlueModule(model, task)
-        trainer.validate(module, datamodule=dm, verbose=False)
+        fitted.trainer.validate(module, datamodule=dm, verbose=False)
+        fitted.results = dict(module.results)
         out.update(dev=module.results, score=module.results["score"], dev_fp32=out["dev"], score_fp32=out["score"],
                    shipped=str(shipped))
     out["model_bytes"] = directory_bytes(out.get("shipped") or source) if Path(out.get("shipped") or source).is_dir() \
         else None
-    out["constant_predictions"] = is_constant(module.results)
-    if trainer.is_global_zero:
-        warn_if_constant(module.results, f"model {source}")
-        write_json(run_dir / "metrics.json", out)
-        Console().print(results_table(f"tdlight evaluate: {Path(source).name or source} on {task.name}", out))
-    end_loggers(trainer.loggers, {f"dev/{k}": v for k, v in out["dev"].items() if isinstance(v, (int, float))})
-    return out
+    return training.finish(run_dir, fitted, out, model=None, who=f"model {source}", summary_prefix="dev",
+                           table=results_table(f"tdlight evaluate: {Path(source).name or source} on {task.name}", out))

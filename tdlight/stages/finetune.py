@@ -22,7 +22,8 @@ from tdlight.stages.classifier import (
     GlueModule, check_lengths, check_task_data, datamodule, model_summary, require_task, results_table, task_settings,
     training_steps,
 )
-from tdlight.stages.runs import teacher_pooling, teacher_source
+from tdlight.stages.registry import settings
+from tdlight.stages.runs import teacher_source
 
 log = logging.getLogger("tdlight.finetune")
 
@@ -42,12 +43,12 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     """Fine-tune; ``extra_callbacks`` are added to the Trainer (programmatic use, tests)."""
     check(cfg)
     task = require_task(cfg)
-    st = cfg.stage
-    lr, epochs, batch_size, max_length = task_settings(cfg, "lr", "epochs", "batch_size", "max_length")
+    st = settings(cfg)
+    lr, epochs, batch_size, max_length = task_settings(st, cfg, "lr", "epochs", "batch_size", "max_length")
     ckpt = training.begin(cfg, run_dir)
 
     source = teacher_source(cfg)
-    model, tokenizer = load_classifier(source, task.num_labels, pooling=teacher_pooling(cfg))
+    model, tokenizer = load_classifier(source, task.num_labels, pooling=cfg.teacher.pooling.value)
     check_lengths(model, cfg, max_length)
     dm = datamodule(cfg, task, tokenizer, max_length=max_length, batch_size=batch_size,
                     eval_batch_size=st.eval_batch_size, limit_train=st.limit_train, limit_eval=st.limit_eval,

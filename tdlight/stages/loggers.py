@@ -12,6 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from tdlight.config import WandbMode
+
 log = logging.getLogger("tdlight")
 
 
@@ -26,8 +28,7 @@ def _wandb_configured() -> bool:
 
 def wandb_offline(lc) -> bool:
     """Whether W&B runs offline for logger config ``lc`` (offline unless credentials or ``mode=online``)."""
-    mode = getattr(lc.mode, "value", lc.mode)
-    offline = mode == "offline" or (mode == "auto" and not _wandb_configured())
+    offline = lc.mode == WandbMode.offline or (lc.mode == WandbMode.auto and not _wandb_configured())
     return offline or os.environ.get("WANDB_MODE") in ("offline", "disabled")
 
 

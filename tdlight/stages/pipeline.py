@@ -25,7 +25,6 @@ from rich.table import Table
 from tdlight.data.glue import get_task, resolve_source
 from tdlight.errors import TdlightError
 from tdlight.files import file_stamp
-from tdlight.config import Execution
 from tdlight.files import directory_bytes
 from tdlight.model.execution import current as current_plan
 from tdlight.model.speed import paired_speedup
@@ -33,7 +32,7 @@ from tdlight.model.teacher import load_classifier
 from tdlight.stages.classifier import datamodule, is_constant, model_summary, require_task
 from tdlight.stages.runs import CHECKPOINTS, LAST, write_json
 from tdlight.stages.loggers import finish_wandb
-from tdlight.stages.registry import STAGES
+from tdlight.stages.registry import STAGES, settings, typed
 
 log = logging.getLogger("tdlight.pipeline")
 
@@ -63,10 +62,9 @@ def step_inputs(step: str, stage_cfg, cfg: DictConfig) -> list:
     stamps: list = []
     if STAGES[step].reads_task(stage_cfg) and cfg.get("task") is not None:
         task = get_task(cfg.task.name)
-        source = getattr(cfg.task.source, "value", cfg.task.source)
         for split in task.splits:
             try:
-                kind, path = resolve_source(task, split, Path(cfg.paths.data_dir) / "glue", source)
+                kind, path = resolve_source(task, split, Path(cfg.paths.data_dir) / "glue", cfg.task.source)
             except TdlightError:  # a split that is not there is the stage's error to report, not the key's
                 continue
             stamps.append(file_stamp(path) if kind == "local" else {"hub": f"{task.name}/{split}"})
@@ -115,7 +113,7 @@ def _step_config(cfg: DictConfig, step: str, stage_cfg, run_dir: Path, wiring: d
             lg["tags"] = [*(lg.get("tags") or []), pipeline_id]
         else:
             lg["group"] = pipeline_id
-    out = OmegaConf.create(sub)
+    out = typed(sub)  # the step's stage under its own schema, as `stage=<step>` would compose it
     out.resume = str(run_dir) if (run_dir / CHECKPOINTS / LAST).is_file() else None
     return out
 
@@ -144,11 +142,25 @@ def _plan(cfg: DictConfig) -> list[tuple[str, DictConfig, Path, dict]]:
                                    f"which stage.steps={list(st.steps)} does not run")
             upstream[inp.name or source] = keys[source]
             wiring[inp.key] = str(dirs[source])
-        stage_cfg = st[step]
+        stage_cfg = _with_pipeline_limits(st, step)
         key = step_key(step, stage_cfg, cfg, upstream)
         keys[step], dirs[step] = key, out_root / step / f"pipeline-{key}"
         plan.append((step, stage_cfg, dirs[step], wiring))
     return plan
+
+
+PIPELINE_WIDE = ("limit_train", "limit_eval")  # pipeline keys every step that has the key takes, unless it sets its own
+
+
+def _with_pipeline_limits(st, step: str):
+    """The step's stage settings with the pipeline-wide ``stage.limit_train`` / ``stage.limit_eval``
+    filled in where the step has that key and leaves it unset (its own value wins). The step's key
+    hashes the result: a limited step never reuses an unlimited run, or the reverse."""
+    node = st[step].copy()
+    for key in PIPELINE_WIDE:
+        if key in node and node[key] is None and st.get(key) is not None:
+            node[key] = st[key]
+    return node
 
 
 def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) -> list:
@@ -207,18 +219,18 @@ def _run_step(cfg: DictConfig, step: str, stage_cfg, d: Path, wiring: dict, pipe
 
 def _summary(cfg: DictConfig, dirs: dict[str, Path], results: dict[str, dict]) -> dict:
     task = require_task(cfg)
+    st = settings(cfg)
     teacher, tokenizer = load_classifier(str(dirs["finetune"] / "model"), task.num_labels)
-    student, _ = load_classifier(str(dirs["distill"] / "model"), task.num_labels,
-                                 execution=Execution(cfg.stage.execution).value)
-    max_length = cfg.stage.distill.max_length or cfg.task.max_length  # what the student was trained on
-    dm = datamodule(cfg, task, tokenizer, max_length=max_length, batch_size=cfg.stage.speed_batch_size,
-                    eval_batch_size=cfg.stage.speed_batch_size, limit_train=None,
-                    limit_eval=cfg.stage.speed_batch_size, num_workers=0, train=False)
+    student, _ = load_classifier(str(dirs["distill"] / "model"), task.num_labels, execution=st.execution.value)
+    max_length = st.distill.max_length or cfg.task.max_length  # what the student was trained on
+    dm = datamodule(cfg, task, tokenizer, max_length=max_length, batch_size=st.speed_batch_size,
+                    eval_batch_size=st.speed_batch_size, limit_train=None,
+                    limit_eval=st.speed_batch_size, num_workers=0, train=False)
     dm.setup("validate")
     loader = dm.val_dataloader()
     batch = next(iter(loader[0] if isinstance(loader, list) else loader))
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-    speed = paired_speedup(teacher, student, inputs, reps=cfg.stage.speed_reps)
+    speed = paired_speedup(teacher, student, inputs, reps=st.speed_reps)
     t_sum, s_sum = model_summary(teacher), model_summary(student)
     dense = t_sum["encoder_params"]
     final = results.get("evaluate") or results["distill"]

@@ -31,6 +31,7 @@ from tdlight.model.surgery import encoder_shape, is_compressed, set_dropout
 from tdlight.model.teacher import load_teacher, resolve_teacher
 from tdlight.stages import training
 from tdlight.stages.classifier import MODEL_INPUTS, model_summary
+from tdlight.stages.registry import settings
 from tdlight.stages.runs import check_positions, student_source, teacher_source
 from tdlight.stages.trainer import adamw
 from tdlight.stages.losses import intermediate_loss, layer_map
@@ -96,13 +97,10 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
     """The settings checks that load no model (:mod:`tdlight.stages.registry`): the step budget, the
     corpus files, and the student and teacher given — unless ``wired`` (a pipeline fills them from
     steps that have not run yet)."""
-    st = cfg.stage
-    if st.max_steps < 1:
-        raise TdlightError(f"{where}.max_steps={st.max_steps}; valid: an integer ≥ 1")
+    st = settings(cfg)
     for name in ("train_files", "heldout_files"):
-        v = st.get(name)
-        if v:
-            resolve_corpus_files(OmegaConf.to_container(v) if OmegaConf.is_config(v) else v, what=f"{where}.{name}")
+        if getattr(st, name):
+            resolve_corpus_files(getattr(st, name), what=f"{where}.{name}")
     if "stage.student" not in wired:
         student_source(cfg)
     if "teacher.run_dir" not in wired:
@@ -111,7 +109,7 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
 
 def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> dict:
     check(cfg)
-    st = cfg.stage
+    st = settings(cfg)
     student_dir = student_source(cfg)
     ckpt = training.begin(cfg, run_dir)
     source = teacher_source(cfg)
@@ -128,12 +126,9 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
         raise TdlightError(f"student hidden size {encoder_shape(student).hidden} != teacher's "
                            f"{encoder_shape(teacher).hidden}: pretrain the student of this teacher")
     ls, lt = encoder_shape(student).num_layers, encoder_shape(teacher).num_layers
-    spec = OmegaConf.to_container(st.layer_map) if OmegaConf.is_config(st.layer_map) else st.layer_map
-    pairs = layer_map(spec, ls, lt)
+    pairs = layer_map(st.layer_map, ls, lt)
     check_positions(student, **{"stage.max_length": st.max_length})
-    files = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
-             for k, v in (("train", st.train_files), ("heldout", st.heldout_files))}
-    dm = CorpusDataModule(tokenizer, train_files=files["train"], heldout_files=files["heldout"] or None,
+    dm = CorpusDataModule(tokenizer, train_files=st.train_files, heldout_files=st.heldout_files or None,
                           max_length=st.max_length, batch_size=st.batch_size, seed=cfg.seed,
                           num_workers=st.num_workers, shuffle_buffer=st.shuffle_buffer,
                           max_heldout_sequences=st.max_heldout_sequences)

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
-from tdlight.config import Config, register_resolvers
+from tdlight.config import Config, check_ranges, register_resolvers
 from tdlight.stages.schemas import (
     DecomposeStage, DistillStage, EvaluateStage, FinetuneStage, PipelineStage, PretrainStage,
 )
@@ -127,3 +128,27 @@ def register() -> None:
     cs.store(name="tdlight_schema", node=Config)
     for name, record in STAGES.items():
         cs.store(group="stage", name=name, node=record.schema)
+
+
+def typed(cfg) -> DictConfig:
+    """``cfg`` (a saved config, a pipeline step's) under the schemas: the top level's and, for a stage
+    of :data:`STAGES`, the stage's own (``Config.stage`` is untyped) — so that its values are checked,
+    its ranges known and :func:`settings` gives the stage's object. A value of the wrong type raises
+    OmegaConf's ValidationError."""
+    out = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    name = OmegaConf.select(out, "stage.name")
+    if name in STAGES:
+        out.stage = OmegaConf.merge(OmegaConf.structured(STAGES[name].schema), out.stage)
+    return out
+
+
+def settings(cfg: DictConfig):
+    """The stage's settings as an object of its schema (``OmegaConf.to_object``): choices as their
+    enum members, lists as lists, interpolations resolved — what a stage reads, instead of raw
+    config. Every entry point types the config (Hydra's composition, :func:`typed`); a stage node
+    that is not (a config built by hand) is typed in place first."""
+    schema = STAGES[cfg.stage.name].schema
+    if OmegaConf.get_type(cfg.stage) is not schema:
+        cfg.stage = OmegaConf.merge(OmegaConf.structured(schema), cfg.stage)
+    check_ranges(cfg.stage, "stage")
+    return OmegaConf.to_object(cfg.stage)

@@ -104,12 +104,6 @@ def teacher_source(cfg: DictConfig) -> str:
     return cfg.teacher.path
 
 
-def teacher_pooling(cfg: DictConfig) -> str:
-    """``teacher.pooling`` as a plain string (``auto``, ``cls`` or ``mean``)."""
-    value = cfg.teacher.get("pooling") or "auto"
-    return getattr(value, "value", value)
-
-
 def write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=float))
 

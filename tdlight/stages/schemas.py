@@ -11,6 +11,21 @@ from enum import Enum
 from typing import Any, Optional
 
 from tdlight.config import Execution, Precision, ranged
+from tdlight.model.calibration import REFIT_MODES
+
+
+class Fit(str, Enum):  # stage.fit: what the factors fit
+    weights = "weights"  # HOOI on the weights (the paper)
+    outputs = "outputs"  # each block's outputs on calibration text (function-preserving, DESIGN §6)
+
+
+class TeacherWeights(str, Enum):  # stage.teacher_weights: which teacher the pipeline decomposes
+    pretrained = "pretrained"  # teacher.path, as in the paper
+    finetuned = "finetuned"  # the pipeline's finetune step (alone: teacher.run_dir)
+
+
+# stage.fit_refit: how a refit pass refits the factors (tdlight.model.calibration.refit_outputs)
+RefitMode = Enum("RefitMode", {m: m for m in REFIT_MODES}, type=str, module=__name__)
 
 
 class StudentHead(str, Enum):
@@ -29,7 +44,7 @@ class DecomposeStage:
     # which teacher's weights the pipeline decomposes: pretrained (teacher.path, as in the paper) or
     # finetuned (the pipeline's finetune step). Alone, stage=decompose decomposes the teacher it is given
     # (teacher.run_dir, else teacher.path); finetuned there needs teacher.run_dir.
-    teacher_weights: str = "pretrained"
+    teacher_weights: TeacherWeights = TeacherWeights.pretrained
     save_model: bool = True
     cache: bool = True  # reuse ${paths.cache_dir}/decompose/<hash of teacher weights + resolved spec>
     # activation-aware refinement (beyond the paper): train the factors on calibration text so that
@@ -47,20 +62,21 @@ class DecomposeStage:
     # calibration text match the teacher's, whitened by each block's input Gram, every block weighted
     # by its relative error; reports the held-out output error per layer and of the last hidden state,
     # on refine_heldout_files, refine_batch_size x refine_heldout_batches sequences, for HOOI and the fit)
-    fit: str = "weights"
+    fit: Fit = Fit.weights
     # calibration text: corpus files, or `task`: the task's own training text (task=<name>; one line per
     # example, a pair's two sentences on one line) — STS-B's student keeps 2.6x more of its teacher (RESULTS §7c)
     calibration_files: Any = "${paths.data_dir}/pretrain_corpus/enwiki_2015_wikiextractor_AA.txt.gz"
-    calibration_sequences: int = 256
-    calibration_max_length: int = 128
-    calibration_damp: float = ranged("≥ 0", 1e-2)  # Gram damping, a fraction of its mean diagonal
+    calibration_sequences: int = ranged("an integer ≥ 1", 256)
+    calibration_max_length: int = ranged("an integer ≥ 3", 128)
+    # Gram damping, a fraction of its mean diagonal (at 1e6 and above the fit is the damping, not the data)
+    calibration_damp: float = ranged("in [0, 1e6)", 1e-2)
     fit_iters: int = ranged("an integer ≥ 0", 10)  # sweeps of the alternation after the closed-form start
     # fit=outputs, then refit on the compressed model's own inputs (errors do not compound):
     # passes (0 = off; a pass is kept only if the held-out last-hidden-state error improves),
     # how (layerwise: every linear in forward order, shared factors fixed | global: every
     # factor at once | both), and whether the biases are refit in closed form
     fit_passes: int = ranged("an integer ≥ 0", 1)
-    fit_refit: str = "layerwise"
+    fit_refit: RefitMode = RefitMode.layerwise
     fit_bias: bool = True
 
 
@@ -96,7 +112,7 @@ class PretrainStage:
     heldout_files: Any = "${paths.data_dir}/pretrain_corpus/wikitext103_heldout/wiki.valid.tokens.gz"
     max_length: int = ranged("an integer ≥ 3", 128)
     batch_size: int = ranged("an integer ≥ 1", 32)
-    max_steps: int = 1000  # optimizer steps (tokens seen = max_steps x batch_size x max_length)
+    max_steps: int = ranged("an integer ≥ 1", 1000)  # optimizer steps (tokens seen = max_steps x batch_size x max_length)
     lr: float = ranged("> 0", 1e-4)
     weight_decay: float = ranged("≥ 0", 0.01)
     warmup_ratio: float = ranged("in [0, 1)", 0.05)
@@ -145,9 +161,9 @@ class DistillStage:
     augment: bool = False  # TinyBERT-style word replacement: augment_copies copies of each train example, cached to disk
     augment_method: AugmentMethod = AugmentMethod.neighbours
     augment_mlm: str = ""  # the masked LM for augment_method=mlm; empty: the fine-tuned teacher's base model
-    augment_copies: int = 4  # augmented copies per training example
-    augment_prob: float = 0.4  # probability of replacing each replaceable word
-    augment_neighbours: int = 10  # candidates per word (nearest embeddings, or the masked LM's top predictions)
+    augment_copies: int = ranged("an integer ≥ 1", 4)  # augmented copies per training example
+    augment_prob: float = ranged("in (0, 1]", 0.4)  # probability of replacing each replaceable word
+    augment_neighbours: int = ranged("an integer ≥ 1", 10)  # candidates per word (nearest embeddings, or the masked LM's top predictions)
     eval_batch_size: int = ranged("an integer ≥ 1", 64)
     limit_train: Optional[int] = ranged("an integer ≥ 1", None)
     limit_eval: Optional[int] = ranged("an integer ≥ 1", None)
@@ -188,6 +204,10 @@ class PipelineStage:
     pretrain: PretrainStage = field(default_factory=PretrainStage)
     distill: DistillStage = field(default_factory=DistillStage)
     evaluate: EvaluateStage = field(default_factory=EvaluateStage)
+    # every step that reads the task (finetune, distill, evaluate): its first N training / dev examples,
+    # unless the step sets its own (stage.finetune.limit_train=...); null: all of them
+    limit_train: Optional[int] = ranged("an integer ≥ 1", None)
+    limit_eval: Optional[int] = ranged("an integer ≥ 1", None)
     speed_batch_size: int = ranged("an integer ≥ 1", 32)  # the measured speed-up: teacher vs student forward on dev batches of this size
     speed_reps: int = ranged("an integer ≥ 1", 10)  # paired repetitions (median)
     execution: Execution = Execution.timed  # the student's execution plan for the measured speed-up

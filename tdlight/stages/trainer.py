@@ -5,6 +5,7 @@ the stages build it."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,28 @@ log = logging.getLogger("tdlight")
 
 CHECKPOINTS = "checkpoints"  # inside a run directory
 LAST = "last.ckpt"  # what a resume continues from
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich bar with two readings fixed: a run budgeted in optimizer steps
+    (``max_epochs=-1``: pretrain, the decomposition's refinement) reads "Steps (budget N)" where
+    Lightning writes "Epoch 0/-2", and a metric with no value yet (distill's ``val/score`` during
+    its intermediate phase, logged as -inf so that the best checkpoint waits for real scores) is
+    left off the bar."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        if trainer.max_epochs is not None and trainer.max_epochs < 0 and trainer.max_steps > 0:
+            return f"Steps (budget {trainer.max_steps})"
+        return super()._get_train_description(current_epoch)
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        def shown(v) -> bool:
+            try:
+                return math.isfinite(float(v))
+            except (TypeError, ValueError):
+                return True
+        return {k: v for k, v in super().get_metrics(trainer, pl_module).items() if shown(v)}
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, *, max_epochs: int, monitor: str | None,
@@ -49,7 +72,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, max_epochs: int, monitor: s
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
                                          save_top_k=1, enable_version_counter=False, save_weights_only=True))
     if t.enable_progress_bar:
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(ProgressBar(leave=True))
     callbacks += extra_callbacks or []
     kwargs: dict[str, Any] = dict(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,

@@ -1,5 +1,5 @@
-"""The training skeleton that finetune, pretrain and distill share — what each writes around its
-own LightningModule and datamodule:
+"""The skeleton every Lightning stage shares — what finetune, pretrain, distill and evaluate write
+around their own LightningModule and datamodule:
 
 1. :func:`begin` — the checkpoint a resumed run continues from (an error before any work when it
    has none), then the seed;
@@ -7,8 +7,10 @@ own LightningModule and datamodule:
    a stage's last preparation that needs the Trainer's device (``before_fit``), ``trainer.fit``
    (resuming), then the best checkpoint's weights and one final validation when the stage keeps
    the best epoch (``monitor``);
-3. :func:`finish` — on rank 0: the model directory (``model/``), ``metrics.json``, the constant-
-   predictor warning and the console table; on every logger: W&B's run summary and its end.
+   (evaluate: :func:`validate` — the same Trainer and seed, one validation, no training);
+3. :func:`finish` — on rank 0: the model directory (``model/``, when the stage makes one),
+   ``metrics.json``, the constant-predictor warning and the console table; on every logger: W&B's
+   run summary and its end.
 
 Lightning runs the loop, checkpoints and resumes; this module only fixes the order of the steps
 around it, which the three stages had each written out (and let drift apart: only finetune ended
@@ -81,20 +83,36 @@ def fit(cfg: DictConfig, run_dir: Path, module: L.LightningModule, datamodule: L
     return Fitted(trainer, results, timer.seconds)
 
 
-def finish(run_dir: Path, fitted: Fitted, out: dict, *, model: torch.nn.Module, tokenizer, model_extra: dict,
-           table: Table | Callable[[dict], Table], who: str | None = None) -> dict:
-    """Save ``model`` (with ``tokenizer`` and ``model_extra`` in its metadata) to ``run_dir/model``
-    and ``out`` to ``metrics.json`` on rank 0, warn loudly when ``who`` (a classifier with dev
-    results in ``out["dev"]``) predicts a constant, print ``table`` (or ``table(out)``), and give W&B
-    the best scores as its run summary before ending its run. Returns ``out``."""
+def validate(cfg: DictConfig, run_dir: Path, module: L.LightningModule, datamodule: L.LightningDataModule, *,
+             summary: dict) -> Fitted:
+    """Evaluate ``module`` once on ``datamodule``'s validation data with the Trainer every stage
+    builds (its loggers, device and precision from ``cfg.trainer``; no checkpoints), after seeding
+    as :func:`begin` does. ``Fitted.results`` holds ``module.results``; the Trainer can validate
+    another module (a model loaded back at its shipped precision) on the same data."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    trainer = build_trainer(cfg, run_dir, max_epochs=1, monitor=None, summary=summary)
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    return Fitted(trainer, dict(getattr(module, "results", {})))
+
+
+def finish(run_dir: Path, fitted: Fitted, out: dict, *, model: torch.nn.Module | None, tokenizer=None,
+           model_extra: dict | None = None, table: Table | Callable[[dict], Table], who: str | None = None,
+           summary_prefix: str = "best") -> dict:
+    """Save ``model`` (with ``tokenizer`` and ``model_extra`` in its metadata; None: the stage makes
+    no model) to ``run_dir/model`` and ``out`` to ``metrics.json`` on rank 0, warn loudly when ``who``
+    (a classifier with dev results in ``out["dev"]``) predicts a constant, print ``table`` (or
+    ``table(out)``), and give W&B ``fitted.results`` (under ``summary_prefix/``) as its run summary
+    before ending its run. Returns ``out``."""
     trainer = fitted.trainer
     if "dev" in out:
         out["constant_predictions"] = is_constant(out["dev"])
     if trainer.is_global_zero:
-        save_model(model, tokenizer, run_dir / "model", extra=model_extra)
+        if model is not None:
+            save_model(model, tokenizer, run_dir / "model", extra=model_extra)
         if who is not None and "dev" in out:
             warn_if_constant(out["dev"], who)
         write_json(run_dir / "metrics.json", out)
         Console().print(table(out) if callable(table) else table)
-    end_loggers(trainer.loggers, {f"best/{k}": v for k, v in fitted.results.items()})
+    end_loggers(trainer.loggers, {f"{summary_prefix}/{k}": v for k, v in fitted.results.items()
+                                  if isinstance(v, (int, float))})
     return out

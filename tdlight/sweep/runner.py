@@ -116,6 +116,10 @@ class Runner:
             raise SweepError(f"study {self.s.name!r} exists with directions {[d.name.lower() for d in study.directions]}; "
                              f"this sweep asks for {sw.directions}. Use a new sweep.name or sweep.dir")
         self._check_identity(study, where)
+        with warnings.catch_warnings():  # (metric names are "experimental" in Optuna 5)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if study.metric_names != sw.objectives:  # optuna-dashboard and Optuna's plots name the objectives
+                study.set_metric_names(list(sw.objectives))
         if not study.trials:
             for point in self.s.enqueue:
                 study.enqueue_trial(dict(point))

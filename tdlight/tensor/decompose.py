@@ -22,6 +22,7 @@ import torch
 
 from tdlight.errors import SpecError
 from tdlight.tensor.factors import Decomposition, Factors, Ranks, slice_errors
+from tdlight.tensor.hooi import INIT, MAX_ITER, TOL
 from tdlight.tensor.variants import variant_of
 
 BALANCES = ("none", "slice", "type")
@@ -57,9 +58,9 @@ def decompose(
     *,
     balance: str = "none",
     labels: Sequence[str] | None = None,
-    init: str = "svd",
-    max_iter: int = 100,
-    tol: float = 1e-4,
+    init: str = INIT,
+    max_iter: int = MAX_ITER,
+    tol: float = TOL,
     seed: int = 0,
     callback: Callable[[int, float], None] | None = None,
 ) -> Decomposition:

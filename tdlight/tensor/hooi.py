@@ -19,6 +19,8 @@ import torch
 from tdlight.errors import SpecError
 
 INITS = ("svd", "random")
+# the stopping rule's defaults, here once: compression.init / max_iter / tol and every caller read them
+INIT, MAX_ITER, TOL = "svd", 100, 1e-4
 
 
 def leading_eigvecs(gram: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,9 +53,9 @@ def hooi(
     tensor: torch.Tensor,
     ranks: tuple[int, int, int],
     *,
-    init: str = "svd",
-    max_iter: int = 100,
-    tol: float = 1e-4,
+    init: str = INIT,
+    max_iter: int = MAX_ITER,
+    tol: float = TOL,
     seed: int = 0,
     callback: Callable[[int, float], None] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor, int, bool, list[float]]:

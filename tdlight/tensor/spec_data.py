@@ -9,7 +9,7 @@ choice is implemented: variants in :mod:`tdlight.tensor.variants`, scopes and gr
 :mod:`tdlight.tensor.hooi`, embedding weightings in :mod:`tdlight.tensor.embedding`.
 
 Below :mod:`tdlight.tensor.spec` and :mod:`tdlight.tensor.accounting`, which read these types: it
-imports only the leaf modules that define the values it holds (layout, factors, embedding, variants).
+imports only the leaf modules that define the values it holds (layout, factors, embedding, variants, hooi).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from tdlight.errors import SpecError
 from tdlight.tensor.embedding import WEIGHTINGS
 from tdlight.tensor.factors import Ranks
+from tdlight.tensor.hooi import INIT, MAX_ITER, TOL
 from tdlight.tensor.layout import Layout
 from tdlight.tensor.variants import VARIANTS, Variant, variant_of
 
@@ -53,9 +54,9 @@ class CompressionSpec:
     bank_ratio: float | None = None  # k / n of each group
     target_ratio: float | None = None  # encoder compression ratio to reach
     balance: str = "none"  # none | slice | type
-    init: str = "svd"  # svd | random
-    max_iter: int = 100
-    tol: float = 1e-4
+    init: str = INIT  # svd | random
+    max_iter: int = MAX_ITER
+    tol: float = TOL
     seed: int = 0
     embedding_rank: int | None = None  # r of the word-embedding table A (V×r) B (r×D); None: dense
     vocab: str | None = None  # None: the full vocabulary | a corpus path | task: the task's training text
@@ -78,9 +79,9 @@ class ResolvedSpec:
     rank_out: int
     banks: dict[str, int] = field(default_factory=dict)
     balance: str = "none"
-    init: str = "svd"
-    max_iter: int = 100
-    tol: float = 1e-4
+    init: str = INIT
+    max_iter: int = MAX_ITER
+    tol: float = TOL
     seed: int = 0
     embedding_rank: int | None = None
     vocab: str | None = None

@@ -1,0 +1,88 @@
+"""What a run prints: one short line per event, no config dump unless asked, each warning once,
+transformers' load report translated, progress bars that read right (tdlight.console, tdlight.cli)."""
+
+import logging
+from types import SimpleNamespace
+
+from tests.conftest import cli, runs
+
+
+def test_a_run_prints_no_config_but_where_it_is_and_each_warning_once(tmp_path, teacher_dir):
+    # rank 2 with a bank of 2 slices leaves blocks dead: HOOI's warning, shown as a red panel
+    r = cli(tmp_path, "stage=decompose", f"teacher.path={teacher_dir}", "compression.rank=2", "compression.bank=2",
+            "logger=none")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = runs(tmp_path, "decompose")
+    assert f"[tdlight] running decompose in {run}" in r.stdout  # one line, without a timestamp
+    assert "compression:\n" not in r.stdout and "rank_in:" not in r.stdout  # no config dump
+    console = r.stdout + r.stderr
+    assert console.count("came back with relative error") == 1, console  # the panel, not a log line too
+    log = (run / "tdlight.log").read_text()
+    assert log.count("came back with relative error") == 1 and "[WARNING]" in log  # the file keeps it
+    assert "resolved spec {" in log and "resolved spec {" not in r.stdout  # the long form: file only
+    assert "rel. error (all blocks)" in r.stdout  # the table
+
+    r = cli(tmp_path, "stage=decompose", f"teacher.path={teacher_dir}", "compression.rank=8", "compression.bank=12",
+            "logger=none", "print_config=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "compression:\n" in r.stdout and "rank: 8" in r.stdout
+
+
+def test_the_console_filter_keeps_file_only_records_off_the_console():
+    from tdlight.console import FILE_ONLY, ConsoleFilter
+
+    make = logging.getLogger("tdlight.test").makeRecord
+    plain = make("tdlight.test", logging.WARNING, __file__, 1, "shown", (), None)
+    quiet = make("tdlight.test", logging.WARNING, __file__, 1, "file only", (), None, extra=FILE_ONLY)
+    assert ConsoleFilter().filter(plain) and not ConsoleFilter().filter(quiet)
+
+
+def test_a_classifier_load_says_what_is_new_in_one_line_instead_of_the_load_report(minilm, caplog, capfd):
+    from tdlight.model.teacher import load_classifier
+
+    with caplog.at_level(logging.INFO, logger="tdlight.model"):
+        load_classifier("minilm", 3)
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "\x1b[" not in out + err
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "tdlight.model"]
+    assert line == "minilm: a new task head (3 output(s)) starts at random: classifier.bias, classifier.weight"
+
+
+def test_a_classifier_load_warns_when_encoder_weights_are_missing(tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    from tdlight.model.teacher import load_classifier
+    from tests.conftest import save_tiny_teacher
+
+    (tmp_path / "v").mkdir()
+    path = save_tiny_teacher(tmp_path / "t", tmp_path / "v")
+    weights = load_file(path / "model.safetensors")
+    del weights["bert.encoder.layer.1.output.dense.weight"]
+    save_file({k: v.contiguous() for k, v in weights.items()}, path / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level(logging.INFO, logger="tdlight.model"):
+        load_classifier(str(path), 2)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "1 weight(s) missing from the checkpoint" in warnings[0]
+    assert "encoder.layer.1.output.dense.weight" in warnings[0]
+
+
+def test_the_progress_bar_reads_steps_for_a_step_budget_and_hides_metrics_without_a_value():
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from tdlight.stages.trainer import ProgressBar
+
+    bar = ProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=200)
+    assert bar._get_train_description(0).startswith("Steps (budget 200)")  # was "Epoch 0/-2"
+    bar._trainer = SimpleNamespace(max_epochs=3, max_steps=-1)
+    assert bar._get_train_description(1).startswith("Epoch 1/2")
+
+    def metrics(self, trainer, module):
+        return {"val/score": float("-inf"), "train/loss": 0.5, "v_num": "a1"}
+
+    RichProgressBar_get_metrics = RichProgressBar.get_metrics
+    try:
+        RichProgressBar.get_metrics = metrics
+        assert bar.get_metrics(None, None) == {"train/loss": 0.5, "v_num": "a1"}
+    finally:
+        RichProgressBar.get_metrics = RichProgressBar_get_metrics
