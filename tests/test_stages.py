@@ -38,8 +38,8 @@ def test_finetune_then_evaluate_cli(tmp_path, teacher_dir):
     # a quiet console: each Lightning line once, no advertisements, no dependency deprecations or
     # W&B chatter, no weight-loading bars; the W&B run is named in one line of ours
     console = r.stdout + r.stderr
-    assert console.count("GPU available") == 1, console[-3000:]
-    for noise in ("💡", "litlogger", "anonymous setting", "LeafSpec", "wandb leet", "Tracking run with wandb",
+    assert console.count("GPU available") <= 1, console[-3000:]  # once where there is a GPU to use
+    for noise in ("GPU available: False", "TPU available", "HPU available", "LOAD REPORT", "💡", "litlogger", "anonymous setting", "LeafSpec", "wandb leet", "Tracking run with wandb",
                   "Loading weights", "Writing model shards", "Saving the dataset"):
         assert noise not in console, (noise, console[-3000:])
     assert "upload it with `wandb sync" in r.stdout
