@@ -364,7 +364,9 @@ def test_experiment_presets_compose_and_resolve(tmp_path, name):
     assert expected[0] <= ratio < expected[1], ratio
     assert ("pretrain" in cfg.stage.steps) == (name not in ("no_pretrain", "quickstart"))
     if name in ("quickstart", "cpu_7", "cpu_48"):  # the recipes that fit a CPU hour
-        assert cfg.stage.decompose.fit == "outputs" and cfg.stage.distill.head == "student"
+        assert cfg.stage.distill.head == "student"
+    if name in ("quickstart", "cpu_7", "cpu_48", "paper_1_7", "paper_1_48"):  # no dead block (RESULTS §7a/§7b)
+        assert cfg.stage.decompose.fit == "outputs"
     if name in ("cpu_7", "cpu_48"):  # 200 reconstruction steps: STS-B 0.17 -> 0.75 at 1/7 (docs/RESULTS.md §5b′)
         assert cfg.stage.pretrain.max_steps == 200 and cfg.stage.distill.intermediate_epochs == 0
     if name == "cpu_7":  # measured better on SST-2 and STS-B (docs/RESULTS.md §7c)
