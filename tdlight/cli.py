@@ -282,8 +282,9 @@ def export_main(args: list[str]) -> int:
         from tdlight.model.onnx import export_onnx
 
         _quiet_dependencies()
-        r = export_onnx(args[0], args[1], execution=kw["execution"], precision=kw["precision"], opset=opset,
-                        verify=verify, overwrite=overwrite)
+        with _working(f"exporting {args[0]} to ONNX{' and checking it in ONNX Runtime' if verify else ''}"):
+            r = export_onnx(args[0], args[1], execution=kw["execution"], precision=kw["precision"], opset=opset,
+                            verify=verify, overwrite=overwrite)
     except TdlightError as e:
         print(f"tdlight: error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -298,6 +299,17 @@ def export_main(args: list[str]) -> int:
                  f"({r['int8_rel_diff']:.1%} of the largest output)")
     print(line)
     return 0
+
+
+@contextlib.contextmanager
+def _working(what: str):
+    """A spinner on stderr while a step of more than a few seconds runs
+    (``plan``: tens of seconds of timing; ``export-onnx``: the export and its check), so that the
+    console never sits silent; nothing when stderr is not a terminal."""
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"{what} …"):
+        yield
 
 
 def plan_main(args: list[str]) -> int:
@@ -320,8 +332,9 @@ def plan_main(args: list[str]) -> int:
         from tdlight.model.io import record_plan
 
         _quiet_dependencies()
-        chosen = record_plan(args[0], device=kw["device"], policy=kw["policy"], batches=batches, seq_len=seq_len,
-                             reps=reps)
+        with _working(f"choosing {args[0]}'s execution plan ({kw['policy']} on {kw['device']})"):
+            chosen = record_plan(args[0], device=kw["device"], policy=kw["policy"], batches=batches, seq_len=seq_len,
+                                 reps=reps)
     except TdlightError as e:
         print(f"tdlight: error: {e}", file=sys.stderr, flush=True)
         return 2

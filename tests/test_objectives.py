@@ -9,6 +9,7 @@ without touching this file.
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import warnings
 
@@ -111,7 +112,7 @@ class StudentMs(Measured):
     needs = "student_ms needs stage=pipeline"
 
 
-def test_a_new_objective_is_one_class_and_one_registry_entry(tmp_path, teacher_dir, capsys):
+def test_a_new_objective_is_one_class_and_one_registry_entry(tmp_path, teacher_dir, capsys, caplog):
     """Registered from outside: its values are the study's, a priced one constrains (an infeasible point is
     not trained), trials.md and the report show it — nothing in tdlight edited."""
     from tdlight.sweep.cli import main
@@ -133,8 +134,11 @@ def test_a_new_objective_is_one_class_and_one_registry_entry(tmp_path, teacher_d
         path.write_text(yaml.safe_dump(spec))
         with pytest.raises(SweepError, match="only quantities known before training"):  # measured: not before
             load(path, ["sweep.constraints=[student_ms<=1]"])
-        assert main("sweep", [str(path)]) == 0, capsys.readouterr().err[-3000:]
+        with caplog.at_level(logging.INFO, logger="tdlight.sweep"):
+            assert main("sweep", [str(path)]) == 0, capsys.readouterr().err[-3000:]
         out = capsys.readouterr().out
+        # each finished trial says where the sweep stands (the infeasible one does not count)
+        assert "1/2 trials done, about" in caplog.text and "2/2 trials done" in caplog.text, caplog.text[-2000:]
 
         ts = trials(tmp_path)
         with warnings.catch_warnings():  # (experimental in Optuna 5)

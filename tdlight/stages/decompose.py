@@ -360,7 +360,8 @@ def _calibration(st: DecomposeStage, seed: int, teacher, tokenizer, console: Con
         raise TdlightError(f"stage.refine_heldout_files={files['heldout']!r} hold no sequence of "
                            f"{st.calibration_max_length} tokens; valid: a held-out file with more text")
     t0 = time.perf_counter()
-    grams, tokens = collect_grams(teacher, batches)
+    with console.status(f"calibration: the input Grams of every encoder linear on {got} sequences …"):
+        grams, tokens = collect_grams(teacher, batches)
     console.print(f"calibration: input Grams of every encoder linear from {got} sequences ({tokens:,} tokens) "
                   f"in {time.perf_counter() - t0:.1f} s")
     return {"grams": grams, "tokens": tokens, "sequences": got, "heldout": heldout, "batches": batches,
@@ -391,8 +392,9 @@ def _fit_outputs(st: DecomposeStage, student, teacher, report, calibration: dict
 
         mode, bias = st.fit_refit.value, st.fit_bias
         t0 = time.perf_counter()
-        records = refit_outputs(student, teacher, calibration["batches"], heldout, passes=passes,
-                                damp=st.calibration_damp, iters=st.fit_iters, bias=bias, mode=mode)
+        with console.status(f"refit: {passes} pass(es) ({mode}) on the compressed model's own inputs …"):
+            records = refit_outputs(student, teacher, calibration["batches"], heldout, passes=passes,
+                                    damp=st.calibration_damp, iters=st.fit_iters, bias=bias, mode=mode)
         kept = [r for r in records if r["kept"]]
         for r in records[1:]:
             console.print(f"refit pass {r['pass']} ({mode}{', biases' if bias else ''}) on the compressed model's own "

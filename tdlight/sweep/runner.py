@@ -231,6 +231,18 @@ class Runner:
         return self.dir / "trials" / f"{number:04d}"
 
     # --- the budget --------------------------------------------------------------------
+    def _progress(self, study: optuna.Study) -> str:
+        """``N/M trials done, about T left``: the trials that count toward the budget (every sweep
+        process's), and the time left at this process's pace so far (wall time per trial it finished,
+        its workers together)."""
+        done = sum(1 for t in study.get_trials(deepcopy=False) if counts_toward_budget(t))
+        text = f"{done}/{self.s.n_trials} trials done"
+        left = self.s.n_trials - done
+        if left > 0 and self.finished_here:
+            secs = (time.time() - self.started) / self.finished_here * left
+            text += f", about {secs / 60:.0f} min left" if secs >= 90 else f", about {secs:.0f} s left"
+        return text
+
     def _used(self, study: optuna.Study, below: int | None = None) -> int:
         ts = study.get_trials(deepcopy=False)
         return sum(1 for t in ts if (below is None or t.number < below)
@@ -405,9 +417,11 @@ class Runner:
         trial.set_user_attr("task_seconds", task_seconds)
         with self.lock:
             self._tell(study, trial, [values[o] for o in sw.objectives])
-        log.info("trial %d: %s (%s)", trial.number,
+            self.finished_here += 1
+            progress = self._progress(study)
+        log.info("trial %d: %s (%s); %s", trial.number,
                  " ".join(f"{o.name} {o.format(values[o.name])}" for o in sw.strategies),
-                 ", ".join(f"{t} {s:.4f}" for t, s in per_task.items()))
+                 ", ".join(f"{t} {s:.4f}" for t, s in per_task.items()), progress)
         self._wandb_summary(cfg, trial, price, per_task, values, tags, tdir)
 
     @staticmethod
@@ -454,6 +468,7 @@ class Runner:
         if gpus and workers > len(gpus):
             log.warning("%d workers share %d GPU(s)", workers, len(gpus))
         done = self._used(study)
+        self.started, self.finished_here = time.time(), 0
         log.info("sweep %s in %s: %d/%d trials done, %d worker(s)%s", self.s.name, self.dir, done, self.s.n_trials,
                  workers, f" on GPUs {gpus}" if gpus else f", {threads} CPU thread(s) each")
         self.crashes: list[str] = []
