@@ -86,3 +86,22 @@ def test_the_progress_bar_reads_steps_for_a_step_budget_and_hides_metrics_withou
         assert bar.get_metrics(None, None) == {"train/loss": 0.5, "v_num": "a1"}
     finally:
         RichProgressBar.get_metrics = RichProgressBar_get_metrics
+
+
+def test_wandb_run_names_read_stage_task_and_ratio_and_a_pipeline_syncs_in_one_command(tmp_path):
+    from tdlight.stages.loggers import run_name, sync_command
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(tmp_path, "stage=distill", "task=mrpc")
+    assert run_name(cfg, tmp_path / "pipeline-1bdd", {"task": "mrpc", "ratio": 7.06}) == "distill/mrpc/7.1x/pipeline-1bdd"
+    cfg = compose_cfg(tmp_path, "stage=finetune", "task=mrpc")
+    assert run_name(cfg, tmp_path / "r", {"task": "mrpc", "ratio": 1.0}) == "finetune/mrpc/r"  # a dense model
+    cfg = compose_cfg(tmp_path, "stage=pretrain")
+    assert run_name(cfg, tmp_path / "r", {"ratio": 48.2}) == "pretrain/48.2x/r"
+
+    steps = [tmp_path / "finetune" / "a", tmp_path / "distill" / "b", tmp_path / "decompose" / "c"]
+    for d in steps[:2]:
+        (d / "wandb" / f"offline-run-20261205_1-{d.name}").mkdir(parents=True)
+    assert sync_command(steps) == (f"wandb sync {steps[0]}/wandb/offline-run-20261205_1-a "
+                                   f"{steps[1]}/wandb/offline-run-20261205_1-b")
+    assert sync_command(steps[2:]) is None

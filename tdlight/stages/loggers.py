@@ -62,7 +62,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> li
         id_file.write_text(run_id + "\n")
         wb = WandbLogger(
             project=lc.project, entity=lc.entity, group=lc.group, tags=list(lc.tags) or None,
-            name=f"{cfg.stage.name}/{run_dir.name}", id=run_id, resume="allow", offline=offline,
+            name=run_name(cfg, run_dir, summary), id=run_id, resume="allow", offline=offline,
             save_dir=str(run_dir), job_type=cfg.stage.name, settings=_wandb_settings(),
         )
         # Lightning always passes `anonymous`, which this wandb ignores with a deprecation warning
@@ -75,6 +75,25 @@ def build_loggers(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> li
     for lg in loggers:
         lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), **summary})
     return loggers
+
+
+def run_name(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> str:
+    """A W&B run name a reader can scan: stage, task, compression ratio (a compressed model's), then
+    the run directory's name, which keeps it unique (``distill/sst2/7.1x/pipeline-1bdd33752132``)."""
+    parts = [str(cfg.stage.name)]
+    if cfg.get("task") is not None and summary.get("task"):
+        parts.append(str(summary["task"]))
+    ratio = summary.get("ratio")
+    if isinstance(ratio, (int, float)) and ratio > 1.01:
+        parts.append(f"{ratio:.1f}x")
+    return "/".join([*parts, run_dir.name])
+
+
+def sync_command(run_dirs: list[Path]) -> str | None:
+    """One ``wandb sync`` command that uploads the offline W&B runs of ``run_dirs`` (a pipeline's
+    steps), or None when none ran offline."""
+    offline = [str(p) for d in run_dirs for p in sorted(Path(d).glob("wandb/offline-run-*")) if p.is_dir()]
+    return f"wandb sync {' '.join(offline)}" if offline else None
 
 
 def finish_wandb() -> None:

@@ -31,7 +31,7 @@ from tdlight.model.speed import paired_speedup
 from tdlight.model.teacher import load_classifier
 from tdlight.stages.classifier import datamodule, is_constant, model_summary, require_task
 from tdlight.stages.runs import CHECKPOINTS, LAST, write_json
-from tdlight.stages.loggers import finish_wandb
+from tdlight.stages.loggers import finish_wandb, sync_command
 from tdlight.stages.registry import STAGES, settings, typed
 
 log = logging.getLogger("tdlight.pipeline")
@@ -197,6 +197,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     summary = _summary(cfg, dirs, results)
     write_json(run_dir / "pipeline.json", {"steps": {s: str(p) for s, p in dirs.items()}, **summary})
     Console().print(_table(summary))
+    sync = sync_command(list(dirs.values()))
+    if sync:  # one command for every step's offline W&B run
+        log.info("upload the steps' W&B runs with `%s`", sync)
     return summary
 
 
