@@ -3,10 +3,11 @@
 Also written automatically at the end of ``tdlight sweep``. Every objective is shown through its
 object (``tdlight.sweep.objectives``: label, column, format, log scale, the teacher's value). The
 plot puts two objectives against each other (``plot_axes``: the sweep's first two, a priced one on
-x; by default the encoder compression ratio on x, log scale, and the GLUE score on y), marks the
-Pareto-optimal trials and the teacher where both its values are known (ratio 1), and, on the ratio
-vs score plot, the paper's two reference rows as shares of this teacher's score (ratio 7.5 at 99%,
-ratio 48 at 96.7%: the claims of Ren et al., ICLR 2022).
+x; by default the encoder compression ratio on x, log scale, and the GLUE score on y), labels every
+trial with its number, marks the Pareto-optimal trials, the constant students (×: their score is the
+majority class's), the majority-class line, the teacher where both its values are known (ratio 1),
+and, on the ratio vs score plot, the paper's two reference rows as shares of this teacher's score
+(ratio 7.5 at 99%, ratio 48 at 96.7%: the claims of Ren et al., ICLR 2022), named in the legend.
 """
 
 from __future__ import annotations
@@ -228,21 +229,35 @@ def _plot(path: Path, done, front, teacher, sweep: Sweep, axes: tuple[Objective,
         pairs = ((value(x, t, sweep), value(y, t, sweep)) for t in trials)
         return [p for p in pairs if None not in p]
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    pts = points(done)
-    if pts:
-        ax.scatter(*zip(*pts), c="0.6", s=25, label="trials")
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    tasks = list(sweep.cfg.tasks)
+    constant = {t.number for t in done if (_top(t.user_attrs.get("top_share")) or 0) > CONSTANT_SHARE}
+    learned = points(t for t in done if t.number not in constant)
+    if learned:
+        ax.scatter(*zip(*learned), c="0.6", s=25, label="trials")
+    flat = points(t for t in done if t.number in constant)
+    if flat:  # their score is the majority class's, whatever it reads
+        ax.scatter(*zip(*flat), marker="x", c="tab:orange", s=30,
+                   label=f"constant students (> {CONSTANT_SHARE:.0%} of predictions one class)")
+    for t in done:  # each point names its trial (trials.md has its settings)
+        p = points([t])
+        if p:
+            ax.annotate(str(t.number), p[0], textcoords="offset points", xytext=(3, -9), fontsize=6, c="0.35")
     fr = sorted(points(front))
     if fr:
         ax.plot(*zip(*fr), "o-", c="tab:red", label="Pareto front")
     tx, ty = x.of_teacher(teacher), y.of_teacher(teacher)
     if tx is not None and ty is not None:
         ax.scatter([tx], [ty], marker="*", s=160, c="black", label="teacher", zorder=3)
+    majority = _majority(done, tasks)
+    if y.name == SCORE.name and majority is not None:
+        ax.axhline(majority, ls="--", lw=1, c="0.5", label="majority class (a student must beat it)")
     if teacher is not None and (x.name, y.name) == ("ratio", SCORE.name):  # the paper's claims: ratio vs score
-        for r, share, name in PAPER:
-            ax.scatter([r], [share * teacher], marker="D", s=50, c="tab:blue", zorder=3)
-            ax.annotate(name, (r, share * teacher), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    tasks = list(sweep.cfg.tasks)
+        for i, (r, share, name) in enumerate(PAPER):
+            ax.scatter([r], [share * teacher], marker="D", s=50, c="tab:blue", zorder=3,
+                       label="the paper's rows (Ren et al., ICLR 2022) as shares of this teacher" if i == 0 else None)
+            ax.annotate(f"{name}: {share:.1%} at {r:g}×", (r, share * teacher), textcoords="offset points",
+                        xytext=(-6, 6), ha="right", fontsize=8)  # (to the left: 1/48 sits at the plot's edge)
     if x.log:
         ax.set_xscale("log")
     if y.log:
@@ -251,7 +266,7 @@ def _plot(path: Path, done, front, teacher, sweep: Sweep, axes: tuple[Objective,
     ax.set_ylabel(y.axis_label(tasks) + (" (log)" if y.log else ""))
     ax.set_title(f"sweep {sweep.settings.name} — {datetime.now():%Y-%m-%d}")
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)  # beside the plot: no point hidden
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
