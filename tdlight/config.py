@@ -232,6 +232,11 @@ RENAMED: tuple[Renamed, ...] = (
     # (the pipeline's stage.steps is its list of steps)
     Renamed("stage.steps", "stage.max_steps", stage="pretrain", moves_to="stage.max_steps"),
     Renamed("stage.pretrain.steps", "stage.pretrain.max_steps", moves_to="stage.pretrain.max_steps"),  # the pipeline's
+    # decompose's held-out text and batch serve the output fit as much as the refinement (2026-12-05)
+    *(r for old, new in (("refine_heldout_files", "heldout_files"), ("refine_heldout_batches", "heldout_batches"),
+                         ("refine_batch_size", "batch_size"))
+      for r in (Renamed(f"stage.{old}", f"stage.{new}", stage="decompose", moves_to=f"stage.{new}"),
+                Renamed(f"stage.decompose.{old}", f"stage.decompose.{new}", moves_to=f"stage.decompose.{new}"))),
 )
 
 

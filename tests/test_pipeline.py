@@ -109,7 +109,7 @@ def test_pipeline_decomposes_the_finetuned_teacher_fitted_on_the_tasks_own_text(
                 "stage.decompose.teacher_weights=finetuned", "stage.decompose.fit=outputs",
                 "stage.decompose.calibration_files=task", "stage.decompose.calibration_sequences=16",
                 "stage.decompose.calibration_max_length=16", "stage.decompose.fit_iters=1",
-                "stage.decompose.refine_batch_size=4", "stage.decompose.refine_heldout_batches=1",
+                "stage.decompose.batch_size=4", "stage.decompose.heldout_batches=1",
                 "stage.distill.intermediate_epochs=0", "stage.distill.prediction_epochs=1",
                 "stage.distill.limit_train=32", "stage.distill.limit_eval=16", "stage.distill.batch_size=16",
                 "stage.distill.max_length=16", *[f.replace("stage.", "stage.pretrain.") for f in files],

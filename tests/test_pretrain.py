@@ -72,8 +72,8 @@ def test_activation_aware_refinement_lowers_layer_output_error(pretrain_inputs, 
     corpus = files[0].split("=", 1)[1]
     heldout = files[1].split("=", 1)[1]
     args = ["stage=decompose", f"teacher.path={teacher_dir}", "compression.rank=8", "compression.bank=12",
-            "stage.refine_steps=15", "stage.refine_lr=3e-3", "stage.refine_batch_size=4", "stage.refine_max_length=16",
-            f"stage.refine_files={corpus}", f"stage.refine_heldout_files={heldout}", "stage.refine_heldout_batches=2",
+            "stage.refine_steps=15", "stage.refine_lr=3e-3", "stage.batch_size=4", "stage.refine_max_length=16",
+            f"stage.refine_files={corpus}", f"stage.heldout_files={heldout}", "stage.heldout_batches=2",
             "trainer=cpu", "trainer.enable_progress_bar=false", "logger=none"]
     r = cli(tmp_path, *args)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -33,8 +33,8 @@ def test_settings_type_a_hand_made_stage_node_and_check_its_ranges(tmp_path):
     untyped = OmegaConf.create(raw)
     assert OmegaConf.get_type(untyped.stage) is dict
     assert settings(untyped).fit is Fit.outputs  # typed in place by the stage's schema
-    raw["stage"]["refine_batch_size"] = 0
-    with pytest.raises(TdlightError, match=r"stage.refine_batch_size=0; valid: an integer ≥ 1"):
+    raw["stage"]["batch_size"] = 0
+    with pytest.raises(TdlightError, match=r"stage.batch_size=0; valid: an integer ≥ 1"):
         settings(OmegaConf.create(raw))
 
 
@@ -124,3 +124,22 @@ def test_the_debug_preset_composes_and_passes_every_check(tmp_path, teacher_dir)
     steps = {s: sc for s, sc, *_ in plan}
     assert steps["finetune"].limit_train == 32 and steps["distill"].limit_eval == 32
     assert steps["pretrain"].max_steps == 2 and steps["decompose"].fit == "outputs"
+
+
+@pytest.mark.parametrize("old, new", [("refine_heldout_files", "heldout_files"),
+                                      ("refine_heldout_batches", "heldout_batches"),
+                                      ("refine_batch_size", "batch_size")])
+def test_decompose_s_held_out_keys_were_renamed_and_old_runs_still_read(tmp_path, old, new):
+    """They serve the output fit as much as the refinement: the old spelling names the new one, and a
+    run saved under it resumes with its value under the new name."""
+    from tdlight.config import migrate_saved, refuse_renamed
+
+    with pytest.raises(TdlightError, match=rf"'stage.{old}' was renamed .*valid: stage.{new}"):
+        refuse_renamed([f"stage.{old}=2"], "decompose")
+    with pytest.raises(TdlightError, match=rf"valid: stage.decompose.{new}"):
+        refuse_renamed([f"stage.decompose.{old}=2"], "pipeline")
+    saved = OmegaConf.to_container(compose_cfg(tmp_path, "stage=pipeline", "task=mrpc"), resolve=False)
+    saved["stage"]["decompose"][old] = saved["stage"]["decompose"].pop(new)
+    saved["stage"]["decompose"][old] = 2 if "file" not in old else "/data/heldout.txt"
+    cfg = typed(migrate_saved(OmegaConf.create(saved)))
+    assert cfg.stage.decompose[new] == saved["stage"]["decompose"][old] and old not in cfg.stage.decompose

@@ -165,8 +165,8 @@ def test_stage_fit_outputs_end_to_end(tmp_path, teacher_dir, corpus):
     path = shutil.copy(path, tmp_path / Path(path).name)  # edited in place below
     args = ["stage=decompose", f"teacher.path={teacher_dir}", "compression.rank=8", "compression.bank=12",
             "stage.fit=outputs", f"stage.calibration_files={path}", "stage.calibration_sequences=24",
-            "stage.calibration_max_length=16", "stage.fit_iters=4", f"stage.refine_heldout_files={heldout}",
-            "stage.refine_batch_size=4", "stage.refine_heldout_batches=2"]
+            "stage.calibration_max_length=16", "stage.fit_iters=4", f"stage.heldout_files={heldout}",
+            "stage.batch_size=4", "stage.heldout_batches=2"]
     r = cli(tmp_path, *args)
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = runs(tmp_path, "decompose")
@@ -224,7 +224,7 @@ def test_stage_fit_outputs_end_to_end(tmp_path, teacher_dir, corpus):
 def test_stage_fit_bad_input(tmp_path, teacher_dir, corpus, extra, msg):
     path, heldout = corpus
     r = cli(tmp_path, "stage=decompose", f"teacher.path={teacher_dir}", "compression.rank=8", "compression.bank=12",
-            f"stage.calibration_files={path}", f"stage.refine_heldout_files={heldout}",
+            f"stage.calibration_files={path}", f"stage.heldout_files={heldout}",
             "stage.calibration_max_length=16", *extra)
     assert r.returncode == 2, r.stderr[-2000:]
     assert msg in r.stderr and "tdlight: error:" in r.stderr

@@ -66,7 +66,9 @@ log = logging.getLogger("tdlight.decompose")
 METRICS = "metrics.json"  # what every stage's finished run reports in
 TASK_TEXT = "task"  # stage.calibration_files=task: the task's own training text
 FIT_KEYS = ("fit", "calibration_files", "calibration_sequences", "calibration_max_length", "calibration_damp",
-            "fit_iters", "fit_passes", "fit_refit", "fit_bias", "refine_heldout_files", "refine_heldout_batches", "refine_batch_size")
+            "fit_iters", "fit_passes", "fit_refit", "fit_bias", "heldout_files", "heldout_batches", "batch_size")
+REFINE_KEYS = ("refine_steps", "refine_lr", "refine_max_length", "refine_files", "batch_size", "heldout_files",
+               "heldout_batches")
 COUNT_CHARS = 10_000_000  # characters of stage.calibration_files read for frequency-weighted embedding rows
 
 
@@ -166,11 +168,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         key = cache_key(teacher, rspec)
         extra = {}
         if refine:  # a refined decomposition also depends on how it was refined
-            extra.update({k: v for k, v in vars(st).items() if k.startswith("refine")})
-            extra["refine_file_stamps"] = _file_stamps(st, ("refine_files", "refine_heldout_files"))
+            extra.update({k: getattr(st, k) for k in REFINE_KEYS})
+            extra["refine_file_stamps"] = _file_stamps(st, ("refine_files", "heldout_files"))
         if outputs:  # ... and an output fit on its calibration (and held-out) text
             extra.update({k: getattr(st, k) for k in FIT_KEYS})
-            extra["fit_file_stamps"] = _file_stamps(st, ("calibration_files", "refine_heldout_files"))
+            extra["fit_file_stamps"] = _file_stamps(st, ("calibration_files", "heldout_files"))
         if tokens is not None:  # ... and compressed embeddings on the token counts of their text
             extra["embedding_tokens"] = state_fingerprint(
                 {"counts": tokens.counts}, extra=json.dumps([tokens.special_ids, tokens.unk_id]))[:20]
@@ -287,9 +289,9 @@ def _refine(cfg: DictConfig, st: DecomposeStage, student, teacher, tokenizer, ru
     """Activation-aware refinement of the factors (see :mod:`tdlight.stages.refine`)."""
     if tokenizer is None:
         raise TdlightError("refinement needs the teacher's tokenizer to read calibration text")
-    dm = CorpusDataModule(tokenizer, train_files=st.refine_files, heldout_files=st.refine_heldout_files,
-                          max_length=st.refine_max_length, batch_size=st.refine_batch_size, seed=cfg.seed,
-                          max_heldout_sequences=st.refine_batch_size * st.refine_heldout_batches)
+    dm = CorpusDataModule(tokenizer, train_files=st.refine_files, heldout_files=st.heldout_files,
+                          max_length=st.refine_max_length, batch_size=st.batch_size, seed=cfg.seed,
+                          max_heldout_sequences=st.batch_size * st.heldout_batches)
     heldout = list(dm.val_dataloader())
     before = heldout_error(student, teacher, heldout)
     module = RefineModule(student, teacher, lr=st.refine_lr, steps=st.refine_steps)
@@ -300,9 +302,9 @@ def _refine(cfg: DictConfig, st: DecomposeStage, student, teacher, tokenizer, ru
     student.requires_grad_(True)
     after = heldout_error(student.cpu(), teacher.cpu(), heldout)
     console.print(f"refinement: layer-output rel. error {before:.4f} -> {after:.4f} "
-                  f"({st.refine_steps} steps of {st.refine_batch_size}x{st.refine_max_length} tokens)")
+                  f"({st.refine_steps} steps of {st.batch_size}x{st.refine_max_length} tokens)")
     return {"steps": st.refine_steps, "layer_error_before": before, "layer_error_after": after,
-            "tokens": st.refine_steps * st.refine_batch_size * st.refine_max_length}
+            "tokens": st.refine_steps * st.batch_size * st.refine_max_length}
 
 
 def task_calibration_file(cfg: DictConfig) -> Path:
@@ -333,7 +335,7 @@ def _check_fit(cfg: DictConfig, st: DecomposeStage, where: str = "stage") -> Non
     if st.calibration_files == TASK_TEXT and cfg.get("task") is None:
         raise TdlightError(f"{where}.calibration_files={TASK_TEXT} calibrates on the task's training text: add "
                            f"task=<name>; valid: {task_options()}")
-    for name in ("calibration_files", "refine_heldout_files"):
+    for name in ("calibration_files", "heldout_files"):
         v = getattr(st, name)
         if name == "calibration_files" and v == TASK_TEXT:
             continue
@@ -342,12 +344,12 @@ def _check_fit(cfg: DictConfig, st: DecomposeStage, where: str = "stage") -> Non
 
 def _calibration(st: DecomposeStage, seed: int, teacher, tokenizer, console: Console) -> dict:
     """Calibration batches -> the teacher's input Grams; plus the held-out batches."""
-    files = {"train": st.calibration_files, "heldout": st.refine_heldout_files}
+    files = {"train": st.calibration_files, "heldout": st.heldout_files}
     want = st.calibration_sequences
-    heldout_n = st.refine_batch_size * st.refine_heldout_batches
+    heldout_n = st.batch_size * st.heldout_batches
     dm = CorpusDataModule(tokenizer, train_files=files["train"], heldout_files=files["heldout"],
                           max_length=st.calibration_max_length, batch_size=min(16, want), shuffle_buffer=0,
-                          eval_batch_size=st.refine_batch_size, max_train_sequences=want,
+                          eval_batch_size=st.batch_size, max_train_sequences=want,
                           max_heldout_sequences=heldout_n, seed=seed)
     batches = list(dm.train_dataloader())
     got = sum(len(b["input_ids"]) for b in batches)
@@ -357,7 +359,7 @@ def _calibration(st: DecomposeStage, seed: int, teacher, tokenizer, console: Con
                            f"(valid: more or longer files, or stage.calibration_sequences ≤ {got})")
     heldout = list(dm.val_dataloader())
     if not heldout:
-        raise TdlightError(f"stage.refine_heldout_files={files['heldout']!r} hold no sequence of "
+        raise TdlightError(f"stage.heldout_files={files['heldout']!r} hold no sequence of "
                            f"{st.calibration_max_length} tokens; valid: a held-out file with more text")
     t0 = time.perf_counter()
     with console.status(f"calibration: the input Grams of every encoder linear on {got} sequences …"):

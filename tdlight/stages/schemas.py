@@ -52,16 +52,18 @@ class DecomposeStage:
     # the layer-output error before and after; 0 steps = off
     refine_steps: int = ranged("an integer ≥ 0", 0)
     refine_lr: float = ranged("> 0", 1e-3)
-    refine_batch_size: int = ranged("an integer ≥ 1", 16)
     refine_max_length: int = ranged("an integer ≥ 3", 128)
     refine_files: Any = "${paths.data_dir}/pretrain_corpus/enwiki_2015_wikiextractor_AA.txt.gz"
-    refine_heldout_files: Any = "${paths.data_dir}/pretrain_corpus/wikitext103_heldout/wiki.valid.tokens.gz"
-    refine_heldout_batches: int = ranged("an integer ≥ 1", 4)
+    # held-out text, read by the refinement and by the output fit alike: heldout_batches batches of
+    # batch_size sequences (batch_size is also the refinement's training batch)
+    batch_size: int = ranged("an integer ≥ 1", 16)
+    heldout_files: Any = "${paths.data_dir}/pretrain_corpus/wikitext103_heldout/wiki.valid.tokens.gz"
+    heldout_batches: int = ranged("an integer ≥ 1", 4)
     # how the factors are fitted: weights (HOOI on the weights, the paper) or outputs (function-
     # preserving, DESIGN §6: start from HOOI and refit the factors so that every block's outputs on
     # calibration text match the teacher's, whitened by each block's input Gram, every block weighted
     # by its relative error; reports the held-out output error per layer and of the last hidden state,
-    # on refine_heldout_files, refine_batch_size x refine_heldout_batches sequences, for HOOI and the fit)
+    # on heldout_files, batch_size x heldout_batches sequences, for HOOI and the fit)
     fit: Fit = Fit.weights
     # calibration text: corpus files, or `task`: the task's own training text (task=<name>; one line per
     # example, a pair's two sentences on one line) — STS-B's student keeps 2.6x more of its teacher (RESULTS §7c)
