@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import SMALL, cli, compose_cfg, crash_at, runs
+from tests.conftest import SMALL, cli, compose_cfg, crash_at, runs, tdlight
 
 
 def weights(model_dir: Path) -> dict:
@@ -449,12 +449,10 @@ def test_ctrl_c_exits_130_with_the_resume_line_also_when_started_in_the_backgrou
     elsewhere.mkdir()
     done = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["epoch"]
     # fewer epochs than the checkpoint has done: one error (was Lightning's MisconfigurationException)
-    r = subprocess.run([sys.executable, "-m", "tdlight.cli", f"resume={run}", f"stage.epochs={max(done - 1, 0)}"],
-                       cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    r = tdlight(f"resume={run}", f"stage.epochs={max(done - 1, 0)}", cwd=elsewhere)  # (in this process)
     if done >= 2:  # (stage.epochs must be ≥ 1)
         assert r.returncode == 2 and f"its checkpoint is past epoch {done}" in r.stderr, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "tdlight.cli", f"resume={run}", f"stage.epochs={done + 1}"],
-                       cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    r = tdlight(f"resume={run}", f"stage.epochs={done + 1}", cwd=elsewhere)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run / "model").is_dir() and list(elsewhere.iterdir()) == []
 

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 from tdlight.sweep.runner import (ABANDONED, DUPLICATE, INTERRUPTED, TRIAL_PID, Runner, counts_toward_budget,
                                   error_summary, open_storage)
 from tdlight.sweep.spec import SweepError, distribution, load
+from tests.conftest import tdlight
 
 TRIAL = ["stage=pipeline", "stage.steps=[finetune,decompose,distill]", "trainer=cpu",
          "trainer.enable_progress_bar=false", "logger=csv",
@@ -89,7 +90,7 @@ def test_search_space_maps_onto_optuna_distributions():
 def test_bad_sweep_input_is_one_clear_error_before_any_trial(tmp_path, teacher_dir, override, msg):
     path = write_sweep(tmp_path, teacher_dir)
     overrides = override if isinstance(override, tuple) else (override,)
-    r = subprocess.run(sweep_cmd(path, *overrides), capture_output=True, text=True, timeout=300)
+    r = tdlight("sweep", str(path), *overrides)
     assert r.returncode == 2, r.stderr[-3000:]
     assert msg in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "sweep" / "trials").exists()
@@ -263,8 +264,7 @@ def test_sweep_with_two_workers_records_failures_and_reports(tmp_path, teacher_d
     useful = [t for t in done if max(t.user_attrs.get("top_share", {}).values(), default=0) <= 0.95]
     assert ("★" in md) == bool(useful) and ("No Pareto front" in md) == (not useful)
     assert "Pareto front" in r.stdout
-    r2 = subprocess.run([sys.executable, "-m", "tdlight.cli", "sweep-report", str(sweep)], capture_output=True,
-                        text=True, timeout=300)
+    r2 = tdlight("sweep-report", str(sweep))
     assert r2.returncode == 0 and "Pareto front" in r2.stdout, r2.stderr[-2000:]
     # rerunning a finished sweep runs nothing more
     n = len(trials(tmp_path))
@@ -365,8 +365,7 @@ def test_resuming_with_another_search_space_is_refused(tmp_path, teacher_dir):
     from omegaconf import OmegaConf
 
     (tmp_path / "sweep" / "sweep.yaml").write_text(OmegaConf.to_yaml(sw.cfg))
-    r = subprocess.run(sweep_cmd(path, "space.compression.rank=choice(4,32)"), capture_output=True, text=True,
-                       timeout=300)
+    r = tdlight("sweep", str(path), "space.compression.rank=choice(4,32)")
     assert r.returncode == 2 and "space differs" in r.stderr, r.stderr[-2000:]
 
 
@@ -489,6 +488,5 @@ def test_a_sweep_killed_alone_takes_its_running_trial_with_it(tmp_path, teacher_
 
 def test_sweep_subcommands_answer_help():
     for sub in ("sweep", "sweep-report"):
-        r = subprocess.run([sys.executable, "-m", "tdlight.cli", sub, "--help"], capture_output=True, text=True,
-                           timeout=120)
+        r = tdlight(sub, "--help")
         assert r.returncode == 0 and r.stdout.startswith("usage: tdlight sweep"), (sub, r.stdout, r.stderr)
