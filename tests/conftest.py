@@ -230,13 +230,13 @@ def tdlight(*args: str, process: bool = False, cwd=None, env: dict | None = None
         return subprocess.run([sys.executable, "-m", "tdlight.cli", *args], capture_output=True, text=True,
                               timeout=timeout, cwd=cwd, env=env)
     assert env is None, "env= needs process=True"
-    return tdlight_in_process(*args, cwd=cwd)
+    return tdlight_in_process(*args, cwd=cwd, timeout=timeout)
 
 
-def cli(out, *overrides: str, process: bool = False, cwd=None):
+def cli(out, *overrides: str, process: bool = False, cwd=None, timeout: float = 600):
     """``tdlight paths.output_dir=<out> <overrides>`` (its CompletedProcess); in this process unless
     ``process=True`` (see :func:`tdlight`)."""
-    return tdlight(f"paths.output_dir={out}", *overrides, process=process, cwd=cwd)
+    return tdlight(f"paths.output_dir={out}", *overrides, process=process, cwd=cwd, timeout=timeout)
 
 
 # The warning filters of a fresh `python -m` process (CPython's defaults, no -W / PYTHONWARNINGS is set
@@ -246,7 +246,12 @@ _PROCESS_WARNING_FILTERS = [("ignore", ResourceWarning), ("ignore", ImportWarnin
                             ("ignore", PendingDeprecationWarning), ("ignore", DeprecationWarning)]
 
 
-def tdlight_in_process(*args: str, cwd=None) -> "subprocess.CompletedProcess":
+class _Timeout(BaseException):
+    """Raised by SIGALRM in an in-process run past its timeout (a BaseException: no ``except Exception``
+    in the command turns it into an error message)."""
+
+
+def tdlight_in_process(*args: str, cwd=None, timeout: float = 600) -> "subprocess.CompletedProcess":
     """``tdlight <args>`` run by calling ``tdlight.cli.main()`` here, as ``python -m tdlight.cli`` runs it,
     with what a new process would have and give:
 
@@ -258,7 +263,8 @@ def tdlight_in_process(*args: str, cwd=None) -> "subprocess.CompletedProcess":
       run), and the library loggers' stream handlers bound to this process's streams at their import
       (optuna's), pointed at the captured ones for the run;
     - the exit code of ``SystemExit``; an exception that escapes ``main()``: exit 1 and its traceback on
-      stderr, as Python prints it; a W&B run left active is ended, as wandb's exit hook ends it.
+      stderr, as Python prints it; a W&B run left active is ended, as wandb's exit hook ends it;
+    - ``subprocess.TimeoutExpired`` past ``timeout`` seconds (SIGALRM), as ``subprocess.run`` raises it.
 
     What a run changes in this process is put back afterwards: the environment (Lightning's seed
     variable...), the working directory, the SIGINT / SIGTERM handlers, logging (Hydra reconfigures it
@@ -288,7 +294,8 @@ def tdlight_in_process(*args: str, cwd=None) -> "subprocess.CompletedProcess":
     rebound = [(h, h.stream) for lg in _loggers().values() for h in lg.handlers
                if type(h) is logging.StreamHandler and h.stream in (stdout, stderr, sys.__stdout__, sys.__stderr__)]
     environ, cwd_before, argv = dict(os.environ), os.getcwd(), sys.argv
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    cmd = [sys.executable, "-m", "tdlight.cli", *args]
     rng = (random.getstate(), np.random.get_state(), torch.random.get_rng_state(), torch.get_num_threads())
     module_state = (tcli._task_started, tcli._RESUME_OVERRIDES, run_dirs._existing)
     code = 0
@@ -310,6 +317,12 @@ def tdlight_in_process(*args: str, cwd=None) -> "subprocess.CompletedProcess":
                 os.chdir(cwd)
             sys.argv = [tcli.__file__, *args]
             tcli._task_started, tcli._RESUME_OVERRIDES = False, []
+
+            def on_alarm(signum, frame):
+                raise _Timeout
+
+            signal.signal(signal.SIGALRM, on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, timeout)
             try:
                 tcli.main()
             except SystemExit as e:
@@ -318,13 +331,18 @@ def tdlight_in_process(*args: str, cwd=None) -> "subprocess.CompletedProcess":
                 else:  # sys.exit("message"): Python prints it and exits 1
                     print(e.code, file=sys.stderr)
                     code = 1
+            except _Timeout:
+                raise subprocess.TimeoutExpired(cmd, timeout, out.buffer.getvalue(), err.buffer.getvalue()) from None
             except KeyboardInterrupt:
                 raise
             except BaseException:  # what Python does with an exception that escapes main()
                 traceback.print_exc()
                 code = 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
             _end_wandb_run()
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         sys.stdout, sys.stderr = stdout, stderr
         for h, stream in rebound:
             h.setStream(stream)
@@ -342,7 +360,7 @@ def tdlight_in_process(*args: str, cwd=None) -> "subprocess.CompletedProcess":
         GlobalHydra.instance().clear()
         _restore_logging(logging_state, manager_disable, (out, err))
     # decoded as subprocess.run(text=True) decodes a process's output: universal newlines (\r -> \n)
-    return subprocess.CompletedProcess([sys.executable, "-m", "tdlight.cli", *args], code, *(
+    return subprocess.CompletedProcess(cmd, code, *(
         s.buffer.getvalue().decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n") for s in (out, err)))
 
 
