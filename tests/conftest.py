@@ -269,7 +269,9 @@ def tdlight_in_process(*args: str, cwd=None, timeout: float = 600) -> "subproces
     What a run changes in this process is put back afterwards: the environment (Lightning's seed
     variable...), the working directory, the SIGINT / SIGTERM handlers, logging (Hydra reconfigures it
     per run: a file handler left on a removed run directory fails a later test), the random generators,
-    torch's thread count, Hydra's global state and the module state of ``tdlight.cli`` / ``tdlight.run_dirs``."""
+    torch's thread count, Hydra's global state and the module state of ``tdlight.cli`` / ``tdlight.run_dirs``;
+    ``tdlight.config.RUN_ID`` is drawn afresh for the run, as each process draws its own (two runs started
+    in the same second must not share a run directory, nor pass for one run when resumed)."""
     import io
     import logging
     import random
@@ -283,6 +285,7 @@ def tdlight_in_process(*args: str, cwd=None, timeout: float = 600) -> "subproces
     from hydra.core.global_hydra import GlobalHydra
 
     import tdlight.cli as tcli
+    import tdlight.config as tconfig
     import tdlight.run_dirs as run_dirs
 
     # text streams over bytes, UTF-8, as a process's pipes are (tqdm draws its bars by the encoding)
@@ -297,7 +300,7 @@ def tdlight_in_process(*args: str, cwd=None, timeout: float = 600) -> "subproces
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
     cmd = [sys.executable, "-m", "tdlight.cli", *args]
     rng = (random.getstate(), np.random.get_state(), torch.random.get_rng_state(), torch.get_num_threads())
-    module_state = (tcli._task_started, tcli._RESUME_OVERRIDES, run_dirs._existing)
+    module_state = (tcli._task_started, tcli._RESUME_OVERRIDES, run_dirs._existing, tconfig.RUN_ID)
     code = 0
     try:
         with warnings.catch_warnings():
@@ -317,6 +320,7 @@ def tdlight_in_process(*args: str, cwd=None, timeout: float = 600) -> "subproces
                 os.chdir(cwd)
             sys.argv = [tcli.__file__, *args]
             tcli._task_started, tcli._RESUME_OVERRIDES = False, []
+            tconfig.RUN_ID = os.urandom(3).hex()  # the process's id in its run directories' names: one per process
 
             def on_alarm(signum, frame):
                 raise _Timeout
@@ -356,7 +360,7 @@ def tdlight_in_process(*args: str, cwd=None, timeout: float = 600) -> "subproces
         np.random.set_state(rng[1])
         torch.random.set_rng_state(rng[2])
         torch.set_num_threads(rng[3])
-        tcli._task_started, tcli._RESUME_OVERRIDES, run_dirs._existing = module_state
+        tcli._task_started, tcli._RESUME_OVERRIDES, run_dirs._existing, tconfig.RUN_ID = module_state
         GlobalHydra.instance().clear()
         _restore_logging(logging_state, manager_disable, (out, err))
     # decoded as subprocess.run(text=True) decodes a process's output: universal newlines (\r -> \n)
