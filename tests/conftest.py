@@ -229,8 +229,7 @@ def tdlight(*args: str, process: bool = False, cwd=None, env: dict | None = None
     if process:
         return subprocess.run([sys.executable, "-m", "tdlight.cli", *args], capture_output=True, text=True,
                               timeout=timeout, cwd=cwd, env=env)
-    assert env is None, "env= needs process=True"
-    return tdlight_in_process(*args, cwd=cwd, timeout=timeout)
+    return tdlight_in_process(*args, cwd=cwd, env=env, timeout=timeout)
 
 
 def cli(out, *overrides: str, process: bool = False, cwd=None, timeout: float = 600):
@@ -251,33 +250,38 @@ class _Timeout(BaseException):
     in the command turns it into an error message)."""
 
 
-def tdlight_in_process(*args: str, cwd=None, timeout: float = 600) -> "subprocess.CompletedProcess":
+def tdlight_in_process(*args: str, cwd=None, env: dict | None = None,
+                       timeout: float = 600) -> "subprocess.CompletedProcess":
     """``tdlight <args>`` run by calling ``tdlight.cli.main()`` here, as ``python -m tdlight.cli`` runs it,
     with what a new process would have and give:
 
-    - ``sys.argv``; logging as Python starts it (the root logger without handlers, at WARNING: the
-      sweep's ``logging.basicConfig`` only configures an unconfigured root), the warning filters of a
-      new process, printed on stderr;
-    - stdout and stderr captured: everything that writes to ``sys.stdout`` / ``sys.stderr`` at write
-      time (print, Rich, warnings, Hydra's console handler, bound when Hydra configures logging for the
-      run), and the library loggers' stream handlers bound to this process's streams at their import
-      (optuna's), pointed at the captured ones for the run;
+    - ``sys.argv``; ``env`` (or this process's environment) as ``os.environ``; logging as Python starts
+      it (the root logger without handlers, at WARNING: the sweep's ``logging.basicConfig`` only
+      configures an unconfigured root); the warning filters of a new process, printed on stderr;
+    - stdout and stderr captured at the file descriptors, as a process's pipes: file descriptors 1 and 2
+      point at two files for the run, and ``sys.stdout`` / ``sys.stderr`` write through to them (UTF-8,
+      unbuffered), so what C code writes there (libpq, ONNX Runtime, the tokenizers library) is captured
+      in order with what Python writes (print, Rich, warnings, Hydra's console handler, bound when Hydra
+      configures logging for the run); library loggers' stream handlers bound to this process's streams
+      at their import (optuna's) are pointed at the captured ones for the run;
     - the exit code of ``SystemExit``; an exception that escapes ``main()``: exit 1 and its traceback on
       stderr, as Python prints it; a W&B run left active is ended, as wandb's exit hook ends it;
-    - ``subprocess.TimeoutExpired`` past ``timeout`` seconds (SIGALRM), as ``subprocess.run`` raises it.
+    - ``subprocess.TimeoutExpired`` past ``timeout`` seconds (SIGALRM), as ``subprocess.run`` raises it;
+    - ``tdlight.config.RUN_ID`` drawn afresh, as each process draws its own (two runs started in the same
+      second must not share a run directory, nor pass for one run when resumed).
 
     What a run changes in this process is put back afterwards: the environment (Lightning's seed
     variable...), the working directory, the SIGINT / SIGTERM handlers, logging (Hydra reconfigures it
     per run: a file handler left on a removed run directory fails a later test), the random generators,
-    torch's thread count, Hydra's global state and the module state of ``tdlight.cli`` / ``tdlight.run_dirs``;
-    ``tdlight.config.RUN_ID`` is drawn afresh for the run, as each process draws its own (two runs started
-    in the same second must not share a run directory, nor pass for one run when resumed)."""
+    torch's thread count, Hydra's global state and the module state of ``tdlight.cli`` /
+    ``tdlight.run_dirs`` / ``tdlight.config``."""
     import io
     import logging
     import random
     import signal
     import subprocess
     import sys
+    import tempfile
     import traceback
     import warnings
 
@@ -288,9 +292,7 @@ def tdlight_in_process(*args: str, cwd=None, timeout: float = 600) -> "subproces
     import tdlight.config as tconfig
     import tdlight.run_dirs as run_dirs
 
-    # text streams over bytes, UTF-8, as a process's pipes are (tqdm draws its bars by the encoding)
-    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace", write_through=True)
-                for _ in range(2))
+    cmd = [sys.executable, "-m", "tdlight.cli", *args]
     stdout, stderr = sys.stdout, sys.stderr
     logging_state = _logging_state()
     manager_disable = logging.root.manager.disable
@@ -298,11 +300,24 @@ def tdlight_in_process(*args: str, cwd=None, timeout: float = 600) -> "subproces
                if type(h) is logging.StreamHandler and h.stream in (stdout, stderr, sys.__stdout__, sys.__stderr__)]
     environ, cwd_before, argv = dict(os.environ), os.getcwd(), sys.argv
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
-    cmd = [sys.executable, "-m", "tdlight.cli", *args]
     rng = (random.getstate(), np.random.get_state(), torch.random.get_rng_state(), torch.get_num_threads())
     module_state = (tcli._task_started, tcli._RESUME_OVERRIDES, run_dirs._existing, tconfig.RUN_ID)
+    files = (tempfile.TemporaryFile(), tempfile.TemporaryFile())  # what the process's fds 1 and 2 would reach
+    for s in (stdout, stderr):
+        s.flush()
+    saved_fds = (os.dup(1), os.dup(2))
+    out, err = (io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+                                 write_through=True) for fd in (1, 2))
+
+    def captured() -> tuple[bytes, bytes]:
+        for f in files:
+            f.seek(0)
+        return files[0].read(), files[1].read()
+
     code = 0
     try:
+        os.dup2(files[0].fileno(), 1)
+        os.dup2(files[1].fileno(), 2)
         with warnings.catch_warnings():
             warnings.resetwarnings()
             for action, category in _PROCESS_WARNING_FILTERS:
@@ -316,11 +331,14 @@ def tdlight_in_process(*args: str, cwd=None, timeout: float = 600) -> "subproces
             for h, stream in rebound:
                 h.setStream(out if stream in (stdout, sys.__stdout__) else err)
             sys.stdout, sys.stderr = out, err
+            if env is not None:
+                os.environ.clear()
+                os.environ.update(env)
             if cwd is not None:
                 os.chdir(cwd)
             sys.argv = [tcli.__file__, *args]
             tcli._task_started, tcli._RESUME_OVERRIDES = False, []
-            tconfig.RUN_ID = os.urandom(3).hex()  # the process's id in its run directories' names: one per process
+            tconfig.RUN_ID = os.urandom(3).hex()
 
             def on_alarm(signum, frame):
                 raise _Timeout
@@ -336,7 +354,7 @@ def tdlight_in_process(*args: str, cwd=None, timeout: float = 600) -> "subproces
                     print(e.code, file=sys.stderr)
                     code = 1
             except _Timeout:
-                raise subprocess.TimeoutExpired(cmd, timeout, out.buffer.getvalue(), err.buffer.getvalue()) from None
+                raise subprocess.TimeoutExpired(cmd, timeout, *captured()) from None
             except KeyboardInterrupt:
                 raise
             except BaseException:  # what Python does with an exception that escapes main()
@@ -347,6 +365,12 @@ def tdlight_in_process(*args: str, cwd=None, timeout: float = 600) -> "subproces
             _end_wandb_run()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        for s in (out, err):
+            s.flush()
+        os.dup2(saved_fds[0], 1)
+        os.dup2(saved_fds[1], 2)
+        for fd in saved_fds:
+            os.close(fd)
         sys.stdout, sys.stderr = stdout, stderr
         for h, stream in rebound:
             h.setStream(stream)
@@ -363,9 +387,12 @@ def tdlight_in_process(*args: str, cwd=None, timeout: float = 600) -> "subproces
         tcli._task_started, tcli._RESUME_OVERRIDES, run_dirs._existing, tconfig.RUN_ID = module_state
         GlobalHydra.instance().clear()
         _restore_logging(logging_state, manager_disable, (out, err))
+    output = captured()
+    for f in files:
+        f.close()
     # decoded as subprocess.run(text=True) decodes a process's output: universal newlines (\r -> \n)
     return subprocess.CompletedProcess(cmd, code, *(
-        s.buffer.getvalue().decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n") for s in (out, err)))
+        b.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n") for b in output))
 
 
 def _loggers() -> dict:
