@@ -1,6 +1,7 @@
 """Shared fixtures. Tests never touch the network: everything is offline."""
 
 import contextlib
+import itertools
 import os
 import tempfile
 
@@ -245,6 +246,9 @@ _PROCESS_WARNING_FILTERS = [("ignore", ResourceWarning), ("ignore", ImportWarnin
                             ("ignore", PendingDeprecationWarning), ("ignore", DeprecationWarning)]
 
 
+_RUN_IDS = itertools.count(int.from_bytes(os.urandom(3), "big") % 0x800000)  # (3 bytes of hex, as tdlight's)
+
+
 class _Timeout(BaseException):
     """Raised by SIGALRM in an in-process run past its timeout (a BaseException: no ``except Exception``
     in the command turns it into an error message)."""
@@ -268,7 +272,9 @@ def tdlight_in_process(*args: str, cwd=None, env: dict | None = None,
       stderr, as Python prints it; a W&B run left active is ended, as wandb's exit hook ends it;
     - ``subprocess.TimeoutExpired`` past ``timeout`` seconds (SIGALRM), as ``subprocess.run`` raises it;
     - ``tdlight.config.RUN_ID`` drawn afresh, as each process draws its own (two runs started in the same
-      second must not share a run directory, nor pass for one run when resumed).
+      second must not share a run directory, nor pass for one run when resumed); drawn in increasing order,
+      so that run directories started in the same second (<time>_<id>) sort in the order they were started,
+      as those of processes that each took seconds to start did (tests take the last one as the newest).
 
     What a run changes in this process is put back afterwards: the environment (Lightning's seed
     variable...), the working directory, the SIGINT / SIGTERM handlers, logging (Hydra reconfigures it
@@ -338,7 +344,7 @@ def tdlight_in_process(*args: str, cwd=None, env: dict | None = None,
                 os.chdir(cwd)
             sys.argv = [tcli.__file__, *args]
             tcli._task_started, tcli._RESUME_OVERRIDES = False, []
-            tconfig.RUN_ID = os.urandom(3).hex()
+            tconfig.RUN_ID = f"{next(_RUN_IDS):06x}"
 
             def on_alarm(signum, frame):
                 raise _Timeout
