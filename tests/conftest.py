@@ -1,6 +1,7 @@
 """Shared fixtures. Tests never touch the network: everything is offline."""
 
 import contextlib
+import itertools
 import os
 import tempfile
 
@@ -215,13 +216,246 @@ SMALL = ["stage.limit_train=48", "stage.limit_eval=32", "stage.batch_size=16", "
          "trainer=cpu", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
 
 
-def cli(out, *overrides: str):
-    """``tdlight paths.output_dir=<out> <overrides>`` as a subprocess (its CompletedProcess)."""
+def tdlight(*args: str, process: bool = False, cwd=None, env: dict | None = None,
+            timeout: float = 600) -> "subprocess.CompletedProcess":
+    """``tdlight <args>``: its exit code, stdout and stderr as a ``CompletedProcess``.
+
+    In this process by default (:func:`tdlight_in_process`: the ~9 s of start-up that each
+    ``python -m tdlight.cli`` pays, importing torch, Lightning and transformers, is paid once per
+    test session). ``process=True`` runs ``python -m tdlight.cli`` as a real process, for what needs
+    one: signals, kill -9, a process that dies, runs at the same time, a pipe closed under it."""
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "tdlight.cli", f"paths.output_dir={out}", *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if process:
+        return subprocess.run([sys.executable, "-m", "tdlight.cli", *args], capture_output=True, text=True,
+                              timeout=timeout, cwd=cwd, env=env)
+    return tdlight_in_process(*args, cwd=cwd, env=env, timeout=timeout)
+
+
+def cli(out, *overrides: str, process: bool = False, cwd=None, timeout: float = 600):
+    """``tdlight paths.output_dir=<out> <overrides>`` (its CompletedProcess); in this process unless
+    ``process=True`` (see :func:`tdlight`)."""
+    return tdlight(f"paths.output_dir={out}", *overrides, process=process, cwd=cwd, timeout=timeout)
+
+
+# The warning filters of a fresh `python -m` process (CPython's defaults, no -W / PYTHONWARNINGS is set
+# by scripts/test.sh): inside the test process, pytest records warnings instead of printing them, and
+# an in-process command must print what its process would (tests assert that a console is quiet).
+_PROCESS_WARNING_FILTERS = [("ignore", ResourceWarning), ("ignore", ImportWarning),
+                            ("ignore", PendingDeprecationWarning), ("ignore", DeprecationWarning)]
+
+
+_RUN_IDS = itertools.count(int.from_bytes(os.urandom(3), "big") % 0x800000)  # (3 bytes of hex, as tdlight's)
+
+
+class _Timeout(BaseException):
+    """Raised by SIGALRM in an in-process run past its timeout (a BaseException: no ``except Exception``
+    in the command turns it into an error message)."""
+
+
+def tdlight_in_process(*args: str, cwd=None, env: dict | None = None,
+                       timeout: float = 600) -> "subprocess.CompletedProcess":
+    """``tdlight <args>`` run by calling ``tdlight.cli.main()`` here, as ``python -m tdlight.cli`` runs it,
+    with what a new process would have and give:
+
+    - ``sys.argv``; ``env`` (or this process's environment) as ``os.environ``; logging as Python starts
+      it (the root logger without handlers, at WARNING: the sweep's ``logging.basicConfig`` only
+      configures an unconfigured root); the warning filters of a new process, printed on stderr;
+    - stdout and stderr captured at the file descriptors, as a process's pipes: file descriptors 1 and 2
+      point at two files for the run, and ``sys.stdout`` / ``sys.stderr`` write through to them (UTF-8,
+      unbuffered), so what C code writes there (libpq, ONNX Runtime, the tokenizers library) is captured
+      in order with what Python writes (print, Rich, warnings, Hydra's console handler, bound when Hydra
+      configures logging for the run); library loggers' stream handlers bound to this process's streams
+      at their import (optuna's) are pointed at the captured ones for the run;
+    - the exit code of ``SystemExit``; an exception that escapes ``main()``: exit 1 and its traceback on
+      stderr, as Python prints it; a W&B run left active is ended, as wandb's exit hook ends it;
+    - ``subprocess.TimeoutExpired`` past ``timeout`` seconds (SIGALRM), as ``subprocess.run`` raises it;
+    - ``tdlight.config.RUN_ID`` drawn afresh, as each process draws its own (two runs started in the same
+      second must not share a run directory, nor pass for one run when resumed); drawn in increasing order,
+      so that run directories started in the same second (<time>_<id>) sort in the order they were started,
+      as those of processes that each took seconds to start did (tests take the last one as the newest).
+
+    What a run changes in this process is put back afterwards: the environment (Lightning's seed
+    variable...), the working directory, the SIGINT / SIGTERM handlers, logging (Hydra reconfigures it
+    per run: a file handler left on a removed run directory fails a later test), the random generators,
+    torch's thread count, Hydra's global state and the module state of ``tdlight.cli`` /
+    ``tdlight.run_dirs`` / ``tdlight.config``."""
+    import io
+    import logging
+    import random
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import traceback
+    import warnings
+
+    import numpy as np
+    from hydra.core.global_hydra import GlobalHydra
+
+    import tdlight.cli as tcli
+    import tdlight.config as tconfig
+    import tdlight.run_dirs as run_dirs
+
+    cmd = [sys.executable, "-m", "tdlight.cli", *args]
+    stdout, stderr = sys.stdout, sys.stderr
+    logging_state = _logging_state()
+    manager_disable = logging.root.manager.disable
+    rebound = [(h, h.stream) for lg in _loggers().values() for h in lg.handlers
+               if type(h) is logging.StreamHandler and h.stream in (stdout, stderr, sys.__stdout__, sys.__stderr__)]
+    environ, cwd_before, argv = dict(os.environ), os.getcwd(), sys.argv
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    rng = (random.getstate(), np.random.get_state(), torch.random.get_rng_state(), torch.get_num_threads())
+    module_state = (tcli._task_started, tcli._RESUME_OVERRIDES, run_dirs._existing, tconfig.RUN_ID)
+    files = (tempfile.TemporaryFile(), tempfile.TemporaryFile())  # what the process's fds 1 and 2 would reach
+    for s in (stdout, stderr):
+        s.flush()
+    saved_fds = (os.dup(1), os.dup(2))
+    out, err = (io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+                                 write_through=True) for fd in (1, 2))
+
+    def captured() -> tuple[bytes, bytes]:
+        for f in files:
+            f.seek(0)
+        return files[0].read(), files[1].read()
+
+    code = 0
+    try:
+        os.dup2(files[0].fileno(), 1)
+        os.dup2(files[1].fileno(), 2)
+        with warnings.catch_warnings():
+            warnings.resetwarnings()
+            for action, category in _PROCESS_WARNING_FILTERS:
+                warnings.simplefilter(action, category)
+            warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+            warnings.showwarning = _print_warning  # (pytest's recorder is in place during a test)
+            root = logging.getLogger()
+            for h in list(root.handlers):
+                root.removeHandler(h)
+            root.setLevel(logging.WARNING)
+            for h, stream in rebound:
+                h.setStream(out if stream in (stdout, sys.__stdout__) else err)
+            sys.stdout, sys.stderr = out, err
+            if env is not None:
+                os.environ.clear()
+                os.environ.update(env)
+            if cwd is not None:
+                os.chdir(cwd)
+            sys.argv = [tcli.__file__, *args]
+            tcli._task_started, tcli._RESUME_OVERRIDES = False, []
+            tconfig.RUN_ID = f"{next(_RUN_IDS):06x}"
+
+            def on_alarm(signum, frame):
+                raise _Timeout
+
+            signal.signal(signal.SIGALRM, on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+            try:
+                tcli.main()
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    code = e.code or 0
+                else:  # sys.exit("message"): Python prints it and exits 1
+                    print(e.code, file=sys.stderr)
+                    code = 1
+            except _Timeout:
+                raise subprocess.TimeoutExpired(cmd, timeout, *captured()) from None
+            except KeyboardInterrupt:
+                raise
+            except BaseException:  # what Python does with an exception that escapes main()
+                traceback.print_exc()
+                code = 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            _end_wandb_run()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for s in (out, err):
+            s.flush()
+        os.dup2(saved_fds[0], 1)
+        os.dup2(saved_fds[1], 2)
+        for fd in saved_fds:
+            os.close(fd)
+        sys.stdout, sys.stderr = stdout, stderr
+        for h, stream in rebound:
+            h.setStream(stream)
+        sys.argv = argv
+        os.chdir(cwd_before)
+        os.environ.clear()
+        os.environ.update(environ)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.random.set_rng_state(rng[2])
+        torch.set_num_threads(rng[3])
+        tcli._task_started, tcli._RESUME_OVERRIDES, run_dirs._existing, tconfig.RUN_ID = module_state
+        GlobalHydra.instance().clear()
+        _restore_logging(logging_state, manager_disable, (out, err))
+    output = captured()
+    for f in files:
+        f.close()
+    # decoded as subprocess.run(text=True) decodes a process's output: universal newlines (\r -> \n)
+    return subprocess.CompletedProcess(cmd, code, *(
+        b.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n") for b in output))
+
+
+def _loggers() -> dict:
+    import logging
+
+    found = {name: lg for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    found[""] = logging.getLogger()
+    return found
+
+
+def _logging_state() -> dict:
+    return {name: (lg.level, list(lg.handlers), list(lg.filters), lg.propagate, lg.disabled)
+            for name, lg in _loggers().items()}
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """What Python's own warnings.showwarning does: the formatted warning on sys.stderr (looked up now)."""
+    import sys
+    import warnings
+
+    (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _end_wandb_run() -> None:
+    """End the W&B run a command left active, as its process's exit does (wandb's atexit hook): else the
+    next in-process command's WandbLogger would adopt it instead of starting its own."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+def _restore_logging(state: dict, disable: int, streams: tuple) -> None:
+    """Every logger back to its level, handlers, filters and propagation before an in-process run;
+    the handlers the run added closed (Hydra's tdlight.log file handlers, its console handler), and
+    those of loggers the run created that write to a file or to the run's captured streams removed."""
+    import logging
+
+    logging.disable(disable)
+    for name, lg in _loggers().items():
+        if name in state:
+            level, handlers, filters, propagate, disabled = state[name]
+            for h in [h for h in lg.handlers if h not in handlers]:
+                lg.removeHandler(h)
+                h.close()
+            for h in handlers:
+                if h not in lg.handlers:
+                    lg.addHandler(h)
+            lg.setLevel(level)
+            lg.filters[:] = filters
+            lg.propagate, lg.disabled = propagate, disabled
+        else:
+            for h in [h for h in lg.handlers
+                      if isinstance(h, logging.FileHandler) or getattr(h, "stream", None) in streams]:
+                lg.removeHandler(h)
+                h.close()
 
 
 def runs(out, stage: str) -> list:

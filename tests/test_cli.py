@@ -1,4 +1,6 @@
-"""The real `tdlight` entry point, run as a user would (subprocess, tiny teacher on disk)."""
+"""The `tdlight` entry point, run as a user would (tiny teacher on disk): its main() in the test
+process (conftest.tdlight), and as real processes where it takes one (runs started together, the
+installed console script)."""
 
 import json
 import subprocess
@@ -9,13 +11,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from tdlight.config import migrate_saved
+from tests.conftest import tdlight
 
 
 def run_cli(out: Path, *overrides: str) -> subprocess.CompletedProcess:
     flags = [o for o in overrides if o.startswith("--")]
     rest = [o for o in overrides if not o.startswith("--")]
-    cmd = [sys.executable, "-m", "tdlight.cli", *flags, f"paths.output_dir={out}", *rest]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return tdlight(*flags, f"paths.output_dir={out}", *rest)
 
 
 def run_dirs(out: Path) -> list[Path]:
@@ -181,8 +183,13 @@ def test_help_is_tdlights_own_page():
     `tdlight help` a parse error)."""
     from tdlight.stages.registry import STAGES
 
+    # --help through the installed console script (`tdlight`, next to this interpreter): the one test
+    # that runs the entry point pip wrote; `help` in this process
+    script = Path(sys.executable).parent / "tdlight"
+    assert script.is_file(), script
     for flag in ("--help", "help"):
-        r = subprocess.run([sys.executable, "-m", "tdlight.cli", flag], capture_output=True, text=True, timeout=300)
+        r = (subprocess.run([str(script), flag], capture_output=True, text=True, timeout=300) if flag == "--help"
+             else tdlight(flag))
         assert r.returncode == 0 and r.stderr == "", (flag, r.stderr[-2000:])
         for text in ("sweep-report SWEEP_DIR", "export-onnx MODEL_DIR", "plan MODEL_DIR", "dry_run=true", "--cfg job",
                      "task:        cola", "experiment:", "quickstart", *STAGES):

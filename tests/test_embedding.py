@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from tdlight.model.surgery import compress, count_parameters, densify, encoder_s
 from tdlight.tensor.accounting import param_counts
 from tdlight.tensor.embedding import TokenStats, embedding_error, fit_embedding, row_weights
 from tdlight.tensor.spec import CompressionSpec, ResolvedSpec, resolve
+from tests.conftest import cli
 
 V, D, UNK = 99, 32, 1  # tiny_config: 99 ids, hidden 32; the tiny tokenizer's [UNK] is id 1
 FULL = dict(variant="tucker", rank=D, bank=24)  # the tiny encoder at full rank and bank: exact
@@ -258,8 +258,7 @@ def test_token_stats_count_the_text_and_refuse_a_text_without_usable_tokens(tmp_
 # --- the command ----------------------------------------------------------------------------
 
 def run_cli(out_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "tdlight.cli", f"paths.output_dir={out_dir}", *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return cli(out_dir, *overrides)
 
 
 def test_decompose_compresses_the_embeddings(tmp_path, word_teacher):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from tdlight.model import execution as ex
 from tdlight.model.io import load_compressed, record_plan, save_compressed
 from tdlight.model.surgery import compress, set_mode
 from tdlight.tensor.spec import CompressionSpec
-from tests.conftest import read_only, tiny_config
+from tests.conftest import read_only, tdlight, tiny_config
 
 
 def compressed(tiny_bert, rank=8, bank=6, variant="tucker"):
@@ -228,8 +226,7 @@ def test_bad_execution_inputs_on_load_and_record(tmp_path, tiny_bert):
 
 def test_plan_cli_records_and_refuses_bad_input(tmp_path, tiny_bert):
     path = save_compressed(compressed(tiny_bert), tmp_path / "m")
-    cmd = [sys.executable, "-m", "tdlight.cli", "plan"]
-    r = subprocess.run([*cmd, str(path), "policy=macs"], capture_output=True, text=True, timeout=300)
+    r = tdlight("plan", str(path), "policy=macs")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "execution plan" in r.stdout and json.loads((path / "tdlight.json").read_text())["execution"]["policy"] == "macs"
     for args, message in ([[str(path), "speed=1"], "unknown argument 'speed=1'; valid: device=, policy="],
@@ -237,7 +234,7 @@ def test_plan_cli_records_and_refuses_bad_input(tmp_path, tiny_bert):
                           [[str(path), "policy=best"], "execution policy 'best'; valid"],
                           [[str(tmp_path / "none")], "does not exist"],
                           [[], "needs a compressed model directory"]):
-        r = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300)
+        r = tdlight("plan", *args)
         assert r.returncode == 2 and "tdlight: error: " in r.stderr and message in r.stderr, (args, r.stderr[-2000:])
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -102,9 +100,9 @@ def test_bad_export_inputs_leave_nothing_half_written(tmp_path, model_dir, earli
 def test_export_cli(tmp_path, model_dir, capsys, monkeypatch):
     from tdlight.cli import export_main
     from tdlight.model.onnx import max_opset
+    from tests.conftest import tdlight
 
-    cmd = [sys.executable, "-m", "tdlight.cli", "export-onnx"]
-    r = subprocess.run([*cmd, str(model_dir), str(tmp_path / "o.onnx")], capture_output=True, text=True, timeout=300)
+    r = tdlight("export-onnx", str(model_dir), str(tmp_path / "o.onnx"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "wrote" in r.stdout and "ONNX Runtime vs PyTorch" in r.stdout and (tmp_path / "o.onnx").stat().st_size > 0
     (model_dir / "keep.onnx").write_bytes(b"x")
@@ -130,7 +128,7 @@ def test_export_cli(tmp_path, model_dir, capsys, monkeypatch):
                           [["", "x.onnx"], "model directory is an empty string; valid"],
                           [[str(model_dir), "x.onnx", "dtype=fp16"], "unknown argument 'dtype=fp16'"]):
         monkeypatch.chdir(tmp_path)
-        code = export_main(args)  # in-process: the real subprocess entry point ran above
+        code = export_main(args)  # the command's own function: the whole entry point ran above
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("tdlight: error: ") and message in err, (args, err[-2000:])
         assert not (tmp_path / "x.onnx").exists()

@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import SMALL, cli, compose_cfg, crash_at, runs
+from tests.conftest import SMALL, cli, compose_cfg, crash_at, runs, tdlight
 
 
 def weights(model_dir: Path) -> dict:
@@ -75,8 +75,23 @@ def test_finetune_then_evaluate_cli(tmp_path, teacher_dir):
     assert r.returncode == 2 and "stage.precision" in r.stderr and "int8" in r.stderr, r.stderr[-2000:]
 
 
+def resume_overrides(teacher_dir) -> list[str]:
+    return ["stage=finetune", "task=stsb", f"teacher.path={teacher_dir}", "stage.epochs=2", "logger=csv",
+            "trainer.checkpoint_every_n_steps=1", *SMALL, "stage.limit_train=64"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, teacher_dir):
+    """The uninterrupted run that each crash-and-resume case is compared with (read only: trained once)."""
+    from tdlight.stages import finetune
+
+    out = tmp_path_factory.mktemp("straight")
+    finetune.run(compose_cfg(out, *resume_overrides(teacher_dir)), out / "straight")
+    return out / "straight"
+
+
 @pytest.mark.parametrize("stop_after", [2, 4, 6], ids=["mid-epoch-0", "end-of-epoch-0", "mid-epoch-1"])
-def test_resume_equals_uninterrupted(tmp_path, teacher_dir, stop_after):
+def test_resume_equals_uninterrupted(tmp_path, teacher_dir, straight, stop_after):
     """2 epochs of 4 steps straight == crashed after `stop_after` steps + resumed: same weights, same scores."""
     import time
 
@@ -84,11 +99,7 @@ def test_resume_equals_uninterrupted(tmp_path, teacher_dir, stop_after):
 
     t0 = time.perf_counter()
 
-    over = ["stage=finetune", "task=stsb", f"teacher.path={teacher_dir}", "stage.epochs=2", "logger=csv",
-            "trainer.checkpoint_every_n_steps=1", *SMALL, "stage.limit_train=64"]
-    straight = tmp_path / "straight"
-    finetune.run(compose_cfg(tmp_path, *over), straight)
-
+    over = resume_overrides(teacher_dir)
     resumed = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="simulated crash"):
         finetune.run(compose_cfg(tmp_path, *over), resumed, extra_callbacks=[crash_at(stop_after)])
@@ -449,12 +460,10 @@ def test_ctrl_c_exits_130_with_the_resume_line_also_when_started_in_the_backgrou
     elsewhere.mkdir()
     done = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["epoch"]
     # fewer epochs than the checkpoint has done: one error (was Lightning's MisconfigurationException)
-    r = subprocess.run([sys.executable, "-m", "tdlight.cli", f"resume={run}", f"stage.epochs={max(done - 1, 0)}"],
-                       cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    r = tdlight(f"resume={run}", f"stage.epochs={max(done - 1, 0)}", cwd=elsewhere)  # (in this process)
     if done >= 2:  # (stage.epochs must be ≥ 1)
         assert r.returncode == 2 and f"its checkpoint is past epoch {done}" in r.stderr, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "tdlight.cli", f"resume={run}", f"stage.epochs={done + 1}"],
-                       cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    r = tdlight(f"resume={run}", f"stage.epochs={done + 1}", cwd=elsewhere)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run / "model").is_dir() and list(elsewhere.iterdir()) == []
 

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 from tdlight.sweep.runner import (ABANDONED, DUPLICATE, INTERRUPTED, TRIAL_PID, Runner, counts_toward_budget,
                                   error_summary, open_storage)
 from tdlight.sweep.spec import SweepError, distribution, load
+from tests.conftest import tdlight
 
 TRIAL = ["stage=pipeline", "stage.steps=[finetune,decompose,distill]", "trainer=cpu",
          "trainer.enable_progress_bar=false", "logger=csv",
@@ -89,7 +90,7 @@ def test_search_space_maps_onto_optuna_distributions():
 def test_bad_sweep_input_is_one_clear_error_before_any_trial(tmp_path, teacher_dir, override, msg):
     path = write_sweep(tmp_path, teacher_dir)
     overrides = override if isinstance(override, tuple) else (override,)
-    r = subprocess.run(sweep_cmd(path, *overrides), capture_output=True, text=True, timeout=300)
+    r = tdlight("sweep", str(path), *overrides)
     assert r.returncode == 2, r.stderr[-3000:]
     assert msg in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "sweep" / "trials").exists()
@@ -235,7 +236,7 @@ def test_sweep_with_two_workers_records_failures_and_reports(tmp_path, teacher_d
     spec = yaml.safe_load(path.read_text())
     spec["space"]["stage.distill.layer_map"] = "choice(all, last, [[7,7]])"
     path.write_text(yaml.safe_dump(spec))
-    r = subprocess.run(sweep_cmd(path), capture_output=True, text=True, timeout=900)
+    r = tdlight("sweep", str(path), timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     ts = trials(tmp_path, duplicates=False)
     assert sum(counts_toward_budget(t) for t in ts) == 4 and len(ts) == 4  # the budget, exactly
@@ -263,12 +264,11 @@ def test_sweep_with_two_workers_records_failures_and_reports(tmp_path, teacher_d
     useful = [t for t in done if max(t.user_attrs.get("top_share", {}).values(), default=0) <= 0.95]
     assert ("★" in md) == bool(useful) and ("No Pareto front" in md) == (not useful)
     assert "Pareto front" in r.stdout
-    r2 = subprocess.run([sys.executable, "-m", "tdlight.cli", "sweep-report", str(sweep)], capture_output=True,
-                        text=True, timeout=300)
+    r2 = tdlight("sweep-report", str(sweep))
     assert r2.returncode == 0 and "Pareto front" in r2.stdout, r2.stderr[-2000:]
     # rerunning a finished sweep runs nothing more
     n = len(trials(tmp_path))
-    r3 = subprocess.run(sweep_cmd(path), capture_output=True, text=True, timeout=300)
+    r3 = tdlight("sweep", str(path), timeout=300)
     assert r3.returncode == 0 and len(trials(tmp_path)) == n
 
 
@@ -314,7 +314,7 @@ def test_sweep_killed_mid_trial_resumes_without_losing_or_duplicating(tmp_path, 
     finished = {n for n, t in before.items() if t.state == TrialState.COMPLETE}
     running = [t for t in before.values() if t.state == TrialState.RUNNING]
     assert len(running) == 1
-    r = subprocess.run(sweep_cmd(path), capture_output=True, text=True, timeout=900)
+    r = tdlight("sweep", str(path), timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     ts = trials(tmp_path)
     after = {t.number: t for t in ts}
@@ -365,8 +365,7 @@ def test_resuming_with_another_search_space_is_refused(tmp_path, teacher_dir):
     from omegaconf import OmegaConf
 
     (tmp_path / "sweep" / "sweep.yaml").write_text(OmegaConf.to_yaml(sw.cfg))
-    r = subprocess.run(sweep_cmd(path, "space.compression.rank=choice(4,32)"), capture_output=True, text=True,
-                       timeout=300)
+    r = tdlight("sweep", str(path), "space.compression.rank=choice(4,32)")
     assert r.returncode == 2 and "space differs" in r.stderr, r.stderr[-2000:]
 
 
@@ -374,7 +373,7 @@ def test_sweep_on_an_rdb_storage_url_runs_and_resumes(tmp_path, teacher_dir):
     # any Optuna storage URL: here SQLite (PostgreSQL is the same code path, RDBStorage with heartbeats)
     url = f"sqlite:///{tmp_path / 'study.db'}"
     path = write_sweep(tmp_path, teacher_dir, n_trials=2, storage=url)
-    r = subprocess.run(sweep_cmd(path), capture_output=True, text=True, timeout=900)
+    r = tdlight("sweep", str(path), timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     assert not (tmp_path / "sweep" / "study.journal").exists() and (tmp_path / "study.db").stat().st_size > 0
     ran = lambda: [t for t in optuna.load_study(study_name="tiny", storage=url).get_trials()  # noqa: E731
@@ -384,7 +383,7 @@ def test_sweep_on_an_rdb_storage_url_runs_and_resumes(tmp_path, teacher_dir):
     assert (tmp_path / "sweep" / "trials.md").is_file()
     first = [t.values for t in ts]
     # the same command with a larger budget resumes the study in the database
-    r = subprocess.run(sweep_cmd(path, "sweep.n_trials=3"), capture_output=True, text=True, timeout=900)
+    r = tdlight("sweep", str(path), "sweep.n_trials=3", timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     ts = ran()
     assert [t.state for t in ts] == [TrialState.COMPLETE] * 3 and [t.values for t in ts[:2]] == first
@@ -397,8 +396,7 @@ def test_a_point_already_finished_is_not_run_again_unless_asked(tmp_path, teache
     spec["space"] = {"compression.rank": "choice(4, 8)"}
     spec["sweep"]["enqueue"] = [{"compression.rank": 4}]
     path.write_text(yaml.safe_dump(spec))
-    r = subprocess.run(sweep_cmd(path, "space.compression.rank=choice(4)"), capture_output=True, text=True,
-                       timeout=600)
+    r = tdlight("sweep", str(path), "space.compression.rank=choice(4)")
     assert r.returncode == 0, r.stderr[-4000:]
     ts = trials(tmp_path)
     assert [t.state for t in ts] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED], r.stderr[-3000:]
@@ -408,8 +406,8 @@ def test_a_point_already_finished_is_not_run_again_unless_asked(tmp_path, teache
     assert sorted(p.name for p in (tmp_path / "sweep" / "trials").iterdir()) == ["0000"]
     assert "2 sampled point(s) repeated a finished trial" in (tmp_path / "sweep" / "trials.md").read_text()
     # asked for, a finished point runs again (one more trial that counts)
-    r = subprocess.run(sweep_cmd(path, "space.compression.rank=choice(4)", "sweep.allow_duplicates=true",
-                                 "sweep.n_trials=2"), capture_output=True, text=True, timeout=600)
+    r = tdlight("sweep", str(path), "space.compression.rank=choice(4)", "sweep.allow_duplicates=true",
+                "sweep.n_trials=2")
     assert r.returncode == 0, r.stderr[-4000:]
     assert [t.state for t in trials(tmp_path)][3:] == [TrialState.COMPLETE]
 
@@ -489,6 +487,5 @@ def test_a_sweep_killed_alone_takes_its_running_trial_with_it(tmp_path, teacher_
 
 def test_sweep_subcommands_answer_help():
     for sub in ("sweep", "sweep-report"):
-        r = subprocess.run([sys.executable, "-m", "tdlight.cli", sub, "--help"], capture_output=True, text=True,
-                           timeout=120)
+        r = tdlight(sub, "--help")
         assert r.returncode == 0 and r.stdout.startswith("usage: tdlight sweep"), (sub, r.stdout, r.stderr)

@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 
 from tdlight.sweep.runner import DUPLICATE, IDENTITY_ATTR, counts_toward_budget
 from tests.postgres import PASSWORD, USER, PostgresServer, binaries, free_port
+from tests.conftest import tdlight
 from tests.test_sweep import TRIAL, sweep_cmd
 
 
@@ -123,8 +124,7 @@ def test_two_hosts_share_one_study_and_one_finishes_what_a_killed_host_left(post
     # each host kept its own artifacts (no shared disk): the report reads the database from either
     for h in ("a", "b"):
         # (sweep.yaml keeps no password: the report's libpq takes it from PGPASSWORD)
-        r = subprocess.run([sys.executable, "-m", "tdlight.cli", "sweep-report", str(tmp_path / h)],
-                           env=host_env(h, PGPASSWORD=PASSWORD), capture_output=True, text=True, timeout=300)
+        r = tdlight("sweep-report", str(tmp_path / h), env=host_env(h, PGPASSWORD=PASSWORD))
         assert r.returncode == 0 and "Pareto front" in r.stdout, r.stderr[-2000:]
         md = (tmp_path / h / "trials.md").read_text()
         assert "lost: its sweep process stopped beating (re-queued)" in md and md.count(" complete |") == 5
@@ -135,14 +135,14 @@ def test_bad_database_input_is_one_error_and_writes_nothing(postgres, tmp_path, 
     url = postgres.new_database()
     # a study made by one sweep file, one finished trial in it
     path = write(tmp_path, teacher_dir, "a", url, n_trials=1)
-    r = subprocess.run(sweep_cmd(path), env=host_env("a"), capture_output=True, text=True, timeout=900)
+    r = tdlight("sweep", str(path), env=host_env("a"), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     before = [(t.number, t.state, t.params) for t in study(url).get_trials()]
     attrs = study(url).user_attrs
 
     def refused(url_: str, *overrides: str, expect: str) -> None:
         p = write(tmp_path, teacher_dir, "b", url_, n_trials=3)
-        r = subprocess.run(sweep_cmd(p, *overrides), env=host_env("b"), capture_output=True, text=True, timeout=300)
+        r = tdlight("sweep", str(p), *overrides, env=host_env("b"), timeout=300)
         lines = [ln for ln in r.stderr.splitlines() if ln.startswith("tdlight: error:")]
         assert r.returncode == 2 and len(lines) == 1 and expect in lines[0], r.stderr[-3000:]
         assert PASSWORD not in r.stderr + r.stdout  # a URL's password is never printed
@@ -169,30 +169,29 @@ def test_the_password_is_never_shown_or_stored_and_libpq_can_give_it(postgres, t
     sweep_dir = tmp_path / "a"
     shown = []
 
-    def tdlight(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        r = subprocess.run([sys.executable, "-m", "tdlight.cli", *args], env=env or host_env("a"),
-                           capture_output=True, text=True, timeout=900)
+    def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        r = tdlight(*args, env=env or host_env("a"), timeout=900)  # (its output captured at fds 1 and 2)
         shown.append(r.stdout + r.stderr)
         return r
 
     # a password inside the URL connects ...
-    r = tdlight("sweep", str(path))
+    r = run("sweep", str(path))
     assert r.returncode == 0, r.stderr[-3000:]
     # ... and is written nowhere: sweep.yaml keeps the URL without it (was: in plain text)
     assert yaml.safe_load((sweep_dir / "sweep.yaml").read_text())["sweep"]["storage"] == bare
     # a usage error quoting the arguments masks it (was: printed)
-    r = tdlight("sweep-report", str(sweep_dir), f"sweep.storage={url}", "extra")
+    r = run("sweep-report", str(sweep_dir), f"sweep.storage={url}", "extra")
     assert r.returncode == 2 and "sweep.storage=postgresql://tdlight:***@" in r.stderr, r.stderr[-2000:]
     # the report reads the stored URL; libpq gives the password from the environment (or ~/.pgpass, PGSERVICE)
-    r = tdlight("sweep-report", str(sweep_dir))
+    r = run("sweep-report", str(sweep_dir))
     (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("tdlight: error:")]
     assert r.returncode == 2 and "no password supplied" in line and "PGPASSWORD" in line, r.stderr[-2000:]
-    r = tdlight("sweep-report", str(sweep_dir), env=host_env("a", PGPASSWORD=PASSWORD))
+    r = run("sweep-report", str(sweep_dir), env=host_env("a", PGPASSWORD=PASSWORD))
     assert r.returncode == 0 and "Pareto front" in r.stdout, r.stderr[-2000:]
-    r = tdlight("sweep-report", str(sweep_dir), f"sweep.storage={url}")  # or the URL given again
+    r = run("sweep-report", str(sweep_dir), f"sweep.storage={url}")  # or the URL given again
     assert r.returncode == 0 and "Pareto front" in r.stdout, r.stderr[-2000:]
     # a sweep on a URL without password, the password in PGPASSWORD: connects (resumes the finished study)
-    r = tdlight("sweep", str(path), f"sweep.storage={bare}", env=host_env("a", PGPASSWORD=PASSWORD))
+    r = run("sweep", str(path), f"sweep.storage={bare}", env=host_env("a", PGPASSWORD=PASSWORD))
     assert r.returncode == 0 and "1/1 trials done" in r.stderr, r.stderr[-3000:]
     # never on the console, in any file of the sweep directory, or in the study's attributes
     assert not [out for out in shown if PASSWORD in out]
