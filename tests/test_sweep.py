@@ -266,6 +266,9 @@ def test_sweep_with_two_workers_records_failures_and_reports(tmp_path, teacher_d
     assert "Pareto front" in r.stdout
     r2 = tdlight("sweep-report", str(sweep))
     assert r2.returncode == 0 and "Pareto front" in r2.stdout, r2.stderr[-2000:]
+    flat = len(done) - len(useful)  # the console says why a constant student is not on the front
+    assert (f"{flat} of {len(done)} finished student(s) are constant predictors" in " ".join(r2.stdout.split())) \
+        == bool(flat), r2.stdout
     # rerunning a finished sweep runs nothing more
     n = len(trials(tmp_path))
     r3 = tdlight("sweep", str(path), timeout=300)

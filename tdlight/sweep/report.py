@@ -151,6 +151,12 @@ def report(sweep_dir: str | Path, console: Console | None = None, storage: str |
         t.add_row(str(tr.number), *[fmt(tr.params.get(k)) for k in keys],
                   *[o.format(value(o, tr, sweep)) for o in shown])
     console.print(t)
+    constant = [x for x in done if (_top(x.user_attrs.get("top_share")) or 0) > CONSTANT_SHARE]
+    if constant:  # off the front whatever their numbers: say so where the front is read
+        console.print(f"[yellow]{len(constant)} of {len(done)} finished student(s) are constant predictors (more than "
+                      f"{CONSTANT_SHARE:.0%} of dev predictions in one class: trial(s) "
+                      f"{', '.join(str(x.number) for x in constant)}) and are left off the front"
+                      + (": no student learned anything" if len(constant) == len(done) else ""))
     console.print(f"report: {md}  plot: {png}")
     return {"finished": len(done), "front": [x.number for x in front], "trials_per_hour": rate, "teacher": teacher,
             "markdown": str(md), "plot": str(png), "axes": [o.name for o in axes]}
