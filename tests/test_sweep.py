@@ -492,3 +492,7 @@ def test_sweep_subcommands_answer_help():
     for sub in ("sweep", "sweep-report"):
         r = tdlight(sub, "--help")
         assert r.returncode == 0 and r.stdout.startswith("usage: tdlight sweep"), (sub, r.stdout, r.stderr)
+        # every sweep.* key with its default, read from the schema; the objectives by name
+        for key in ("sweep.n_trials=10", "sweep.workers=1", "sweep.trial_timeout=null", "sweep.grace_period=120"):
+            assert f"  {key}\n" in r.stdout, (key, r.stdout)
+        assert "objectives: " in r.stdout and "score" in r.stdout.split("objectives: ")[-1]

@@ -20,6 +20,29 @@ HELP = ("\n\nsweep: run (or resume: the same command again) an Optuna study whos
         "the study's URL again; sweep.yaml never keeps a password: libpq reads PGPASSWORD or ~/.pgpass).")
 
 
+def _settings_help() -> str:
+    """Every ``sweep.*`` key with its default, read from the schema (``tdlight.sweep.spec.SweepSettings``),
+    so the help never goes stale."""
+    import dataclasses
+
+    import yaml
+
+    from tdlight.sweep.objectives import OBJECTIVES
+    from tdlight.sweep.spec import SweepSettings
+
+    rows = []
+    for f in dataclasses.fields(SweepSettings):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            default = {k: v for k, v in dataclasses.asdict(default).items()}
+        elif isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
+            default = [d.name for d in default]
+        text = yaml.safe_dump(default, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+        rows.append(f"  sweep.{f.name}={text}")
+    return ("\n\nsweep.* keys (defaults; README 'Sweeps' says what each does):\n" + "\n".join(rows)
+            + f"\n  objectives: {', '.join(sorted(OBJECTIVES))}")
+
+
 class _Masking(logging.Formatter):
     """Log lines (tracebacks included) never show a URL's password."""
 
@@ -31,7 +54,7 @@ class _Masking(logging.Formatter):
 
 def main(command: str, args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
-        print(USAGE + HELP)
+        print(USAGE + HELP + _settings_help())
         return 0
     handler = logging.StreamHandler()
     handler.setFormatter(_Masking("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
