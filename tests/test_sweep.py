@@ -496,3 +496,12 @@ def test_sweep_subcommands_answer_help():
         for key in ("sweep.n_trials=10", "sweep.workers=1", "sweep.trial_timeout=null", "sweep.grace_period=120"):
             assert f"  {key}\n" in r.stdout, (key, r.stdout)
         assert "objectives: " in r.stdout and "score" in r.stdout.split("objectives: ")[-1]
+
+
+def test_a_sweep_file_s_base_is_extended_from_the_command_line(tmp_path, teacher_dir):
+    path = write_sweep(tmp_path, teacher_dir)
+    file_base = list(load(path).cfg.base)
+    sw = load(path, ["+base=stage.distill.lr=1e-4", "sweep.n_trials=2", "+base=stage.finetune.epochs=2"])
+    assert list(sw.cfg.base) == [*file_base, "stage.distill.lr=1e-4", "stage.finetune.epochs=2"]
+    assert sw.settings.n_trials == 2
+    assert list(load(path, ["base=[stage.distill.lr=1e-4]"]).cfg.base) == ["stage.distill.lr=1e-4"]  # = replaces

@@ -9,7 +9,8 @@ from rich.console import Console
 
 from tdlight.errors import TdlightError
 
-USAGE = ("usage: tdlight sweep <sweeps/NAME.yaml> [sweep.workers=N sweep.n_trials=N space.KEY='choice(..)' ...]\n"
+USAGE = ("usage: tdlight sweep <sweeps/NAME.yaml> [sweep.workers=N sweep.n_trials=N space.KEY='choice(..)' "
+         "+base=KEY=VALUE ...]\n"
          "       tdlight sweep-report <sweep dir> [sweep.storage=URL]")
 
 

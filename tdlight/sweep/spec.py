@@ -277,8 +277,11 @@ def load(path: str | Path | None, overrides: list[str] | None = None, *, data: d
         if "space" in raw:
             raw = OmegaConf.masked_copy(raw, [k for k in raw if k != "space"])
         cli_space = {}
-        rest = []
+        rest, more_base = [], []
         for o in overrides or []:
+            if o.startswith("+base="):  # one more tdlight override for every trial, after the file's base
+                more_base.append(o[len("+base="):])
+                continue
             if "=" not in o:
                 raise SweepError(f"override {o!r} is not key=value")
             k, v = o.split("=", 1)
@@ -287,6 +290,8 @@ def load(path: str | Path | None, overrides: list[str] | None = None, *, data: d
             else:
                 rest.append(o)
         cfg = OmegaConf.merge(schema, raw, OmegaConf.from_dotlist(rest))
+        if more_base:
+            cfg.base = [*cfg.base, *more_base]
     except OmegaConfBaseException as e:
         raise SweepError(f"sweep definition: {str(e).splitlines()[0]}. Valid top-level keys: sweep, tasks, base, space; "
                          f"sweep.*: {sorted(SweepSettings.__dataclass_fields__)}") from e
