@@ -368,9 +368,9 @@ def tdlight_in_process(*args: str, cwd=None, env: dict | None = None,
                 code = 1
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-            _end_wandb_run()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        _end_wandb_run()  # (its output, if any, is the run's: fds 1 and 2 are still the run's)
         for s in (out, err):
             s.flush()
         os.dup2(saved_fds[0], 1)
@@ -429,7 +429,10 @@ def _end_wandb_run() -> None:
 
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+        try:
+            wandb.finish()
+        except Exception as e:  # noqa: BLE001 - as at a process's exit: reported, the result stands
+            print(f"wandb.finish() at the end of an in-process run failed: {e!r}", file=sys.stderr)
 
 
 def _restore_logging(state: dict, disable: int, streams: tuple) -> None:
