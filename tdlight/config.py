@@ -299,10 +299,10 @@ def check_overrides(overrides: list[str], stage: Optional[str], stage_schemas: d
                 where = ".".join(parts[:i]) or "the top level"
                 where = f"stage={stage}" if where == "stage" else (f"'{where}'" if i else where)
                 hint = difflib.get_close_matches(part, names, n=3)
-                if schema is stage_schemas.get("pipeline"):  # a step's key given at the pipeline's level
-                    hint += [f"stage.{step}.{part}" for step in ("finetune", "decompose", "pretrain", "distill",
-                                                                 "evaluate")
-                             if step in names and part in {f.name for f in fields(stage_schemas[step])}]
+                # a key one level down (a pipeline step's, given at the pipeline's level): where it is
+                hint += [f"{'.'.join(parts[:i])}.{f.name}.{part}".lstrip(".") for f in fields(schema)
+                         if is_dataclass(sub := _field_type(schema, f.name))
+                         and part in {g.name for g in fields(sub)}]
                 raise TdlightError(f"override {o!r}: {where} has no key {part!r}"
                                    + (f"; did you mean {' or '.join(hint)}?" if hint else "")
                                    + f" (valid keys: {', '.join(names)})")

@@ -72,6 +72,8 @@ def test_hooi_defaults_are_written_once():
     (["stage.limit_trian=2"], "pipeline", "did you mean limit_train or limit_eval?"),
     (["stage.decompose.fitt=outputs"], "pipeline", "'stage.decompose' has no key 'fitt'; did you mean fit or "),
     (["foo=1"], "decompose", "the top level has no key 'foo'"),
+    (["rank=8"], "decompose", "the top level has no key 'rank'; did you mean compression.rank?"),  # one level down
+    (["stage.decompose.epochs=1"], "pipeline", "'stage.decompose' has no key 'epochs' (valid keys:"),
     (["trainer.max_step=1"], "finetune", "did you mean max_steps?"),
     (["stage.decompose.fit=bogus"], "pipeline", "stage.decompose.fit='bogus'; valid: weights, outputs"),
     (["teacher.pooling=first"], "decompose", "teacher.pooling='first'; valid: auto, cls, mean"),

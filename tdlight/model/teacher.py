@@ -233,7 +233,8 @@ def load_masked_lm(name_or_path: str) -> tuple[nn.Module, object]:
     """
     path = resolve_teacher(name_or_path)
     try:
-        model, info = transformers.AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+        with _quiet_load_report():  # (a missing MLM head is refused below, in one line)
+            model, info = transformers.AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
         tokenizer = _load_tokenizer(path)
     except LOAD_ERRORS as e:
         raise TeacherError(f"could not load {name_or_path!r} as a masked language model: "

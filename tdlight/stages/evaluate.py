@@ -56,6 +56,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     check(cfg)
     task = require_task(cfg)
     st = settings(cfg)
+    training.begin(cfg, run_dir)  # the seed, before a new task head (a checkpoint without one) is drawn
     source = model_source(cfg)
     model, tokenizer = load_classifier(source, task.num_labels, pooling=cfg.teacher.pooling.value)
     head = getattr(getattr(model, "config", None), "num_labels", task.num_labels)

@@ -81,7 +81,7 @@ def run_name(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> str:
     """A W&B run name a reader can scan: stage, task, compression ratio (a compressed model's), then
     the run directory's name, which keeps it unique (``distill/sst2/7.1x/pipeline-1bdd33752132``)."""
     parts = [str(cfg.stage.name)]
-    if cfg.get("task") is not None and summary.get("task"):
+    if summary.get("task"):
         parts.append(str(summary["task"]))
     ratio = summary.get("ratio")
     if isinstance(ratio, (int, float)) and ratio > 1.01:

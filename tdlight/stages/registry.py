@@ -136,10 +136,14 @@ def typed(cfg) -> DictConfig:
     its ranges known and :func:`settings` gives the stage's object. A value of the wrong type raises
     OmegaConf's ValidationError."""
     out = OmegaConf.merge(OmegaConf.structured(Config), cfg)
-    name = OmegaConf.select(out, "stage.name")
-    if name in STAGES:
-        out.stage = OmegaConf.merge(OmegaConf.structured(STAGES[name].schema), out.stage)
+    if OmegaConf.select(out, "stage.name") in STAGES:
+        out.stage = _typed_stage(out.stage)
     return out
+
+
+def _typed_stage(node) -> DictConfig:
+    """A stage node under its own stage's schema (``Config.stage`` is untyped)."""
+    return OmegaConf.merge(OmegaConf.structured(STAGES[node.name].schema), node)
 
 
 def settings(cfg: DictConfig):
@@ -147,8 +151,7 @@ def settings(cfg: DictConfig):
     enum members, lists as lists, interpolations resolved — what a stage reads, instead of raw
     config. Every entry point types the config (Hydra's composition, :func:`typed`); a stage node
     that is not (a config built by hand) is typed in place first."""
-    schema = STAGES[cfg.stage.name].schema
-    if OmegaConf.get_type(cfg.stage) is not schema:
-        cfg.stage = OmegaConf.merge(OmegaConf.structured(schema), cfg.stage)
+    if OmegaConf.get_type(cfg.stage) is not STAGES[cfg.stage.name].schema:
+        cfg.stage = _typed_stage(cfg.stage)
     check_ranges(cfg.stage, "stage")
     return OmegaConf.to_object(cfg.stage)

@@ -7,7 +7,7 @@ around their own LightningModule and datamodule:
    a stage's last preparation that needs the Trainer's device (``before_fit``), ``trainer.fit``
    (resuming), then the best checkpoint's weights and one final validation when the stage keeps
    the best epoch (``monitor``);
-   (evaluate: :func:`validate` — the same Trainer and seed, one validation, no training);
+   (evaluate: :func:`validate` after :func:`begin` — the same Trainer, one validation, no training);
 3. :func:`finish` — on rank 0: the model directory (``model/``, when the stage makes one),
    ``metrics.json``, the constant-predictor warning and the console table; on every logger: W&B's
    run summary and its end.
@@ -86,10 +86,9 @@ def fit(cfg: DictConfig, run_dir: Path, module: L.LightningModule, datamodule: L
 def validate(cfg: DictConfig, run_dir: Path, module: L.LightningModule, datamodule: L.LightningDataModule, *,
              summary: dict) -> Fitted:
     """Evaluate ``module`` once on ``datamodule``'s validation data with the Trainer every stage
-    builds (its loggers, device and precision from ``cfg.trainer``; no checkpoints), after seeding
-    as :func:`begin` does. ``Fitted.results`` holds ``module.results``; the Trainer can validate
-    another module (a model loaded back at its shipped precision) on the same data."""
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    builds (its loggers, device and precision from ``cfg.trainer``); call :func:`begin` first, before
+    the model is built (it seeds). ``Fitted.results`` holds ``module.results``; the Trainer can
+    validate another module (a model loaded back at its shipped precision) on the same data."""
     trainer = build_trainer(cfg, run_dir, max_epochs=1, monitor=None, summary=summary)
     trainer.validate(module, datamodule=datamodule, verbose=False)
     return Fitted(trainer, dict(getattr(module, "results", {})))

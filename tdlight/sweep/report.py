@@ -54,7 +54,7 @@ def pareto_front(done: list[optuna.trial.FrozenTrial], directions) -> list[optun
     would dominate it, so ``study.best_trials`` would offer it as a trade-off. Written here because
     Optuna's own front of a list of trials is private (``optuna.study._multi_objective``)."""
     signs = [1 if d == optuna.study.StudyDirection.MAXIMIZE else -1 for d in directions]
-    useful = [t for t in done if t.values is not None and (_top(t.user_attrs.get("top_share")) or 0) <= CONSTANT_SHARE]
+    useful = [t for t in done if t.values is not None and not _constant(t)]
     key = {t.number: [s * v for s, v in zip(signs, t.values)] for t in useful}
 
     def dominates(a, b) -> bool:
@@ -151,7 +151,7 @@ def report(sweep_dir: str | Path, console: Console | None = None, storage: str |
         t.add_row(str(tr.number), *[fmt(tr.params.get(k)) for k in keys],
                   *[o.format(value(o, tr, sweep)) for o in shown])
     console.print(t)
-    constant = [x for x in done if (_top(x.user_attrs.get("top_share")) or 0) > CONSTANT_SHARE]
+    constant = [x for x in done if _constant(x)]
     if constant:  # off the front whatever their numbers: say so where the front is read
         console.print(f"[yellow]{len(constant)} of {len(done)} finished student(s) are constant predictors (more than "
                       f"{CONSTANT_SHARE:.0%} of dev predictions in one class: trial(s) "
@@ -207,6 +207,11 @@ def _top(shares: dict | None) -> float | None:
     return max(tops) if tops else None
 
 
+def _constant(t: optuna.trial.FrozenTrial) -> bool:
+    """Whether trial ``t``'s student is a constant predictor on any of its tasks (off the front, × on the plot)."""
+    return (_top(t.user_attrs.get("top_share")) or 0) > CONSTANT_SHARE
+
+
 def _share(shares: dict | None) -> str:
     top = _top(shares)
     if top is None:
@@ -237,7 +242,7 @@ def _plot(path: Path, done, front, teacher, sweep: Sweep, axes: tuple[Objective,
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
     tasks = list(sweep.cfg.tasks)
-    constant = {t.number for t in done if (_top(t.user_attrs.get("top_share")) or 0) > CONSTANT_SHARE}
+    constant = {t.number for t in done if _constant(t)}
     learned = points(t for t in done if t.number not in constant)
     if learned:
         ax.scatter(*zip(*learned), c="0.6", s=25, label="trials")
