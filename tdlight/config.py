@@ -102,6 +102,8 @@ class TaskConfig:
     lr: float = ranged("> 0", 5e-5)
     batch_size: int = ranged("an integer ≥ 1", 32)
     max_length: int = ranged("an integer ≥ 3", 128)
+    warmup_ratio: float = ranged("in [0, 1)", 0.1)
+    patience: Optional[int] = ranged("an integer ≥ 1", None)  # early stopping: epochs without a better dev score
     source: DataSource = DataSource.auto  # auto: ${paths.data_dir}/glue when the file is there, else the hub nyu-mll/glue
 
 

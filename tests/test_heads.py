@@ -89,9 +89,14 @@ def test_pooling_choice_and_refusals():
 def test_prediction_stats_flag_a_constant_predictor():
     y = torch.tensor([0, 1, 1, 1, 0, 1, 1, 1, 1, 1])
     const = prediction_stats("sst2", torch.ones(10, dtype=torch.long), y)
-    assert const == pytest.approx({"majority_score": 0.8, "top_share": 1.0, "constant": 1.0})
+    assert const == pytest.approx({"majority_score": 0.8, "top_share": 1.0, "balanced_accuracy": 0.5, "constant": 1.0})
     good = prediction_stats("sst2", y, y)
-    assert good["top_share"] == 0.8 and good["constant"] == 0.0
+    assert good["top_share"] == 0.8 and good["constant"] == 0.0 and good["balanced_accuracy"] == 1.0
+    # the mean of the class recalls (2/2 and 4/8), whatever the dev set's skew
+    half = prediction_stats("sst2", torch.tensor([0, 1, 0, 0, 0, 1, 1, 0, 1, 0]), y)
+    assert half["balanced_accuracy"] == pytest.approx((1.0 + 0.5) / 2)
+    # a slice whose labels miss a class: only the classes present count (recall 8/10 of class 1)
+    assert prediction_stats("sst2", y, torch.ones(10, dtype=torch.long))["balanced_accuracy"] == pytest.approx(0.8)
     mrpc = prediction_stats("mrpc", y, y)  # the majority baseline in the task's own score (F1 and accuracy)
     assert mrpc["majority_score"] == pytest.approx((0.8 + 2 * 0.8 / 1.8) / 2)
     reg = prediction_stats("stsb", torch.full((5,), 2.5), torch.arange(5.0))

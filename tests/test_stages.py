@@ -30,7 +30,7 @@ def test_finetune_then_evaluate_cli(tmp_path, teacher_dir):
     assert list((run / "wandb").glob(f"offline-run-*-{(run / 'wandb_id').read_text().strip()}"))
     m = json.loads((run / "metrics.json").read_text())
     assert m["task"] == "mrpc" and set(m["dev"]) == {"f1", "accuracy", "score", "majority_score", "top_share",
-                                                       "constant"}
+                                                       "balanced_accuracy", "constant"}
     assert 0.5 <= m["dev"]["top_share"] <= 1 and m["constant_predictions"] == (m["dev"]["top_share"] > 0.95)
     assert m["score"] == pytest.approx((m["dev"]["f1"] + m["dev"]["accuracy"]) / 2)
     assert len(m["epoch_seconds"]) == 2 and m["global_step"] == 6
@@ -204,6 +204,20 @@ def test_bad_input_exit_2_and_nothing_written(tmp_path, teacher_dir, overrides, 
     assert r.stderr.strip().splitlines()[-1].startswith("tdlight: error:")
     leftovers = [p for p in tmp_path.rglob("*") if p.is_file() and "cache" not in p.parts]
     assert leftovers == []
+
+
+def test_finetune_stops_early_after_patience_epochs_without_a_better_dev_score(tmp_path, teacher_dir):
+    # a learning rate too small to change a prediction: epoch 0 sets the best score, epochs 1 and 2 do
+    # not beat it (improving means strictly better), so patience 2 stops after 3 of 10 epochs
+    r = cli(tmp_path, "stage=finetune", "task=mrpc", f"teacher.path={teacher_dir}", "stage.epochs=10",
+            "stage.lr=1e-12", "task.patience=2", "logger=csv", *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = runs(tmp_path, "finetune")
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["epochs"] == 10 and m["epochs_run"] == 3 and m["patience"] == 2 and len(m["epoch_seconds"]) == 3
+    assert m["warmup_ratio"] == 0.1  # the task's default (conf/task/mrpc.yaml, else the schema's)
+    assert "stopping after 2 without a better dev score" in (run / "tdlight.log").read_text()
+    assert (run / "model" / "model.safetensors").is_file()
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path, teacher_dir):
@@ -394,6 +408,8 @@ def test_experiment_presets_compose_and_resolve(tmp_path, name):
     (["stage=pipeline", "stage.distill.lr=-1.0"], "stage.distill.lr=-1.0;"),
     (["stage=finetune", "trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0;"),
     (["stage=finetune", "stage.warmup_ratio=1"], "stage.warmup_ratio=1.0; valid: in [0, 1)"),
+    (["stage=finetune", "stage.patience=0"], "stage.patience=0; valid: an integer ≥ 1"),
+    (["stage=finetune", "task.patience=0"], "task.patience=0; valid: an integer ≥ 1"),
 ])
 def test_out_of_range_hyperparameters_exit_2_before_any_work(tmp_path, teacher_dir, overrides, message):
     small = SMALL if "stage=pipeline" not in overrides else ["trainer=cpu"]

@@ -197,6 +197,7 @@ def model_summary(model: nn.Module) -> dict[str, float]:
 
 
 DIAGNOSTIC_LABELS = {"majority_score": "majority-class baseline", "top_share": "top-prediction share",
+                     "balanced_accuracy": "balanced accuracy (mean class recall)",
                      "spread": "prediction spread (std / label std)"}
 
 

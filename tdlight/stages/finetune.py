@@ -44,7 +44,8 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     check(cfg)
     task = require_task(cfg)
     st = settings(cfg)
-    lr, epochs, batch_size, max_length = task_settings(st, cfg, "lr", "epochs", "batch_size", "max_length")
+    lr, epochs, batch_size, max_length, warmup, patience = task_settings(
+        st, cfg, "lr", "epochs", "batch_size", "max_length", "warmup_ratio", "patience")
     ckpt = training.begin(cfg, run_dir)
 
     source = teacher_source(cfg)
@@ -55,20 +56,22 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
                     num_workers=st.num_workers)
     dm.prepare_data()  # a missing or malformed data file fails here, before training starts
     dm.setup("fit")
-    module = GlueModule(model, task, lr=lr, weight_decay=st.weight_decay, warmup_ratio=st.warmup_ratio)
+    module = GlueModule(model, task, lr=lr, weight_decay=st.weight_decay, warmup_ratio=warmup)
     summary = {"task": task.name, "teacher": source, **model_summary(model)}
 
     def schedule(trainer) -> None:
         module.total_steps = training_steps(trainer, len(dm.datasets["train"]), batch_size)
-        log.info("fine-tuning %s on %s: lr %g, %d epochs, batch %d, max length %d%s", source, task.name, lr,
-                 trainer.max_epochs, batch_size, max_length, f", resuming from {ckpt}" if ckpt else "")
+        log.info("fine-tuning %s on %s: lr %g, %d epochs%s, batch %d, max length %d, warm-up %g%s", source, task.name,
+                 lr, trainer.max_epochs, f" (stopping after {patience} without a better dev score)" if patience else "",
+                 batch_size, max_length, warmup, f", resuming from {ckpt}" if ckpt else "")
 
     fitted = training.fit(cfg, run_dir, module, dm, ckpt=ckpt, max_epochs=epochs, monitor="val/score",
-                          summary=summary, extra_callbacks=extra_callbacks, before_fit=schedule)
+                          summary=summary, extra_callbacks=extra_callbacks, before_fit=schedule, patience=patience)
     trainer, results = fitted.trainer, fitted.results
     out = {
         "stage": "finetune", "task": task.name, "teacher": source, "dev": results, "score": results["score"],
-        "lr": lr, "epochs": trainer.max_epochs, "batch_size": batch_size, "max_length": max_length,
+        "lr": lr, "epochs": trainer.max_epochs, "epochs_run": trainer.current_epoch, "warmup_ratio": warmup,
+        "patience": patience, "batch_size": batch_size, "max_length": max_length,
         "epoch_seconds": fitted.epoch_seconds, "global_step": trainer.global_step, **summary,
     }
     return training.finish(run_dir, fitted, out, model=module.model, tokenizer=tokenizer,

@@ -247,6 +247,8 @@ def _summary(cfg: DictConfig, dirs: dict[str, Path], results: dict[str, dict]) -
         "majority_score": t_dev.get("majority_score"),
         "teacher_top_share": t_dev.get("top_share"),
         "student_top_share": s_dev.get("top_share"),
+        "teacher_balanced_accuracy": t_dev.get("balanced_accuracy"),
+        "student_balanced_accuracy": s_dev.get("balanced_accuracy"),
         "student_constant": is_constant(s_dev),
         "teacher_encoder_params": dense,
         "student_encoder_params": s_sum["encoder_params"],
@@ -278,6 +280,9 @@ def _table(r: dict) -> Table:
     if r.get("student_top_share") is not None:
         flag = "  [bold red](constant)" if r.get("student_constant") else ""
         t.add_row("top-prediction share", f"{r['teacher_top_share']:.3f}", f"{r['student_top_share']:.3f}{flag}")
+    if r.get("student_balanced_accuracy") is not None:
+        t.add_row("balanced accuracy (mean class recall)", f"{r['teacher_balanced_accuracy']:.4f}",
+                  f"{r['student_balanced_accuracy']:.4f}")
     if r.get("student_score_fp32") is not None:
         t.add_row(f"dev score at fp32 (student ships {r['student_precision']})", "", f"{r['student_score_fp32']:.4f}")
     t.add_row("encoder parameters", f"{r['teacher_encoder_params']:,}", f"{r['student_encoder_params']:,}")

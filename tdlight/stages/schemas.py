@@ -92,7 +92,8 @@ class FinetuneStage:
     batch_size: Optional[int] = ranged("an integer ≥ 1", None)
     max_length: Optional[int] = ranged("an integer ≥ 3", None)
     weight_decay: float = ranged("≥ 0", 0.01)
-    warmup_ratio: float = ranged("in [0, 1)", 0.1)
+    warmup_ratio: Optional[float] = ranged("in [0, 1)", None)
+    patience: Optional[int] = ranged("an integer ≥ 1", None)  # stop after N epochs without a better dev score
     eval_batch_size: int = ranged("an integer ≥ 1", 64)
     limit_train: Optional[int] = ranged("an integer ≥ 1", None)  # first N training examples (smoke runs, tests)
     limit_eval: Optional[int] = ranged("an integer ≥ 1", None)

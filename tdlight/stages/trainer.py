@@ -12,7 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from omegaconf import DictConfig
 
 from tdlight.errors import TdlightError
@@ -48,12 +48,15 @@ class ProgressBar(RichProgressBar):
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, *, max_epochs: int, monitor: str | None,
-                  summary: dict[str, Any], extra_callbacks: list | None = None) -> L.Trainer:
+                  summary: dict[str, Any], extra_callbacks: list | None = None,
+                  patience: int | None = None) -> L.Trainer:
     """A Trainer from ``cfg.trainer`` with tdlight's checkpointing in ``run_dir/checkpoints``.
 
     ``last.ckpt`` is written at the end of every epoch (and every
     ``trainer.checkpoint_every_n_steps`` steps when set, and on an exception such as
-    Ctrl-C) for resuming; ``best.ckpt`` keeps the best ``monitor`` value (mode max).
+    Ctrl-C) for resuming; ``best.ckpt`` keeps the best ``monitor`` value (mode max). With
+    ``patience``, training stops after that many validations without a better ``monitor`` value
+    (Lightning's EarlyStopping; its count is saved in the checkpoints, so a resumed run keeps it).
     The loggers (:func:`build_loggers`, with ``summary``) are attached after the Trainer
     accepted its settings, so a bad setting leaves nothing in ``run_dir``.
     """
@@ -71,6 +74,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, max_epochs: int, monitor: s
     if monitor:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
                                          save_top_k=1, enable_version_counter=False, save_weights_only=True))
+        if patience is not None:
+            # check_finite off: a stage may log -inf on purpose (distill's phase 1 never competes for best)
+            callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=patience, check_finite=False))
     if t.enable_progress_bar:
         callbacks.append(ProgressBar(leave=True))
     callbacks += extra_callbacks or []

@@ -56,11 +56,13 @@ class Fitted:
 
 def fit(cfg: DictConfig, run_dir: Path, module: L.LightningModule, datamodule: L.LightningDataModule, *,
         ckpt: Path | None, max_epochs: int, monitor: str | None, summary: dict,
-        extra_callbacks: list | None = None, before_fit: Callable[[L.Trainer], None] | None = None) -> Fitted:
+        extra_callbacks: list | None = None, before_fit: Callable[[L.Trainer], None] | None = None,
+        patience: int | None = None) -> Fitted:
     """Train ``module`` on ``datamodule`` under ``cfg.trainer``; with ``monitor`` (mode max), load
     the best epoch's weights (``checkpoints/best.ckpt``) and validate them once more: ``module.results``
     then holds the scores of the model that will be saved. ``before_fit(trainer)`` runs once the
-    Trainer exists (the device is known) and before the loop starts."""
+    Trainer exists (the device is known) and before the loop starts. ``patience``: stop after that
+    many epochs without a better ``monitor`` value (:func:`~tdlight.stages.trainer.build_trainer`)."""
     if ckpt is not None and max_epochs not in (None, -1):  # (Lightning's own refusal is a traceback)
         done = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("epoch", 0)
         if done > max_epochs:
@@ -69,7 +71,7 @@ def fit(cfg: DictConfig, run_dir: Path, module: L.LightningModule, datamodule: L
                                "stage.intermediate_epochs + stage.prediction_epochs)")
     timer = EpochTimer()
     trainer = build_trainer(cfg, run_dir, max_epochs=max_epochs, monitor=monitor, summary=summary,
-                            extra_callbacks=[timer, *(extra_callbacks or [])])
+                            extra_callbacks=[timer, *(extra_callbacks or [])], patience=patience)
     if before_fit is not None:
         before_fit(trainer)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
