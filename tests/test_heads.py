@@ -89,7 +89,8 @@ def test_pooling_choice_and_refusals():
 def test_prediction_stats_flag_a_constant_predictor():
     y = torch.tensor([0, 1, 1, 1, 0, 1, 1, 1, 1, 1])
     const = prediction_stats("sst2", torch.ones(10, dtype=torch.long), y)
-    assert const == pytest.approx({"majority_score": 0.8, "top_share": 1.0, "balanced_accuracy": 0.5, "constant": 1.0})
+    assert const == pytest.approx({"majority_score": 0.8, "majority_share": 0.8, "top_share": 1.0, "balanced_accuracy": 0.5,
+                                   "constant": 1.0})
     good = prediction_stats("sst2", y, y)
     assert good["top_share"] == 0.8 and good["constant"] == 0.0 and good["balanced_accuracy"] == 1.0
     # the mean of the class recalls (2/2 and 4/8), whatever the dev set's skew

@@ -56,7 +56,9 @@ def prediction_stats(task: GlueTask | str, preds, labels) -> dict[str, float]:
 
     * ``majority_score``: the task's score of always predicting the dev set's most frequent
       label (0 for STS-B, whose correlations a constant cannot have);
-    * ``top_share`` (classification): the share of the most frequent predicted class;
+    * ``top_share`` (classification): the share of the most frequent predicted class, to be read
+      against ``majority_share``, the dev labels' own (MRPC 0.684: a top share near it is no sign of a
+      constant model, one far above it is);
     * ``balanced_accuracy`` (classification): the mean of the per-class recalls — 1/C for any
       constant predictor however skewed the dev set (MRPC's majority class is 68%, CoLA's 69%), so
       it reads a student against chance where accuracy and F1 reward copying the majority;
@@ -74,14 +76,15 @@ def prediction_stats(task: GlueTask | str, preds, labels) -> dict[str, float]:
         return {"majority_score": 0.0, "spread": spread, "constant": float(spread < CONSTANT_SPREAD)}
     p, y = p.long().flatten(), y.long().flatten()
     top_share = torch.bincount(p, minlength=task.num_labels).max().item() / len(p)
-    majority = torch.full_like(y, int(torch.bincount(y, minlength=task.num_labels).argmax()))
+    counts = torch.bincount(y, minlength=task.num_labels)
+    majority = torch.full_like(y, int(counts.argmax()))
     # the mean recall over the classes present in the labels; torchmetrics' macro accuracy would count a
     # class absent from the labels (a small limit_eval slice) as recall 0, scikit-learn's ignores it
     with warnings.catch_warnings():  # "y_pred contains classes not in y_true": the case meant above
         warnings.simplefilter("ignore", UserWarning)
         balanced = float(balanced_accuracy_score(y.numpy(), p.numpy()))
-    return {"majority_score": glue_metrics(task, majority, y)["score"], "top_share": top_share,
-            "balanced_accuracy": balanced, "constant": float(top_share > CONSTANT_SHARE)}
+    return {"majority_score": glue_metrics(task, majority, y)["score"], "majority_share": counts.max().item() / len(y),
+            "top_share": top_share, "balanced_accuracy": balanced, "constant": float(top_share > CONSTANT_SHARE)}
 
 
 class GlueMetric(torchmetrics.Metric):

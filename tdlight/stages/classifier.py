@@ -196,7 +196,8 @@ def model_summary(model: nn.Module) -> dict[str, float]:
     return out
 
 
-DIAGNOSTIC_LABELS = {"majority_score": "majority-class baseline", "top_share": "top-prediction share",
+DIAGNOSTIC_LABELS = {"majority_score": "majority-class baseline", "majority_share": "majority class's share (gold)",
+                     "top_share": "top-prediction share",
                      "balanced_accuracy": "balanced accuracy (mean class recall)",
                      "spread": "prediction spread (std / label std)"}
 

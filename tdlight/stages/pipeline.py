@@ -245,6 +245,7 @@ def _summary(cfg: DictConfig, dirs: dict[str, Path], results: dict[str, dict]) -
         "teacher_score": results["finetune"]["score"],
         "student_score": (results.get("evaluate") or results["distill"])["score"],
         "majority_score": t_dev.get("majority_score"),
+        "majority_share": t_dev.get("majority_share"),
         "teacher_top_share": t_dev.get("top_share"),
         "student_top_share": s_dev.get("top_share"),
         "teacher_balanced_accuracy": t_dev.get("balanced_accuracy"),
@@ -279,7 +280,8 @@ def _table(r: dict) -> Table:
         t.add_row("majority-class baseline", f"{r['majority_score']:.4f}", f"{r['majority_score']:.4f}")
     if r.get("student_top_share") is not None:
         flag = "  [bold red](constant)" if r.get("student_constant") else ""
-        t.add_row("top-prediction share", f"{r['teacher_top_share']:.3f}", f"{r['student_top_share']:.3f}{flag}")
+        gold = f" (gold's majority: {r['majority_share']:.3f})" if r.get("majority_share") is not None else ""
+        t.add_row(f"top-prediction share{gold}", f"{r['teacher_top_share']:.3f}", f"{r['student_top_share']:.3f}{flag}")
     if r.get("student_balanced_accuracy") is not None:
         t.add_row("balanced accuracy (mean class recall)", f"{r['teacher_balanced_accuracy']:.4f}",
                   f"{r['student_balanced_accuracy']:.4f}")
