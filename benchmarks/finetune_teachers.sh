@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# Fine-tune the embedded MiniLM teacher on five GLUE tasks, one after another (docs/RESULTS.md §4).
-# Each run lands in outputs/finetune/<date>_<time>/ with metrics.json. Extra arguments are passed
-# to every run, e.g.  bash benchmarks/finetune_teachers.sh trainer=gpu
+# Fine-tune the embedded MiniLM teacher on the local GLUE tasks with each task's own recipe
+# (conf/task/<task>.yaml: lr, epochs, warm-up, early stopping), one after another, then print the
+# teachers against the published numbers for their size (benchmarks/teachers.py; docs/RESULTS.md §12).
+# Each run lands in $OUT/<task> (default outputs/teachers); a finished run is skipped.
+#   bash benchmarks/finetune_teachers.sh                      # cola mrpc stsb rte sst2
+#   TASKS="mrpc cola" bash benchmarks/finetune_teachers.sh stage.limit_train=8000
+# Extra arguments are passed to every run (e.g. trainer=gpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extra=("$@")
-runs=("task=cola" "task=mrpc" "task=stsb" "task=rte stage.epochs=4" "task=sst2 stage.epochs=1")
-for r in "${runs[@]}"; do
-  read -r -a args <<< "$r"
-  echo "=== ${args[*]} $(date -u +%H:%M:%S)"
-  .venv/bin/tdlight stage=finetune "${args[@]}" trainer.enable_progress_bar=false "${extra[@]}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
+OUT=${OUT:-outputs/teachers}
+TASKS=${TASKS:-"cola mrpc stsb rte sst2"}
+mkdir -p "$OUT"
+for t in $TASKS; do
+  dir=$OUT/$t
+  if [[ -f $dir/metrics.json ]]; then echo "=== $t: done ($dir)"; continue; fi
+  rm -rf "$dir"
+  echo "=== $t $(date -u +%H:%M:%S)"
+  .venv/bin/tdlight stage=finetune task="$t" logger=csv trainer.enable_progress_bar=false \
+    "paths.output_dir=$OUT" hydra.run.dir="$dir" "$@" > "$dir.log" 2>&1 || { echo "$t failed: $dir.log"; tail -5 "$dir.log"; }
 done
+.venv/bin/python benchmarks/teachers.py "$OUT"

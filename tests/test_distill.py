@@ -47,9 +47,11 @@ def test_distill_end_to_end(chain):
                 "val/phase1_score", "val/score"):
         assert key in header, key
     # the logged learning rate is the real one (was: AdamW built at lr 1.0, the schedule's factor the rate):
-    # phase 1 at the task's lr (mrpc 2e-5 unless set), phase 2 likewise, warm-up from 0, never above it
+    # phase 1 at the stage's lr (3e-5 unless set; not the task's, the teacher's), phase 2 likewise, warm-up
+    # from 0, never above it
     lrs = [float(v) for v in _column(csv, "lr-AdamW/pg1")]
-    lr = compose_cfg(out, "task=mrpc").task.lr
+    lr = compose_cfg(out, "task=mrpc", "stage=distill").stage.lr
+    assert lr == 3e-5 != compose_cfg(out, "task=mrpc").task.lr
     assert lrs and max(lrs) == pytest.approx(lr) and min(lrs) >= 0, lrs
     import tdlight
 

@@ -204,7 +204,8 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     st = settings(cfg)
     teacher_dir = stage_artifact(cfg.teacher.run_dir, ("finetune",))
     student_dir = student_source(cfg)
-    lr, batch_size, max_length = task_settings(st, cfg, "lr", "batch_size", "max_length")
+    lr = st.lr
+    batch_size, max_length = task_settings(st, cfg, "batch_size", "max_length")
     ckpt = training.begin(cfg, run_dir)
 
     teacher, tokenizer = load_classifier(str(teacher_dir), task.num_labels)

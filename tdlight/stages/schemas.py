@@ -146,7 +146,9 @@ class DistillStage:
     student: str = ""  # a decompose/pretrain run directory or a compressed model directory
     intermediate_epochs: int = ranged("an integer ≥ 0", 1)
     prediction_epochs: int = ranged("an integer ≥ 0", 3)
-    lr: Optional[float] = ranged("> 0", None)  # None: the task's lr
+    # not the task's lr (the teacher's recipe, up to 1e-4): the shared factors move every block at once and
+    # 1e-4 overshoots after ~60 steps (docs/RESULTS.md §7a); 3e-5 is what every preset measured
+    lr: float = ranged("> 0", 3e-5)
     intermediate_lr: Optional[float] = ranged("> 0", None)  # None: lr
     batch_size: Optional[int] = ranged("an integer ≥ 1", None)
     max_length: Optional[int] = ranged("an integer ≥ 3", None)
