@@ -2,14 +2,15 @@
 
     python benchmarks/reproduce_table.py [--out outputs/repro] [--ratios 7,48]
 
-Reads the pipelines' ``pipeline.json`` (columns ``nopt`` and ``dist``) and the untrained
+Reads the pipelines' ``pipeline.json`` (columns ``nopt``, ``dist`` and ``peer``) and the untrained
 students' ``evaluate/metrics.json`` (column ``dec``) under ``--out/grid``; missing runs show
 as ``–``. Prints three Markdown tables: dev scores per task (teacher, majority-class baseline,
-per ratio decomposition alone / the preset without its pretraining step / the preset, each
+per ratio decomposition alone / the preset without its pretraining step / the preset / its peer at
+equal size, the teacher cut to the nearest depth and trained with the same budget, each
 with its share of the teacher's score), with the GLUE average; the share of the most frequent dev prediction
 of every classifier (a constant student is marked); and per ratio the encoder parameters, the
 encoder and whole-model ratios, the bytes on disk of teacher and shipped student, the measured speed-up (the pipeline's paired timing of a dev batch), pretraining tokens and the
-distillation budget.
+distillation budget, for the preset's student and for its peer.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from pathlib import Path
 from tdlight.data.glue import get_task
 
 TASKS = ("sst2", "mrpc", "rte", "cola", "stsb")
-COLUMNS = (("dec", "decomposed"), ("nopt", "distilled, no pretraining"), ("dist", "preset"))
+COLUMNS = (("dec", "decomposed"), ("nopt", "distilled, no pretraining"), ("dist", "preset"),
+           ("peer", "layer cut (peer)"))
+PIPELINES = ("dist", "nopt", "peer")  # the columns that are pipelines (dec is an evaluate run)
 
 
 def _load(path: Path) -> dict | None:
@@ -39,7 +42,7 @@ def collect(out: Path, ratios: list[str]) -> dict:
     for t in TASKS:
         runs[t] = {}
         for r in ratios:
-            for col in ("dist", "nopt"):
+            for col in PIPELINES:
                 p = _load(out / "grid" / col / f"cpu_{r}-{t}" / "pipeline.json")
                 if p:
                     runs[t].setdefault("teacher", {"score": p["teacher_score"], "top_share": p["teacher_top_share"],
@@ -109,25 +112,33 @@ def budget_table(out: Path, runs: dict, ratios: list[str]) -> str:
              "speed-up (measured) | pretraining tokens | distillation (examples × epochs) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in ratios:
-        dist = next((runs[t][(r, "dist")]["pipeline"] for t in TASKS if (r, "dist") in runs[t]), None)
-        if dist is None:
-            lines.append(f"| `experiment=cpu_{r}` | – | – | – | – | – | – | – |")
-            continue
-        # what the user takes home (pipelines from before it was recorded show –)
-        whole = f"{dist['model_ratio']:.2f}×" if dist.get("model_ratio") else "–"
-        size = (f"{dist['teacher_bytes'] / 1e6:.1f} → {dist['student_bytes'] / 1e6:.1f} "
-                f"({dist.get('student_precision', 'fp32')})" if dist.get("student_bytes") else "–")
-        budgets = []
-        for t in TASKS:
-            p = runs[t].get((r, "dist"))
-            d = p and _load(Path(p["pipeline"]["steps"]["distill"]) / "metrics.json")
-            if d:
-                budgets.append(f"{t} {d.get('train_examples', '?')} × ({d['intermediate_epochs']} + {d['prediction_epochs']})")
-        speed = statistics.median(runs[t][(r, "dist")]["pipeline"]["speedup"] for t in TASKS if (r, "dist") in runs[t])
-        lines.append(f"| `experiment=cpu_{r}` | {dist['student_encoder_params']:,} | {dist['ratio']:.2f}× | {whole} "
-                     f"| {size} | {speed:.2f}× "
-                     f"| {'–' if not dist.get('pretrain_tokens') else format(dist['pretrain_tokens'], ',')} "
-                     f"| {'; '.join(budgets)} |")
+        for col in ("dist", "peer"):
+            dist = next((runs[t][(r, col)]["pipeline"] for t in TASKS if (r, col) in runs[t]), None)
+            name = f"`experiment=cpu_{r}`"
+            if col == "peer":
+                if dist is None:
+                    continue  # (PEER=0, or not run yet)
+                name += f" peer: the teacher cut to {dist.get('student_layers', '?')} layer(s), not compressed"
+            if dist is None:
+                lines.append(f"| {name} | – | – | – | – | – | – | – |")
+                continue
+            # what the user takes home (pipelines from before it was recorded show –)
+            whole = f"{dist['model_ratio']:.2f}×" if dist.get("model_ratio") else "–"
+            size = (f"{dist['teacher_bytes'] / 1e6:.1f} → {dist['student_bytes'] / 1e6:.1f} "
+                    f"({dist.get('student_precision', 'fp32')})" if dist.get("student_bytes") else "–")
+            budgets = []
+            for t in TASKS:
+                p = runs[t].get((r, col))
+                d = p and _load(Path(p["pipeline"]["steps"]["distill"]) / "metrics.json")
+                if d:
+                    budgets.append(f"{t} {d.get('train_examples', '?')} × ({d['intermediate_epochs']} + "
+                                   f"{d['prediction_epochs']})")
+            speed = statistics.median(runs[t][(r, col)]["pipeline"]["speedup"] for t in TASKS if (r, col) in runs[t])
+            ratio = "no encoder layer" if dist["ratio"] is None else f"{dist['ratio']:.2f}×"  # (a cut to none)
+            lines.append(f"| {name} | {dist['student_encoder_params']:,} | {ratio} | {whole} "
+                         f"| {size} | {speed:.2f}× "
+                         f"| {'–' if not dist.get('pretrain_tokens') else format(dist['pretrain_tokens'], ',')} "
+                         f"| {'; '.join(budgets)} |")
     return "\n".join(lines)
 
 

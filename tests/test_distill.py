@@ -184,7 +184,7 @@ def test_distill_resume_equals_uninterrupted(chain, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     ([], "needs a student"),
-    (["stage.student=/no/such"], "neither a decompose/pretrain run directory"),
+    (["stage.student=/no/such"], "neither a decompose/cut/pretrain/distill run directory"),
     (["stage.student=DEC", "stage.layer_map=[[3,1]]"], "out of range: student layers are 0..2"),
     (["stage.student=DEC", "stage.layer_map=every"], "unknown layer map 'every'"),
     (["stage.student=DEC", "stage.intermediate_epochs=0", "stage.prediction_epochs=0"], "must be ≥ 1"),

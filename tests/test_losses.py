@@ -93,7 +93,11 @@ def test_layer_maps():
     assert layer_map("all", 3, 3) == [(1, 1), (2, 2), (3, 3)]
     assert layer_map("uniform", 4, 12) == [(1, 3), (2, 6), (3, 9), (4, 12)]
     assert layer_map([[0, 0], [2, 6]], 4, 12) == [(0, 0), (2, 6)]
-    cases = [("all", 4, 12, "needs the same depth"), ("uniform", 5, 12, "multiple"),
+    # a shallower student (a teacher cut to fewer layers): every layer at the same relative depth, last on last
+    assert layer_map("all", 4, 12) == layer_map("uniform", 4, 12)
+    assert layer_map("all", 4, 6) == [(1, 1), (2, 3), (3, 4), (4, 6)] and layer_map("all", 1, 6) == [(1, 6)]
+    cases = [("all", 12, 4, "no deeper than its teacher"), ("uniform", 5, 12, "multiple"),
+             ("all", 0, 6, "the student has no encoder layer"), ("uniform", 0, 6, "no encoder layer"),
              ("every", 4, 4, r"unknown layer map 'every'; valid: \['last', 'all', 'uniform'\]"),
              ([[5, 12]], 4, 12, r"\[5, 12\] is out of range: student layers are 0..4, teacher layers 0..12"),
              ([[1, 13]], 4, 12, "out of range"), ([[1]], 4, 12, "not a \\[student, teacher\\] pair"),

@@ -72,11 +72,15 @@ def _get_linear(layer: nn.Module, type_: str, index: int) -> tuple[nn.Module, st
 def encoder_shape(model: nn.Module) -> EncoderShape:
     """Sizes read from the model's modules (checked for BERT shape)."""
     encoder = get_encoder(model)
-    if len(encoder.layer) == 0:
-        raise TeacherError("the encoder has no layers")
-    _, _, q = _get_linear(encoder.layer[0], "query", 0)
-    _, _, f = _get_linear(encoder.layer[0], "ffn_in", 0)
-    D, I = q.in_features, f.out_features
+    if len(encoder.layer):
+        _, _, q = _get_linear(encoder.layer[0], "query", 0)
+        _, _, f = _get_linear(encoder.layer[0], "ffn_in", 0)
+        D, I = q.in_features, f.out_features
+    else:  # a teacher cut to no layer (cut_layers): its sizes are its config's
+        config = getattr(model, "config", None)
+        D, I = getattr(config, "hidden_size", None), getattr(config, "intermediate_size", None)
+        if not (isinstance(D, int) and isinstance(I, int)):
+            raise TeacherError("the encoder has no layers and its config no hidden_size / intermediate_size")
     emb = getattr(getattr(model, "base_model", model), "embeddings", None)
 
     def rows(name):
@@ -106,6 +110,45 @@ def encoder_weights(model: nn.Module) -> dict[tuple[int, str], torch.Tensor]:
     if I % D:
         raise TeacherError(f"FFN width {I} is not a multiple of hidden size {D}: the FFN cannot be cut into D×D blocks")
     return out
+
+
+SELECTS = ("first", "even")  # which of the teacher's layers a cut keeps (layer_choice)
+
+
+def layer_choice(num_layers: int, count: int, select: str = "first") -> list[int]:
+    """The 0-based indices of the ``count`` layers of a ``num_layers``-layer encoder that a cut keeps:
+    ``first`` the first ``count`` (the bottom of the stack: the cut computes exactly the teacher's
+    first layers), ``even`` evenly spaced from the first to the last (DistilBERT's initialisation,
+    one layer in two, generalised; a single layer is the first)."""
+    if select not in SELECTS:
+        raise SpecError(f"select={select!r}; valid: {list(SELECTS)}")
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= num_layers:
+        raise SpecError(f"layers={count!r}; valid: an integer in [0, {num_layers}] (the teacher has {num_layers} layers)")
+    if select == "first" or count < 2:
+        return list(range(count))
+    return [round(j * (num_layers - 1) / (count - 1)) for j in range(count)]
+
+
+def cut_layers(model: nn.Module, layers: list[int]) -> nn.Module:
+    """Keep only the encoder layers ``layers`` (0-based indices, increasing) of a dense BERT-family
+    ``model``, in place: the teacher cut to fewer layers, the peer of a compressed student of the same
+    size. Embeddings, pooler and head stay; ``config.num_hidden_layers`` follows, so the model saves
+    and loads as any HF model of that depth. An empty list leaves the embeddings only (HF's encoder
+    runs with no layer: its last hidden state is the embedding output)."""
+    if is_compressed(model):
+        raise SpecError("cut_layers needs a dense model; a compressed one shares its factors across layers")
+    encoder = get_encoder(model)
+    n = len(encoder.layer)
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in layers) or any(not 0 <= i < n for i in layers) \
+            or list(layers) != sorted(set(layers)):
+        raise SpecError(f"layers={list(layers)!r}; valid: increasing distinct indices in [0, {n - 1}]")
+    encoder.layer = nn.ModuleList([encoder.layer[i] for i in layers])
+    for new, layer in enumerate(encoder.layer):  # (a decoder's cache is indexed by layer_idx)
+        for m in layer.modules():
+            if getattr(m, "layer_idx", None) is not None:
+                m.layer_idx = new
+    model.config.num_hidden_layers = len(layers)
+    return model
 
 
 @dataclass

@@ -148,6 +148,16 @@ def load_teacher(name_or_path: str) -> tuple[nn.Module, object]:
     return model.eval(), tokenizer
 
 
+def load_model(path: str, execution: str = "factorized") -> nn.Module:
+    """A model directory as it was saved, in eval mode and its own class: compressed (``tdlight.json``:
+    :func:`~tdlight.model.io.load_compressed` with ``execution``, the factorized forward by default, the
+    one to train) or dense (a teacher cut to fewer layers, :func:`~tdlight.model.surgery.cut_layers`;
+    :func:`load_teacher`). What a student is, before a stage trains it."""
+    if (Path(os.path.expanduser(path)) / META).is_file():
+        return load_compressed(path, execution=execution)
+    return load_teacher(path)[0]
+
+
 def _set_labels(config, num_labels: int) -> None:
     """Give an HF config ``num_labels`` outputs (1 means regression)."""
     if getattr(config, "num_labels", None) != num_labels:

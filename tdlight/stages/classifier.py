@@ -183,12 +183,12 @@ def datamodule(cfg: DictConfig, task, tokenizer, *, max_length: int, batch_size:
 
 
 def model_summary(model: nn.Module) -> dict[str, float]:
-    """Encoder parameters and the paper's (encoder) compression ratio (1.0 for a dense model), and the
-    whole model's parameters (embeddings, head and all: what the user takes home)."""
+    """Encoder parameters and the paper's (encoder) compression ratio (1.0 for a dense model, also one cut
+    to no layer), and the whole model's parameters (embeddings, head and all: what the user takes home)."""
     counts = count_parameters(model)
     encoder = counts["encoder_weights"] + counts["encoder_biases"] + counts["encoder_layernorms"]
     dense = dense_counts(encoder_shape(model))["encoder"] if is_compressed(model) else encoder
-    out = {"encoder_params": encoder, "ratio": dense / encoder,
+    out = {"encoder_params": encoder, "ratio": dense / encoder if encoder else 1.0,
            "model_params": encoder + counts["embeddings"] + counts["other"]}
     if is_compressed(model):
         spec = get_encoder(model).compression

@@ -52,8 +52,8 @@ from tdlight.model.io import save_compressed
 from tdlight.model.surgery import compress, count_parameters, encoder_shape, encoder_weights
 from tdlight.model.teacher import load_teacher, teacher_shape
 from tdlight.stages.registry import settings
-from tdlight.stages.runs import check_positions, teacher_source
-from tdlight.stages.schemas import DecomposeStage, Fit, TeacherWeights
+from tdlight.stages.runs import check_positions, check_teacher_weights, teacher_source
+from tdlight.stages.schemas import DecomposeStage, Fit
 from tdlight.stages.trainer import build_trainer
 from tdlight.stages.refine import RefineModule, heldout_error
 from tdlight.tensor.accounting import param_counts
@@ -130,7 +130,7 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
     resolve_device(cfg.trainer)
     spec = compression_spec(cfg.compression)
     st = settings(cfg)
-    _check_teacher_weights(cfg, st, where)
+    check_teacher_weights(cfg, st.teacher_weights, where)
     _check_fit(cfg, st, where)
     # the ranks against the teacher's sizes, read from its config.json (a fine-tuned teacher a pipeline
     # has not made yet has the sizes of the one it starts from)
@@ -318,13 +318,6 @@ def task_calibration_file(cfg: DictConfig) -> Path:
         atomic_write_text(path, text)
     log.info("calibration text: the %d training examples of %s (%s)", len(lines), task, path)
     return path
-
-
-def _check_teacher_weights(cfg: DictConfig, st: DecomposeStage, where: str = "stage") -> None:
-    """``stage.teacher_weights`` (which teacher the pipeline decomposes) against the teacher given."""
-    if st.teacher_weights is TeacherWeights.finetuned and not cfg.teacher.get("run_dir"):
-        raise TdlightError(f"{where}.teacher_weights=finetuned needs the fine-tuned teacher: "
-                           "teacher.run_dir=<finetune run>")
 
 
 def _check_fit(cfg: DictConfig, st: DecomposeStage, where: str = "stage") -> None:

@@ -1,4 +1,5 @@
-"""``stage=distill``: task distillation from the fine-tuned teacher into a compressed student.
+"""``stage=distill``: task distillation from the fine-tuned teacher into a compressed student (or into the
+teacher cut to fewer layers, its peer at equal size: ``stage=cut``).
 
 Phase 1 (the first ``stage.intermediate_epochs`` epochs) matches the student's hidden
 states and pre-softmax attention scores to the teacher's on the mapped layers; phase 2
@@ -26,7 +27,7 @@ from tdlight.errors import TdlightError
 from tdlight.model.capture import forward_with_scores
 from tdlight.model.embedding import train_compressed_embeddings
 from tdlight.model.pooling import pooling_of, set_pooling
-from tdlight.model.surgery import encoder_shape, is_compressed
+from tdlight.model.surgery import encoder_shape
 from tdlight.model.teacher import copy_head, load_classifier, load_masked_lm
 from tdlight.stages import training
 from tdlight.stages.classifier import (
@@ -209,9 +210,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     ckpt = training.begin(cfg, run_dir)
 
     teacher, tokenizer = load_classifier(str(teacher_dir), task.num_labels)
-    student, _ = load_classifier(student_dir, task.num_labels)
-    if not is_compressed(student):
-        raise TdlightError(f"student {student_dir!r} is not a compressed model")
+    student, _ = load_classifier(student_dir, task.num_labels)  # compressed, or a dense cut of the teacher
     check_lengths(student, cfg, max_length)
     pooling = set_pooling(student, pooling_of(teacher)) and pooling_of(teacher)  # the head reads what the teacher's read
     head = st.head.value
@@ -219,7 +218,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
         copied = copy_head(student, teacher)
         log.info("student head: the teacher's (%s)", ", ".join(copied))
     ls, lt = encoder_shape(student).num_layers, encoder_shape(teacher).num_layers
-    pairs = layer_map(st.layer_map, ls, lt)
+    pairs = layer_map(st.layer_map, ls, lt) if st.intermediate_epochs else []  # (phase 1 reads them)
     augment = None
     if st.augment:
         augment = {"copies": st.augment_copies, "prob": st.augment_prob, "neighbours": st.augment_neighbours}

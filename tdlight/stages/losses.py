@@ -21,19 +21,27 @@ def layer_map(kind: str | list, student_layers: int, teacher_layers: int) -> lis
     """``[(student layer, teacher layer), ...]`` for ``kind``:
 
     * ``last``: the last layers only;
-    * ``all``: one to one (needs the same depth);
+    * ``all``: every student layer — one to one at the same depth; a shallower student (a teacher cut
+      to fewer layers) at the same relative depth, layer i ↔ teacher layer ⌊i·Lt/Ls⌋, its last on the
+      teacher's last (``uniform`` where Ls divides Lt);
     * ``uniform``: student layer i ↔ teacher layer i·Lt/Ls (TinyBERT's map for a shallower student);
     * an explicit list of ``[s, t]`` pairs, each checked to be in range.
+
+    A student without layers (a teacher cut to none) has nothing to map but explicit pairs.
     """
     Ls, Lt = student_layers, teacher_layers
+    if isinstance(kind, str) and Ls == 0 and kind in LAYER_MAPS:
+        raise SpecError(f"layer map {kind!r}: the student has no encoder layer (a teacher cut to 0 layers), so no "
+                        "hidden state or attention score to match; valid: no intermediate-layer distillation "
+                        "(stage.intermediate_epochs=0), or a student with at least one layer")
     if isinstance(kind, str):
         if kind == "last":
             return [(Ls, Lt)]
         if kind == "all":
-            if Ls != Lt:
-                raise SpecError(f"layer map 'all' needs the same depth, got student {Ls} vs teacher {Lt} layers; "
-                                f"use 'uniform' or 'last'")
-            return [(i, i) for i in range(1, Ls + 1)]
+            if Ls > Lt:
+                raise SpecError(f"layer map 'all' needs a student no deeper than its teacher, got student {Ls} vs "
+                                f"teacher {Lt} layers; give explicit pairs instead")
+            return [(i, i * Lt // Ls) for i in range(1, Ls + 1)]
         if kind == "uniform":
             if Lt % Ls:
                 raise SpecError(f"layer map 'uniform' needs the teacher depth {Lt} to be a multiple of the student "

@@ -1,5 +1,10 @@
 """``stage=pipeline``: finetune -> decompose -> pretrain -> distill -> evaluate in one command.
 
+``cut`` in place of ``decompose`` makes the student the teacher cut to fewer of its own layers, the
+peer at equal size of the compressed student (:mod:`tdlight.stages.cut`), trained by the same later
+steps; the table then says so. A cut to no layer has nothing to reconstruct: its pretrain step is
+skipped (logged, and listed in ``pipeline.json`` under ``skipped``).
+
 Each step runs as its own stage in ``outputs/<step>/<key>``, where ``key`` hashes the
 step's inputs: its stage settings, the top-level settings it reads (teacher, task,
 compression, seed, trainer) and the keys of the steps it consumes. A step whose directory
@@ -28,6 +33,7 @@ from tdlight.files import file_stamp
 from tdlight.files import directory_bytes
 from tdlight.model.execution import current as current_plan
 from tdlight.model.speed import paired_speedup
+from tdlight.model.surgery import encoder_shape
 from tdlight.model.teacher import load_classifier
 from tdlight.stages.classifier import datamodule, is_constant, model_summary, require_task
 from tdlight.stages.runs import CHECKPOINTS, LAST, write_json
@@ -36,8 +42,9 @@ from tdlight.stages.registry import STAGES, settings, typed
 
 log = logging.getLogger("tdlight.pipeline")
 
-ORDER = ("finetune", "decompose", "pretrain", "distill", "evaluate")
-REQUIRED = ("finetune", "decompose", "distill")
+ORDER = ("finetune", "decompose", "cut", "pretrain", "distill", "evaluate")
+REQUIRED = ("finetune", "distill")
+STUDENT_STEPS = ("decompose", "cut")  # what makes the student: exactly one of them
 # A step's cache key: its own stage settings, the keys of the steps it consumes, the top-level
 # config nodes its stage record reads (tdlight.stages.registry), and the stamps (path, size,
 # mtime) of the files it reads (step_inputs).
@@ -129,6 +136,10 @@ def _plan(cfg: DictConfig) -> list[tuple[str, DictConfig, Path, dict]]:
     dirs: dict[str, Path] = {}
     plan = []
     for step in steps:
+        if step == "pretrain" and _cut_depth(cfg, plan) == 0:
+            log.info("pretrain: skipped — the cut student has no encoder layer to reconstruct (its embeddings are "
+                     "the teacher's own)")
+            continue
         # as in the paper: the *pretrained* teacher is decomposed (and pretrained against) and the
         # fine-tuned one only teaches the task in distill — unless stage.decompose.teacher_weights=finetuned
         # (each stage's record says what it consumes: tdlight.stages.registry.Input)
@@ -147,6 +158,16 @@ def _plan(cfg: DictConfig) -> list[tuple[str, DictConfig, Path, dict]]:
         keys[step], dirs[step] = key, out_root / step / f"pipeline-{key}"
         plan.append((step, stage_cfg, dirs[step], wiring))
     return plan
+
+
+def _cut_depth(cfg: DictConfig, plan: list) -> int | None:
+    """The depth of the cut student the plan makes (None: it decomposes), from the config alone."""
+    from tdlight.stages.cut import planned_depth
+
+    for step, stage_cfg, d, wiring in plan:
+        if step == "cut":
+            return planned_depth(_step_config(cfg, step, stage_cfg, d, wiring), where="stage.cut", wired=tuple(wiring))
+    return None
 
 
 PIPELINE_WIDE = ("limit_train", "limit_eval")  # pipeline keys every step that has the key takes, unless it sets its own
@@ -174,11 +195,21 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
     missing = [s for s in REQUIRED if s not in st.steps]
     if missing:
         raise TdlightError(f"{where}.steps must include {list(REQUIRED)}; missing {missing}")
+    makers = [s for s in STUDENT_STEPS if s in st.steps]
+    if len(makers) != 1:
+        raise TdlightError(f"{where}.steps={list(st.steps)} must make the student with exactly one of "
+                           f"{list(STUDENT_STEPS)} (decompose: the compressed student; cut: the teacher cut to its "
+                           f"size, its peer); {'both are' if makers else 'neither is'} there")
     if cfg.get("task") is None:
         raise TdlightError("stage=pipeline needs a task: add task=<name>")
     plan = _plan(cfg)
     for step, stage_cfg, d, wiring in plan:
         STAGES[step].check(_step_config(cfg, step, stage_cfg, d, wiring), where=f"{where}.{step}", wired=tuple(wiring))
+    if _cut_depth(cfg, plan) == 0 and st.distill.intermediate_epochs:
+        raise TdlightError(f"{where}.distill.intermediate_epochs={st.distill.intermediate_epochs}: the cut student has "
+                           f"no encoder layer (stage.cut.layers resolves to 0), so phase 1 has no hidden state or "
+                           f"attention score to match; valid: {where}.distill.intermediate_epochs=0, or "
+                           f"{where}.cut.layers ≥ 1")
     return plan
 
 
@@ -195,7 +226,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             results[step] = _run_step(cfg, step, stage_cfg, d, wiring, f"pipeline-{run_dir.name}")
 
     summary = _summary(cfg, dirs, results)
-    write_json(run_dir / "pipeline.json", {"steps": {s: str(p) for s, p in dirs.items()}, **summary})
+    skipped = [s for s in ORDER if s in cfg.stage.steps and s not in dirs]  # (a cut to no layer: pretrain)
+    write_json(run_dir / "pipeline.json", {"steps": {s: str(p) for s, p in dirs.items()}, "skipped": skipped,
+                                           **summary})
     Console().print(_table(summary))
     sync = sync_command(list(dirs.values()))
     if sync:  # one command for every step's offline W&B run
@@ -236,6 +269,7 @@ def _summary(cfg: DictConfig, dirs: dict[str, Path], results: dict[str, dict]) -
     speed = paired_speedup(teacher, student, inputs, reps=st.speed_reps)
     t_sum, s_sum = model_summary(teacher), model_summary(student)
     dense = t_sum["encoder_params"]
+    cut = results.get("cut")  # the student is the teacher cut to fewer layers, dense: a peer, not compressed
     final = results.get("evaluate") or results["distill"]
     t_dev, s_dev = results["finetune"]["dev"], final["dev"]
     shipped = Path(final.get("shipped") or dirs["distill"] / "model")  # the student at its shipped precision
@@ -253,7 +287,12 @@ def _summary(cfg: DictConfig, dirs: dict[str, Path], results: dict[str, dict]) -
         "student_constant": is_constant(s_dev),
         "teacher_encoder_params": dense,
         "student_encoder_params": s_sum["encoder_params"],
-        "ratio": dense / s_sum["encoder_params"],
+        # dense teacher encoder / student encoder (a cut to no layer has none: None)
+        "ratio": dense / s_sum["encoder_params"] if s_sum["encoder_params"] else None,
+        "student_kind": "cut" if cut else "compressed",
+        "teacher_layers": encoder_shape(teacher).num_layers,
+        "student_layers": encoder_shape(student).num_layers,
+        "cut_kept": cut["kept"] if cut else None,  # the teacher's layers the cut kept (0-based)
         "teacher_model_params": t_sum["model_params"],
         "student_model_params": s_sum["model_params"],
         "model_ratio": t_sum["model_params"] / s_sum["model_params"],
@@ -272,7 +311,10 @@ def _summary(cfg: DictConfig, dirs: dict[str, Path], results: dict[str, dict]) -
 
 
 def _table(r: dict) -> Table:
-    t = Table(title=f"tdlight pipeline: {r['task']}")
+    cut = r.get("student_kind") == "cut"
+    what = (f" — student: the teacher cut to {r['student_layers']} of its {r['teacher_layers']} layers "
+            f"{r['cut_kept']}, not compressed") if cut else ""
+    t = Table(title=f"tdlight pipeline: {r['task']}{what}")
     for c in ("", "teacher", "student"):
         t.add_column(c, justify="right" if c else "left")
     t.add_row("dev GLUE score", f"{r['teacher_score']:.4f}", f"{r['student_score']:.4f}")
@@ -288,7 +330,9 @@ def _table(r: dict) -> Table:
     if r.get("student_score_fp32") is not None:
         t.add_row(f"dev score at fp32 (student ships {r['student_precision']})", "", f"{r['student_score_fp32']:.4f}")
     t.add_row("encoder parameters", f"{r['teacher_encoder_params']:,}", f"{r['student_encoder_params']:,}")
-    t.add_row("compression ratio (encoder, the paper's)", "1.00×", f"{r['ratio']:.2f}×")
+    ratio = "no encoder layer" if r["ratio"] is None else f"{r['ratio']:.2f}×"
+    t.add_row("size ratio (encoder; a layer cut, not compressed)" if cut else "compression ratio (encoder, the paper's)",
+              "1.00×", ratio)
     if r.get("student_model_params"):
         t.add_row("whole-model parameters", f"{r['teacher_model_params']:,}", f"{r['student_model_params']:,}")
         t.add_row("whole-model ratio", "1.00×", f"{r['model_ratio']:.2f}×")

@@ -1,6 +1,7 @@
 """``stage=pretrain``: reconstruction pretraining of a compressed student on unlabeled text.
 
-The student (a ``stage=decompose`` run) learns to reproduce the uncompressed teacher's
+The student (a ``stage=decompose`` run, or a ``stage=cut`` run: the teacher cut to fewer layers, dense,
+mapped onto the teacher's depth by ``layer_map``) learns to reproduce the uncompressed teacher's
 hidden states and pre-softmax attention scores on packed corpus sequences
 (:class:`tdlight.data.corpus.datamodule.CorpusDataModule`), for ``stage.max_steps`` optimizer steps with
 linear warm-up and decay. The teacher is frozen, in eval mode, under ``no_grad``; the
@@ -26,9 +27,9 @@ from tdlight.data.corpus.files import resolve_corpus_files
 from tdlight.errors import TdlightError
 from tdlight.model.capture import forward_with_scores
 from tdlight.model.embedding import train_compressed_embeddings
-from tdlight.model.io import load_compressed, load_tokenizer
-from tdlight.model.surgery import encoder_shape, is_compressed, set_dropout
-from tdlight.model.teacher import load_teacher, resolve_teacher
+from tdlight.model.io import load_tokenizer
+from tdlight.model.surgery import encoder_shape, set_dropout
+from tdlight.model.teacher import load_model, load_teacher, resolve_teacher
 from tdlight.stages import training
 from tdlight.stages.classifier import MODEL_INPUTS, model_summary
 from tdlight.stages.registry import settings
@@ -114,9 +115,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     ckpt = training.begin(cfg, run_dir)
     source = teacher_source(cfg)
     teacher, tokenizer = load_teacher(source)
-    student = load_compressed(student_dir, execution="factorized")
-    if not is_compressed(student):
-        raise TdlightError(f"student {student_dir!r} is not a compressed model")
+    student = load_model(student_dir)  # compressed (factorized, as it trains) or a dense cut of the teacher
     if st.dropout is not None:
         set_dropout(student, st.dropout)
     tokenizer = tokenizer or load_tokenizer(student_dir)
@@ -126,6 +125,10 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
         raise TdlightError(f"student hidden size {encoder_shape(student).hidden} != teacher's "
                            f"{encoder_shape(teacher).hidden}: pretrain the student of this teacher")
     ls, lt = encoder_shape(student).num_layers, encoder_shape(teacher).num_layers
+    if ls == 0:  # (a pipeline skips the step for such a cut)
+        raise TdlightError(f"student {student_dir!r} has no encoder layer (a teacher cut to 0 layers): reconstruction "
+                           "pretraining has no hidden state or attention score to match, and its embeddings are the "
+                           "teacher's own; valid: a student with at least one layer (stage=distill trains this one)")
     pairs = layer_map(st.layer_map, ls, lt)
     check_positions(student, **{"stage.max_length": st.max_length})
     dm = CorpusDataModule(tokenizer, train_files=st.train_files, heldout_files=st.heldout_files or None,

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tdlight.config import Config, check_ranges, register_resolvers
 from tdlight.stages.schemas import (
-    DecomposeStage, DistillStage, EvaluateStage, FinetuneStage, PipelineStage, PretrainStage,
+    CutStage, DecomposeStage, DistillStage, EvaluateStage, FinetuneStage, PipelineStage, PretrainStage,
 )
 
 
@@ -39,9 +39,12 @@ class Input:
 
 
 def _finetuned_teacher(pipeline_stage) -> bool:
-    """``stage.decompose.teacher_weights=finetuned``: the decomposition (and the reconstruction that
-    pretrains it) use the fine-tuned teacher instead of the pretrained one."""
-    return pipeline_stage.decompose.get("teacher_weights") == "finetuned"
+    """``stage.decompose.teacher_weights=finetuned`` (or ``stage.cut.teacher_weights`` when the pipeline
+    cuts the teacher instead): the student is made from (and pretrained against) the fine-tuned teacher
+    instead of the pretrained one. An unset ``stage.cut.teacher_weights`` is decompose's, so that a
+    preset with ``cut`` in place of ``decompose`` cuts the teacher its student is decomposed from."""
+    weights = pipeline_stage.cut.get("teacher_weights") if "cut" in (pipeline_stage.get("steps") or ()) else None
+    return (weights or pipeline_stage.decompose.get("teacher_weights")) == "finetuned"
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,9 @@ class StageRecord:
     reads_task_data: bool = False  # reads the task's GLUE files (their stamps join the key)
     # with stage settings for which this is true, the stage also reads the task (its node and its GLUE files)
     reads_task_if: Optional[Callable[[object], bool]] = None
-    # (stage key, top-level node): the node is read only when that stage setting is truthy
-    reads_if: tuple[tuple[str, str], ...] = ()
+    # (stage key, top-level node): the node is read only when that stage setting is truthy; or
+    # (a predicate of the stage settings, top-level node)
+    reads_if: tuple[tuple[str | Callable[[object], bool], str], ...] = ()
     # a Lightning run whose checkpoints `resume=<run dir>` continues (its run() takes extra_callbacks)
     resumable: bool = True
     # what it reads from earlier steps when the pipeline runs it (the pipeline wires them, in this order)
@@ -84,7 +88,8 @@ class StageRecord:
         return self.reads_task_data or bool(self.reads_task_if and self.reads_task_if(stage_cfg))
 
     def keyed_nodes(self, stage_cfg) -> tuple[str, ...]:
-        nodes = self.reads + tuple(node for key, node in self.reads_if if stage_cfg.get(key))
+        nodes = self.reads + tuple(node for key, node in self.reads_if
+                                   if (key(stage_cfg) if callable(key) else stage_cfg.get(key)))
         return nodes + ("task",) if self.reads_task(stage_cfg) and "task" not in nodes else nodes
 
     def finished(self, run_dir: Path) -> bool:
@@ -97,19 +102,27 @@ def _fits_task_text(stage_cfg) -> bool:
     return stage_cfg.get("fit") == "outputs" and stage_cfg.get("calibration_files") == "task"
 
 
+def _sized_by_compression(stage_cfg) -> bool:
+    """A cut whose depth is the one nearest to the student ``compression`` would give (``layers`` unset)."""
+    return stage_cfg.get("layers") is None
+
+
 STAGES: dict[str, StageRecord] = {r.name: r for r in (
     StageRecord("finetune", FinetuneStage, reads=("teacher", "task", "seed", "trainer"), reads_task_data=True),
     # seed: which calibration sequences are read; trainer: only when the decomposition is refined by training
     StageRecord("decompose", DecomposeStage, reads=("compression", "teacher", "seed"),
                 reads_if=(("refine_steps", "trainer"),), reads_task_if=_fits_task_text, resumable=False,
                 consumes=(Input("teacher.run_dir", ("finetune",), when=_finetuned_teacher),)),
-    # (pretrain reconstructs the teacher it was decomposed from)
+    # the peer at equal size: the teacher cut to fewer layers (compression only sizes it, when layers is unset)
+    StageRecord("cut", CutStage, reads=("teacher",), reads_if=((_sized_by_compression, "compression"),),
+                resumable=False, consumes=(Input("teacher.run_dir", ("finetune",), when=_finetuned_teacher),)),
+    # (pretrain reconstructs the teacher it was decomposed, or cut, from)
     StageRecord("pretrain", PretrainStage, reads=("teacher", "seed", "trainer"),
-                consumes=(Input("stage.student", ("decompose",)),
+                consumes=(Input("stage.student", ("decompose", "cut")),
                           Input("teacher.run_dir", ("finetune",), when=_finetuned_teacher))),
     StageRecord("distill", DistillStage, reads=("task", "seed", "trainer"), reads_task_data=True,
                 consumes=(Input("teacher.run_dir", ("finetune",)),
-                          Input("stage.student", ("pretrain", "decompose"), name="student"))),
+                          Input("stage.student", ("pretrain", "decompose", "cut"), name="student"))),
     StageRecord("evaluate", EvaluateStage, artifact="metrics.json", reads=("task", "trainer"), reads_task_data=True,
                 resumable=False, consumes=(Input("stage.model", ("distill",)),)),
     StageRecord("pipeline", PipelineStage, artifact="pipeline.json", result="pipeline.json"),

@@ -104,18 +104,33 @@ def teacher_source(cfg: DictConfig) -> str:
     return cfg.teacher.path
 
 
+def check_teacher_weights(cfg: DictConfig, weights, where: str = "stage") -> None:
+    """``<where>.teacher_weights`` (which teacher a stage makes its student from: ``pretrained`` or
+    ``finetuned``, a :class:`~tdlight.stages.schemas.TeacherWeights`) against the teacher given: the
+    fine-tuned one needs ``teacher.run_dir`` (a pipeline wires it from its finetune step)."""
+    if weights == "finetuned" and not cfg.teacher.get("run_dir"):
+        raise TdlightError(f"{where}.teacher_weights=finetuned needs the fine-tuned teacher: "
+                           "teacher.run_dir=<finetune run>")
+
+
 def write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=float))
 
 
+STUDENT_STAGES = ("decompose", "cut", "pretrain", "distill")  # the runs whose model/ is a student
+
+
 def student_source(cfg: DictConfig) -> str:
+    """The student a stage trains: the model of a decompose, cut, pretrain or distill run, or a model
+    directory tdlight wrote — compressed (``tdlight.json``) or dense (a teacher cut to fewer layers)."""
     src = cfg.stage.student
     if not src:
-        raise TdlightError(f"stage={cfg.stage.name} needs a student: stage.student=<decompose or pretrain run directory>")
+        raise TdlightError(f"stage={cfg.stage.name} needs a student: stage.student=<decompose, cut or pretrain run "
+                           "directory>")
     p = Path(src)
     if (p / ".hydra" / "config.yaml").is_file():
-        return str(stage_artifact(p, ("decompose", "pretrain", "distill")))
-    if not (p / "tdlight.json").is_file():
-        raise TdlightError(f"stage.student={src!r} is neither a decompose/pretrain run directory nor a compressed "
-                           "model directory (with tdlight.json)")
+        return str(stage_artifact(p, STUDENT_STAGES))
+    if not ((p / "tdlight.json").is_file() or (p / "config.json").is_file()):
+        raise TdlightError(f"stage.student={src!r} is neither a {'/'.join(STUDENT_STAGES)} run directory nor a model "
+                           "directory (with tdlight.json, or a dense model's config.json)")
     return src

@@ -28,6 +28,11 @@ class TeacherWeights(str, Enum):  # stage.teacher_weights: which teacher the pip
 RefitMode = Enum("RefitMode", {m: m for m in REFIT_MODES}, type=str, module=__name__)
 
 
+class Select(str, Enum):  # stage.select: which of the teacher's layers a cut keeps (tdlight.model.surgery.layer_choice)
+    first = "first"  # the first L
+    even = "even"  # evenly spaced, the first and the last among them
+
+
 class StudentHead(str, Enum):
     teacher = "teacher"  # pooler + classifier copied from the fine-tuned teacher
     student = "student"  # the student's own: new (random) when it has none for this task's labels
@@ -80,6 +85,22 @@ class DecomposeStage:
     fit_passes: int = ranged("an integer ≥ 0", 1)
     fit_refit: RefitMode = RefitMode.layerwise
     fit_bias: bool = True
+
+
+@dataclass
+class CutStage:
+    """The teacher cut to fewer of its own layers (DistilBERT-style), dense: the peer at equal size of
+    the student that ``compression`` would give, for pretrain and distill to train with the same budget.
+    ``layers`` null: the depth whose dense encoder is nearest to that student's encoder parameters."""
+
+    name: str = "cut"
+    # which teacher is cut: pretrained (teacher.path) or finetuned (the pipeline's finetune step; alone:
+    # teacher.run_dir); null: alone, the teacher given (teacher.run_dir, else teacher.path); in a pipeline,
+    # stage.decompose.teacher_weights — so a preset with cut in place of decompose cuts the teacher its
+    # student is decomposed from, and pretrain reconstructs that same teacher
+    teacher_weights: Optional[TeacherWeights] = None
+    layers: Optional[int] = ranged("an integer ≥ 0", None)  # null: nearest to the compressed student's size
+    select: Select = Select.first  # first L, or evenly spaced from the first to the last
 
 
 @dataclass
@@ -194,8 +215,8 @@ class EvaluateStage:
 class PipelineStage:
     """finetune -> decompose -> pretrain -> distill -> evaluate in one command.
 
-    ``steps`` picks which run (finetune, decompose and distill are required; pretrain and
-    evaluate optional). Each step's settings are its stage's defaults with the overrides
+    ``steps`` picks which run (finetune and distill are required, and exactly one of decompose and
+    cut — the compressed student, or the teacher cut to its size; pretrain and evaluate optional). Each step's settings are its stage's defaults with the overrides
     under ``<step>`` here (e.g. ``stage.pretrain.max_steps=200``); ``compression.*``,
     ``task``, ``teacher.*`` and ``trainer.*`` come from the top-level config. Every step
     runs in ``outputs/<step>/<hash of its inputs>``: a step whose inputs are unchanged
@@ -206,6 +227,7 @@ class PipelineStage:
     steps: list = field(default_factory=lambda: ["finetune", "decompose", "pretrain", "distill", "evaluate"])
     finetune: FinetuneStage = field(default_factory=FinetuneStage)
     decompose: DecomposeStage = field(default_factory=DecomposeStage)
+    cut: CutStage = field(default_factory=CutStage)
     pretrain: PretrainStage = field(default_factory=PretrainStage)
     distill: DistillStage = field(default_factory=DistillStage)
     evaluate: EvaluateStage = field(default_factory=EvaluateStage)

@@ -25,6 +25,7 @@ however many units read it), a folded or dense unit stores its own matrices.
 
 from __future__ import annotations
 
+from tdlight.errors import SpecError
 from tdlight.tensor.layout import ATTENTION_TYPES, BLOCK_TYPES, FFN_TYPES, Block
 from tdlight.tensor.spec_data import EncoderShape, ResolvedSpec
 from tdlight.tensor.variants.base import fold_macs  # the fold's side and cost: decided where the fold is built
@@ -43,6 +44,17 @@ def dense_counts(shape: EncoderShape) -> dict[str, int]:
         "encoder": weights + biases + norms,
         "embeddings": emb,
     }
+
+
+def nearest_depth(shape: EncoderShape, target: float) -> int:
+    """The layer count L in 0..``shape.num_layers`` whose dense encoder (``L`` of ``shape``'s layers,
+    weights + biases + LayerNorms) has the parameter count nearest to ``target`` (a tie goes to the
+    smaller L): the depth of the teacher cut to the size of a compressed student, its peer at equal
+    size. L = 0 is the embeddings alone (an encoder of no parameters)."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or target < 0:
+        raise SpecError(f"target={target!r}; valid: a parameter count ≥ 0")
+    per_layer = dense_counts(EncoderShape(1, shape.hidden, shape.intermediate))["encoder"]
+    return min(range(shape.num_layers + 1), key=lambda n: (abs(n * per_layer - target), n))
 
 
 def embedding_counts(shape: EncoderShape, spec: ResolvedSpec | None = None) -> dict[str, int]:
