@@ -8,7 +8,7 @@ as ``–``. Prints three Markdown tables: dev scores per task (teacher, majority
 per ratio decomposition alone / the preset without its pretraining step / the preset / its peer at
 equal size, the teacher cut to the nearest depth and trained with the same budget, each
 with its share of the teacher's score), with the GLUE average; the share of the most frequent dev prediction
-of every classifier (a constant student is marked); and per ratio the encoder parameters, the
+of every classifier (a constant student is marked); their balanced accuracies; and per ratio the encoder parameters, the
 encoder and whole-model ratios, the bytes on disk of teacher and shipped student, the measured speed-up (the pipeline's paired timing of a dev batch), pretraining tokens and the
 distillation budget, for the preset's student and for its peer.
 """
@@ -46,13 +46,16 @@ def collect(out: Path, ratios: list[str]) -> dict:
                 p = _load(out / "grid" / col / f"cpu_{r}-{t}" / "pipeline.json")
                 if p:
                     runs[t].setdefault("teacher", {"score": p["teacher_score"], "top_share": p["teacher_top_share"],
-                                                    "majority": p["majority_score"]})
+                                                    "majority": p["majority_score"],
+                                                    "balanced": p.get("teacher_balanced_accuracy")})
                     runs[t][(r, col)] = {"score": p["student_score"], "top_share": p["student_top_share"],
-                                         "constant": p["student_constant"], "pipeline": p}
+                                         "constant": p["student_constant"], "pipeline": p,
+                                         "balanced": p.get("student_balanced_accuracy")}
             ev = _load(out / "grid" / "dec" / f"cpu_{r}-{t}" / "evaluate" / "metrics.json")
             if ev:
                 runs[t][(r, "dec")] = {"score": ev["score"], "top_share": ev["dev"].get("top_share"),
-                                       "constant": ev["constant_predictions"]}
+                                       "constant": ev["constant_predictions"],
+                                       "balanced": ev["dev"].get("balanced_accuracy")}
     return runs
 
 
@@ -107,6 +110,23 @@ def share_table(runs: dict, ratios: list[str]) -> str:
     return "\n".join(lines)
 
 
+def balanced_table(runs: dict, ratios: list[str]) -> str:
+    """The balanced accuracy (mean class recall: 0.5 for any constant binary classifier) of every
+    classifier, with its share of the teacher's — the reading a skewed dev set (MRPC, CoLA) needs."""
+    head = ["task", "teacher"] + [f"1/{r} {name}" for r in ratios for _, name in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in TASKS:
+        if get_task(t).num_labels == 1:
+            continue
+        teacher = (runs[t].get("teacher") or {}).get("balanced")
+        row = [_fmt(teacher)]
+        for c in _cols(ratios):
+            b = (runs[t].get(c) or {}).get("balanced")
+            row.append(_fmt(b) + ("" if b is None or not teacher else f" ({100 * b / teacher:.0f}%)"))
+        lines.append(f"| {t} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def budget_table(out: Path, runs: dict, ratios: list[str]) -> str:
     lines = ["| preset | encoder params | encoder ratio | whole-model ratio | MB on disk (teacher → student) | "
              "speed-up (measured) | pretraining tokens | distillation (examples × epochs) |",
@@ -152,6 +172,8 @@ def main() -> None:
     print(score_table(runs, ratios))
     print()
     print(share_table(runs, ratios))
+    print()
+    print(balanced_table(runs, ratios))
     print()
     print(budget_table(out, runs, ratios))
 
