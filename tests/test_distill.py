@@ -228,3 +228,32 @@ def test_distill_with_masked_lm_augmentation(chain, tmp_path, teacher_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = runs(tmp_path, "distill")
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 6  # 48 + 48 augmented, batches of 16
+
+
+def test_select_by_balanced_accuracy_keeps_the_epoch_of_the_best_mean_class_recall(chain, tmp_path):
+    # best.ckpt watches val/balanced_accuracy (phase 1 logs it as -inf, as it does the score): the student
+    # saved is the phase-2 epoch with the highest balanced accuracy, whatever its GLUE score
+    out, ft, dec = chain
+    r = cli(tmp_path, "stage=distill", "task=mrpc", f"teacher.run_dir={ft}", f"stage.student={dec}",
+            "stage.intermediate_epochs=1", "stage.prediction_epochs=3", "stage.lr=1e-3",
+            "stage.select_by=balanced_accuracy", "logger=csv", *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = runs(tmp_path, "distill")
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["selected_by"] == "val/balanced_accuracy"
+    (csv,) = [p.read_text() for p in (run / "csv").glob("version_*/metrics.csv")]
+    logged = [float(v) for v in _column(csv, "val/balanced_accuracy")]
+    # one value per epoch plus the final validation of the kept weights; phase 1's is -inf
+    assert logged[0] == float("-inf") and len(logged) == 5, logged
+    assert m["dev"]["balanced_accuracy"] == pytest.approx(max(logged[1:4]), abs=1e-6)
+    assert logged[-1] == pytest.approx(max(logged[1:4]), abs=1e-6)
+
+
+def test_monitor_is_the_score_for_a_regression_task():
+    from tdlight.data.glue import get_task
+    from tdlight.stages.classifier import monitor
+    from tdlight.stages.schemas import SelectBy
+
+    assert monitor(get_task("mrpc"), SelectBy.balanced_accuracy) == "val/balanced_accuracy"
+    assert monitor(get_task("mrpc"), SelectBy.score) == "val/score"
+    assert monitor(get_task("stsb"), SelectBy.balanced_accuracy) == "val/score"  # no classes to recall

@@ -54,6 +54,7 @@ class GlueModule(L.LightningModule):
         self.val_metrics = nn.ModuleList([GlueMetric(task) for _ in task.validation_splits])
         self.total_steps: int | None = None  # set by the stage (see training_steps)
         self.results: dict[str, float] = {}
+        self.monitor = "val/score"  # the logged value best.ckpt keeps (the stage sets it: see monitor())
         self.eval_examples = 0
         self.eval_seconds = 0.0
 
@@ -97,6 +98,9 @@ class GlueModule(L.LightningModule):
                 results[f"{prefix}/{k}".lstrip("/")] = v
             scores.append(values["score"])
         results["score"] = sum(scores) / len(scores)
+        if len(scores) > 1 and not self.task.is_regression:  # (MNLI: one balanced accuracy, as one score)
+            splits = [results[f"{split}/balanced_accuracy"] for split in self.task.validation_splits]
+            results["balanced_accuracy"] = sum(splits) / len(splits)
         self.results = results
         self.log_results(results)
 
@@ -160,6 +164,14 @@ def check_lengths(model, cfg: DictConfig, max_length: int) -> None:
     """The GLUE ``max_length`` in force fits the model's position table, named as the user set it."""
     key = "stage.max_length" if cfg.stage.get("max_length") is not None else "task.max_length"
     check_positions(model, **{key: max_length})
+
+
+def monitor(task, select_by) -> str:
+    """The logged dev value that picks the epoch a stage keeps (``best.ckpt``) and that early stopping
+    watches: ``val/score`` (the GLUE score) or, with ``select_by=balanced_accuracy``, ``val/balanced_accuracy``
+    — except for a regression task, which has no classes and is selected by its score."""
+    key = getattr(select_by, "value", select_by)
+    return "val/score" if key == "score" or task.is_regression else f"val/{key}"
 
 
 def task_settings(st, cfg: DictConfig, *keys: str) -> list:

@@ -31,8 +31,8 @@ from tdlight.model.surgery import encoder_shape
 from tdlight.model.teacher import copy_head, load_classifier, load_masked_lm
 from tdlight.stages import training
 from tdlight.stages.classifier import (
-    MODEL_INPUTS, GlueModule, check_lengths, check_task_data, datamodule, model_summary, require_task, results_table,
-    steps_per_epoch, task_settings, training_steps,
+    MODEL_INPUTS, GlueModule, check_lengths, check_task_data, datamodule, model_summary, monitor, require_task,
+    results_table, steps_per_epoch, task_settings, training_steps,
 )
 from tdlight.stages.registry import settings
 from tdlight.stages.runs import saved_config, stage_artifact, student_source
@@ -110,6 +110,8 @@ class DistillModule(GlueModule):
             for k, v in results.items():
                 self.log(f"val/phase1_{k}", v, sync_dist=True)
             self.log("val/score", float("-inf"), prog_bar=True, sync_dist=True)  # same args as phase 2
+            if self.monitor != "val/score":  # (what best.ckpt watches: never a phase-1 epoch)
+                self.log(self.monitor, float("-inf"), sync_dist=True)
         else:
             super().log_results(results)
 
@@ -239,6 +241,8 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
         weight_decay=st.weight_decay, warmup_ratio=st.warmup_ratio, train_embeddings=st.train_embeddings,
         relative_losses=st.relative_losses,
     )
+    module.monitor = monitor(task, st.select_by)
+
     summary = {"task": task.name, "teacher": str(teacher_dir), "student": student_dir, "head": head, "pooling": pooling,
                **model_summary(student)}
     n = len(dm.datasets["train"])
@@ -253,11 +257,12 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
                  teacher_dir, student_dir, task.name, st.intermediate_epochs, st.prediction_epochs, pairs)
 
     fitted = training.fit(cfg, run_dir, module, dm, ckpt=ckpt, max_epochs=st.intermediate_epochs + st.prediction_epochs,
-                          monitor="val/score", summary=summary, extra_callbacks=extra_callbacks, before_fit=prepare)
+                          monitor=module.monitor, summary=summary, extra_callbacks=extra_callbacks,
+                          before_fit=prepare)
     results = fitted.results
     out = {"stage": "distill", **summary, "dev": results, "score": results["score"], "pairs": pairs,
            "intermediate_epochs": st.intermediate_epochs, "prediction_epochs": st.prediction_epochs,
-           "epoch_seconds": fitted.epoch_seconds, "global_step": fitted.trainer.global_step, "train_examples": n}
+           "selected_by": module.monitor, "epoch_seconds": fitted.epoch_seconds, "global_step": fitted.trainer.global_step, "train_examples": n}
     return training.finish(run_dir, fitted, out, model=module.model, tokenizer=tokenizer,
                            model_extra={"teacher": str(teacher_dir), "student": student_dir, "task": task.name},
                            who="the distilled student", table=results_table(f"tdlight distill: {task.name} — student", out))

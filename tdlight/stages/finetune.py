@@ -19,8 +19,8 @@ from tdlight.errors import TdlightError
 from tdlight.model.teacher import load_classifier, resolve_teacher
 from tdlight.stages import training
 from tdlight.stages.classifier import (
-    GlueModule, check_lengths, check_task_data, datamodule, model_summary, require_task, results_table, task_settings,
-    training_steps,
+    GlueModule, check_lengths, check_task_data, datamodule, model_summary, monitor, require_task, results_table,
+    task_settings, training_steps,
 )
 from tdlight.stages.registry import settings
 from tdlight.stages.runs import teacher_source
@@ -61,17 +61,19 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
 
     def schedule(trainer) -> None:
         module.total_steps = training_steps(trainer, len(dm.datasets["train"]), batch_size)
-        log.info("fine-tuning %s on %s: lr %g, %d epochs%s, batch %d, max length %d, warm-up %g%s", source, task.name,
-                 lr, trainer.max_epochs, f" (stopping after {patience} without a better dev score)" if patience else "",
-                 batch_size, max_length, warmup, f", resuming from {ckpt}" if ckpt else "")
+        log.info("fine-tuning %s on %s: lr %g, %d epochs%s, batch %d, max length %d, warm-up %g, keeping the epoch "
+                 "of the best %s%s", source, task.name, lr, trainer.max_epochs,
+                 f" (stopping after {patience} without a better dev score)" if patience else "", batch_size,
+                 max_length, warmup, watched, f", resuming from {ckpt}" if ckpt else "")
 
-    fitted = training.fit(cfg, run_dir, module, dm, ckpt=ckpt, max_epochs=epochs, monitor="val/score",
+    watched = monitor(task, st.select_by)
+    fitted = training.fit(cfg, run_dir, module, dm, ckpt=ckpt, max_epochs=epochs, monitor=watched,
                           summary=summary, extra_callbacks=extra_callbacks, before_fit=schedule, patience=patience)
     trainer, results = fitted.trainer, fitted.results
     out = {
         "stage": "finetune", "task": task.name, "teacher": source, "dev": results, "score": results["score"],
         "lr": lr, "epochs": trainer.max_epochs, "epochs_run": trainer.current_epoch, "warmup_ratio": warmup,
-        "patience": patience, "batch_size": batch_size, "max_length": max_length,
+        "patience": patience, "selected_by": watched, "batch_size": batch_size, "max_length": max_length,
         "epoch_seconds": fitted.epoch_seconds, "global_step": trainer.global_step, **summary,
     }
     return training.finish(run_dir, fitted, out, model=module.model, tokenizer=tokenizer,

@@ -33,6 +33,13 @@ class Select(str, Enum):  # stage.select: which of the teacher's layers a cut ke
     even = "even"  # evenly spaced, the first and the last among them
 
 
+class SelectBy(str, Enum):  # stage.select_by: the dev number that picks the epoch kept (best.ckpt) and early stopping
+    score = "score"  # the task's GLUE score
+    # the mean class recall: no credit for leaning on a skewed dev set's majority (MRPC's F1 rewards predicting its
+    # 68% positive class); a regression task (STS-B) has none and is selected by its score
+    balanced_accuracy = "balanced_accuracy"
+
+
 class StudentHead(str, Enum):
     teacher = "teacher"  # pooler + classifier copied from the fine-tuned teacher
     student = "student"  # the student's own: new (random) when it has none for this task's labels
@@ -115,6 +122,7 @@ class FinetuneStage:
     weight_decay: float = ranged("≥ 0", 0.01)
     warmup_ratio: Optional[float] = ranged("in [0, 1)", None)
     patience: Optional[int] = ranged("an integer ≥ 1", None)  # stop after N epochs without a better dev score
+    select_by: SelectBy = SelectBy.score  # which dev number "better" means (best.ckpt, patience)
     eval_batch_size: int = ranged("an integer ≥ 1", 64)
     limit_train: Optional[int] = ranged("an integer ≥ 1", None)  # first N training examples (smoke runs, tests)
     limit_eval: Optional[int] = ranged("an integer ≥ 1", None)
@@ -182,6 +190,7 @@ class DistillStage:
     relative_losses: bool = False  # phase 1: each term is ‖student − teacher‖² / ‖teacher‖² (scale-free)
     temperature: float = ranged("> 0", 1.0)
     gold_weight: float = ranged("in [0, 1]", 0.0)  # 0: soft targets only; 1: plain gold-label fine-tuning
+    select_by: SelectBy = SelectBy.score  # the dev number that picks the phase-2 epoch kept (best.ckpt)
     head: StudentHead = StudentHead.student  # where the student's task head starts (docs/RESULTS.md §7: teacher fails lossy students)
     train_embeddings: bool = False  # the embedding matrices stay frozen by default
     augment: bool = False  # TinyBERT-style word replacement: augment_copies copies of each train example, cached to disk
