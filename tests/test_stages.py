@@ -210,12 +210,12 @@ def test_finetune_stops_early_after_patience_epochs_without_a_better_dev_score(t
     # a learning rate too small to change a prediction: epoch 0 sets the best score, epochs 1 and 2 do
     # not beat it (improving means strictly better), so patience 2 stops after 3 of 10 epochs
     r = cli(tmp_path, "stage=finetune", "task=mrpc", f"teacher.path={teacher_dir}", "stage.epochs=10",
-            "stage.lr=1e-12", "task.patience=2", "stage.select_by=balanced_accuracy", "logger=csv", *SMALL)
+            "stage.lr=1e-12", "task.patience=2", "logger=csv", *SMALL)
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = runs(tmp_path, "finetune")
     m = json.loads((run / "metrics.json").read_text())
     assert m["epochs"] == 10 and m["epochs_run"] == 3 and m["patience"] == 2 and len(m["epoch_seconds"]) == 3
-    assert m["selected_by"] == "val/balanced_accuracy"  # what "better" means for best.ckpt and for patience
+    assert m["selected_by"] == "val/score"  # what "better" means for best.ckpt and for patience
     assert m["warmup_ratio"] == 0.1  # the task's default (conf/task/mrpc.yaml, else the schema's)
     assert "stopping after 2 without a better dev score" in (run / "tdlight.log").read_text()
     assert (run / "model" / "model.safetensors").is_file()
@@ -411,7 +411,7 @@ def test_experiment_presets_compose_and_resolve(tmp_path, name):
     (["stage=finetune", "stage.warmup_ratio=1"], "stage.warmup_ratio=1.0; valid: in [0, 1)"),
     (["stage=finetune", "stage.patience=0"], "stage.patience=0; valid: an integer ≥ 1"),
     (["stage=finetune", "task.patience=0"], "task.patience=0; valid: an integer ≥ 1"),
-    (["stage=finetune", "stage.select_by=f1"], "stage.select_by='f1'; valid: score, balanced_accuracy"),
+    (["stage=distill", "stage.select_by=f1"], "stage.select_by='f1'; valid: score, balanced_accuracy"),
 ])
 def test_out_of_range_hyperparameters_exit_2_before_any_work(tmp_path, teacher_dir, overrides, message):
     small = SMALL if "stage=pipeline" not in overrides else ["trainer=cpu"]

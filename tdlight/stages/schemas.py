@@ -122,7 +122,6 @@ class FinetuneStage:
     weight_decay: float = ranged("≥ 0", 0.01)
     warmup_ratio: Optional[float] = ranged("in [0, 1)", None)
     patience: Optional[int] = ranged("an integer ≥ 1", None)  # stop after N epochs without a better dev score
-    select_by: SelectBy = SelectBy.score  # which dev number "better" means (best.ckpt, patience)
     eval_batch_size: int = ranged("an integer ≥ 1", 64)
     limit_train: Optional[int] = ranged("an integer ≥ 1", None)  # first N training examples (smoke runs, tests)
     limit_eval: Optional[int] = ranged("an integer ≥ 1", None)
