@@ -10,6 +10,9 @@
 #         is nearest to the preset's student (the MiniLM: 1 layer at 1/7, none at 1/48, where pretrain has
 #         nothing to train and the pipeline skips it), trained with the same budget — is the shared-factor
 #         student better than simply cutting layers? PEER=0 leaves the column out
+#   gold  the same pipeline with stage.distill.gold_weight=1: the preset's decomposed, pretrained student
+#         fine-tuned on the gold labels instead of the teacher's soft targets, same epochs and lr — what
+#         distillation adds over plain fine-tuning of the same student
 # Every pipeline writes its steps under $OUT (default outputs/repro), so the columns and the two ratios
 # share what they have in common (the teacher of a task, a decomposition) and a second copy of this
 # script waits for a step the first is computing instead of computing it twice. A column whose result
@@ -23,7 +26,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/repro}
 TASKS=${TASKS:-"rte mrpc stsb cola sst2"}
 RATIOS=${RATIOS:-"7 48"}
-COLUMNS=${COLUMNS:-"dist nopt dec peer"}   # in the order they run; a stopped grid leaves whole columns
+COLUMNS=${COLUMNS:-"dist nopt dec peer gold"}   # in the order they run; a stopped grid leaves whole columns
 extra=("$@")
 TD=(.venv/bin/tdlight paths.output_dir="$OUT" trainer.enable_progress_bar=false)
 stamp() { echo "=== $* $(date -u +%H:%M:%S)"; }
@@ -62,7 +65,8 @@ for col in $COLUMNS; do
         dec) dec "$r" "$t";;
         nopt) dist "$r" "$t" nopt "stage.steps=[finetune,decompose,distill,evaluate]";;
         peer) [[ ${PEER:-1} == 0 ]] || dist "$r" "$t" peer "stage.steps=[finetune,cut,pretrain,distill,evaluate]";;
-        *) echo "unknown column $col (valid: dist nopt dec peer)" >&2; exit 2;;
+        gold) dist "$r" "$t" gold stage.distill.gold_weight=1;;
+        *) echo "unknown column $col (valid: dist nopt dec peer gold)" >&2; exit 2;;
       esac
     done
   done

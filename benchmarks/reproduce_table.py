@@ -2,10 +2,11 @@
 
     python benchmarks/reproduce_table.py [--out outputs/repro] [--ratios 7,48]
 
-Reads the pipelines' ``pipeline.json`` (columns ``nopt``, ``dist`` and ``peer``) and the untrained
+Reads the pipelines' ``pipeline.json`` (columns ``nopt``, ``dist``, ``gold`` and ``peer``) and the untrained
 students' ``evaluate/metrics.json`` (column ``dec``) under ``--out/grid``; missing runs show
 as ``–``. Prints three Markdown tables: dev scores per task (teacher, majority-class baseline,
-per ratio decomposition alone / the preset without its pretraining step / the preset / its peer at
+per ratio decomposition alone / the preset without its pretraining step / the preset / the same
+student fine-tuned on gold labels instead of distilled / its peer at
 equal size, the teacher cut to the nearest depth and trained with the same budget, each
 with its share of the teacher's score), with the GLUE average; the share of the most frequent dev prediction
 of every classifier (a constant student is marked); their balanced accuracies; and per ratio the encoder parameters, the
@@ -24,8 +25,8 @@ from tdlight.data.glue import get_task
 
 TASKS = ("sst2", "mrpc", "rte", "cola", "stsb")
 COLUMNS = (("dec", "decomposed"), ("nopt", "distilled, no pretraining"), ("dist", "preset"),
-           ("peer", "layer cut (peer)"))
-PIPELINES = ("dist", "nopt", "peer")  # the columns that are pipelines (dec is an evaluate run)
+           ("gold", "gold labels (same student)"), ("peer", "layer cut (peer)"))
+PIPELINES = ("dist", "nopt", "gold", "peer")  # the columns that are pipelines (dec is an evaluate run)
 
 
 def _load(path: Path) -> dict | None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,8 @@ from tdlight.model.surgery import cut_layers, layer_choice
 from tdlight.tensor.accounting import dense_counts, nearest_depth, param_counts
 from tdlight.tensor.spec import CompressionSpec, EncoderShape, resolve
 from tests.conftest import cli, compose_cfg, needs_data, runs, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _by_hand(model, layers: list[int], ids, mask) -> torch.Tensor:
@@ -199,6 +205,27 @@ def test_tiny_pipeline_with_the_teacher_cut_in_place_of_decompose(pretrain_input
     assert summary["skipped"] == ["pretrain"] and summary["student_layers"] == 0 and summary["ratio"] is None
     assert "pretrain" not in summary["steps"] and "no encoder layer" in r.stdout
     assert [len(runs(tmp_path, s)) for s in ("finetune", "cut", "pretrain", "distill", "evaluate")] == [1, 2, 1, 2, 2]
+
+    # the grid's `gold` column: the same cut student fine-tuned on gold labels (reusing all but distill);
+    # then benchmarks/reproduce_table.py reads these pipelines as the grid's peer and gold columns
+    r = cli(tmp_path, *args, "stage.distill.gold_weight=1")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert [len(runs(tmp_path, s)) for s in ("finetune", "cut", "pretrain", "distill")] == [1, 2, 1, 3]
+    assert json.loads((runs(tmp_path, "distill")[-1] / "metrics.json").read_text())["gold_weight"] == 1
+    first, none, gold = runs(tmp_path, "pipeline")
+    grid = tmp_path / "repro" / "grid"
+    for col, ratio, src in (("peer", 7, first), ("peer", 48, none), ("gold", 7, gold)):
+        (grid / col / f"cpu_{ratio}-mrpc").mkdir(parents=True)
+        shutil.copy(src / "pipeline.json", grid / col / f"cpu_{ratio}-mrpc" / "pipeline.json")
+    table = subprocess.run([sys.executable, str(REPO / "benchmarks" / "reproduce_table.py"), "--out",
+                            str(tmp_path / "repro")], capture_output=True, text=True, cwd=REPO)
+    assert table.returncode == 0, table.stderr[-3000:]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.stdout.splitlines()}
+    head = rows["task (metric)"]
+    gold_score = json.loads((gold / "pipeline.json").read_text())["student_score"]
+    assert f"{gold_score:.4f}" in rows["mrpc (f1/accuracy)"][head.index("1/7 gold labels (same student)")]
+    assert rows["mrpc (f1/accuracy)"][head.index("1/48 gold labels (same student)")].strip() == "–"
+    assert "the teacher cut to 1 layer(s)" in table.stdout and "no encoder layer" in table.stdout
 
 
 def test_pretrain_refuses_a_student_with_no_layer(pretrain_inputs, teacher_dir, tmp_path):

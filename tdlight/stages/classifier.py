@@ -248,7 +248,9 @@ def results_table(title: str, r: dict) -> Table:
     if r.get("score_fp32") is not None:
         t.add_row(f"GLUE score at fp32 (shipped: {r['precision']})", f"{r['score_fp32']:.4f}")
     t.add_row("encoder parameters", f"{r['encoder_params']:,}")
-    t.add_row("compression ratio (encoder)", f"{r['ratio']:.2f}×")
+    # a dense model (a teacher, or one cut to fewer layers) is not compressed: its size against the
+    # teacher it was cut from is the pipeline's table (evaluate alone does not know that teacher)
+    t.add_row("compression ratio (encoder)", f"{r['ratio']:.2f}×" if r.get("rank_in") else "dense (not compressed)")
     if r.get("model_params"):
         t.add_row("whole-model parameters", f"{r['model_params']:,}")
     if r.get("model_bytes"):
