@@ -230,9 +230,11 @@ def test_pareto_front_leaves_constant_students_off():
 
 
 def test_sweep_with_two_workers_records_failures_and_reports(tmp_path, teacher_dir):
-    # the enqueued first point has an impossible layer map: that trial fails, the sweep goes on
+    # the enqueued first point has an impossible layer map: that trial fails, the sweep goes on; the second
+    # enqueued point is a sound one (the random draws of the other two may both be the impossible map)
     path = write_sweep(tmp_path, teacher_dir, n_trials=4, workers=2,
-                       enqueue=[{"compression.rank": 8, "compression.bank": 6, "stage.distill.layer_map": "[[7,7]]"}])
+                       enqueue=[{"compression.rank": 8, "compression.bank": 6, "stage.distill.layer_map": "[[7,7]]"},
+                                {"compression.rank": 8, "compression.bank": 6, "stage.distill.layer_map": "all"}])
     spec = yaml.safe_load(path.read_text())
     spec["space"]["stage.distill.layer_map"] = "choice(all, last, [[7,7]])"
     path.write_text(yaml.safe_dump(spec))
@@ -269,6 +271,18 @@ def test_sweep_with_two_workers_records_failures_and_reports(tmp_path, teacher_d
     flat = len(done) - len(useful)  # the console says why a constant student is not on the front
     assert (f"{flat} of {len(done)} finished student(s) are constant predictors" in " ".join(r2.stdout.split())) \
         == bool(flat), r2.stdout
+    # a reference point: a finished run that is not a trial (here a trial's own pipeline, read back as one)
+    ref = sweep / "trials" / f"{done[0].number:04d}" / "mrpc"
+    r2 = tdlight("sweep-report", str(sweep), f"reference.again={ref}")
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    md = (sweep / "trials.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| again |"))
+    assert f"{done[0].user_attrs['ratio']:.2f}" in row and str(ref) in row and "compressed" in row
+    assert f"reference again (compressed): ratio {done[0].user_attrs['ratio']:.2f}" in " ".join(r2.stdout.split())
+    bad = tdlight("sweep-report", str(sweep), f"reference.peer={sweep}")
+    assert bad.returncode == 2 and "has no pipeline.json or metrics.json" in bad.stderr, bad.stderr[-2000:]
+    bad = tdlight("sweep-report", str(sweep), f"reference.peer={ref},{ref}")
+    assert bad.returncode == 2 and "two runs on task 'mrpc'" in bad.stderr, bad.stderr[-2000:]
     # rerunning a finished sweep runs nothing more
     n = len(trials(tmp_path))
     r3 = tdlight("sweep", str(path), timeout=300)

@@ -11,14 +11,16 @@ from tdlight.errors import TdlightError
 
 USAGE = ("usage: tdlight sweep <sweeps/NAME.yaml> [sweep.workers=N sweep.n_trials=N space.KEY='choice(..)' "
          "+base=KEY=VALUE ...]\n"
-         "       tdlight sweep-report <sweep dir> [sweep.storage=URL]")
+         "       tdlight sweep-report <sweep dir> [sweep.storage=URL] [reference.NAME=RUN_DIR[,RUN_DIR...] ...]")
 
 
 HELP = ("\n\nsweep: run (or resume: the same command again) an Optuna study whose trials are tdlight runs; "
         "the sweep file's\n  sweep:, tasks:, base: and space: keys, and any of them as key=value overrides, are "
         "described in the README\n  (section 'Sweeps'); examples in sweeps/.\n"
         "sweep-report: print the Pareto front and rewrite trials.md and pareto.png of a sweep directory\n  (sweep.storage=URL: "
-        "the study's URL again; sweep.yaml never keeps a password: libpq reads PGPASSWORD or ~/.pgpass).")
+        "the study's URL again; sweep.yaml never keeps a password: libpq reads PGPASSWORD or ~/.pgpass;\n"
+        "  reference.NAME=RUN_DIR,...: a finished run per sweep task that is not a trial — the teacher cut to fewer "
+        "layers,\n  gold-label fine-tuning — listed in trials.md and drawn on the plot as a point to beat).")
 
 
 def _settings_help() -> str:
@@ -66,10 +68,18 @@ def main(command: str, args: list[str]) -> int:
             from tdlight.sweep.report import report
 
             storage = [a.split("=", 1)[1] for a in args[1:] if a.startswith("sweep.storage=")]
-            if not args or "=" in args[0] or len(args) != 1 + len(storage) or len(storage) > 1:
-                raise TdlightError(f"sweep-report takes one sweep directory and optionally sweep.storage=URL; got "
-                                   f"{args}\n{USAGE}")
-            report(args[0], storage=storage[0] if storage else None)
+            refs = [a.split("=", 1) for a in args[1:] if a.startswith("reference.")]
+            if not args or "=" in args[0] or len(args) != 1 + len(storage) + len(refs) or len(storage) > 1:
+                raise TdlightError(f"sweep-report takes one sweep directory and optionally sweep.storage=URL and "
+                                   f"reference.NAME=RUN_DIR[,RUN_DIR...]; got {args}\n{USAGE}")
+            references: dict[str, list[str]] = {}
+            for key, dirs in refs:
+                name = key.removeprefix("reference.")
+                if not name or "." in name or name in references or not all(dirs.split(",")):
+                    raise TdlightError(f"{key}={dirs}: a reference is reference.NAME=RUN_DIR[,RUN_DIR...] with a new "
+                                       f"NAME (no dot) and one finished run directory per sweep task")
+                references[name] = dirs.split(",")
+            report(args[0], storage=storage[0] if storage else None, references=references)
             return 0
         from tdlight.sweep.report import report
         from tdlight.sweep.runner import Runner, WorkerCrashed

@@ -107,9 +107,15 @@ class Objective:
 
 class Priced(Objective):
     priced = True
+    result_keys: tuple[str, ...] = ()  # where a finished run's result holds it (a reference point's value)
 
     def price(self, p: Pricing) -> float:
         raise NotImplementedError
+
+    def read(self, result: dict) -> float | None:
+        """Its value in a finished run's result, for a run that is not a trial (a reference point of the
+        report: the layer-cut peer, gold-label fine-tuning); a trial's own is priced from its config."""
+        return lookup(result, self.result_keys)
 
 
 class Measured(Objective):
@@ -156,6 +162,7 @@ class Ratio(Priced):
 
     name, direction, label, column = "ratio", "maximize", "encoder compression ratio", "ratio"
     shown, log, teacher = True, True, 1.0
+    result_keys = ("ratio",)  # (a layer cut's: its size ratio to the teacher)
 
     def price(self, p: Pricing) -> float:
         return float(p.counts["ratio"])
@@ -169,6 +176,7 @@ class Params(Priced):
 
     name, direction, label, column = "params", "minimize", "compressed encoder parameters", "params"
     log = True
+    result_keys = ("student_encoder_params", "encoder_params")
 
     def price(self, p: Pricing) -> float:
         return int(p.counts["encoder"])
@@ -179,6 +187,7 @@ class ModelRatio(Ratio):
     is priced at the full one, its size being known only once the text is read."""
 
     name, label, column = "model_ratio", "whole-model compression ratio", "model ratio"
+    result_keys = ("model_ratio",)
 
     def price(self, p: Pricing) -> float:
         return float(p.counts["model_ratio"])

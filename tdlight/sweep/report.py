@@ -8,11 +8,18 @@ trial with its number, marks the Pareto-optimal trials, the constant students (�
 majority class's), the majority-class line, the teacher where both its values are known (ratio 1),
 and, on the ratio vs score plot, the paper's two reference rows as shares of this teacher's score
 (ratio 7.5 at 99%, ratio 48 at 96.7%: the claims of Ren et al., ICLR 2022), named in the legend.
+
+Reference points (``reference.NAME=RUN_DIR[,RUN_DIR...]``, one finished run per sweep task: a pipeline's
+directory with its ``pipeline.json``, or a stage's with its ``metrics.json``) are runs that are not trials —
+the teacher cut to fewer layers at the size of a trial (``stage.steps=[finetune,cut,pretrain,distill,evaluate]``),
+the same student fine-tuned on gold labels — read through the same objectives, listed in trials.md and
+drawn on the plot, so a reader sees whether the front beats the obvious alternatives.
 """
 
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -23,10 +30,12 @@ from rich.console import Console
 from rich.table import Table
 
 from tdlight.data.metrics import CONSTANT_SHARE
+from tdlight.errors import TdlightError
 from tdlight.sweep.objectives import OBJECTIVES, SCORE, Objective, fmt
 from tdlight.sweep.runner import ABANDONED, DUPLICATE, INFEASIBLE, INTERRUPTED, SAVED, SURPLUS, error_summary
 from tdlight.sweep.spec import Sweep, SweepError, load
 from tdlight.sweep.storage import open_storage, storage_name
+from tdlight.sweep.trial import read_result
 
 PAPER = ((7.5, 0.99, "paper 1/7"), (48.0, 0.967, "paper 1/48"))  # (ratio, share of the teacher's score, name)
 DEFAULT_AXES = ("score", "ratio")  # a plot of a one-objective sweep pairs it with one of these
@@ -82,10 +91,58 @@ def load_study(sweep_dir: str | Path, storage: str | None = None) -> tuple[optun
     return study, sweep
 
 
-def report(sweep_dir: str | Path, console: Console | None = None, storage: str | None = None) -> dict:
+@dataclass(frozen=True)
+class Reference:
+    """A finished run that is not a trial, read through the sweep's objectives (a point to beat)."""
+
+    name: str
+    runs: tuple[str, ...]  # one run directory per sweep task
+    values: dict  # objective name -> its value (the mean over the tasks), None where a run has none
+    top_share: float | None  # the largest share of dev predictions in one class over the tasks
+    kind: str  # what the student is, in words ("layer cut to 1 of 6 layers", "compressed")
+
+
+def load_references(references: dict[str, list[str]], tasks: list[str]) -> list[Reference]:
+    """``{name: [run dir, ...]}`` -> the reference points, one run per sweep task (bad input: an error
+    naming the run or task and what is valid)."""
+    out = []
+    for name, dirs in references.items():
+        results: dict[str, dict] = {}
+        for d in dirs:
+            res = read_result(Path(d))
+            task = res.get("task")
+            if task not in tasks:
+                raise TdlightError(f"reference.{name}: {d} is a run on task {task!r}; this sweep's tasks: {', '.join(tasks)}")
+            if task in results:
+                raise TdlightError(f"reference.{name}: two runs on task {task!r}; give one run per task")
+            results[task] = res
+        missing = [t for t in tasks if t not in results]
+        if missing:
+            raise TdlightError(f"reference.{name}: no run on {', '.join(missing)}; a reference point needs one "
+                               f"finished run per sweep task ({', '.join(tasks)}), comma-separated")
+        values = {o.name: _mean([o.read(r) for r in results.values()]) for o in OBJECTIVES.values()}
+        layers = {r.get("student_layers") for r in results.values()}
+        cut = all(r.get("student_kind") == "cut" for r in results.values())
+        kind = (f"layer cut to {layers.pop()} of {next(iter(results.values())).get('teacher_layers', '?')} layers"
+                if cut and len(layers) == 1 else "layer cut" if cut else "compressed"
+                if any(r.get("student_kind") == "compressed" or r.get("rank_in") for r in results.values()) else "–")
+        out.append(Reference(name, tuple(str(d) for d in dirs), values,
+                             _top({t: r.get("student_top_share", (r.get("dev") or {}).get("top_share"))
+                                   for t, r in results.items()}), kind))
+    return out
+
+
+def _mean(vs: list) -> float | None:
+    vs = [v for v in vs if v is not None]
+    return statistics.mean(vs) if vs else None
+
+
+def report(sweep_dir: str | Path, console: Console | None = None, storage: str | None = None,
+           references: dict[str, list[str]] | None = None) -> dict:
     console = console or Console()
     d = Path(sweep_dir)
     study, sweep = load_study(d, storage)
+    refs = load_references(references or {}, list(sweep.cfg.tasks))
     objectives = sweep.objectives
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -136,12 +193,19 @@ def report(sweep_dir: str | Path, console: Console | None = None, storage: str |
         row += [_share(u.get("top_share")), "★" if t.number in front_ids else "",
                 f"{u['seconds'] / 60:.1f}" if "seconds" in u else "–", _status(t)]
         lines.append("| " + " | ".join(row) + " |")
+    if refs:  # runs that are not trials: the points a front must beat
+        head = ["reference", "student", *[o.header for o in columns], "top share", "runs"]
+        lines += ["", "## Reference points (not trials)", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for ref in refs:
+            lines.append("| " + " | ".join([ref.name, ref.kind, *[o.format(ref.values.get(o.name)) for o in columns],
+                                            _share({"all": ref.top_share}), ", ".join(ref.runs)]) + " |")
     md = d / "trials.md"
     md.write_text("\n".join(lines) + "\n")
 
     png = d / "pareto.png"
     axes = plot_axes(sweep)
-    _plot(png, done, front, teacher, sweep, axes)
+    _plot(png, done, front, teacher, sweep, axes, refs)
 
     shown = [*axes, *[o for o in sweep.strategies if o not in axes]]
     t = Table(title=f"sweep {sweep.settings.name}: Pareto front ({len(front)} of {len(done)} finished trials)")
@@ -157,9 +221,13 @@ def report(sweep_dir: str | Path, console: Console | None = None, storage: str |
                       f"{CONSTANT_SHARE:.0%} of dev predictions in one class: trial(s) "
                       f"{', '.join(str(x.number) for x in constant)}) and are left off the front"
                       + (": no student learned anything" if len(constant) == len(done) else ""))
+    for ref in refs:
+        console.print(f"reference {ref.name} ({ref.kind}): " + ", ".join(
+            f"{o.header} {o.format(ref.values.get(o.name))}" for o in shown))
     console.print(f"report: {md}  plot: {png}")
     return {"finished": len(done), "front": [x.number for x in front], "trials_per_hour": rate, "teacher": teacher,
-            "markdown": str(md), "plot": str(png), "axes": [o.name for o in axes]}
+            "markdown": str(md), "plot": str(png), "axes": [o.name for o in axes],
+            "references": {r.name: r.values for r in refs}}
 
 
 def table_objectives(sweep: Sweep) -> list[Objective]:
@@ -228,7 +296,8 @@ def _trials_per_hour(done) -> float | None:
     return len(done) / hours if hours > 0 else None
 
 
-def _plot(path: Path, done, front, teacher, sweep: Sweep, axes: tuple[Objective, Objective]) -> None:
+def _plot(path: Path, done, front, teacher, sweep: Sweep, axes: tuple[Objective, Objective],
+          refs: list[Reference] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,6 +338,14 @@ def _plot(path: Path, done, front, teacher, sweep: Sweep, axes: tuple[Objective,
                        label="the paper's rows (Ren et al., ICLR 2022) as shares of this teacher" if i == 0 else None)
             ax.annotate(f"{name}: {share:.1%} at {r:g}×", (r, share * teacher), textcoords="offset points",
                         xytext=(-6, 6), ha="right", fontsize=8)  # (to the left: 1/48 sits at the plot's edge)
+    for i, ref in enumerate(refs):
+        rx, ry = ref.values.get(x.name), ref.values.get(y.name)
+        if rx is None or ry is None:
+            continue  # (a cut to no layer has no ratio: trials.md lists it)
+        ax.scatter([rx], [ry], marker="s", s=45, c="tab:green", zorder=3,
+                   label="reference points (runs that are not trials)" if i == 0 else None)
+        ax.annotate(f"{ref.name} ({ref.kind})", (rx, ry), textcoords="offset points", xytext=(5, 4), fontsize=7,
+                    c="tab:green")
     if x.log:
         ax.set_xscale("log")
     if y.log:
