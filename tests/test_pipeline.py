@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 
@@ -63,14 +64,20 @@ def test_tiny_pipeline_end_to_end_and_reuse(pretrain_inputs, teacher_dir, tmp_pa
     assert summary["model_ratio"] > 1 and summary["student_bytes"] < summary["teacher_bytes"]
     assert summary["student_dir"] == str(runs(tmp_path, "distill")[0] / "model")
     assert "whole-model ratio" in r.stdout and "bytes on disk (student fp32)" in r.stdout
-    # each training step is its own W&B run (its wandb_id), grouped by the pipeline
+    # each step is its own W&B run (its wandb_id), grouped by the pipeline — decompose too, which trains
+    # nothing: its HOOI sweeps' errors are its history (here in its CSV log) and its result its summary
     ids = {}
-    for step in ("finetune", "pretrain", "distill", "evaluate"):
+    for step in ("finetune", "decompose", "pretrain", "distill", "evaluate"):
         (d,) = runs(tmp_path, step)
         ids[step] = (d / "wandb_id").read_text().strip()
         assert len(list((d / "wandb").glob(f"offline-run-*-{ids[step]}"))) == 1  # logged there, not elsewhere
         assert OmegaConf.load(d / ".hydra" / "config.yaml").logger.group == f"pipeline-{p.name}"
-    assert len(set(ids.values())) == 4
+    assert len(set(ids.values())) == 5
+    (d,) = runs(tmp_path, "decompose")
+    with open(d / "csv" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    errors = [float(r[k]) for r in rows for k in r if k.startswith("hooi/") and k.endswith("/rel_error") and r[k]]
+    assert errors and all(0 <= e < 1.5 for e in errors) and "hooi/sweep" in rows[0]
 
     # the same command again reuses every step; a changed distill setting reruns only distill + evaluate
     r = cli(tmp_path, *args)

@@ -459,7 +459,7 @@ def test_ctrl_c_exits_130_with_the_resume_line_also_when_started_in_the_backgrou
 
     cmd = [sys.executable, "-m", "tdlight.cli", f"paths.output_dir={tmp_path}", "stage=finetune", "task=mrpc",
            f"teacher.path={teacher_dir}", "stage.epochs=400", "logger=csv", "trainer.checkpoint_every_n_steps=1",
-           *SMALL]
+           "task.patience=null", *SMALL]  # (no early stop: it must still be training when the signal comes)
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.monotonic() + 300

@@ -51,6 +51,7 @@ from tdlight.model.calibration import collect_grams, fit_outputs, output_errors,
 from tdlight.model.io import save_compressed
 from tdlight.model.surgery import compress, count_parameters, encoder_shape, encoder_weights
 from tdlight.model.teacher import load_teacher, teacher_shape
+from tdlight.stages.loggers import build_loggers, end_loggers, log_metrics
 from tdlight.stages.registry import settings
 from tdlight.stages.runs import check_positions, check_teacher_weights, teacher_source
 from tdlight.stages.schemas import DecomposeStage, Fit
@@ -151,7 +152,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     log.info("teacher %s: %d layers, hidden %d, FFN %d; ranks d_in=%d d_out=%d, banks %s", source, shape.num_layers,
              shape.hidden, shape.intermediate, rspec.rank_in, rspec.rank_out, rspec.banks)
     log.info("teacher %s: %s; resolved spec %s", source, shape, rspec.to_dict(), extra=FILE_ONLY)
-    entry = None
     refine = st.refine_steps
     outputs = st.fit is Fit.outputs
     if outputs and tokenizer is None:
@@ -164,6 +164,39 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     tokens = _embedding_tokens(cfg, st, spec, tokenizer, shape.vocab_size, console)
     if tokens is not None and spec.vocab is not None:  # the kept vocabulary's size, now that its text is read
         rspec = resolve(spec, shape, vocab_size=int(tokens.kept_ids().numel()))
+    # decompose trains nothing, but is a W&B run (and a CSV log) like the other steps: each HOOI and
+    # output-fit sweep's error, then the result (ratio, errors, dead blocks) as the run's summary
+    loggers = build_loggers(cfg, run_dir, {"ratio": param_counts(shape, rspec)["ratio"]})
+    try:
+        result = _decompose(cfg, st, run_dir, console, device, source, teacher, tokenizer, shape, rspec, tokens,
+                            outputs, refine, before, loggers)
+    except BaseException:
+        for lg in loggers:
+            lg.finalize("failed")
+        raise
+    end_loggers(loggers, _summary(result))
+    return result
+
+
+def _summary(r: dict) -> dict:
+    """The scalars of a decomposition's result a run summary shows (W&B), its fit's beside HOOI's."""
+    out = {k: r[k] for k in ("ratio", "model_ratio", "rel_error", "seconds") if isinstance(r.get(k), (int, float))}
+    out["dead_blocks"] = len(r.get("dead_blocks") or [])
+    out.update({f"type_error/{k}": v for k, v in (r.get("type_errors") or {}).items()})
+    fit = r.get("fit") or {}
+    for when in ("hooi", "outputs"):
+        if isinstance((fit.get(when) or {}).get("last_hidden"), (int, float)):
+            out[f"fit/{when}/last_hidden"] = fit[when]["last_hidden"]
+            out[f"fit/{when}/dead_blocks"] = len(fit[when].get("dead_blocks") or [])
+    if r.get("cached"):
+        out["cached"] = 1
+    return out
+
+
+def _decompose(cfg, st, run_dir, console, device, source, teacher, tokenizer, shape, rspec, tokens, outputs, refine,
+               before, loggers) -> dict:
+    entry = None
+    steps = iter(range(1 << 30))  # one step per logged sweep (HOOI, then the output fit)
     if st.cache:
         key = cache_key(teacher, rspec)
         extra = {}
@@ -197,6 +230,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
         def on_sweep(group: str, sweep: int, err: float) -> None:
             progress.update(tasks[group], completed=sweep, status=f"sweep {sweep}  rel. error {err:.4f}")
+            log_metrics(loggers, {f"hooi/{group}/rel_error": err, "hooi/sweep": sweep}, next(steps))
 
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
@@ -215,10 +249,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     fitted = None
     if outputs:
         t1 = time.perf_counter()
-        fitted = _fit_outputs(st, teacher, reference, report, calibration, device, console)
+        fitted = _fit_outputs(st, teacher, reference, report, calibration, device, console,
+                              record=lambda m: log_metrics(loggers, m, next(steps)))
         seconds += time.perf_counter() - t1
 
-    refined = _refine(cfg, st, teacher, reference, tokenizer, run_dir, console) if refine else None
+    refined = _refine(cfg, st, teacher, reference, tokenizer, run_dir, console, loggers) if refine else None
     after = count_parameters(teacher)
     rspec = report.spec  # (with the kept vocabulary's size)
     formula = param_counts(shape, rspec)
@@ -285,7 +320,8 @@ def _embedding_tokens(cfg: DictConfig, st: DecomposeStage, spec, tokenizer, voca
     return stats
 
 
-def _refine(cfg: DictConfig, st: DecomposeStage, student, teacher, tokenizer, run_dir: Path, console: Console) -> dict:
+def _refine(cfg: DictConfig, st: DecomposeStage, student, teacher, tokenizer, run_dir: Path, console: Console,
+            loggers: list) -> dict:
     """Activation-aware refinement of the factors (see :mod:`tdlight.stages.refine`)."""
     if tokenizer is None:
         raise TdlightError("refinement needs the teacher's tokenizer to read calibration text")
@@ -297,7 +333,8 @@ def _refine(cfg: DictConfig, st: DecomposeStage, student, teacher, tokenizer, ru
     module = RefineModule(student, teacher, lr=st.refine_lr, steps=st.refine_steps)
     cfg_t = OmegaConf.merge(cfg, {"trainer": {"max_steps": st.refine_steps,
                                               "limit_val_batches": 0, "num_sanity_val_steps": 0}})
-    trainer = build_trainer(cfg_t, run_dir, max_epochs=-1, monitor=None, summary={"refine_steps": st.refine_steps})
+    trainer = build_trainer(cfg_t, run_dir, max_epochs=-1, monitor=None, summary={"refine_steps": st.refine_steps},
+                            loggers=loggers)
     trainer.fit(module, train_dataloaders=dm.train_dataloader())
     student.requires_grad_(True)
     after = heldout_error(student.cpu(), teacher.cpu(), heldout)
@@ -363,8 +400,10 @@ def _calibration(st: DecomposeStage, seed: int, teacher, tokenizer, console: Con
             "heldout_sequences": sum(len(b["input_ids"]) for b in heldout)}
 
 
-def _fit_outputs(st: DecomposeStage, student, teacher, report, calibration: dict, device, console: Console) -> dict:
-    """Refit the HOOI start to the teacher's block outputs; held-out errors of both (see module doc)."""
+def _fit_outputs(st: DecomposeStage, student, teacher, report, calibration: dict, device, console: Console,
+                 record=lambda metrics: None) -> dict:
+    """Refit the HOOI start to the teacher's block outputs; held-out errors of both (see module doc);
+    ``record`` gets each sweep's error (the run's loggers)."""
     teacher.to(device)
     heldout = calibration["heldout"]
     before = output_errors(student, teacher, heldout)
@@ -375,6 +414,7 @@ def _fit_outputs(st: DecomposeStage, student, teacher, report, calibration: dict
 
         def on_sweep(group: str, sweep: int, err: float) -> None:
             progress.update(tasks[group], completed=sweep, status=f"sweep {sweep}  rel. output error {err:.4f}")
+            record({f"fit/{group}/rel_output_error": err, "fit/sweep": sweep})
 
         fitted = fit_outputs(student, encoder_weights(teacher), calibration["grams"], damp=st.calibration_damp,
                              iters=st.fit_iters, callback=on_sweep)

@@ -107,10 +107,16 @@ def finish_wandb() -> None:
         wandb.finish()
 
 
-def end_loggers(loggers: list, summary: dict[str, float]) -> None:
-    """Give W&B ``summary`` as its run summary and end its run (training stages and evaluate alike)."""
+def log_metrics(loggers: list, metrics: dict[str, float], step: int) -> None:
+    """Log ``metrics`` at ``step`` to each logger outside a Lightning loop (decompose's sweeps)."""
     for lg in loggers:
-        if type(lg).__name__ == "WandbLogger":
-            if summary:
-                lg.experiment.summary.update(summary)
-            lg.finalize("success")
+        lg.log_metrics(metrics, step=step)
+
+
+def end_loggers(loggers: list, summary: dict[str, float]) -> None:
+    """Give W&B ``summary`` as its run summary and end its run (training stages, evaluate and decompose
+    alike); the CSV log is written out (a no-op after a Lightning loop, which already did)."""
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger" and summary:
+            lg.experiment.summary.update(summary)
+        lg.finalize("success")

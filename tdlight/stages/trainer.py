@@ -49,7 +49,7 @@ class ProgressBar(RichProgressBar):
 
 def build_trainer(cfg: DictConfig, run_dir: Path, *, max_epochs: int, monitor: str | None,
                   summary: dict[str, Any], extra_callbacks: list | None = None,
-                  patience: int | None = None) -> L.Trainer:
+                  patience: int | None = None, loggers: list | None = None) -> L.Trainer:
     """A Trainer from ``cfg.trainer`` with tdlight's checkpointing in ``run_dir/checkpoints``.
 
     ``last.ckpt`` is written at the end of every epoch (and every
@@ -58,7 +58,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, max_epochs: int, monitor: s
     ``patience``, training stops after that many validations without a better ``monitor`` value
     (Lightning's EarlyStopping; its count is saved in the checkpoints, so a resumed run keeps it).
     The loggers (:func:`build_loggers`, with ``summary``) are attached after the Trainer
-    accepted its settings, so a bad setting leaves nothing in ``run_dir``.
+    accepted its settings, so a bad setting leaves nothing in ``run_dir``; ``loggers``: the run's own,
+    already open (a step that is more than this one fit: decompose's refinement logs into decompose's run).
     """
     t = cfg.trainer
     ckpt_dir = run_dir / CHECKPOINTS
@@ -99,7 +100,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, max_epochs: int, monitor: s
         if type(e).__name__ in ("MisconfigurationException", "ValueError", "RuntimeError"):
             raise TdlightError(f"invalid trainer settings: {e}") from e
         raise
-    trainer.loggers = build_loggers(cfg, run_dir, summary)
+    trainer.loggers = build_loggers(cfg, run_dir, summary) if loggers is None else loggers
     if trainer.loggers:  # the learning rate of each parameter group, every step (`lr-AdamW/pg1`, ...)
         trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
     return trainer
