@@ -30,7 +30,8 @@ def test_finetune_then_evaluate_cli(tmp_path, teacher_dir):
     assert list((run / "wandb").glob(f"offline-run-*-{(run / 'wandb_id').read_text().strip()}"))
     m = json.loads((run / "metrics.json").read_text())
     assert m["task"] == "mrpc" and set(m["dev"]) == {"f1", "accuracy", "score", "majority_score", "top_share",
-                                                       "majority_share", "balanced_accuracy", "constant"}
+                                                       "majority_share", "balanced_accuracy", "constant", "loss"}
+    assert 0 < m["dev"]["loss"] < 5  # the gold-label cross-entropy on dev (val/loss)
     assert 0.5 <= m["dev"]["top_share"] <= 1 and m["constant_predictions"] == (m["dev"]["top_share"] > 0.95)
     assert m["score"] == pytest.approx((m["dev"]["f1"] + m["dev"]["accuracy"]) / 2)
     assert len(m["epoch_seconds"]) == 2 and m["global_step"] == 6

@@ -25,6 +25,7 @@ from tdlight.data.metrics import CONSTANT_SHARE, GlueMetric
 from tdlight.console import FILE_ONLY
 from tdlight.errors import TdlightError
 from tdlight.model.surgery import count_parameters, encoder_shape, get_encoder, is_compressed, nonfinite_tensors
+from tdlight.stages.losses import gold_loss
 from tdlight.stages.runs import check_positions
 from tdlight.stages.trainer import adamw
 from tdlight.tensor.accounting import dense_counts
@@ -37,8 +38,9 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 class GlueModule(L.LightningModule):
     """A sequence classifier (any HF ``*ForSequenceClassification``, dense or compressed) on a task.
 
-    Logs ``train/loss``, ``val/<split>/<metric>`` and ``val/score`` (the task's GLUE score;
-    MNLI: the mean over matched and mismatched), and counts evaluation throughput.
+    Logs ``train/loss``, ``val/<split>/<metric>``, ``val/score`` (the task's GLUE score;
+    MNLI: the mean over matched and mismatched) and ``val/loss`` (the gold-label loss on dev, the
+    training loss's counterpart: cross-entropy, MSE for regression), and counts evaluation throughput.
     """
 
     def __init__(self, model: nn.Module, task, *, lr: float | None = None, weight_decay: float | None = None,
@@ -74,6 +76,7 @@ class GlueModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._t0 = time.perf_counter()
         self._n = 0
+        self._loss = [[0.0, 0] for _ in self.task.validation_splits]  # per split: summed loss, examples
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self(batch)
@@ -82,6 +85,9 @@ class GlueModule(L.LightningModule):
                                f"{next(iter(nonfinite_tensors(self.model)), 'none')}); its score would be meaningless")
         self.val_metrics[dataloader_idx].update(logits, batch["labels"])
         self._n += len(batch["labels"])
+        n = len(batch["labels"])
+        self._loss[dataloader_idx][0] += float(gold_loss(logits, batch["labels"], regression=self.task.is_regression)) * n
+        self._loss[dataloader_idx][1] += n
 
     def on_validation_epoch_end(self) -> None:
         self.eval_seconds = time.perf_counter() - self._t0
@@ -90,9 +96,13 @@ class GlueModule(L.LightningModule):
                                                                reduce_op="sum"))
         results: dict[str, float] = {}
         scores = []
-        for split, metric in zip(self.task.validation_splits, self.val_metrics):
+        for split, metric, loss in zip(self.task.validation_splits, self.val_metrics, self._loss):
             values = {k: float(v) for k, v in metric.compute().items()}
             metric.reset()
+            total, count = (float(x) for x in self.trainer.strategy.reduce(
+                torch.tensor(loss, dtype=torch.float64, device=self.device), reduce_op="sum"))
+            if count:
+                values["loss"] = total / count
             prefix = split if len(self.task.validation_splits) > 1 else ""
             for k, v in values.items():
                 results[f"{prefix}/{k}".lstrip("/")] = v
@@ -211,7 +221,8 @@ def model_summary(model: nn.Module) -> dict[str, float]:
 DIAGNOSTIC_LABELS = {"majority_score": "majority-class baseline", "majority_share": "majority class's share (gold)",
                      "top_share": "top-prediction share",
                      "balanced_accuracy": "balanced accuracy (mean class recall)",
-                     "spread": "prediction spread (std / label std)"}
+                     "spread": "prediction spread (std / label std)",
+                     "loss": "loss (gold labels: cross-entropy, MSE for regression)"}
 
 
 def is_constant(results: dict[str, float]) -> bool:
