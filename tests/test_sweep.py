@@ -283,6 +283,18 @@ def test_sweep_with_two_workers_records_failures_and_reports(tmp_path, teacher_d
     assert bad.returncode == 2 and "has no pipeline.json or metrics.json" in bad.stderr, bad.stderr[-2000:]
     bad = tdlight("sweep-report", str(sweep), f"reference.peer={ref},{ref}")
     assert bad.returncode == 2 and "two runs on task 'mrpc'" in bad.stderr, bad.stderr[-2000:]
+    # logger=wandb offline leaves a wandb/offline-run-* in each step's directory: one script uploads them all
+    assert not (sweep / "wandb_sync.sh").exists()  # (logger=csv: none)
+    step_dirs = [p for p in (sweep / "artifacts" / "distill").iterdir() if p.is_dir()][:2]
+    for i, step in enumerate(step_dirs):
+        (step / "wandb" / f"offline-run-20261205_120000-id{i}").mkdir(parents=True)
+    r2 = tdlight("sweep-report", str(sweep))
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert f"W&B: {len(step_dirs)} offline run(s) in this sweep; upload them all with: sh {sweep / 'wandb_sync.sh'}" \
+        in " ".join(r2.stdout.split())
+    script = (sweep / "wandb_sync.sh").read_text()
+    assert "wandb sync" in script and all(f"'{d}/wandb/offline-run-20261205_120000-id{i}'" in script
+                                          for i, d in enumerate(step_dirs))
     # rerunning a finished sweep runs nothing more
     n = len(trials(tmp_path))
     r3 = tdlight("sweep", str(path), timeout=300)

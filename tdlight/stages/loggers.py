@@ -89,11 +89,30 @@ def run_name(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> str:
     return "/".join([*parts, run_dir.name])
 
 
+def offline_runs(run_dirs: list[Path]) -> list[Path]:
+    """The offline W&B runs that ``run_dirs`` hold (each run directory's ``wandb/offline-run-*``)."""
+    return [p for d in run_dirs for p in sorted(Path(d).glob("wandb/offline-run-*")) if p.is_dir()]
+
+
 def sync_command(run_dirs: list[Path]) -> str | None:
     """One ``wandb sync`` command that uploads the offline W&B runs of ``run_dirs`` (a pipeline's
     steps), or None when none ran offline."""
-    offline = [str(p) for d in run_dirs for p in sorted(Path(d).glob("wandb/offline-run-*")) if p.is_dir()]
-    return f"wandb sync {' '.join(offline)}" if offline else None
+    offline = offline_runs(run_dirs)
+    return f"wandb sync {' '.join(str(p) for p in offline)}" if offline else None
+
+
+def write_sync_script(root: Path, script: Path) -> int:
+    """Write ``script``: one ``wandb sync`` of every offline W&B run under ``root`` (a sweep: all its
+    trials' steps, shared ones once); returns how many (0: no script written, an old one removed)."""
+    offline = offline_runs(sorted({p.parent for p in Path(root).rglob("wandb") if p.is_dir()}))
+    if not offline:
+        script.unlink(missing_ok=True)
+        return 0
+    lines = ["#!/bin/sh", f"# the {len(offline)} offline W&B run(s) under {root}, uploaded in one command",
+             "exec wandb sync \\", *[f"  '{p}' \\" for p in offline[:-1]], f"  '{offline[-1]}'"]
+    script.write_text("\n".join(lines) + "\n")
+    script.chmod(0o755)
+    return len(offline)
 
 
 def finish_wandb() -> None:

@@ -31,6 +31,7 @@ from rich.table import Table
 
 from tdlight.data.metrics import CONSTANT_SHARE
 from tdlight.errors import TdlightError
+from tdlight.stages.loggers import write_sync_script
 from tdlight.sweep.objectives import OBJECTIVES, SCORE, Objective, fmt
 from tdlight.sweep.runner import ABANDONED, DUPLICATE, INFEASIBLE, INTERRUPTED, SAVED, SURPLUS, error_summary
 from tdlight.sweep.spec import Sweep, SweepError, load
@@ -221,13 +222,18 @@ def report(sweep_dir: str | Path, console: Console | None = None, storage: str |
                       f"{CONSTANT_SHARE:.0%} of dev predictions in one class: trial(s) "
                       f"{', '.join(str(x.number) for x in constant)}) and are left off the front"
                       + (": no student learned anything" if len(constant) == len(done) else ""))
+    sync = d / "wandb_sync.sh"
+    n_offline = write_sync_script(d, sync)
+    if n_offline:  # (logger=wandb offline: one command uploads the whole sweep)
+        console.print(f"W&B: {n_offline} offline run(s) in this sweep; upload them all with: sh {sync}",
+                      soft_wrap=True)  # (a path is never broken: it is copied)
     for ref in refs:
         console.print(f"reference {ref.name} ({ref.kind}): " + ", ".join(
             f"{o.header} {o.format(ref.values.get(o.name))}" for o in shown))
     console.print(f"report: {md}  plot: {png}")
     return {"finished": len(done), "front": [x.number for x in front], "trials_per_hour": rate, "teacher": teacher,
             "markdown": str(md), "plot": str(png), "axes": [o.name for o in axes],
-            "references": {r.name: r.values for r in refs}}
+            "references": {r.name: r.values for r in refs}, "wandb_offline_runs": n_offline}
 
 
 def table_objectives(sweep: Sweep) -> list[Objective]:
