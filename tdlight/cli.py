@@ -123,7 +123,8 @@ def _quiet_dependencies() -> None:
     that Hydra's logging already prints (and writes to tdlight.log); its cloud-logger tip, its
     accelerator inventory on a machine without one ("GPU available: False", "TPU available", "HPU
     available"), its warning that an epoch of a small dataset has fewer batches than
-    ``log_every_n_steps`` (the metrics are still logged at each epoch's end), the weight-loading
+    ``log_every_n_steps`` (the metrics are still logged at each epoch's end), its line that a fit
+    reached its planned ``max_epochs``/``max_steps``, the weight-loading
     bars of transformers and a deprecation inside Lightning that only its next release fixes are
     noise on every run (README, "The console")."""
     import warnings
@@ -136,7 +137,9 @@ def _quiet_dependencies() -> None:
         for h in [h for h in lg.handlers if type(h) is logging.StreamHandler]:
             lg.removeHandler(h)
         lg.propagate = True
-    noise = ("💡 Tip", "GPU available: False", "TPU available", "HPU available")
+    # (and "`Trainer.fit` stopped: `max_epochs=N` reached.": the planned end, which the stage's table
+    # follows; an early stop is said by EarlyStopping's own line, kept)
+    noise = ("💡 Tip", "GPU available: False", "TPU available", "HPU available", "`Trainer.fit` stopped: `max_")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not record.getMessage().startswith(noise))
     warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")

@@ -1,10 +1,11 @@
 """What a run prints: one short line per event, no config dump unless asked, each warning once,
 transformers' load report translated, progress bars that read right (tdlight.console, tdlight.cli)."""
 
+import json
 import logging
 from types import SimpleNamespace
 
-from tests.conftest import cli, runs
+from tests.conftest import SMALL, cli, runs
 
 
 def test_a_run_prints_no_config_but_where_it_is_and_each_warning_once(tmp_path, teacher_dir):
@@ -26,6 +27,20 @@ def test_a_run_prints_no_config_but_where_it_is_and_each_warning_once(tmp_path, 
             "logger=none", "print_config=true")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "compression:\n" in r.stdout and "rank: 8" in r.stdout
+
+
+def test_a_fit_that_reaches_its_planned_end_says_nothing_of_it_an_early_stop_says_why(tmp_path, teacher_dir):
+    common = [f"teacher.path={teacher_dir}", "stage=finetune", "task=mrpc", "logger=csv", *SMALL]
+    r = cli(tmp_path, *common, "stage.epochs=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Trainer.fit` stopped" not in r.stdout + r.stderr  # (Lightning's "max_epochs=1 reached")
+    # lr 0: the dev score never improves; patience 1 stops after the second epoch and says so
+    r = cli(tmp_path, *common, "stage.epochs=4", "stage.lr=1e-12", "stage.patience=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stopped early after epoch 2 of 4: val/score had not improved for 1 epoch(s)" in r.stdout + r.stderr, \
+        (r.stdout + r.stderr)[-3000:]
+    (_, run) = runs(tmp_path, "finetune")
+    assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 2
 
 
 def test_the_console_filter_keeps_file_only_records_off_the_console():

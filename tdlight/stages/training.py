@@ -19,12 +19,14 @@ its W&B run).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
@@ -35,6 +37,8 @@ from tdlight.stages.classifier import is_constant, warn_if_constant
 from tdlight.stages.loggers import end_loggers
 from tdlight.stages.runs import CHECKPOINTS, last_checkpoint, write_json
 from tdlight.stages.trainer import EpochTimer, build_trainer
+
+log = logging.getLogger("tdlight.training")
 
 BEST = "best.ckpt"
 
@@ -75,6 +79,12 @@ def fit(cfg: DictConfig, run_dir: Path, module: L.LightningModule, datamodule: L
     if before_fit is not None:
         before_fit(trainer)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    # an early stop is said once, in tdlight's words (Lightning's EarlyStopping is silent unless verbose,
+    # and verbose also logs every improvement); reaching max_epochs is the plan and says nothing
+    stopper = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
+    if stopper is not None and stopper.stopping_reason_message:
+        log.info("stopped early after epoch %d of %d: %s had not improved for %d epoch(s) (best %.4f)",
+                 trainer.current_epoch, max_epochs, stopper.monitor, stopper.wait_count, float(stopper.best_score))
     results: dict[str, float] = {}
     if monitor:
         best = run_dir / CHECKPOINTS / BEST
