@@ -382,7 +382,7 @@ accuracy back. One command runs one stage (stage=...) or all of them (stage=pipe
 
 subcommands (each takes --help):
   sweep FILE.yaml [KEY=VALUE ...]    an Optuna study of tdlight runs (e.g. compression ratio vs GLUE score)
-  sweep-report SWEEP_DIR             its Pareto front, trials.md and pareto.png
+  sweep-report SWEEP_DIR             its Pareto front, trials.md and pareto.png (reference.NAME=RUN_DIR: points to beat)
   plan MODEL_DIR [KEY=VALUE ...]     time and record a compressed model's execution plan
   export-onnx MODEL_DIR OUT.onnx     an ONNX graph of a model, checked in ONNX Runtime (int8 too)
   help                               this text
