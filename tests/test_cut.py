@@ -201,7 +201,8 @@ def test_tiny_pipeline_with_the_teacher_cut_in_place_of_decompose(pretrain_input
     r = cli(tmp_path, *args, "stage.cut.layers=0", "stage.distill.intermediate_epochs=0")
     assert r.returncode == 0, r.stderr[-4000:]
     assert "finetune: reusing" in r.stderr + r.stdout and "pretrain: skipped" in r.stderr + r.stdout
-    summary = json.loads((runs(tmp_path, "pipeline")[-1] / "pipeline.json").read_text())
+    # (run directories of one second sort by their random suffix: find each pipeline by what it holds)
+    summary = next(s for s in _pipelines(tmp_path).values() if s["student_layers"] == 0)
     assert summary["skipped"] == ["pretrain"] and summary["student_layers"] == 0 and summary["ratio"] is None
     assert "pretrain" not in summary["steps"] and "no encoder layer" in r.stdout
     assert [len(runs(tmp_path, s)) for s in ("finetune", "cut", "pretrain", "distill", "evaluate")] == [1, 2, 1, 2, 2]
@@ -211,8 +212,12 @@ def test_tiny_pipeline_with_the_teacher_cut_in_place_of_decompose(pretrain_input
     r = cli(tmp_path, *args, "stage.distill.gold_weight=1")
     assert r.returncode == 0, r.stderr[-4000:]
     assert [len(runs(tmp_path, s)) for s in ("finetune", "cut", "pretrain", "distill")] == [1, 2, 1, 3]
-    assert json.loads((runs(tmp_path, "distill")[-1] / "metrics.json").read_text())["gold_weight"] == 1
-    first, none, gold = runs(tmp_path, "pipeline")
+    pipelines = _pipelines(tmp_path)
+    weights = {p: json.loads((Path(s["steps"]["distill"]) / "metrics.json").read_text())["gold_weight"]
+               for p, s in pipelines.items()}
+    (first,) = [p for p, s in pipelines.items() if s["student_layers"] == 1 and weights[p] == 0]
+    (none,) = [p for p, s in pipelines.items() if s["student_layers"] == 0]
+    (gold,) = [p for p, s in pipelines.items() if s["student_layers"] == 1 and weights[p] == 1]
     grid = tmp_path / "repro" / "grid"
     for col, ratio, src in (("peer", 7, first), ("peer", 48, none), ("gold", 7, gold)):
         (grid / col / f"cpu_{ratio}-mrpc").mkdir(parents=True)
@@ -226,6 +231,11 @@ def test_tiny_pipeline_with_the_teacher_cut_in_place_of_decompose(pretrain_input
     assert f"{gold_score:.4f}" in rows["mrpc (f1/accuracy)"][head.index("1/7 gold labels (same student)")]
     assert rows["mrpc (f1/accuracy)"][head.index("1/48 gold labels (same student)")].strip() == "–"
     assert "the teacher cut to 1 layer(s)" in table.stdout and "no encoder layer" in table.stdout
+
+
+def _pipelines(out) -> dict:
+    """Each pipeline run under ``out``: its directory -> its ``pipeline.json``."""
+    return {p: json.loads((p / "pipeline.json").read_text()) for p in runs(out, "pipeline")}
 
 
 def test_pretrain_refuses_a_student_with_no_layer(pretrain_inputs, teacher_dir, tmp_path):
