@@ -142,6 +142,9 @@ class LoggerConfig:
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: list = field(default_factory=list)
+    # (set by `tdlight sweep`) the trial's own tags (trial-N, ratio, ranks): a pipeline gives them to the
+    # steps that are the trial's (the student's and after) and tags a step the trials share `shared`
+    trial_tags: list = field(default_factory=list)
     mode: WandbMode = WandbMode.auto
 
 

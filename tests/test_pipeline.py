@@ -147,3 +147,26 @@ def test_a_decomposition_is_keyed_by_the_task_only_when_its_fit_reads_the_tasks_
     assert "task" not in decompose.keyed_nodes(OmegaConf.create({"fit": "weights", "calibration_files": "task"}))
     assert "task" not in decompose.keyed_nodes(OmegaConf.create({"fit": "outputs", "calibration_files": None}))
     assert "task" in STAGES["distill"].keyed_nodes(OmegaConf.create({}))
+
+
+def test_a_sweep_trial_tags_its_own_steps_and_tags_the_shared_teacher_shared(tmp_path, teacher_dir):
+    """`tdlight sweep` passes the trial's tags as logger.trial_tags: the steps from the student on are
+    the trial's own and carry them; the fine-tuned teacher, shared by every trial, is tagged `shared`
+    (was: trial-0's tags on the teacher every later trial reused)."""
+    from tdlight.stages.pipeline import _plan, _step_config
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(tmp_path, "stage=pipeline", "task=mrpc", f"teacher.path={teacher_dir}", "logger=wandb",
+                      "logger.group=tiny", "logger.tags=[mine]", "logger.trial_tags=['trial-3','ratio=7.1']")
+    tags = {}
+    for step, stage_cfg, d, wiring in _plan(cfg):
+        lg = _step_config(cfg, step, stage_cfg, d, wiring, "pipeline-x").logger
+        tags[step] = [*lg.tags, *lg.trial_tags]
+    assert tags["finetune"] == ["mine", "pipeline-x", "shared"]
+    for step in ("decompose", "pretrain", "distill", "evaluate"):
+        assert tags[step] == ["mine", "pipeline-x", "trial-3", "ratio=7.1"], (step, tags[step])
+    # a run outside a sweep has no trial tags and no `shared`
+    cfg = compose_cfg(tmp_path, "stage=pipeline", "task=mrpc", f"teacher.path={teacher_dir}", "logger=wandb")
+    step, stage_cfg, d, wiring = _plan(cfg)[0]
+    lg = _step_config(cfg, step, stage_cfg, d, wiring, "pipeline-x").logger
+    assert list(lg.tags) == [] and lg.group == "pipeline-x" and list(lg.trial_tags) == []

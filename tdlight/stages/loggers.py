@@ -61,7 +61,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> li
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
         wb = WandbLogger(
-            project=lc.project, entity=lc.entity, group=lc.group, tags=list(lc.tags) or None,
+            project=lc.project, entity=lc.entity, group=lc.group, tags=[*lc.tags, *lc.get("trial_tags", [])] or None,
             name=run_name(cfg, run_dir, summary), id=run_id, resume="allow", offline=offline,
             save_dir=str(run_dir), job_type=cfg.stage.name, settings=_wandb_settings(),
         )

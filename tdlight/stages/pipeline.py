@@ -120,6 +120,11 @@ def _step_config(cfg: DictConfig, step: str, stage_cfg, run_dir: Path, wiring: d
             lg["tags"] = [*(lg.get("tags") or []), pipeline_id]
         else:
             lg["group"] = pipeline_id
+    if lg.get("trial_tags") and ORDER.index(step) < min(ORDER.index(s) for s in STUDENT_STEPS):
+        # a step before the student is made (the teacher's fine-tune) never reads the compression: the
+        # sweep's trials share it, and the trial that happens to run it first must not tag it as its own
+        lg["trial_tags"] = []
+        lg["tags"] = [*(lg.get("tags") or []), "shared"]
     out = typed(sub)  # the step's stage under its own schema, as `stage=<step>` would compose it
     out.resume = str(run_dir) if (run_dir / CHECKPOINTS / LAST).is_file() else None
     return out

@@ -373,7 +373,7 @@ class Runner:
                 run_dir = tdir / task
                 overrides = [*sw.cfg.base, *params, f"task={task}", f"paths.output_dir={self.dir / 'artifacts'}",
                              f"hydra.run.dir={run_dir}", f"logger.group={self.s.name}",
-                             "logger.tags=[" + ",".join(f"'{t}'" for t in tags) + "]"]
+                             "logger.trial_tags=[" + ",".join(f"'{t}'" for t in tags) + "]"]
                 started = time.monotonic()
                 res = T.run_task(T.command(overrides), run_dir, env, timeout=self.s.trial_timeout, stop=self.stop,
                                  on_wait=beat, procs=self.procs,
