@@ -145,6 +145,8 @@ class LoggerConfig:
     # (set by `tdlight sweep`) the trial's own tags (trial-N, ratio, ranks): a pipeline gives them to the
     # steps that are the trial's (the student's and after) and tags a step the trials share `shared`
     trial_tags: list = field(default_factory=list)
+    # every step's saved model (its run directory's model/) as a W&B artifact of type "model" (opt-in: bytes)
+    log_model: bool = False
     mode: WandbMode = WandbMode.auto
 
 

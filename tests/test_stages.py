@@ -18,6 +18,24 @@ def weights(model_dir: Path) -> dict:
     return safetensors.torch.load_file(str(model_dir / "model.safetensors"))
 
 
+def test_log_model_makes_the_saved_model_a_wandb_artifact(tmp_path, teacher_dir):
+    """logger.log_model=true: the step's model/ becomes a W&B artifact of type model (offline: recorded in
+    the run's file, uploaded by wandb sync); off by default."""
+    common = ["stage=finetune", "task=mrpc", f"teacher.path={teacher_dir}", "stage.epochs=1", "logger=wandb", *SMALL]
+    r = cli(tmp_path, *common, "logger.log_model=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = runs(tmp_path, "finetune")
+    (data,) = [p.read_bytes() for p in run.glob("wandb/offline-run-*/*.wandb")]
+    name = f"finetune-mrpc-{run.name}"
+    assert name.encode() in data and b"model.safetensors" in data
+    assert f"logged as artifact {name}" in r.stdout + r.stderr
+    r = cli(tmp_path, *common, "stage.lr=1e-4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (other,) = [p for p in runs(tmp_path, "finetune") if p != run]
+    (data,) = [p.read_bytes() for p in other.glob("wandb/offline-run-*/*.wandb")]
+    assert b"model.safetensors" not in data and "logged as artifact" not in r.stdout + r.stderr
+
+
 def test_finetune_then_evaluate_cli(tmp_path, teacher_dir):
     r = cli(tmp_path, "stage=finetune", "task=mrpc", f"teacher.path={teacher_dir}", "stage.epochs=2",
             "logger=wandb", *SMALL)

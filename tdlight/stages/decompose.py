@@ -174,7 +174,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         for lg in loggers:
             lg.finalize("failed")
         raise
-    end_loggers(loggers, _summary(result))
+    end_loggers(loggers, _summary(result), model_dir=run_dir / "model")
     return result
 
 

@@ -68,6 +68,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> li
         # Lightning always passes `anonymous`, which this wandb ignores with a deprecation warning
         # on every run; WandbLogger has no way to leave it out but its init-kwargs dict
         wb._wandb_init.pop("anonymous", None)
+        wb.tdlight_log_model = bool(lc.get("log_model", False))  # (end_loggers: the saved model as an artifact)
         log.info("W&B run %s (%s) in %s%s", run_id, "offline" if offline else f"project {lc.project}",
                  run_dir / "wandb", f"; upload it with `wandb sync {run_dir / 'wandb'}/offline-run-*-{run_id}`"
                  if offline else "")
@@ -132,10 +133,31 @@ def log_metrics(loggers: list, metrics: dict[str, float], step: int) -> None:
         lg.log_metrics(metrics, step=step)
 
 
-def end_loggers(loggers: list, summary: dict[str, float]) -> None:
+def end_loggers(loggers: list, summary: dict[str, float], model_dir: Path | None = None) -> None:
     """Give W&B ``summary`` as its run summary and end its run (training stages, evaluate and decompose
-    alike); the CSV log is written out (a no-op after a Lightning loop, which already did)."""
+    alike); with ``logger.log_model=true``, ``model_dir`` (the model the step saved) becomes a W&B
+    artifact of type ``model`` first. The CSV log is written out (a no-op after a Lightning loop)."""
     for lg in loggers:
-        if type(lg).__name__ == "WandbLogger" and summary:
-            lg.experiment.summary.update(summary)
+        if type(lg).__name__ == "WandbLogger":
+            if summary:
+                lg.experiment.summary.update(summary)
+            if getattr(lg, "tdlight_log_model", False) and model_dir is not None and Path(model_dir).is_dir():
+                log_model_artifact(lg.experiment, Path(model_dir), summary)
         lg.finalize("success")
+
+
+def artifact_name(run) -> str:
+    """The model artifact's name: the run's name with what W&B refuses in one (``/``) made ``-``."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in str(run.name))
+
+
+def log_model_artifact(run, model_dir: Path, summary: dict) -> None:
+    """``model_dir`` as a W&B artifact of type ``model`` (its summary as metadata), logged to ``run``;
+    offline it waits in the run's directory for ``wandb sync``."""
+    import wandb
+
+    art = wandb.Artifact(artifact_name(run), type="model", metadata={k: v for k, v in summary.items()
+                                                                      if isinstance(v, (int, float, str))})
+    art.add_dir(str(model_dir))
+    run.log_artifact(art)
+    log.info("W&B: model %s logged as artifact %s", model_dir, art.name)

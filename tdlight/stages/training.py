@@ -125,5 +125,5 @@ def finish(run_dir: Path, fitted: Fitted, out: dict, *, model: torch.nn.Module |
         write_json(run_dir / "metrics.json", out)
         Console().print(table(out) if callable(table) else table)
     end_loggers(trainer.loggers, {f"{summary_prefix}/{k}": v for k, v in fitted.results.items()
-                                  if isinstance(v, (int, float))})
+                                  if isinstance(v, (int, float))}, model_dir=run_dir / "model")
     return out
