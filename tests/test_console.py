@@ -116,3 +116,43 @@ def test_wandb_run_names_read_stage_task_and_ratio_and_a_pipeline_syncs_in_one_c
     assert sync_command(steps) == (f"wandb sync {steps[0]}/wandb/offline-run-20261205_1-a "
                                    f"{steps[1]}/wandb/offline-run-20261205_1-b")
     assert sync_command(steps[2:]) is None
+
+
+def test_a_tiny_run_in_a_real_terminal_prints_no_dump_no_report_and_each_line_once(tmp_path, teacher_dir):
+    """The console a user sees: the run in a pseudo-terminal (rich's bars and colours on, as in a shell),
+    W&B offline on — no config dump, no dependency report or banner, no line printed twice."""
+    import os
+    import re
+    import select
+    import subprocess
+    import sys
+
+    master, slave = os.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
+    cmd = [sys.executable, "-m", "tdlight.cli", f"paths.output_dir={tmp_path}", "stage=finetune", "task=mrpc",
+           f"teacher.path={teacher_dir}", "stage.epochs=1", "logger=wandb",
+           *[a for a in SMALL if not a.startswith("trainer.enable_progress_bar")]]
+    p = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    out = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # (the child closed the terminal)
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif p.poll() is not None:
+            break
+    os.close(master)
+    assert p.wait(timeout=60) == 0, out.decode(errors="replace")[-3000:]
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07", "", out.decode(errors="replace")).replace("\r", "\n")
+    assert "tdlight finetune: mrpc" in text  # the result table reached the terminal
+    for noise in ("rank_in:", "compression:\n", "LOAD REPORT", "GPU available", "Trainer.fit` stopped", "wandb:",
+                  "Traceback"):
+        assert noise not in text, (noise, text[-3000:])
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("[tdlight")]
+    assert lines and len(lines) == len(set(lines)), lines  # each event once
