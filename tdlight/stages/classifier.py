@@ -84,8 +84,8 @@ class GlueModule(L.LightningModule):
             raise TdlightError(f"the model's outputs are not finite (first non-finite parameter: "
                                f"{next(iter(nonfinite_tensors(self.model)), 'none')}); its score would be meaningless")
         self.val_metrics[dataloader_idx].update(logits, batch["labels"])
-        self._n += len(batch["labels"])
         n = len(batch["labels"])
+        self._n += n
         self._loss[dataloader_idx][0] += float(gold_loss(logits, batch["labels"], regression=self.task.is_regression)) * n
         self._loss[dataloader_idx][1] += n
 

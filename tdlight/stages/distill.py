@@ -207,7 +207,6 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     st = settings(cfg)
     teacher_dir = stage_artifact(cfg.teacher.run_dir, ("finetune",))
     student_dir = student_source(cfg)
-    lr = st.lr
     batch_size, max_length = task_settings(st, cfg, "batch_size", "max_length")
     ckpt = training.begin(cfg, run_dir)
 
@@ -236,8 +235,8 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     module = DistillModule(
         student, teacher, task, intermediate_epochs=st.intermediate_epochs, pairs=pairs,
         weights={"hidden": st.hidden_weight, "attention": st.attention_weight, "embedding": st.embedding_weight},
-        temperature=st.temperature, gold_weight=st.gold_weight, lr=lr,
-        intermediate_lr=st.intermediate_lr if st.intermediate_lr is not None else lr,
+        temperature=st.temperature, gold_weight=st.gold_weight, lr=st.lr,
+        intermediate_lr=st.intermediate_lr if st.intermediate_lr is not None else st.lr,
         weight_decay=st.weight_decay, warmup_ratio=st.warmup_ratio, train_embeddings=st.train_embeddings,
         relative_losses=st.relative_losses,
     )

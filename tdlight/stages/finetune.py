@@ -19,11 +19,10 @@ from tdlight.errors import TdlightError
 from tdlight.model.teacher import load_classifier, resolve_teacher
 from tdlight.stages import training
 from tdlight.stages.classifier import (
-    GlueModule, check_lengths, check_task_data, datamodule, model_summary, monitor, require_task, results_table,
-    task_settings, training_steps,
+    GlueModule, check_lengths, check_task_data, datamodule, model_summary, require_task, results_table, task_settings,
+    training_steps,
 )
 from tdlight.stages.registry import settings
-from tdlight.stages.schemas import SelectBy
 from tdlight.stages.runs import teacher_source
 
 log = logging.getLogger("tdlight.finetune")
@@ -67,7 +66,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
                  f" (stopping after {patience} without a better dev score)" if patience else "", batch_size,
                  max_length, warmup, watched, f", resuming from {ckpt}" if ckpt else "")
 
-    watched = monitor(task, SelectBy.score)  # the teacher: its GLUE score (distill has stage.select_by)
+    watched = "val/score"  # the teacher keeps its GLUE score's best epoch (distill has stage.select_by)
     fitted = training.fit(cfg, run_dir, module, dm, ckpt=ckpt, max_epochs=epochs, monitor=watched,
                           summary=summary, extra_callbacks=extra_callbacks, before_fit=schedule, patience=patience)
     trainer, results = fitted.trainer, fitted.results

@@ -101,6 +101,11 @@ class Objective:
         """The value a trial recorded (``attrs``: its user attributes), None if it has none."""
         return attrs.get(self.name)
 
+    def combine(self, per_task: dict) -> float | None:
+        """One value from the tasks' values: their mean (None: no task produced one)."""
+        vs = [v for v in per_task.values() if v is not None]
+        return statistics.mean(vs) if vs else None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
@@ -131,11 +136,6 @@ class Measured(Objective):
     def read(self, result: dict) -> float | None:
         """Its value in one task's result (``pipeline.json`` or ``metrics.json``, whole)."""
         return lookup(result, self.keys)
-
-    def combine(self, per_task: dict) -> float | None:
-        """The trial's value from the tasks' values: their mean (None: no task produced one)."""
-        vs = [v for v in per_task.values() if v is not None]
-        return statistics.mean(vs) if vs else None
 
     def record(self, per_task: dict):
         """What the trial records under ``key`` (None: nothing): ``{task: value}``."""

@@ -121,21 +121,16 @@ def load_references(references: dict[str, list[str]], tasks: list[str]) -> list[
         if missing:
             raise TdlightError(f"reference.{name}: no run on {', '.join(missing)}; a reference point needs one "
                                f"finished run per sweep task ({', '.join(tasks)}), comma-separated")
-        values = {o.name: _mean([o.read(r) for r in results.values()]) for o in OBJECTIVES.values()}
-        layers = {r.get("student_layers") for r in results.values()}
-        cut = all(r.get("student_kind") == "cut" for r in results.values())
-        kind = (f"layer cut to {layers.pop()} of {next(iter(results.values())).get('teacher_layers', '?')} layers"
-                if cut and len(layers) == 1 else "layer cut" if cut else "compressed"
-                if any(r.get("student_kind") == "compressed" or r.get("rank_in") for r in results.values()) else "–")
+        values = {o.name: o.combine({t: o.read(r) for t, r in results.items()}) for o in OBJECTIVES.values()}
+        kinds = {r.get("student_kind") for r in results.values()}  # (pipeline.json's; a single stage has none)
+        kind = kinds.pop() if len(kinds) == 1 and None not in kinds else "–"
+        depths = {(r.get("student_layers"), r.get("teacher_layers")) for r in results.values()}
+        if kind == "cut" and len(depths) == 1:
+            kind = "layer cut to {} of {} layers".format(*depths.pop())
         out.append(Reference(name, tuple(str(d) for d in dirs), values,
                              _top({t: r.get("student_top_share", (r.get("dev") or {}).get("top_share"))
                                    for t, r in results.items()}), kind))
     return out
-
-
-def _mean(vs: list) -> float | None:
-    vs = [v for v in vs if v is not None]
-    return statistics.mean(vs) if vs else None
 
 
 def report(sweep_dir: str | Path, console: Console | None = None, storage: str | None = None,
@@ -344,10 +339,9 @@ def _plot(path: Path, done, front, teacher, sweep: Sweep, axes: tuple[Objective,
                        label="the paper's rows (Ren et al., ICLR 2022) as shares of this teacher" if i == 0 else None)
             ax.annotate(f"{name}: {share:.1%} at {r:g}×", (r, share * teacher), textcoords="offset points",
                         xytext=(-6, 6), ha="right", fontsize=8)  # (to the left: 1/48 sits at the plot's edge)
-    for i, ref in enumerate(refs):
-        rx, ry = ref.values.get(x.name), ref.values.get(y.name)
-        if rx is None or ry is None:
-            continue  # (a cut to no layer has no ratio: trials.md lists it)
+    drawn = [r for r in refs if None not in (r.values.get(x.name), r.values.get(y.name))]
+    for i, ref in enumerate(drawn):  # (a cut to no layer has no ratio: trials.md lists it, the plot cannot)
+        rx, ry = ref.values[x.name], ref.values[y.name]
         ax.scatter([rx], [ry], marker="s", s=45, c="tab:green", zorder=3,
                    label="reference points (runs that are not trials)" if i == 0 else None)
         ax.annotate(f"{ref.name} ({ref.kind})", (rx, ry), textcoords="offset points", xytext=(5, 4), fontsize=7,
