@@ -1,7 +1,7 @@
 """Calibration statistics of a BERT encoder on text: the input Gram of every linear, and output errors.
 
 :func:`collect_grams` registers forward pre-hooks on the encoder linears (the attribute
-paths of :data:`tdlight.model.surgery.LINEAR_PATHS`) and accumulates, over the real tokens
+its family declares, :mod:`tdlight.model.families`) and accumulates, over the real tokens
 of the given batches (``attention_mask`` = 1), each linear's input second moment
 H = XᵀX / T in float64. Q, K and V read one input, so they get one Gram (the same tensor
 object). :func:`output_errors` measures a compressed student against its teacher on
@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tdlight.model.surgery import LINEAR_PATHS, _get_linear, encoder_weights, get_encoder, load_factors
+from tdlight.model.families import BLOCK_TYPES
+from tdlight.model.surgery import encoder_weights, get_encoder, linears, load_factors
 from tdlight.tensor.factors import Decomposition, Factors, slice_errors
 from tdlight.tensor.layout import Block, linear_to_blocks, stack
 from tdlight.tensor.whiten import (
@@ -54,31 +55,21 @@ def collect_grams(model: nn.Module, batches: Iterable[dict]) -> tuple[dict[tuple
     its whole input; block p's Gram is its p-th D×D diagonal block). ``key`` and ``value``
     map to the very tensor of ``query``.
     """
-    encoder = get_encoder(model)
     device = next(model.parameters()).device
     sums: dict[tuple[int, str], torch.Tensor] = {}
     state = {"mask": None}
-    handles = []
 
-    def hook(key):
-        def pre(module, args):
-            x = args[0]
-            m = state["mask"]
-            x = x[m] if m is not None and m.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
-            x = x.double()
-            g = x.t() @ x
-            if key in sums:
-                sums[key] += g
-            else:
-                sums[key] = g
-        return pre
+    def on_input(key, x):
+        m = state["mask"]
+        x = x[m] if m is not None and m.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
+        x = x.double()
+        g = x.t() @ x
+        if key in sums:
+            sums[key] += g
+        else:
+            sums[key] = g
 
-    for i, layer in enumerate(encoder.layer):
-        for t in LINEAR_PATHS:
-            if t in ("key", "value"):
-                continue  # they read the query's input
-            _, _, lin = _get_linear(layer, t, i)
-            handles.append(lin.register_forward_pre_hook(hook((i, t))))
+    taps = _Taps(model, range(len(get_encoder(model).layer)), on_input)
     tokens = 0
     mode = model.training
     model.eval()
@@ -87,10 +78,10 @@ def collect_grams(model: nn.Module, batches: Iterable[dict]) -> tuple[dict[tuple
             inputs = _inputs(batch, device)
             state["mask"] = inputs["attention_mask"].bool()
             tokens += int(state["mask"].sum())
+            taps.reset()
             model(**inputs)
     finally:
-        for h in handles:
-            h.remove()
+        taps.remove()
         model.train(mode)
     if tokens == 0:
         return {}, 0
@@ -249,15 +240,30 @@ class _Stop(Exception):
     pass
 
 
-def _capture(model: nn.Module, layers: list[int], fn) -> list:
-    """Forward pre-hooks ``fn((layer, type), x)`` on the linears of ``layers`` (one per input)."""
-    encoder = get_encoder(model)
-    handles = []
-    for i in layers:
-        for t in STAT_TYPES:
-            _, _, lin = _get_linear(encoder.layer[i], t, i)
-            handles.append(lin.register_forward_pre_hook(lambda m, a, key=(i, t): fn(key, a[0])))
-    return handles
+class _Taps:
+    """Forward pre-hooks ``fn((layer, type), x)`` on the linears of ``layers`` that read distinct inputs
+    (:data:`STAT_TYPES`), each seeing only its linear's first call since :meth:`reset`: the token
+    states. (DeBERTa's Q and K projections are called a second time in the same forward, on the
+    relative position embeddings; that call is not a token input.)"""
+
+    def __init__(self, model: nn.Module, layers: Iterable[int], fn):
+        self.seen: set = set()
+        lins = linears(model)
+
+        def pre(module, args, key):
+            if key not in self.seen:
+                self.seen.add(key)
+                fn(key, args[0])
+
+        self.handles = [lins[(i, t)].register_forward_pre_hook(lambda m, a, key=(i, t): pre(m, a, key))
+                        for i in layers for t in STAT_TYPES]
+
+    def reset(self) -> None:
+        self.seen.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def _run_upto(model: nn.Module, inputs: dict, last: int) -> None:
@@ -317,19 +323,20 @@ def collect_pair_stats(student: nn.Module, teacher: nn.Module, batches: Iterable
     modes = student.training, teacher.training
     student.eval()
     teacher.eval()
-    handles = _capture(teacher, layers, on_teacher) + _capture(student, layers, on_student)
+    taps = _Taps(teacher, layers, on_teacher), _Taps(student, layers, on_student)
     tokens = 0
     try:
         for batch in batches:
             inputs = _inputs(batch, device)
             state["mask"] = inputs["attention_mask"].bool()
             tokens += int(state["mask"].sum())
-            _run_upto(teacher, inputs, layers[-1])
-            _run_upto(student, inputs, layers[-1])
+            for tap, model in zip(taps, (teacher, student)):
+                tap.reset()
+                _run_upto(model, inputs, layers[-1])
             captured.clear()
     finally:
-        for h in handles:
-            h.remove()
+        for tap in taps:
+            tap.remove()
         student.train(modes[0])
         teacher.train(modes[1])
     out = {}
@@ -347,15 +354,10 @@ def collect_pair_stats(student: nn.Module, teacher: nn.Module, batches: Iterable
     return out
 
 
-def _linears(model: nn.Module) -> dict[tuple[int, str], nn.Module]:
-    return {(i, t): _get_linear(layer, t, i)[2]
-            for i, layer in enumerate(get_encoder(model).layer) for t in LINEAR_PATHS}
-
-
 @torch.no_grad()
 def refit_biases(student: nn.Module, teacher: nn.Module, stats: dict[tuple[int, str], PairStats]) -> None:
     """Set every student bias (of the linears in ``stats``) to :func:`~tdlight.tensor.whiten.refit_bias`."""
-    s_lin, t_lin = _linears(student), _linears(teacher)
+    s_lin, t_lin = linears(student), linears(teacher)
     for key, st in stats.items():
         ls, lt = s_lin[key], t_lin[key]
         if ls.bias is None:
@@ -463,7 +465,7 @@ def refit_layerwise(student: nn.Module, teacher: nn.Module, batches: list[dict],
     layout = enc_s.compression.layout
     D = layout.hidden
     weights = {k: w.double() for k, w in encoder_weights(teacher).items()}
-    s_lin, t_lin = _linears(student), _linears(teacher)
+    s_lin, t_lin = linears(student), linears(teacher)
     device = next(student.parameters()).device
     modes = student.training, teacher.training
     student.eval()

@@ -7,6 +7,12 @@ attention code we register one more implementation, ``"tdlight_scores"``: HF's o
 attention, which also leaves the raw scores on the attention module. It gets the eager
 (additive float) mask through ``AttentionMaskInterface``. :func:`forward_with_scores`
 switches a model to it for one forward and back.
+
+A family whose attention code does not go through that registry (MPNet, DeBERTa-v2: their
+relative-position terms are added inside the module; ``scores="probabilities"`` in
+:mod:`tdlight.model.families`) gives its attention probabilities instead
+(``output_attentions=True``), and :func:`forward_with_scores` returns their logarithm: the
+pre-softmax scores up to one constant per query row, zero where the key is padding.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tdlight.model.families import family_of, resolve
 from tdlight.model.surgery import get_encoder
 
 SCORES_IMPL = "tdlight_scores"
@@ -58,7 +65,15 @@ class Internals:
 
 
 def _self_attentions(model: nn.Module) -> list[nn.Module]:
-    return [layer.attention.self for layer in get_encoder(model).layer]
+    path = family_of(model).attention
+    return [resolve(layer, path) for layer in get_encoder(model).layer]
+
+
+def _log_probabilities(probs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """log p (B, H, S, S) with padding keys set to 0 (their p is 0: the loss masks them, but 0 · −inf is NaN)."""
+    keys = attention_mask[:, None, None, :].bool()
+    return torch.where(keys, probs.clamp_min(torch.finfo(probs.dtype).tiny).log(), torch.zeros((), dtype=probs.dtype,
+                                                                                                 device=probs.device))
 
 
 def forward_with_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -72,6 +87,10 @@ def forward_with_scores(model: nn.Module, input_ids: torch.Tensor, attention_mas
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if token_type_ids is not None:
         inputs["token_type_ids"] = token_type_ids
+    if family_of(model).scores == "probabilities":
+        out = model(**inputs, output_hidden_states=True, output_attentions=True)
+        scores = [_log_probabilities(p, attention_mask) for p in out.attentions]
+        return Internals(tuple(out.hidden_states), scores, getattr(out, "logits", None), attention_mask)
     modules = _self_attentions(model)
     model.set_attn_implementation(SCORES_IMPL)
     try:

@@ -203,6 +203,13 @@ class FactorizedLinear(nn.Module):
         self.blocks.copy_(torch.tensor(self.block_grid, dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The output's leading sizes are read from x (a view, free in eager): in an ONNX trace, shape
+        # inference does not see through the factorized product (einsum, the shared input's slice) and
+        # would give the output the traced sample's sizes, freezing every consumer that reads them
+        # (DeBERTa's ``view(x.size()[:-1] + …)``) to that batch and length.
+        return self._forward(x).view(x.shape[:-1] + (self.out_features,))
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared_input is not None:
             return self.shared_input.output(x, self.slot)
         bank = self.bank

@@ -1,11 +1,11 @@
-"""Surgery on HF BERT-family models: swap the encoder's linears for factorized ones and back.
+"""Surgery on HF encoder models: swap the encoder's linears for factorized ones and back.
 
-Works on any model whose encoder has the ``BertModel`` module structure
-(``encoder.layer[i].attention.self.{query,key,value}``, ``attention.output.dense``,
-``intermediate.dense``, ``output.dense``): ``BertModel``, ``BertForSequenceClassification``,
-the MiniLM teacher, RoBERTa/ELECTRA-style models with the same structure. The model keeps
+Works on every encoder family of :mod:`tdlight.model.families` (BERT, RoBERTa, ELECTRA,
+DistilBERT, MPNet, DeBERTa-v2/v3), base models and sequence classifiers alike: the family
+declares where each layer's Q, K, V, attention-output and FFN linears live. The model keeps
 its class; attention code, ``output_hidden_states``, ``output_attentions`` and heads are
-untouched. The banks live in ``encoder.factor_banks`` (one per layout group) and the
+untouched. The banks live in ``encoder.factor_banks`` (``encoder``: the module holding the
+layer list, e.g. DistilBERT's ``transformer``; one bank per layout group) and the
 resolved spec in ``encoder.compression``. When the spec compresses the word embeddings too
 (``embedding_rank``, ``vocab``), ``embeddings.word_embeddings`` becomes a
 :class:`~tdlight.model.embedding.FactorizedEmbedding` (:mod:`tdlight.model.embedding`).
@@ -23,6 +23,8 @@ from tdlight.errors import SpecError, TeacherError
 from tdlight.model.bank import FactorBank
 from tdlight.model.embedding import (FactorizedEmbedding, check_untied, compress_embeddings, densify_embeddings,
                                      word_embeddings)
+from tdlight.model.families import BLOCK_TYPES, Family, family_of
+from tdlight.model.families import resolve as resolve_path
 from tdlight.model.linear import MODES, FactorizedLinear, SharedInput
 from tdlight.tensor.decompose import decompose, warn_dead_blocks
 from tdlight.tensor.embedding import TokenStats
@@ -30,55 +32,53 @@ from tdlight.tensor.factors import Decomposition, Factors
 from tdlight.tensor.layout import stack
 from tdlight.tensor.spec import CompressionSpec, EncoderShape, ResolvedSpec, resolve
 
-# block type -> attribute path inside one encoder layer
-LINEAR_PATHS = {
-    "query": ("attention", "self", "query"),
-    "key": ("attention", "self", "key"),
-    "value": ("attention", "self", "value"),
-    "attn_out": ("attention", "output", "dense"),
-    "ffn_in": ("intermediate", "dense"),
-    "ffn_out": ("output", "dense"),
-}
-
-
 def get_encoder(model: nn.Module) -> nn.Module:
-    """The ``BertEncoder``-like module of ``model`` (a base model or one with a head)."""
+    """The module holding ``model``'s encoder layers (``.layer``), as its family declares it: BERT's
+    ``encoder``, DistilBERT's ``transformer`` (a base model or one with a head)."""
+    fam = family_of(model)
     base = getattr(model, "base_model", model)
-    encoder = getattr(base, "encoder", None)
+    encoder = resolve_path(base, fam.encoder)
     if encoder is None or not isinstance(getattr(encoder, "layer", None), nn.ModuleList):
         raise TeacherError(
-            f"{type(model).__name__} is not BERT-shaped: expected `base_model.encoder.layer` "
-            "(a ModuleList of BERT layers), as in BertModel / BertForSequenceClassification"
+            f"{type(model).__name__} is not BERT-shaped: expected `base_model.{fam.encoder}.layer` "
+            f"(a ModuleList of {fam.name} layers)"
         )
     return encoder
 
 
-def _get_linear(layer: nn.Module, type_: str, index: int) -> tuple[nn.Module, str, nn.Module]:
-    *parents, attr = LINEAR_PATHS[type_]
-    obj = layer
-    for p in parents:
-        obj = getattr(obj, p, None)
-        if obj is None:
-            raise TeacherError(
-                f"encoder layer {index} has no `{'.'.join(LINEAR_PATHS[type_][:-1])}`: not BERT-shaped "
-                f"(expected modules {sorted('.'.join(v) for v in LINEAR_PATHS.values())})"
-            )
+def _get_linear(layer: nn.Module, type_: str, index: int, fam: Family) -> tuple[nn.Module, str, nn.Module]:
+    """(parent module, attribute, the linear) of block type ``type_`` in encoder layer ``index``."""
+    *parents, attr = fam.path(type_)
+    obj = resolve_path(layer, tuple(parents)) if parents else layer
+    if obj is None:
+        raise TeacherError(
+            f"encoder layer {index} has no `{'.'.join(parents)}`: not BERT-shaped "
+            f"(a {fam.name} layer has {sorted(fam.linears.values())})"
+        )
     module = getattr(obj, attr, None)
     if module is None:
-        raise TeacherError(f"encoder layer {index} has no `{'.'.join(LINEAR_PATHS[type_])}`: not BERT-shaped")
+        raise TeacherError(f"encoder layer {index} has no `{fam.linears[type_]}`: not BERT-shaped")
     return obj, attr, module
+
+
+def linears(model: nn.Module) -> dict[tuple[int, str], nn.Module]:
+    """``{(layer, type): module}`` for every encoder linear of ``model`` (dense or factorized)."""
+    fam = family_of(model)
+    return {(i, t): _get_linear(layer, t, i, fam)[2]
+            for i, layer in enumerate(get_encoder(model).layer) for t in BLOCK_TYPES}
 
 
 def encoder_shape(model: nn.Module) -> EncoderShape:
     """Sizes read from the model's modules (checked for BERT shape)."""
     encoder = get_encoder(model)
+    fam = family_of(model)
     if len(encoder.layer):
-        _, _, q = _get_linear(encoder.layer[0], "query", 0)
-        _, _, f = _get_linear(encoder.layer[0], "ffn_in", 0)
+        _, _, q = _get_linear(encoder.layer[0], "query", 0, fam)
+        _, _, f = _get_linear(encoder.layer[0], "ffn_in", 0, fam)
         D, I = q.in_features, f.out_features
     else:  # a teacher cut to no layer (cut_layers): its sizes are its config's
         config = getattr(model, "config", None)
-        D, I = getattr(config, "hidden_size", None), getattr(config, "intermediate_size", None)
+        D, I = getattr(config, "hidden_size", None), getattr(config, fam.intermediate_key, None)
         if not (isinstance(D, int) and isinstance(I, int)):
             raise TeacherError("the encoder has no layers and its config no hidden_size / intermediate_size")
     emb = getattr(getattr(model, "base_model", model), "embeddings", None)
@@ -87,8 +87,25 @@ def encoder_shape(model: nn.Module) -> EncoderShape:
         m = getattr(emb, name, None) if emb is not None else None
         return m.num_embeddings if isinstance(m, (nn.Embedding, FactorizedEmbedding)) else 0
 
+    word = getattr(emb, "word_embeddings", None)
+    width = word.embedding_dim if isinstance(word, (nn.Embedding, FactorizedEmbedding)) else D
+    extra = sum(p.numel() for p in _unique(p for m in _embedding_extras(model) for p in m.parameters()))
     return EncoderShape(len(encoder.layer), D, I, rows("word_embeddings"), rows("position_embeddings"),
-                        rows("token_type_embeddings"))
+                        rows("token_type_embeddings"), 0 if width == D else width, extra)
+
+
+def _embedding_extras(model: nn.Module) -> list[nn.Module]:
+    """The modules outside the layers that ``model``'s family counts with the embeddings (present ones)."""
+    base = getattr(model, "base_model", model)
+    found = (resolve_path(base, p) for p in family_of(model).embedding_extras)
+    return [m for m in found if m is not None]
+
+
+def _unique(params):
+    seen = {}
+    for p in params:
+        seen.setdefault(id(p), p)
+    return list(seen.values())
 
 
 def encoder_weights(model: nn.Module) -> dict[tuple[int, str], torch.Tensor]:
@@ -96,14 +113,17 @@ def encoder_weights(model: nn.Module) -> dict[tuple[int, str], torch.Tensor]:
     shape = encoder_shape(model)
     D, I = shape.hidden, shape.intermediate
     expected = {"query": (D, D), "key": (D, D), "value": (D, D), "attn_out": (D, D), "ffn_in": (I, D), "ffn_out": (D, I)}
+    fam = family_of(model)
     out = {}
     for i, layer in enumerate(get_encoder(model).layer):
         for t, want in expected.items():
-            _, _, lin = _get_linear(layer, t, i)
-            w = lin.weight
+            _, _, lin = _get_linear(layer, t, i, fam)
+            w = getattr(lin, "weight", None)
+            if not isinstance(w, torch.Tensor) or w.ndim != 2:
+                raise TeacherError(f"layer {i} {fam.linears[t]} is a {type(lin).__name__}, not a linear: not BERT-shaped")
             if tuple(w.shape) != want:
                 raise TeacherError(
-                    f"layer {i} {'.'.join(LINEAR_PATHS[t])} has weight shape {tuple(w.shape)}, expected {want} "
+                    f"layer {i} {fam.linears[t]} has weight shape {tuple(w.shape)}, expected {want} "
                     f"for hidden size {D} and FFN width {I}: not BERT-shaped"
                 )
             out[(i, t)] = w.detach()
@@ -234,12 +254,13 @@ def compress(
 
     # Swap the linears. Q/K/V of a layer share one x @ U when they are in one group and U is shared.
     share_qkv = rspec.strategy.shared_factors and "query" in layout.types
+    fam = family_of(model)
     for i, layer in enumerate(encoder.layer):
         qkv_groups = {layout.index[b][0] for t in ("query", "key", "value") if t in layout.types
                       for b in layout.blocks_of(i, t)}
         shared = SharedInput() if share_qkv and len(qkv_groups) == 1 else None
         for t in layout.types:
-            parent, attr, lin = _get_linear(layer, t, i)
+            parent, attr, lin = _get_linear(layer, t, i, fam)
             blks = layout.blocks_of(i, t)
             group = layout.index[blks[0]][0]
             idx = torch.tensor([layout.index[b][1] for b in blks], device="cpu")  # FactorizedLinear moves it
@@ -284,9 +305,10 @@ def densify(model: nn.Module) -> nn.Module:
     densify_embeddings(model)
     if not hasattr(encoder, "factor_banks"):
         return model
+    fam = family_of(model)
     for i, layer in enumerate(encoder.layer):
-        for t in LINEAR_PATHS:
-            parent, attr, lin = _get_linear(layer, t, i)
+        for t in BLOCK_TYPES:
+            parent, attr, lin = _get_linear(layer, t, i, fam)
             if isinstance(lin, FactorizedLinear):
                 W = lin.weight
                 dense = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
@@ -301,12 +323,15 @@ def densify(model: nn.Module) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Measured parameter counts by part (encoder weights/biases/LayerNorms, embeddings, other)."""
+    """Measured parameter counts by part: encoder weights/biases/LayerNorms (the layers and the factor
+    banks), embeddings (with the family's relative-position tables and projection,
+    ``Family.embedding_extras``), other (pooler, heads)."""
     encoder = get_encoder(model)
     base = getattr(model, "base_model", model)
     emb = getattr(base, "embeddings", None)
-    enc_ids = {id(p) for p in encoder.parameters()}
-    emb_ids = {id(p) for p in emb.parameters()} if emb is not None else set()
+    banks = getattr(encoder, "factor_banks", None)
+    enc_ids = {id(p) for m in (encoder.layer, banks) if m is not None for p in m.parameters()}
+    emb_ids = {id(p) for m in ([emb] if emb is not None else []) + _embedding_extras(model) for p in m.parameters()}
     out = {"encoder_weights": 0, "encoder_biases": 0, "encoder_layernorms": 0, "embeddings": 0, "other": 0}
     seen = set()
     for name, p in model.named_parameters():
@@ -336,7 +361,7 @@ def set_dropout(model: nn.Module, p: float) -> None:
         if isinstance(m, nn.Dropout):
             m.p = p
     cfg = getattr(model, "config", None)
-    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+    for key in family_of(model).dropout_keys if cfg is not None else ():
         if cfg is not None and hasattr(cfg, key):
             setattr(cfg, key, p)
 

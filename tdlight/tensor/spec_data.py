@@ -26,7 +26,13 @@ from tdlight.tensor.variants import VARIANTS, Variant, variant_of
 
 @dataclass(frozen=True)
 class EncoderShape:
-    """Sizes of a BERT-family model that the accounting needs."""
+    """Sizes of a BERT-family model that the accounting needs.
+
+    ``embedding_width``: the width of the embedding tables where it is not ``hidden`` (ELECTRA's
+    ``embedding_size``; 0 = ``hidden``). ``extra_embeddings``: dense parameters counted with the
+    embeddings beyond the word/position/token-type tables and their LayerNorm — relative-position
+    tables outside the layers (MPNet, DeBERTa) and a narrower embedding's projection (ELECTRA),
+    as the family declares them (:mod:`tdlight.model.families`); never compressed."""
 
     num_layers: int
     hidden: int
@@ -34,6 +40,12 @@ class EncoderShape:
     vocab_size: int = 0
     max_position: int = 0
     type_vocab: int = 0
+    embedding_width: int = 0
+    extra_embeddings: int = 0
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.embedding_width or self.hidden
 
     @property
     def ffn_blocks(self) -> int:

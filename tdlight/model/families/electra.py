@@ -1,0 +1,15 @@
+"""ELECTRA (the discriminator and generator encoders): BERT's layer layout. Its word embeddings may be
+narrower than the hidden size (``embedding_size``, projected by ``embeddings_project``): the encoder
+is compressed as any other; compressing that narrower table (``embedding_rank``) is refused by
+:mod:`tdlight.model.embedding`'s shape check."""
+
+from tdlight.model.families.base import Family
+
+ELECTRA = Family(
+    name="electra",
+    model_types=("electra",),
+    linears={"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+             "attn_out": "attention.output.dense", "ffn_in": "intermediate.dense", "ffn_out": "output.dense"},
+    embedding_extras=("embeddings_project",),
+    attention="attention.self",
+)
