@@ -283,7 +283,7 @@ def test_plan_refuses_bad_inputs_before_timing(tmp_path, tiny_bert, monkeypatch,
             ([str(tmp_path / "afile")], f"'{tmp_path / 'afile'}' is a file, not a directory; valid: a compressed model"),
             ([""], "model directory is an empty string; valid: a compressed model directory"),
             ([str(path), "seq_len=65"], ("seq_len=65 is longer than the model's position table "
-                                         "(max_position_embeddings=64): it never runs at that length; valid: 1 to 64")),
+                                         "(64 tokens): it never runs at that length; valid: 1 to 64")),
             ([str(path), "reps=0"], "seq_len and reps >= 1; got batches=[1, 32], seq_len=64, reps=0"),
             ([str(path), "batches=0"], "got batches=[0]"),
             ([str(path), "policy=bogus"], "execution policy 'bogus'; valid: ['timed', 'macs'"),

@@ -270,3 +270,21 @@ def test_teacher_shape_reads_each_familys_config_keys(tmp_path):
     for name in ("distilbert", "mpnet"):
         path = save_teacher(tmp_path, name)
         assert teacher_shape(str(path)) == encoder_shape(build(name))
+
+
+@pytest.mark.parametrize("name", ["mpnet", "deberta-v2"])
+def test_the_whole_pipeline_runs_on_a_family_outside_the_attention_interface(tmp_path, name):
+    """finetune -> decompose (output fit) -> pretrain (log-probability attention) -> distill -> evaluate."""
+    from tdlight.model.io import load_compressed
+
+    teacher = save_teacher(tmp_path, name)
+    out = tmp_path / "out"
+    r = cli(out, "experiment=debug", f"teacher.path={teacher}", "stage.decompose.calibration_max_length=32")
+    assert r.returncode == 0, r.stderr
+    (ev,) = (out / "evaluate").glob("*/metrics.json")
+    m = json.loads(ev.read_text())
+    assert m["ratio"] > 1 and m["examples"] == 32 and 0 <= m["score"] <= 1
+    (pre,) = (out / "pretrain").glob("*/metrics.json")
+    assert all(v == v for v in json.loads(pre.read_text()).values() if isinstance(v, float))  # no NaN loss
+    student = load_compressed(m["model"])
+    assert family_of(student).name == name

@@ -28,6 +28,7 @@ from tdlight.errors import ArtifactError, SpecError, TeacherError
 from tdlight.files import atomic_directory, atomic_write_text, file_sha256, write_obstacle
 from tdlight.model import execution as ex
 from tdlight.model import native
+from tdlight.model.families import max_tokens
 from tdlight.model.surgery import densify, encoder_shape, is_compressed
 from tdlight.tensor.precision import PRECISIONS
 from tdlight.tensor.spec import EncoderShape, ResolvedSpec
@@ -175,14 +176,14 @@ def record_plan(path: str | os.PathLike, *, device: str = "cpu", policy: str = "
     meta = read_meta(path)
     dev = _device(device)
     batches = tuple(batches)
-    limit = getattr(read_config(path), "max_position_embeddings", None)
+    limit = max_tokens(read_config(path))
     if seq_len is None:  # the default: 128 tokens, or all the model has
         seq_len = min(128, limit) if isinstance(limit, int) else 128
     ex.check_plan_options(policy, batches, seq_len, reps)  # (a SpecError)
     if policy == "timed":  # (the other policies do not use seq_len)
         if isinstance(limit, int) and seq_len > limit:
             raise ArtifactError(f"seq_len={seq_len} is longer than the model's position table "
-                                f"(max_position_embeddings={limit}): it never runs at that length; valid: 1 to {limit}")
+                                f"({limit} tokens): it never runs at that length; valid: 1 to {limit}")
     target = path / META
     why = write_obstacle(target)
     if why is not None:

@@ -36,6 +36,7 @@ from torch import nn
 
 from tdlight.errors import ArtifactError
 from tdlight.files import atomic_file, atomic_write_text, file_sha256
+from tdlight.model.families import max_tokens
 from tdlight.model.linear import FactorizedLinear
 from tdlight.model.pooling import pooling_of, saved_pooling, set_pooling
 from tdlight.model.surgery import compress, encoder_shape, get_encoder, is_compressed
@@ -249,7 +250,7 @@ def sentence_transformers_files(model: nn.Module) -> dict[str, str]:
     pooling = {"word_embedding_dimension": int(model.config.hidden_size), "pooling_mode_cls_token": False,
                "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
                "pooling_mode_mean_sqrt_len_tokens": False}
-    seq = {"max_seq_length": int(min(getattr(model.config, "max_position_embeddings", 512), 512)),
+    seq = {"max_seq_length": int(min(max_tokens(model.config) or 512, 512)),
            "do_lower_case": False}
     return {name: json.dumps(d, indent=2) + "\n" for name, d in zip(ST_FILES, (modules, seq, pooling))}
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tdlight.errors import RunError, TdlightError
 from tdlight.files import atomic_write_text
+from tdlight.model.families import max_tokens
 from tdlight.stages.trainer import CHECKPOINTS, LAST, RunIdentity
 
 def saved_config(run_dir: str | os.PathLike) -> DictConfig:
@@ -85,12 +86,9 @@ def stage_artifact(run_dir: str | os.PathLike, stages: tuple[str, ...], what: st
 def check_positions(model, **lengths: int | None) -> None:
     """Each sequence length (``key=value``, ``key`` the setting as the user writes it) fits the model's
     position table; else one error naming the limit (a longer batch would fail deep in the embeddings)."""
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = max_tokens(getattr(model, "config", None))
     if not limit:
         return
-    if "roberta" in str(getattr(config, "model_type", "")):  # positions start after the padding index
-        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
     for key, value in lengths.items():
         if value is not None and value > limit:
             raise TdlightError(f"{key}={value} is longer than the model's position table; valid: at most {limit} "

@@ -13,20 +13,23 @@ split into three blocks, a gate half and an up half per FFN input block) in the 
 not only a declaration here.
 """
 
-from tdlight.model.families.base import BLOCK_TYPES, REGISTRY, SCORE_SOURCES, Family, family_of, register, resolve, supported
+from tdlight.model.families.base import (BLOCK_TYPES, REGISTRY, SCORE_SOURCES, Family, family_of, max_tokens, register,
+                                        resolve, supported)
 from tdlight.model.families.bert import BERT
 from tdlight.model.families.deberta_v2 import DEBERTA_V2
 from tdlight.model.families.distilbert import DISTILBERT
 from tdlight.model.families.electra import ELECTRA
 from tdlight.model.families.mpnet import MPNET
+from tdlight.model.families.roberta import ROBERTA
 
 FAMILIES: dict[str, Family] = register((
     BERT,
+    ROBERTA,
     ELECTRA,
     DISTILBERT,
     MPNET,
     DEBERTA_V2,
 ))
 
-__all__ = ["BLOCK_TYPES", "FAMILIES", "REGISTRY", "SCORE_SOURCES", "Family", "family_of", "register", "resolve",
-           "supported"]
+__all__ = ["BLOCK_TYPES", "FAMILIES", "REGISTRY", "SCORE_SOURCES", "Family", "family_of", "max_tokens", "register",
+           "resolve", "supported"]

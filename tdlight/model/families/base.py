@@ -42,6 +42,9 @@ class Family:
     # modules outside the layers (paths from the base model) counted with the embeddings: relative-
     # position tables the layers share, an embedding projection; never compressed
     embedding_extras: tuple[str, ...] = ()
+    # positions are numbered from the padding index + 1 (RoBERTa, MPNet): the position table holds
+    # that many fewer tokens than max_position_embeddings
+    positions_after_padding: bool = False
     # a config this layout cannot compress exactly (returns why, or None); checked at lookup
     refuse: Callable[[object], str | None] | None = None
 
@@ -106,3 +109,13 @@ def resolve(root: nn.Module, path: str | tuple[str, ...]) -> nn.Module | None:
         if obj is None:
             return None
     return obj
+
+
+def max_tokens(config) -> int | None:
+    """The longest sequence ``config``'s position table holds (None: the config does not say)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or not limit:
+        return None
+    if REGISTRY.get(_model_type(config)) is not None and family_of(config).positions_after_padding:
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return limit

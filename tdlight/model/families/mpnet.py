@@ -13,4 +13,5 @@ MPNET = Family(
     embedding_extras=("encoder.relative_attention_bias",),
     attention="attention.attn",
     scores="probabilities",
+    positions_after_padding=True,
 )
