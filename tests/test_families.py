@@ -55,22 +55,13 @@ def build(name, head=True, seed=0, **kw):
     return auto.from_config(family_config(name, **{**({"num_labels": 3} if head else {}), **kw})).eval()
 
 
-@pytest.fixture
-def feeds():
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(5, 99, (3, 12), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 8:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 def test_every_declared_family_is_tested():
     assert {f.name for f in FAMILIES.values()} - {"bert"} <= {family_of(family_config(n)).name for n in NAMES}
 
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("head", [True, False], ids=["classifier", "encoder"])
-def test_full_rank_is_exact(name, head, feeds):
+def test_full_rank_is_exact(name, head, token_ids):
     from tdlight.model.capture import forward_with_scores
     from tdlight.model.linear import FactorizedLinear
 
@@ -80,11 +71,11 @@ def test_full_rank_is_exact(name, head, feeds):
     assert report.rel_error < 1e-4 and type(student) is type(teacher)
     assert sum(isinstance(m, FactorizedLinear) for m in student.modules()) == 6 * L  # every linear of DESIGN §1
     with torch.no_grad():
-        ref, out = teacher(**feeds, output_hidden_states=True), student(**feeds, output_hidden_states=True)
+        ref, out = teacher(**token_ids, output_hidden_states=True), student(**token_ids, output_hidden_states=True)
         torch.testing.assert_close(out[0], ref[0], rtol=1e-4, atol=1e-5)
         for h, r in zip(out.hidden_states, ref.hidden_states, strict=True):
             torch.testing.assert_close(h, r, rtol=1e-4, atol=1e-5)
-        s, t = forward_with_scores(student, **feeds), forward_with_scores(teacher, **feeds)
+        s, t = forward_with_scores(student, **token_ids), forward_with_scores(teacher, **token_ids)
     assert len(s.scores) == L and s.scores[0].shape == (3, 4, 12, 12)
     for a, b in zip(s.scores, t.scores, strict=True):
         assert torch.isfinite(a).all()
@@ -95,13 +86,13 @@ def test_full_rank_is_exact(name, head, feeds):
 
 
 @pytest.mark.parametrize("name", ["mpnet", "deberta-v2"])
-def test_log_probability_scores_carry_the_gradient_and_ignore_padding(name, feeds):
+def test_log_probability_scores_carry_the_gradient_and_ignore_padding(name, token_ids):
     from tdlight.model.capture import forward_with_scores
     from tdlight.stages.losses import attention_loss
 
     teacher, student = build(name), build(name, seed=1)
-    t = forward_with_scores(teacher, **feeds)
-    s = forward_with_scores(student.train(), **feeds)
+    t = forward_with_scores(teacher, **token_ids)
+    s = forward_with_scores(student.train(), **token_ids)
     assert (s.scores[0][1, :, :, 8:] == 0).all()  # padding keys: 0, not -inf
     loss = attention_loss(s, t, [(1, 1), (2, 2)])
     assert torch.isfinite(loss) and loss > 0
@@ -110,7 +101,7 @@ def test_log_probability_scores_carry_the_gradient_and_ignore_padding(name, feed
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_output_fit_and_layerwise_refit(name, feeds):
+def test_output_fit_and_layerwise_refit(name, token_ids):
     """The calibration hooks see each linear's token input once per forward (DeBERTa calls Q/K again on
     its relative embeddings): the output fit and the refit lower the held-out error."""
     from tdlight.model.calibration import collect_grams, fit_outputs, output_errors, refit_outputs
@@ -124,29 +115,29 @@ def test_output_fit_and_layerwise_refit(name, feeds):
     assert all(h.shape == ((I, I) if t == "ffn_out" else (D, D)) for (_, t), h in grams.items())
     student = copy.deepcopy(teacher)
     compress(student, CompressionSpec(variant="tucker", rank=12, bank=8))
-    before = output_errors(student, teacher, [feeds])["last_hidden"]
+    before = output_errors(student, teacher, [token_ids])["last_hidden"]
     fit_outputs(student, encoder_weights(teacher), grams, iters=3)
-    records = refit_outputs(student, teacher, batches, [feeds], passes=1)
-    after = output_errors(student, teacher, [feeds])["last_hidden"]
+    records = refit_outputs(student, teacher, batches, [token_ids], passes=1)
+    after = output_errors(student, teacher, [token_ids])["last_hidden"]
     assert records[0]["last_hidden"] >= after and after < before, (before, records, after)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_save_load_and_execution_plans(tmp_path, name, feeds):
+def test_save_load_and_execution_plans(tmp_path, name, token_ids):
     from tdlight.model.io import load_compressed, save_model
 
     student = build(name)
     compress(student, SMALL)
     path = save_model(student, tiny_tokenizer(tmp_path), tmp_path / name)
     with torch.no_grad():
-        want = student(**feeds)[0]
+        want = student(**token_ids)[0]
         for execution in ("factorized", "dense", "size", "macs"):
-            torch.testing.assert_close(load_compressed(path, execution=execution)(**feeds)[0], want,
+            torch.testing.assert_close(load_compressed(path, execution=execution)(**token_ids)[0], want,
                                        atol=1e-5, rtol=1e-4)
     assert json.loads((path / "config.json").read_text())["model_type"] == "tdlight_" + student.config.model_type
 
 
-def test_every_family_loads_outside_tdlight_with_the_same_outputs(tmp_path, feeds):
+def test_every_family_loads_outside_tdlight_with_the_same_outputs(tmp_path, token_ids):
     """Plain transformers in a fresh process: refused without trust_remote_code, equal outputs with it."""
     from tdlight.model.io import save_model
 
@@ -158,7 +149,7 @@ def test_every_family_loads_outside_tdlight_with_the_same_outputs(tmp_path, feed
         path = save_model(student, tok, tmp_path / name)
         models[str(path)] = student
         dirs.append({"path": str(path), "auto": "AutoModelForSequenceClassification",
-                     "feeds": {k: v.tolist() for k, v in feeds.items()}})
+                     "feeds": {k: v.tolist() for k, v in token_ids.items()}})
     (tmp_path / "job.json").write_text(json.dumps({"dirs": dirs}))
     proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "artifact_outsider.py"),
                            str(tmp_path / "job.json"), str(tmp_path / "out.json")],
@@ -170,7 +161,7 @@ def test_every_family_loads_outside_tdlight_with_the_same_outputs(tmp_path, feed
         assert "trust_remote_code=True" in r["refused"], r
         assert r["class"] == "Tdlight" + type(model).__name__
         with torch.no_grad():
-            torch.testing.assert_close(torch.tensor(r["output"]), model(**feeds)[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(torch.tensor(r["output"]), model(**token_ids)[0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -215,7 +206,7 @@ def test_parameter_accounting_agrees_with_the_model(name):
 
 
 @pytest.mark.parametrize("name", ["distilbert", "electra", "mpnet", "deberta-v2"])
-def test_cli_decomposes_a_family_exactly_at_full_rank(tmp_path, name, feeds):
+def test_cli_decomposes_a_family_exactly_at_full_rank(tmp_path, name, token_ids):
     from tdlight.model.io import load_compressed
 
     teacher = save_teacher(tmp_path, name)
@@ -228,7 +219,7 @@ def test_cli_decomposes_a_family_exactly_at_full_rank(tmp_path, name, feeds):
     student = load_compressed(run / "model")
     ref = T.AutoModelForSequenceClassification.from_pretrained(teacher).eval()
     with torch.no_grad():
-        torch.testing.assert_close(student(**feeds)[0], ref(**feeds)[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(student(**token_ids)[0], ref(**token_ids)[0], rtol=1e-4, atol=1e-5)
 
 
 FULL_TYPES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
@@ -291,7 +282,7 @@ def test_the_whole_pipeline_runs_on_a_family_outside_the_attention_interface(tmp
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_the_layer_cut_peer_saves_and_loads_as_that_depth(tmp_path, name, feeds):
+def test_the_layer_cut_peer_saves_and_loads_as_that_depth(tmp_path, name, token_ids):
     from tdlight.model.surgery import cut_layers
     from tdlight.model.teacher import load_teacher
 
@@ -300,4 +291,4 @@ def test_the_layer_cut_peer_saves_and_loads_as_that_depth(tmp_path, name, feeds)
     model.save_pretrained(tmp_path / "cut")
     again, _ = load_teacher(str(tmp_path / "cut"))
     with torch.no_grad():
-        torch.testing.assert_close(again(**feeds)[0], model(**feeds)[0])
+        torch.testing.assert_close(again(**token_ids)[0], model(**token_ids)[0])
