@@ -1,7 +1,7 @@
 """Calibration statistics of a BERT encoder on text: the input Gram of every linear, and output errors.
 
-:func:`collect_grams` registers forward pre-hooks on the encoder linears (the attribute
-its family declares, :mod:`tdlight.model.families`) and accumulates, over the real tokens
+:func:`collect_grams` registers forward pre-hooks on the encoder linears (where the model's
+family declares them, :mod:`tdlight.model.families`) and accumulates, over the real tokens
 of the given batches (``attention_mask`` = 1), each linear's input second moment
 H = XᵀX / T in float64. Q, K and V read one input, so they get one Gram (the same tensor
 object). :func:`output_errors` measures a compressed student against its teacher on
@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tdlight.model.families import BLOCK_TYPES
 from tdlight.model.surgery import encoder_weights, get_encoder, linears, load_factors
 from tdlight.tensor.factors import Decomposition, Factors, slice_errors
 from tdlight.tensor.layout import Block, linear_to_blocks, stack
