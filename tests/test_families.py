@@ -137,19 +137,53 @@ def test_save_load_and_execution_plans(tmp_path, name, token_ids):
     assert json.loads((path / "config.json").read_text())["model_type"] == "tdlight_" + student.config.model_type
 
 
+MEAN_POOLING = [n for n in NAMES if n != "distilbert"]  # (DistilBERT slices its first token in its forward)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mean_pooling_reads_the_masked_mean(name, token_ids):
+    """A head that reads the first token (RoBERTa, ELECTRA, MPNet, DeBERTa) reads the masked mean under
+    pooling=mean: a padded row gives what it gives unpadded; cls sets it back, also on a deep copy."""
+    from tdlight.model.pooling import pooling_of, set_pooling
+
+    model = build(name)
+    if name not in MEAN_POOLING:
+        with pytest.raises(TeacherError, match="pooling='mean' needs .* reads neither"):
+            set_pooling(model, "mean")
+        return
+    with torch.no_grad():
+        cls = model(**token_ids)[0]
+        set_pooling(model, "mean")
+        mean = model(**token_ids)[0]
+        alone = model(input_ids=token_ids["input_ids"][1:2, :8], attention_mask=token_ids["attention_mask"][1:2, :8])[0]
+        torch.testing.assert_close(alone[0], mean[1], atol=1e-5, rtol=0)
+        assert not torch.allclose(mean, cls)
+        copy_ = copy.deepcopy(model)
+        set_pooling(copy_, "cls")
+        assert pooling_of(copy_) == "cls" and pooling_of(model) == "mean"
+        torch.testing.assert_close(copy_(**token_ids)[0], cls)
+        torch.testing.assert_close(model(**token_ids)[0], mean)
+
+
 def test_every_family_loads_outside_tdlight_with_the_same_outputs(tmp_path, token_ids):
-    """Plain transformers in a fresh process: refused without trust_remote_code, equal outputs with it."""
+    """Plain transformers in a fresh process: refused without trust_remote_code, equal outputs with it;
+    a mean-pooling one loads in sentence-transformers with the same embeddings."""
     from tdlight.model.io import save_model
+    from tdlight.model.pooling import set_pooling
 
     tok = tiny_tokenizer(tmp_path)
+    sentences = ["w1 w2 w3 w4", "w7 w8", "w50 w51 w52 w53 w54 w55 w56"]
     dirs, models = [], {}
     for name in NAMES:
         student = build(name)
         compress(student, SMALL)
+        if name in MEAN_POOLING:
+            set_pooling(student, "mean")
         path = save_model(student, tok, tmp_path / name)
         models[str(path)] = student
         dirs.append({"path": str(path), "auto": "AutoModelForSequenceClassification",
-                     "feeds": {k: v.tolist() for k, v in token_ids.items()}})
+                     "feeds": {k: v.tolist() for k, v in token_ids.items()},
+                     "sentences": sentences if name in MEAN_POOLING else None})
     (tmp_path / "job.json").write_text(json.dumps({"dirs": dirs}))
     proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "artifact_outsider.py"),
                            str(tmp_path / "job.json"), str(tmp_path / "out.json")],
@@ -162,6 +196,12 @@ def test_every_family_loads_outside_tdlight_with_the_same_outputs(tmp_path, toke
         assert r["class"] == "Tdlight" + type(model).__name__
         with torch.no_grad():
             torch.testing.assert_close(torch.tensor(r["output"]), model(**token_ids)[0], atol=1e-5, rtol=0)
+        if r.get("st") is not None:
+            enc = tok(sentences, padding=True, return_tensors="pt")
+            with torch.no_grad():
+                h = model.base_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])[0]
+            w = enc["attention_mask"][..., None].float()
+            torch.testing.assert_close(torch.tensor(r["st"]), (h * w).sum(1) / w.sum(1), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", NAMES)

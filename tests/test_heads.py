@@ -69,7 +69,7 @@ def test_pooling_saved_and_reloaded_dense_and_compressed(tmp_path, token_ids):
 
 
 def test_pooling_choice_and_refusals():
-    from transformers import RobertaConfig, RobertaForSequenceClassification
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
     assert native_pooling(str(__import__("tdlight.model.teacher", fromlist=["x"]).embedded_path("minilm"))) == "mean"
     assert native_pooling(None) == "cls"
@@ -77,10 +77,10 @@ def test_pooling_choice_and_refusals():
     assert resolve_pooling("auto", cfg, None) == "cls" and resolve_pooling("mean", cfg, None) == "mean"
     with pytest.raises(TeacherError, match="'max'.*valid"):
         resolve_pooling("max", cfg, None)
-    roberta = RobertaForSequenceClassification(RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
-                                                             num_attention_heads=4, intermediate_size=64))
-    with pytest.raises(TeacherError, match="pooling='mean' needs .*RobertaForSequenceClassification"):
-        set_pooling(roberta, "mean")
+    distil = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=99, dim=32, n_layers=1, n_heads=4,
+                                                                  hidden_dim=64))
+    with pytest.raises(TeacherError, match="pooling='mean' needs .*DistilBertForSequenceClassification reads neither"):
+        set_pooling(distil, "mean")
     mean = set_pooling(_classifier(), "mean")
     with pytest.raises(TeacherError, match="no \\[CLS\\] pooler"):
         set_pooling(mean, "cls")

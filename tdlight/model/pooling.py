@@ -18,6 +18,13 @@ was trained, and without the flag transformers refuses it rather than reading [C
 
 HF calls the pooler with the hidden states only; the attention mask reaches it through a
 forward pre-hook on the base model (HF offers no other way without copying its forward).
+
+Families whose classifier has no base-model pooler but a head that reads the first token of the
+last hidden states (RoBERTa's and ELECTRA's and MPNet's ``classifier``, DeBERTa's ``pooler``:
+``Family.first_token_head``) pool by mean through a forward pre-hook on that head instead: it
+is handed the masked mean as its one "token", so its own weights read the sentence embedding
+(nothing is dropped, so ``cls`` can be set back). A bare encoder of such a family records the
+choice in its config for the classifier built on it.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 from torch import nn
 
 from tdlight.errors import TeacherError
+from tdlight.model.families import family_of, resolve
 
 POOLINGS = ("cls", "mean")
 CONFIG_KEY = "tdlight_pooling"
@@ -66,30 +74,91 @@ def _give_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
         pooler.mask = mask if mask is None or mask.ndim == 2 else None
 
 
+class _HeadMean:
+    """The forward pre-hook of a first-token head under mean pooling: (B, S, D) -> its masked mean as
+    one token, (B, 1, D). The mask comes from a pre-hook on the base model, as for :class:`MeanPooler`."""
+
+    def __init__(self) -> None:
+        self.pooler = MeanPooler()  # (its forward only: not registered as a submodule, no parameters)
+
+    def remove(self, *modules: nn.Module) -> None:
+        """Unhook it from ``modules`` (found by identity, so a deep copy of the model unhooks its own)."""
+        for m in modules:
+            for key in [k for k, f in m._forward_pre_hooks.items() if getattr(f, "__self__", None) is self]:
+                del m._forward_pre_hooks[key]
+                m._forward_pre_hooks_with_kwargs.pop(key, None)
+
+    def on_base(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = _attention_mask(module, args, kwargs)
+        self.pooler.mask = mask if mask is None or mask.ndim == 2 else None
+
+    def on_head(self, module: nn.Module, args: tuple):
+        return (self.pooler(args[0])[:, None, :], *args[1:])
+
+
+def _first_token_head(model: nn.Module) -> nn.Module | None:
+    """The classifier head that reads the first token, for a family that declares one (None for a bare
+    encoder, or a family whose classifier reads base_model.pooler)."""
+    if getattr(model, "base_model", model) is model:
+        return None
+    try:
+        path = family_of(model).first_token_head
+    except TeacherError:
+        return None
+    return resolve(model, path) if path else None
+
+
 def pooling_of(model: nn.Module) -> str:
     """The pooling a (tdlight-loaded) model's classifier reads: ``cls`` or ``mean``."""
     base = getattr(model, "base_model", model)
-    return "mean" if isinstance(getattr(base, "pooler", None), MeanPooler) else "cls"
+    if isinstance(getattr(base, "pooler", None), MeanPooler):
+        return "mean"
+    head = _first_token_head(model)
+    if head is not None:
+        return "mean" if getattr(head, "_tdlight_mean", None) is not None else "cls"
+    if base is model and getattr(base, "pooler", None) is None:  # a bare encoder that pools in its head
+        return getattr(getattr(model, "config", None), CONFIG_KEY, None) or "cls"
+    return "cls"
 
 
 def set_pooling(model: nn.Module, pooling: str) -> nn.Module:
     """Make ``model`` (a classifier or a bare BERT-family encoder) pool by ``pooling``; in place.
 
-    ``mean`` needs a base model with a ``pooler`` that its classifier reads (the BERT
-    family); ``cls`` on a model that already pools by mean is refused, because its [CLS]
-    pooler weights are gone. Records the choice in ``model.config``.
+    ``mean`` needs a base model with a ``pooler`` that its classifier reads (BERT), or a head
+    that reads the first token (``Family.first_token_head``: RoBERTa, ELECTRA, MPNet, DeBERTa);
+    ``cls`` on a BERT that already pools by mean is refused, because its [CLS] pooler weights are
+    gone. Records the choice in ``model.config``.
     """
     if pooling not in POOLINGS:
         raise TeacherError(f"pooling={pooling!r} is not a pooling; valid: {list(POOLINGS)}")
     base = getattr(model, "base_model", model)
     current = pooling_of(model)
+    head = _first_token_head(model)
     if pooling == current:
         pass
+    elif head is not None:  # a head that reads the first token: hooked, or unhooked
+        if pooling == "mean":
+            hook = _HeadMean()
+            base.register_forward_pre_hook(hook.on_base, with_kwargs=True)
+            head.register_forward_pre_hook(hook.on_head)
+            head._tdlight_mean = hook
+        else:
+            head._tdlight_mean.remove(base, head)
+            head._tdlight_mean = None
+        setattr(model.config, CONFIG_KEY, pooling)
+        return model
     elif pooling == "mean":
         if getattr(base, "pooler", None) is None:
-            raise TeacherError(f"pooling='mean' needs a model whose classifier reads base_model.pooler (BERT "
-                               f"family); {type(model).__name__} has none; valid for it: pooling='cls'")
+            if base is model and _pools_in_head(model):  # recorded for the classifier built on it
+                setattr(model.config, CONFIG_KEY, pooling)
+                return model
+            raise TeacherError(f"pooling='mean' needs a model whose classifier reads base_model.pooler or the "
+                               f"first token of the last hidden states; {type(model).__name__} reads neither "
+                               "(DistilBERT slices its first token inside its forward); valid for it: pooling='cls'")
         base.pooler = MeanPooler()
+    elif base is model and getattr(base, "pooler", None) is None:  # a bare encoder without a pooler
+        setattr(model.config, CONFIG_KEY, pooling)
+        return model
     else:
         raise TeacherError(f"pooling='cls' cannot be used with this {type(model).__name__}: it was saved with "
                            "pooling='mean' and has no [CLS] pooler weights; valid for it: pooling='mean'")
@@ -98,6 +167,13 @@ def set_pooling(model: nn.Module, pooling: str) -> nn.Module:
         base._tdlight_mask_hook = True
     setattr(model.config, CONFIG_KEY, pooling)
     return model
+
+
+def _pools_in_head(model: nn.Module) -> bool:
+    try:
+        return family_of(model).first_token_head is not None
+    except TeacherError:
+        return False
 
 
 def saved_pooling(config) -> str | None:

@@ -42,6 +42,11 @@ class Family:
     # modules outside the layers (paths from the base model) counted with the embeddings: relative-
     # position tables the layers share, an embedding projection; never compressed
     embedding_extras: tuple[str, ...] = ()
+    # the module of a *ForSequenceClassification that receives the last hidden states (B, S, D) and
+    # reads their first token (RoBERTa's `classifier`, DeBERTa's `pooler`): mean pooling feeds it the
+    # masked mean instead (tdlight.model.pooling). None: the classifier reads base_model.pooler (BERT)
+    # or slices the first token itself (DistilBERT: mean pooling is refused)
+    first_token_head: str | None = None
     # positions are numbered from the padding index + 1 (RoBERTa, MPNet): the position table holds
     # that many fewer tokens than max_position_embeddings
     positions_after_padding: bool = False

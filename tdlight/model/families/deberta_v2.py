@@ -25,6 +25,7 @@ DEBERTA_V2 = Family(
              "value": "attention.self.value_proj", "attn_out": "attention.output.dense",
              "ffn_in": "intermediate.dense", "ffn_out": "output.dense"},
     embedding_extras=("encoder.rel_embeddings", "encoder.LayerNorm"),
+    first_token_head="pooler",
     attention="attention.self",
     scores="probabilities",
     refuse=_refuse,

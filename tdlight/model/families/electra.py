@@ -11,5 +11,6 @@ ELECTRA = Family(
     linears={"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
              "attn_out": "attention.output.dense", "ffn_in": "intermediate.dense", "ffn_out": "output.dense"},
     embedding_extras=("embeddings_project",),
+    first_token_head="classifier",
     attention="attention.self",
 )

@@ -11,6 +11,7 @@ MPNET = Family(
     linears={"query": "attention.attn.q", "key": "attention.attn.k", "value": "attention.attn.v",
              "attn_out": "attention.attn.o", "ffn_in": "intermediate.dense", "ffn_out": "output.dense"},
     embedding_extras=("encoder.relative_attention_bias",),
+    first_token_head="classifier",
     attention="attention.attn",
     scores="probabilities",
     positions_after_padding=True,

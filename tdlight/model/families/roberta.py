@@ -7,6 +7,7 @@ ROBERTA = Family(
     model_types=("roberta", "xlm-roberta", "camembert"),
     linears={"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
              "attn_out": "attention.output.dense", "ffn_in": "intermediate.dense", "ffn_out": "output.dense"},
+    first_token_head="classifier",
     attention="attention.self",
     positions_after_padding=True,
 )
