@@ -332,3 +332,18 @@ def test_the_layer_cut_peer_saves_and_loads_as_that_depth(tmp_path, name, token_
     again, _ = load_teacher(str(tmp_path / "cut"))
     with torch.no_grad():
         torch.testing.assert_close(again(**token_ids)[0], model(**token_ids)[0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_decomposed_encoder_gets_a_classification_head(name, token_ids):
+    """A decomposed bare encoder (a sentence encoder such as all-mpnet-base-v2, with or without a pooler
+    its family's classifier never reads) becomes that family's classifier with the same encoder weights."""
+    from tdlight.model.teacher import as_classifier
+
+    encoder = build(name, head=False)
+    compress(encoder, SMALL)
+    clf = as_classifier(encoder, 2)
+    assert type(clf).__name__.endswith("ForSequenceClassification") and clf.config.num_labels == 2
+    with torch.no_grad():
+        torch.testing.assert_close(clf.base_model(**token_ids)[0], encoder(**token_ids)[0])
+        assert torch.isfinite(clf(**token_ids).logits).all()

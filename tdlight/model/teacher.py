@@ -253,6 +253,8 @@ def as_classifier(model: nn.Module, num_labels: int) -> nn.Module:
         compress(clf, get_encoder(model).compression, init_from_weights=False)
     missing, unexpected = clf.base_model.load_state_dict(base.state_dict(), strict=False)
     missing = [k for k in missing if not k.startswith("pooler.")]  # a bare encoder may have no pooler
+    if getattr(clf.base_model, "pooler", None) is None:  # a classifier that reads no base pooler (RoBERTa's,
+        unexpected = [k for k in unexpected if not k.startswith("pooler.")]  # MPNet's) drops the encoder's
     if missing or unexpected:
         raise TeacherError(f"cannot put a classification head on this model: missing {missing[:4]}, "
                            f"unexpected {unexpected[:4]}")
