@@ -347,3 +347,18 @@ def test_a_decomposed_encoder_gets_a_classification_head(name, token_ids):
     with torch.no_grad():
         torch.testing.assert_close(clf.base_model(**token_ids)[0], encoder(**token_ids)[0])
         assert torch.isfinite(clf(**token_ids).logits).all()
+
+
+def test_a_tokenizer_loads_first_without_a_remote_code_prompt(tmp_path):
+    """tdlight.load_tokenizer on a tdlight directory, first thing in a fresh process: transformers reads
+    config.json to choose the tokenizer, and must find the tdlight type registered, not ask to run code."""
+    from tdlight.model.io import save_model
+
+    student = build("distilbert")
+    compress(student, SMALL)
+    path = save_model(student, tiny_tokenizer(tmp_path), tmp_path / "student")
+    code = f"import tdlight; print(type(tdlight.load_tokenizer({str(path)!r})).__name__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("Tokenizer") and "custom code" not in proc.stdout + proc.stderr

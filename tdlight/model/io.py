@@ -215,6 +215,11 @@ def _tied_keys(model: nn.Module) -> set[str]:
 
 
 def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved in a model directory. A directory with a tdlight model type has its classes
+    registered first: transformers reads config.json to pick a tokenizer, and an unregistered tdlight
+    type would send it to the modeling file with a trust_remote_code prompt."""
+    if (Path(path) / "config.json").is_file():
+        native.ensure_registered(Path(path))
     return transformers.AutoTokenizer.from_pretrained(path)
 
 
