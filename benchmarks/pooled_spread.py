@@ -21,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tdlight.data.glue import get_task, load_split  # noqa: E402
+from tdlight.model.pooling import pooling_of  # noqa: E402
 from tdlight.model.teacher import load_classifier  # noqa: E402
 
 
@@ -30,15 +31,27 @@ def _model_dir(p: str) -> str:
 
 @torch.no_grad()
 def pooled_and_logits(model, tokenizer, texts: list[tuple[str, ...]], max_length: int):
-    """The pooled states the classifier reads (``base_model.pooler``'s output) and the logits."""
+    """The pooled states the classifier reads and the logits: ``base_model.pooler``'s output (BERT), else
+    the last hidden states as a first-token head reads them (their masked mean under mean pooling, the
+    first token otherwise: RoBERTa, ELECTRA, MPNet, DeBERTa, DistilBERT)."""
     seen = {}
-    hook = model.base_model.pooler.register_forward_hook(lambda m, a, out: seen.__setitem__("pooled", out))
+    pooler = getattr(model.base_model, "pooler", None)
+    if pooler is not None:
+        hook = pooler.register_forward_hook(lambda m, a, out: seen.__setitem__("pooled", out))
+    else:
+        hook = model.base_model.register_forward_hook(lambda m, a, out: seen.__setitem__("hidden", out[0]))
     try:
         enc = tokenizer(*zip(*texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
         logits = model.eval()(**enc).logits
     finally:
         hook.remove()
-    return seen["pooled"], logits
+    if pooler is not None:
+        return seen["pooled"], logits
+    h = seen["hidden"]
+    if pooling_of(model) == "mean":
+        w = enc["attention_mask"][..., None].to(h.dtype)
+        return (h * w).sum(1) / w.sum(1), logits
+    return h[:, 0], logits
 
 
 def mean_pairwise_cosine(x: torch.Tensor) -> float:
