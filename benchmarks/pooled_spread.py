@@ -62,8 +62,12 @@ def mean_pairwise_cosine(x: torch.Tensor) -> float:
 
 
 def head_logits(head_model, pooled: torch.Tensor) -> torch.Tensor:
-    """``head_model``'s classifier applied to pooled states (BERT family: dropout then a linear)."""
-    return head_model.eval().classifier(pooled)
+    """``head_model``'s classifier applied to pooled states (BERT: dropout then a linear; a head that reads
+    the first token of the hidden states gets them as a one-token sequence)."""
+    head_model.eval()
+    if getattr(head_model.base_model, "pooler", None) is None:
+        return head_model.classifier(pooled[:, None, :])
+    return head_model.classifier(pooled)
 
 
 def main() -> None:
