@@ -4,12 +4,12 @@ is compressed as any other; compressing that narrower table (``embedding_rank``)
 :mod:`tdlight.model.embedding`'s shape check."""
 
 from tdlight.model.families.base import Family
+from tdlight.model.families.bert import BERT_LINEARS
 
 ELECTRA = Family(
     name="electra",
     model_types=("electra",),
-    linears={"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
-             "attn_out": "attention.output.dense", "ffn_in": "intermediate.dense", "ffn_out": "output.dense"},
+    linears=BERT_LINEARS,
     embedding_extras=("embeddings_project",),
     first_token_head="classifier",
     attention="attention.self",
