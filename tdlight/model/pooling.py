@@ -96,15 +96,21 @@ class _HeadMean:
         return (self.pooler(args[0])[:, None, :], *args[1:])
 
 
+def _head_path(model: nn.Module) -> str | None:
+    """Where the family's classifier keeps its first-token head (``Family.first_token_head``); None if it
+    has none or the model belongs to no family."""
+    try:
+        return family_of(model).first_token_head
+    except TeacherError:
+        return None
+
+
 def _first_token_head(model: nn.Module) -> nn.Module | None:
     """The classifier head that reads the first token, for a family that declares one (None for a bare
     encoder, or a family whose classifier reads base_model.pooler)."""
     if getattr(model, "base_model", model) is model:
         return None
-    try:
-        path = family_of(model).first_token_head
-    except TeacherError:
-        return None
+    path = _head_path(model)
     return resolve(model, path) if path else None
 
 
@@ -149,7 +155,7 @@ def set_pooling(model: nn.Module, pooling: str) -> nn.Module:
         return model
     elif pooling == "mean":
         if getattr(base, "pooler", None) is None:
-            if base is model and _pools_in_head(model):  # recorded for the classifier built on it
+            if base is model and _head_path(model):  # recorded for the classifier built on it
                 setattr(model.config, CONFIG_KEY, pooling)
                 return model
             raise TeacherError(f"pooling='mean' needs a model whose classifier reads base_model.pooler or the "
@@ -167,13 +173,6 @@ def set_pooling(model: nn.Module, pooling: str) -> nn.Module:
         base._tdlight_mask_hook = True
     setattr(model.config, CONFIG_KEY, pooling)
     return model
-
-
-def _pools_in_head(model: nn.Module) -> bool:
-    try:
-        return family_of(model).first_token_head is not None
-    except TeacherError:
-        return False
 
 
 def saved_pooling(config) -> str | None:
