@@ -182,6 +182,27 @@ def test_distill_resume_equals_uninterrupted(chain, tmp_path):
         assert (a[k] - b[k]).abs().max() <= 1e-6, k
 
 
+def test_distill_seed_is_the_students_own(chain, tmp_path):
+    """stage.seed draws the student's training alone: unset it is the run's seed (the same weights as
+    seed=<run's seed>), another value trains another student from the same teacher and decomposition,
+    and the metrics say which seed trained it."""
+    from tdlight.stages import distill
+
+    out, ft, dec = chain
+    over = ["stage=distill", "task=mrpc", f"teacher.run_dir={ft}", f"stage.student={dec}", "logger=none",
+            "stage.intermediate_epochs=0", "stage.prediction_epochs=1", "seed=3", *SMALL]
+    weights = {}
+    for name, extra in (("run", []), ("same", ["stage.seed=3"]), ("other", ["stage.seed=4"])):
+        res = distill.run(compose_cfg(tmp_path, *over, *extra), tmp_path / name)
+        assert res["seed"] == (4 if name == "other" else 3)
+        weights[name] = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    changed = lambda a, b: any(not torch.equal(weights[a][k], weights[b][k]) for k in weights[a])  # noqa: E731
+    assert not changed("run", "same") and changed("run", "other")
+    r = cli(tmp_path, "stage=distill", "task=mrpc", f"teacher.run_dir={ft}", f"stage.student={dec}", "logger=none",
+            "stage.seed=-1", *SMALL)
+    assert r.returncode == 2 and "stage.seed=-1" in r.stderr and "an integer ≥ 0" in r.stderr, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("extra, message", [
     ([], "needs a student"),
     (["stage.student=/no/such"], "neither a decompose/cut/pretrain/distill run directory"),

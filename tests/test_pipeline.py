@@ -33,6 +33,20 @@ def test_every_step_is_checked_before_the_first_runs(teacher_dir, tmp_path):
         assert list(tmp_path.iterdir()) == [], bad  # no step ran, nothing left
 
 
+def test_a_step_seed_at_null_keeps_the_keys_of_steps_computed_before_it_existed(tmp_path):
+    """stage.<step>.seed (null: the run's seed) came after steps were cached: while null it stays out of
+    the step's key, so an upgrade does not retrain a teacher; set, it joins the key (another student)."""
+    from tdlight.stages.pipeline import step_key
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(tmp_path, "stage=distill", "task=mrpc")
+    unset = step_key("distill", cfg.stage, cfg, {})
+    without = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg.stage).items() if k != "seed"})
+    assert step_key("distill", without, cfg, {}) == unset
+    cfg.stage.seed = 0
+    assert step_key("distill", cfg.stage, cfg, {}) != unset
+
+
 def test_tiny_pipeline_end_to_end_and_reuse(pretrain_inputs, teacher_dir, tmp_path):
     _, _, files = pretrain_inputs
     args = ["stage=pipeline", "task=mrpc", f"teacher.path={teacher_dir}", "compression.rank=8", "compression.bank=12",

@@ -192,14 +192,15 @@ def task_settings(st, cfg: DictConfig, *keys: str) -> list:
 
 def datamodule(cfg: DictConfig, task, tokenizer, *, max_length: int, batch_size: int, eval_batch_size: int,
                limit_train: int | None, limit_eval: int | None, num_workers: int, train: bool = True,
-               augment: dict | None = None):
-
+               augment: dict | None = None, seed: int | None = None):
+    """The task's GlueDataModule; ``seed`` (the stage's own; None: ``cfg.seed``) orders the training
+    examples and draws the augmented copies."""
     if tokenizer is None:
         raise TdlightError("the model directory has no tokenizer files; GLUE stages need one to tokenize the text")
     return GlueDataModule(
         task.name, tokenizer, data_dir=Path(cfg.paths.data_dir) / "glue", source=cfg.task.source,
         max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-        cache_dir=cfg.paths.cache_dir, seed=cfg.seed, limit_train=limit_train, limit_eval=limit_eval, train=train,
+        cache_dir=cfg.paths.cache_dir, seed=cfg.seed if seed is None else seed, limit_train=limit_train, limit_eval=limit_eval, train=train,
         augment=augment,
     )
 

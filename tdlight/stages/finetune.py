@@ -46,14 +46,14 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     st = settings(cfg)
     lr, epochs, batch_size, max_length, warmup, patience = task_settings(
         st, cfg, "lr", "epochs", "batch_size", "max_length", "warmup_ratio", "patience")
-    ckpt = training.begin(cfg, run_dir)
+    ckpt = training.begin(cfg, run_dir, st.seed)
 
     source = teacher_source(cfg)
     model, tokenizer = load_classifier(source, task.num_labels, pooling=cfg.teacher.pooling.value)
     check_lengths(model, cfg, max_length)
     dm = datamodule(cfg, task, tokenizer, max_length=max_length, batch_size=batch_size,
                     eval_batch_size=st.eval_batch_size, limit_train=st.limit_train, limit_eval=st.limit_eval,
-                    num_workers=st.num_workers)
+                    num_workers=st.num_workers, seed=st.seed)
     dm.prepare_data()  # a missing or malformed data file fails here, before training starts
     dm.setup("fit")
     module = GlueModule(model, task, lr=lr, weight_decay=st.weight_decay, warmup_ratio=warmup)

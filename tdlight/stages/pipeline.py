@@ -49,13 +49,17 @@ STUDENT_STEPS = ("decompose", "cut")  # what makes the student: exactly one of t
 # config nodes its stage record reads (tdlight.stages.registry), and the stamps (path, size,
 # mtime) of the files it reads (step_inputs).
 NEVER_KEYED = ("enable_progress_bar", "log_every_n_steps", "name")
+# settings whose null means "as before the setting existed" (a step's own seed: null is the run's seed,
+# keyed on its own): left out of the key while null, so steps computed before keep their keys
+KEYED_UNLESS_NULL = ("seed",)
 
 
 def _clean(node) -> object:
     """A config node as plain data without settings that cannot change a result."""
     data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
     if isinstance(data, dict):
-        return {k: _clean(v) for k, v in sorted(data.items()) if k not in NEVER_KEYED}
+        return {k: _clean(v) for k, v in sorted(data.items())
+                if k not in NEVER_KEYED and not (k in KEYED_UNLESS_NULL and v is None)}
     return data
 
 

@@ -122,6 +122,7 @@ class FinetuneStage:
     weight_decay: float = ranged("≥ 0", 0.01)
     warmup_ratio: Optional[float] = ranged("in [0, 1)", None)
     patience: Optional[int] = ranged("an integer ≥ 1", None)  # stop after N epochs without a better dev score
+    seed: Optional[int] = ranged("an integer ≥ 0", None)  # this step's draws (head, order, dropout); null: the run's seed
     eval_batch_size: int = ranged("an integer ≥ 1", 64)
     limit_train: Optional[int] = ranged("an integer ≥ 1", None)  # first N training examples (smoke runs, tests)
     limit_eval: Optional[int] = ranged("an integer ≥ 1", None)
@@ -190,6 +191,9 @@ class DistillStage:
     temperature: float = ranged("> 0", 1.0)
     gold_weight: float = ranged("in [0, 1]", 0.0)  # 0: soft targets only; 1: plain gold-label fine-tuning
     select_by: SelectBy = SelectBy.score  # the dev number that picks the phase-2 epoch kept (best.ckpt)
+    # the student's draws (order, dropout, augmentation, a new head); null: the run's seed. Another value
+    # retrains only this step of a pipeline: the spread of a student over seeds with its teacher fixed
+    seed: Optional[int] = ranged("an integer ≥ 0", None)
     head: StudentHead = StudentHead.student  # where the student's task head starts (docs/RESULTS.md §7: teacher fails lossy students)
     train_embeddings: bool = False  # the embedding matrices stay frozen by default
     augment: bool = False  # TinyBERT-style word replacement: augment_copies copies of each train example, cached to disk

@@ -43,11 +43,12 @@ log = logging.getLogger("tdlight.training")
 BEST = "best.ckpt"
 
 
-def begin(cfg: DictConfig, run_dir: Path) -> Path | None:
+def begin(cfg: DictConfig, run_dir: Path, seed: int | None = None) -> Path | None:
     """The checkpoint to resume from (``resume=<run>``; an error now when there is none), then seed
-    every RNG from ``cfg.seed``. Call it after the stage's own config checks, before loading models."""
+    every RNG from ``seed`` (the stage's own; None: ``cfg.seed``). Call it after the stage's own
+    config checks, before loading models."""
     ckpt = last_checkpoint(run_dir) if cfg.get("resume") else None
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    L.seed_everything(cfg.seed if seed is None else seed, workers=True, verbose=False)
     return ckpt
 
 
