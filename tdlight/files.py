@@ -7,6 +7,7 @@ the CLI, the stages, the sweeps and the data caches all write and fingerprint th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -30,9 +31,21 @@ def state_fingerprint(state: dict[str, torch.Tensor], salt: bytes = b"", extra: 
 
 
 def file_stamp(path: str | os.PathLike) -> dict:
-    """A cheap identity of a file's content for cache keys: resolved path, size, mtime (ns)."""
-    st = Path(path).stat()
-    return {"file": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """The identity of a file for cache keys: its resolved path, size and SHA-256 — not its modification
+    time, so the same bytes written anew (a data folder restored, or copied without keeping times)
+    keep every cached step and tokenization, and an edit that keeps the time is still seen. The hash
+    is read once per version of a file in a process (42 MB of GLUE and corpus: well under a second)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return {"file": str(p), "size": st.st_size,
+            "sha256": _sha256_of(str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)}
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256_of(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    # the stat numbers only key this memo; ctime moves on every write (and cannot be set back), so a file
+    # rewritten during the process, its mtime restored or not, is hashed again
+    return file_sha256(path)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
