@@ -2,7 +2,7 @@
 
 Tokenization runs through ``datasets.Dataset.map`` and the result is stored with
 ``save_to_disk`` under ``<cache_dir>/glue/<task>/<split>-<key>``, where the key hashes
-the task, split, data source (local file path, size and mtime; or the hub dataset's
+the task, split, data source (local file path, size and SHA-256; or the hub dataset's
 fingerprint), the tokenizer (name and a hash of its full definition), ``max_length`` and
 the example limit. A second run with the same inputs loads the cache and does not
 tokenize again; any change makes a new entry. An entry is written to a temporary

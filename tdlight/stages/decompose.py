@@ -100,7 +100,7 @@ def cache_key(model: torch.nn.Module, rspec) -> str:
 
 
 def _file_stamps(st: DecomposeStage, names) -> dict:
-    """Path, size and mtime of every file the settings ``stage.<name>`` read (directories and globs
+    """Path, size and SHA-256 of every file the settings ``stage.<name>`` read (directories and globs
     expanded), for the cache key: a file edited in place, or a directory that gained one, is new input."""
     out = {}
     for name in names:

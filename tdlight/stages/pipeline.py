@@ -47,7 +47,7 @@ REQUIRED = ("finetune", "distill")
 STUDENT_STEPS = ("decompose", "cut")  # what makes the student: exactly one of them
 # A step's cache key: its own stage settings, the keys of the steps it consumes, the top-level
 # config nodes its stage record reads (tdlight.stages.registry), and the stamps (path, size,
-# mtime) of the files it reads (step_inputs).
+# SHA-256) of the files it reads (step_inputs).
 NEVER_KEYED = ("enable_progress_bar", "log_every_n_steps", "name")
 # settings whose null means "as before the setting existed" (a step's own seed: null is the run's seed,
 # keyed on its own): left out of the key while null, so steps computed before keep their keys
