@@ -208,7 +208,8 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     teacher_dir = stage_artifact(cfg.teacher.run_dir, ("finetune",))
     student_dir = student_source(cfg)
     batch_size, max_length = task_settings(st, cfg, "batch_size", "max_length")
-    ckpt = training.begin(cfg, run_dir, st.seed)
+    seed = cfg.seed if st.seed is None else st.seed  # the student's own draws (stage.seed), else the run's
+    ckpt = training.begin(cfg, run_dir, seed)
 
     teacher, tokenizer = load_classifier(str(teacher_dir), task.num_labels)
     student, _ = load_classifier(student_dir, task.num_labels)  # compressed, or a dense cut of the teacher
@@ -229,7 +230,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
             augment["embeddings"] = teacher.get_input_embeddings().weight.detach()
     dm = datamodule(cfg, task, tokenizer, max_length=max_length, batch_size=batch_size,
                     eval_batch_size=st.eval_batch_size, limit_train=st.limit_train, limit_eval=st.limit_eval,
-                    num_workers=st.num_workers, augment=augment, seed=st.seed)
+                    num_workers=st.num_workers, augment=augment, seed=seed)
     dm.prepare_data()
     dm.setup("fit")
     module = DistillModule(
@@ -262,7 +263,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     out = {"stage": "distill", **summary, "dev": results, "score": results["score"], "pairs": pairs,
            "intermediate_epochs": st.intermediate_epochs, "prediction_epochs": st.prediction_epochs,
            "lr": st.lr, "gold_weight": st.gold_weight, "temperature": st.temperature,
-           "seed": cfg.seed if st.seed is None else st.seed,
+           "seed": seed,
            "selected_by": module.monitor, "epoch_seconds": fitted.epoch_seconds, "global_step": fitted.trainer.global_step, "train_examples": n}
     return training.finish(run_dir, fitted, out, model=module.model, tokenizer=tokenizer,
                            model_extra={"teacher": str(teacher_dir), "student": student_dir, "task": task.name},
