@@ -87,6 +87,11 @@ class DataSource(str, Enum):
     hub = "hub"
 
 
+class PairEncoding(str, Enum):  # task.pair_encoding: how a sentence-pair model reads its pair (tdlight.model.pairs)
+    cross = "cross"  # one sequence, both sentences (GLUE's way)
+    bi = "bi"  # each sentence apart, the prediction from their embeddings' cosine (a similarity task: stsb)
+
+
 class WandbMode(str, Enum):
     auto = "auto"  # online only when W&B credentials are configured
     offline = "offline"
@@ -105,6 +110,9 @@ class TaskConfig:
     warmup_ratio: float = ranged("in [0, 1)", 0.1)
     patience: Optional[int] = ranged("an integer ≥ 1", None)  # early stopping: epochs without a better dev score
     source: DataSource = DataSource.auto  # auto: ${paths.data_dir}/glue when the file is there, else the hub nyu-mll/glue
+    # cross: the pair as one sequence; bi: each sentence encoded apart, the prediction scale × cosine of their
+    # embeddings (a bi-encoder; a similarity task only: stsb). Every stage of a run reads its pairs so.
+    pair_encoding: PairEncoding = PairEncoding.cross
 
 
 @dataclass

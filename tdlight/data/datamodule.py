@@ -11,7 +11,10 @@ no entry behind.
 
 Batches are dicts of tensors: ``input_ids``, ``attention_mask``, ``token_type_ids`` (if
 the tokenizer makes them) padded to the longest sequence of the batch, and ``labels``
-(long; float for STS-B).
+(long; float for STS-B). With ``pair_encoding="bi"`` (a bi-encoder, :mod:`tdlight.model.pairs`)
+each sentence of a pair is tokenized alone (its second sentence in the ``*_b`` columns) and a batch
+of B pairs holds 2B sequences: the B first sentences, then the B second ones, padded together;
+``labels`` stay B.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from tdlight.files import file_stamp, state_fingerprint, temporary_directory
 log = logging.getLogger("tdlight.data")
 
 CACHE_VERSION = 1
+SECOND = "_b"  # suffix of a bi-encoder's second-sentence columns (input_ids_b, ...)
+PAIR_ENCODINGS = ("cross", "bi")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -68,9 +73,15 @@ class GlueDataModule(L.LightningDataModule):
                  max_length: int = 128, batch_size: int = 32, eval_batch_size: int | None = None,
                  num_workers: int = 0, cache_dir: str | os.PathLike | None = None, seed: int = 0,
                  limit_train: int | None = None, limit_eval: int | None = None, train: bool = True,
-                 augment: dict | None = None):
+                 augment: dict | None = None, pair_encoding: str = "cross"):
         super().__init__()
         self.task = get_task(task)
+        if pair_encoding not in PAIR_ENCODINGS:
+            raise ValueError(f"pair_encoding={pair_encoding!r}; valid: {list(PAIR_ENCODINGS)}")
+        if pair_encoding == "bi" and len(self.task.text_columns) != 2:
+            raise ValueError(f"pair_encoding='bi' encodes the two sentences of a pair apart; {self.task.name} has "
+                             f"{len(self.task.text_columns)} text column(s); valid for it: 'cross'")
+        self.pair_encoding = pair_encoding
         self.tokenizer = tokenizer
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.source = source
@@ -116,6 +127,8 @@ class GlueDataModule(L.LightningDataModule):
         info = {"version": CACHE_VERSION, "task": self.task.name, "split": split, "source": src, "augment": aug,
                 "tokenizer": getattr(self.tokenizer, "name_or_path", ""), "tokenizer_hash": tokenizer_fingerprint(self.tokenizer),
                 "max_length": self.max_length, "limit": self._limit(split)}
+        if self.pair_encoding != "cross":  # (cross-encoded entries keep the keys they had before bi existed)
+            info["pair_encoding"] = self.pair_encoding
         return hashlib.sha1(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16], info
 
     def _tokenize(self, split: str):
@@ -135,11 +148,15 @@ class GlueDataModule(L.LightningDataModule):
                 table = neighbour_table(a["embeddings"], self.tokenizer, a["neighbours"])
             ds = datasets.Dataset.from_dict(augment_columns(ds.to_dict(), cols, self.tokenizer, table, mlm=mlm,
                                                             copies=a["copies"], prob=a["prob"], seed=self.seed))
-        tok, max_length = self.tokenizer, self.max_length
+        tok, max_length, bi = self.tokenizer, self.max_length, self.pair_encoding == "bi"
 
         def encode(batch):
             texts = [batch[c] for c in cols]
-            enc = tok(*texts, truncation=True, max_length=max_length)
+            if bi:  # each sentence alone: the second's columns get the suffix
+                enc = dict(tok(texts[0], truncation=True, max_length=max_length))
+                enc.update({k + SECOND: v for k, v in tok(texts[1], truncation=True, max_length=max_length).items()})
+            else:
+                enc = tok(*texts, truncation=True, max_length=max_length)
             enc["labels"] = batch["label"]
             return enc
 
@@ -201,9 +218,25 @@ class GlueDataModule(L.LightningDataModule):
             from transformers import DataCollatorWithPadding
 
             self._collate = DataCollatorWithPadding(self.tokenizer, return_tensors="pt")
-        batch = dict(self._collate(features))
+        if self.pair_encoding == "bi":
+            batch = self._collate_pairs(features)
+        else:
+            batch = dict(self._collate(features))
         if self.task.is_regression:
             batch["labels"] = batch["labels"].float()
+        return batch
+
+    def _collate_pairs(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        """A bi-encoder's batch: the first sentences, then the second ones, padded together (2B rows); every
+        other column (labels, cached teacher logits) one row per pair."""
+        second = [k for k in features[0] if k.endswith(SECOND)]
+        tokens = {k.removesuffix(SECOND) for k in second}
+        sentences = ([{k: f[k] for k in tokens} for f in features]
+                     + [{k: f[k + SECOND] for k in tokens} for f in features])
+        batch = dict(self._collate(sentences))
+        for k in features[0]:
+            if k not in tokens and k not in second:
+                batch[k] = torch.tensor([f[k] for f in features])
         return batch
 
     def _loader(self, split: str, train: bool) -> DataLoader:

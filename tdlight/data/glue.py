@@ -53,6 +53,9 @@ class GlueTask:
     metrics: tuple[str, ...]  # official metric names, in the order GLUE reports them
     splits: dict[str, str]  # split -> file stem
     layouts: dict[str, FileLayout]  # split -> file layout
+    # a similarity regression on sentence pairs: the top of its label range (the bottom is 0), the scale of a
+    # bi-encoder's cosine (task.pair_encoding=bi, tdlight.model.pairs); None for every other task
+    similarity_scale: float | None = None
 
     @property
     def hub_config(self) -> str:
@@ -98,7 +101,7 @@ TASKS: dict[str, GlueTask] = {
         GlueTask("mrpc", "MRPC", ("sentence1", "sentence2"), _BINARY, ("f1", "accuracy"), _SPLITS,
                  _std((3, 4), 0, 5, (3, 4), 5)),
         GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), None, ("pearson", "spearman"), _SPLITS,
-                 _std((7, 8), 9, 10, (7, 8), 9)),
+                 _std((7, 8), 9, 10, (7, 8), 9), similarity_scale=5.0),
         GlueTask("qqp", "QQP", ("question1", "question2"), _BINARY, ("f1", "accuracy"), _SPLITS,
                  _std((3, 4), 5, 6, (1, 2), 3)),
         GlueTask("mnli", "MNLI", ("premise", "hypothesis"), _NLI3, ("accuracy",),

@@ -38,6 +38,7 @@ from tdlight.errors import ArtifactError
 from tdlight.files import atomic_file, atomic_write_text, file_sha256
 from tdlight.model.families import max_tokens
 from tdlight.model.linear import FactorizedLinear
+from tdlight.model.pairs import pair_encoding_of, saved_pair_encoding, set_pair_encoding
 from tdlight.model.pooling import pooling_of, saved_pooling, set_pooling
 from tdlight.model.surgery import compress, encoder_shape, get_encoder, is_compressed
 from tdlight.tensor.precision import PRECISIONS, decode, encode
@@ -161,7 +162,8 @@ def register(config_cls: type) -> None:
 
 def apply_config(model: nn.Module, config) -> None:
     """Build what ``config`` records on a freshly made HF model: the compressed encoder (empty
-    factors, to be loaded) and the pooling."""
+    factors, to be loaded), the pooling and a bi-encoder's head (:mod:`tdlight.model.pairs`; a bare
+    encoder keeps the record for the classifier built on it)."""
     recorded = getattr(config, CONFIG_KEY, None)
     if recorded and not is_compressed(model):
         try:
@@ -173,12 +175,16 @@ def apply_config(model: nn.Module, config) -> None:
     pooling = saved_pooling(config)
     if pooling:
         set_pooling(model, pooling)
+    pair = saved_pair_encoding(config)
+    if pair and getattr(model, "classifier", None) is not None:
+        set_pair_encoding(model, pair["encoding"], pair["scale"])
 
 
 def needs_tdlight(model: nn.Module, precision: str = "fp32") -> bool:
-    """Whether plain transformers would misread this model's directory: compressed, mean pooling, or
-    weights stored at another precision than fp32 (int8 needs its scales)."""
-    return is_compressed(model) or pooling_of(model) == "mean" or precision != "fp32"
+    """Whether plain transformers would misread this model's directory: compressed, mean pooling, a
+    bi-encoder's head, or weights stored at another precision than fp32 (int8 needs its scales)."""
+    return (is_compressed(model) or pooling_of(model) == "mean" or pair_encoding_of(model) == "bi"
+            or precision != "fp32")
 
 
 def config_dict(model: nn.Module, precision: str = "fp32") -> dict:

@@ -19,6 +19,8 @@ from tdlight.errors import ArtifactError, TeacherError
 from tdlight.model.io import META, WEIGHTS, load_compressed, load_tokenizer, model_class
 from tdlight.model import native
 from tdlight.model.native import ensure_registered
+from tdlight.model import pairs
+from tdlight.model.pairs import saved_pair_encoding, set_pair_encoding
 from tdlight.model.pooling import resolve_pooling, saved_pooling, set_pooling
 from tdlight.model.families import family_of
 from tdlight.model.fetch import FETCHABLE, fetched_path, missing_message
@@ -41,16 +43,17 @@ def _quiet_load_report():
         tl.set_verbosity(level)
 
 
-def _report_new_weights(name: str, info: dict, pooling: str, num_labels: int) -> None:
+def _report_new_weights(name: str, info: dict, pooling: str, num_labels: int, head_used: bool = True) -> None:
     """One line for the weights a classifier load had to initialize: the task head (expected when the
     checkpoint has none for this many labels), the pooler only when the head reads it (``cls``), and a
-    warning for anything else (encoder weights missing from the checkpoint)."""
+    warning for anything else (encoder weights missing from the checkpoint). ``head_used=False``: the
+    head is replaced anyway (a bi-encoder's, :mod:`tdlight.model.pairs`), so a new one is not news."""
     new = list(info.get("missing_keys") or []) + [k if isinstance(k, str) else k[0]
                                                    for k in info.get("mismatched_keys") or []]
     head = [k for k in new if k.startswith("classifier.")]
     pooler = [k for k in new if ".pooler." in f".{k}"]
     other = [k for k in new if k not in head and k not in pooler]
-    if head:
+    if head and head_used:
         log.info("%s: a new task head (%d output(s)) starts at random: %s", name, num_labels, ", ".join(sorted(head)))
     if pooler and pooling == "cls":
         log.info("%s: a new pooler starts at random (the checkpoint has none; teacher.pooling=mean reads no pooler): %s",
@@ -195,7 +198,8 @@ def _set_labels(config, num_labels: int) -> None:
 
 
 def load_classifier(name_or_path: str, num_labels: int, pooling: str | None = None,
-                    execution: str = "factorized") -> tuple[nn.Module, object]:
+                    execution: str = "factorized", pair_encoding: str | None = None,
+                    pair_scale: float | None = None) -> tuple[nn.Module, object]:
     """(model, tokenizer) for sequence classification on top of a teacher.
 
     A model directory saved by tdlight (``tdlight.json``, compressed) loads as it was
@@ -204,12 +208,16 @@ def load_classifier(name_or_path: str, num_labels: int, pooling: str | None = No
     ``pooling`` (``cls``, ``mean``; ``None``/``auto``: the one saved with the model, else
     the checkpoint's own, see :mod:`tdlight.model.pooling`) is what the classifier reads.
     ``execution``: a compressed model's execution plan (``tdlight.model.io.load_compressed``);
-    the factorized forward by default, the one to train.
+    the factorized forward by default, the one to train. ``pair_encoding`` (``cross``, ``bi`` with
+    ``pair_scale``; None: as saved, see :mod:`tdlight.model.pairs`): how it reads a sentence pair; a
+    bi-encoder is refused as a cross-encoder.
     """
     local = Path(os.path.expanduser(name_or_path))
     if (local / META).is_file():
         model = as_classifier(load_compressed(local, execution=execution), num_labels)
         set_pooling(model, resolve_pooling(pooling, model.config, str(local)))
+        if pair_encoding is not None:
+            set_pair_encoding(model, pair_encoding, pair_scale)
         return model, load_tokenizer(local)
     path = resolve_teacher(name_or_path)
     _register(path)
@@ -228,8 +236,10 @@ def load_classifier(name_or_path: str, num_labels: int, pooling: str | None = No
         ) from e
     encoder_weights(model)
     reads = resolve_pooling(pooling, config, path)
-    _report_new_weights(name_or_path, info, reads, num_labels)
+    _report_new_weights(name_or_path, info, reads, num_labels, head_used=pair_encoding != "bi")
     set_pooling(model, reads)
+    if pair_encoding is not None:
+        set_pair_encoding(model, pair_encoding, pair_scale)
     return model, tokenizer
 
 
@@ -247,6 +257,8 @@ def as_classifier(model: nn.Module, num_labels: int) -> nn.Module:
     config = copy.deepcopy(model.config)
     _set_labels(config, num_labels)
     config.__dict__.pop(native.CONFIG_KEY, None)  # the structure is model's own, compressed below if it is
+    pair = saved_pair_encoding(config) if num_labels == 1 else None  # (a head for another task: a new one)
+    config.__dict__.pop(pairs.CONFIG_KEY, None)  # put back below, on the head
     clf = transformers.AutoModelForSequenceClassification.from_config(config)
     base = getattr(model, "base_model", model)
     if is_compressed(model):
@@ -260,6 +272,8 @@ def as_classifier(model: nn.Module, num_labels: int) -> nn.Module:
                            f"unexpected {unexpected[:4]}")
     if saved_pooling(config):
         set_pooling(clf, saved_pooling(config))
+    if pair:
+        set_pair_encoding(clf, pair["encoding"], pair["scale"])
     return clf.to(next(model.parameters()).device).train(model.training)
 
 

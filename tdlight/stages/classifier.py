@@ -157,9 +157,12 @@ def training_steps(trainer: L.Trainer, num_examples: int, batch_size: int) -> in
 
 
 def require_task(cfg: DictConfig):
+    """The run's task (``task=<name>``), its pair encoding checked against it (:func:`pair_reading`)."""
     if cfg.get("task") is None:
         raise TdlightError(f"stage={cfg.stage.name} needs a task: add task=<name>; valid: {task_options()}")
-    return get_task(cfg.task.name)
+    task = get_task(cfg.task.name)
+    pair_reading(cfg, task)
+    return task
 
 
 def check_task_data(cfg: DictConfig, task, *, train: bool) -> None:
@@ -190,18 +193,29 @@ def task_settings(st, cfg: DictConfig, *keys: str) -> list:
     return [getattr(st, k) if getattr(st, k) is not None else cfg.task[k] for k in keys]
 
 
+def pair_reading(cfg: DictConfig, task) -> dict:
+    """``load_classifier``'s ``pair_encoding`` and ``pair_scale`` for the run's ``task.pair_encoding``
+    (:mod:`tdlight.model.pairs`); ``bi`` on a task that is not a similarity regression is refused."""
+    encoding = getattr(cfg.task.pair_encoding, "value", cfg.task.pair_encoding)
+    if encoding == "bi" and task.similarity_scale is None:
+        raise TdlightError(f"task.pair_encoding=bi predicts a similarity from the cosine of the two sentences' "
+                           f"embeddings; task={task.name} is not a similarity task; valid: task.pair_encoding=cross "
+                           "(bi: task=stsb)")
+    return {"pair_encoding": encoding, "pair_scale": task.similarity_scale if encoding == "bi" else None}
+
+
 def datamodule(cfg: DictConfig, task, tokenizer, *, max_length: int, batch_size: int, eval_batch_size: int,
                limit_train: int | None, limit_eval: int | None, num_workers: int, train: bool = True,
                augment: dict | None = None, seed: int | None = None):
     """The task's GlueDataModule; ``seed`` (the stage's own; None: ``cfg.seed``) orders the training
-    examples and draws the augmented copies."""
+    examples and draws the augmented copies; the pairs are read as ``task.pair_encoding`` says."""
     if tokenizer is None:
         raise TdlightError("the model directory has no tokenizer files; GLUE stages need one to tokenize the text")
     return GlueDataModule(
         task.name, tokenizer, data_dir=Path(cfg.paths.data_dir) / "glue", source=cfg.task.source,
         max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
         cache_dir=cfg.paths.cache_dir, seed=cfg.seed if seed is None else seed, limit_train=limit_train, limit_eval=limit_eval, train=train,
-        augment=augment,
+        augment=augment, pair_encoding=pair_reading(cfg, task)["pair_encoding"],
     )
 
 

@@ -26,13 +26,14 @@ from torch import nn
 from tdlight.errors import TdlightError
 from tdlight.model.capture import forward_with_scores
 from tdlight.model.embedding import train_compressed_embeddings
+from tdlight.model.pairs import pair_encoding_of
 from tdlight.model.pooling import pooling_of, set_pooling
 from tdlight.model.surgery import encoder_shape
 from tdlight.model.teacher import copy_head, load_classifier, load_masked_lm
 from tdlight.stages import training
 from tdlight.stages.classifier import (
-    MODEL_INPUTS, GlueModule, check_lengths, check_task_data, datamodule, model_summary, monitor, require_task,
-    results_table, steps_per_epoch, task_settings, training_steps,
+    MODEL_INPUTS, GlueModule, check_lengths, check_task_data, datamodule, model_summary, monitor, pair_reading,
+    require_task, results_table, steps_per_epoch, task_settings, training_steps,
 )
 from tdlight.stages.registry import settings
 from tdlight.stages.runs import saved_config, stage_artifact, student_source
@@ -97,7 +98,7 @@ class DistillModule(GlueModule):
             if self.gold_weight > 0:
                 parts["gold"] = gold_loss(logits, batch["labels"], regression=self.task.is_regression)
                 loss = loss + self.gold_weight * parts["gold"]
-        n = len(batch["input_ids"])
+        n = len(batch["labels"])  # (a bi-encoder's batch holds two sequences per example)
         for k, v in parts.items():
             self.log(f"train/{k}_loss", v, on_step=True, on_epoch=True, batch_size=n)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
@@ -212,7 +213,13 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     ckpt = training.begin(cfg, run_dir, seed)
 
     teacher, tokenizer = load_classifier(str(teacher_dir), task.num_labels)
-    student, _ = load_classifier(student_dir, task.num_labels)  # compressed, or a dense cut of the teacher
+    pair = pair_reading(cfg, task)
+    if pair_encoding_of(teacher) != pair["pair_encoding"]:  # its head would be replaced: not the teacher trained
+        raise TdlightError(f"the teacher in {teacher_dir} was fine-tuned with task.pair_encoding="
+                           f"{pair_encoding_of(teacher)}, this run reads pairs with task.pair_encoding="
+                           f"{pair['pair_encoding']}; valid: the teacher's, or a teacher fine-tuned with this one")
+    # compressed, or a dense cut of the teacher; its head is trained here, so it reads pairs as the run says
+    student, _ = load_classifier(student_dir, task.num_labels, **pair)
     check_lengths(student, cfg, max_length)
     pooling = set_pooling(student, pooling_of(teacher)) and pooling_of(teacher)  # the head reads what the teacher's read
     head = st.head.value

@@ -21,7 +21,7 @@ from tdlight.model.io import save_model
 from tdlight.model.teacher import load_classifier
 from tdlight.stages import training
 from tdlight.stages.classifier import (
-    GlueModule, check_lengths, check_task_data, datamodule, model_summary, require_task, results_table,
+    GlueModule, check_lengths, check_task_data, datamodule, model_summary, pair_reading, require_task, results_table,
 )
 from tdlight.stages.runs import stage_artifact, teacher_source
 from tdlight.stages.registry import MODEL_STAGES, settings
@@ -58,7 +58,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     st = settings(cfg)
     training.begin(cfg, run_dir)  # the seed, before a new task head (a checkpoint without one) is drawn
     source = model_source(cfg)
-    model, tokenizer = load_classifier(source, task.num_labels, pooling=cfg.teacher.pooling.value)
+    # (task.pair_encoding=bi on a cross-encoder evaluates its encoder as a bi-encoder: its head is not read)
+    model, tokenizer = load_classifier(source, task.num_labels, pooling=cfg.teacher.pooling.value,
+                                       **pair_reading(cfg, task))
     head = getattr(getattr(model, "config", None), "num_labels", task.num_labels)
     if head != task.num_labels:
         raise TdlightError(f"model {source!r} has {head} output(s) but task {task.name!r} needs {task.num_labels}")

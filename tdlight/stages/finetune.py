@@ -19,8 +19,8 @@ from tdlight.errors import TdlightError
 from tdlight.model.teacher import load_classifier, resolve_teacher
 from tdlight.stages import training
 from tdlight.stages.classifier import (
-    GlueModule, check_lengths, check_task_data, datamodule, model_summary, require_task, results_table, task_settings,
-    training_steps,
+    GlueModule, check_lengths, check_task_data, datamodule, model_summary, pair_reading, require_task, results_table,
+    task_settings, training_steps,
 )
 from tdlight.stages.registry import settings
 from tdlight.stages.runs import teacher_source
@@ -49,7 +49,8 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     ckpt = training.begin(cfg, run_dir, st.seed)
 
     source = teacher_source(cfg)
-    model, tokenizer = load_classifier(source, task.num_labels, pooling=cfg.teacher.pooling.value)
+    model, tokenizer = load_classifier(source, task.num_labels, pooling=cfg.teacher.pooling.value,
+                                       **pair_reading(cfg, task))
     check_lengths(model, cfg, max_length)
     dm = datamodule(cfg, task, tokenizer, max_length=max_length, batch_size=batch_size,
                     eval_batch_size=st.eval_batch_size, limit_train=st.limit_train, limit_eval=st.limit_eval,

@@ -49,9 +49,10 @@ STUDENT_STEPS = ("decompose", "cut")  # what makes the student: exactly one of t
 # config nodes its stage record reads (tdlight.stages.registry), and the stamps (path, size,
 # SHA-256) of the files it reads (step_inputs).
 NEVER_KEYED = ("enable_progress_bar", "log_every_n_steps", "name")
-# settings whose null means "as before the setting existed" (a step's own seed: null is the run's seed,
-# keyed on its own): left out of the key while null, so steps computed before keep their keys
-KEYED_UNLESS_NULL = ("seed",)
+# settings whose value here means "as before the setting existed" (a step's own seed: null is the run's seed,
+# keyed on its own; task.pair_encoding: cross): left out of the key at that value, so steps computed before
+# keep their keys
+KEYED_UNLESS = {"seed": None, "pair_encoding": "cross"}
 
 
 def _clean(node) -> object:
@@ -59,7 +60,7 @@ def _clean(node) -> object:
     data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
     if isinstance(data, dict):
         return {k: _clean(v) for k, v in sorted(data.items())
-                if k not in NEVER_KEYED and not (k in KEYED_UNLESS_NULL and v is None)}
+                if k not in NEVER_KEYED and not (k in KEYED_UNLESS and getattr(v, "value", v) == KEYED_UNLESS[k])}
     return data
 
 
