@@ -1,7 +1,9 @@
-"""SST-2 dev accuracy of a model directory or ONNX file, read the way a user outside tdlight reads it.
+"""SST-2 dev accuracy of a model directory or ONNX file, read the way a user outside tdlight reads it;
+or the STS-B dev score of a bi-encoder directory (task.pair_encoding=bi).
 
     python benchmarks/outsider_eval.py <model dir>                  # transformers (trust_remote_code)
     python benchmarks/outsider_eval.py <model.onnx> --tokenizer <model dir>   # ONNX Runtime
+    python benchmarks/outsider_eval.py <bi-encoder dir> --task stsb # sentence-transformers and transformers
 
 Never imports tdlight itself (a directory's modeling file does, as it would for a user). For a
 directory it first checks that transformers refuses it without ``trust_remote_code`` (or loads it:
@@ -26,13 +28,52 @@ def sst2_dev(data_dir: Path) -> list[tuple[str, int]]:
     return [(r[0], int(r[1])) for r in rows]
 
 
+def stsb_dev(data_dir: Path) -> list[tuple[str, str, float]]:
+    with gzip.open(data_dir / "glue" / "STS-B" / "dev.tsv.gz", "rt") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [(r["sentence1"], r["sentence2"], float(r["score"])) for r in rows]
+
+
+def stsb(a) -> None:
+    """A bi-encoder on STS-B dev, two ways: sentence-transformers' embeddings (5 × their cosine, as its
+    users compare sentences) and transformers' classifier on batches of the first sentences then the second
+    ones (the prediction tdlight trained); the GLUE score is the mean of Pearson and Spearman."""
+    import torch
+    from scipy.stats import pearsonr, spearmanr
+    from sentence_transformers import SentenceTransformer
+
+    rows = stsb_dev(Path(a.data_dir))
+    gold = [g for _, _, g in rows]
+    st = SentenceTransformer(a.model, trust_remote_code=True, device="cpu")
+    st.max_seq_length = a.max_length
+    u, v = (st.encode([r[i] for r in rows], convert_to_tensor=True, batch_size=64) for i in (0, 1))
+    by_st = (5 * torch.nn.functional.cosine_similarity(u, v)).tolist()
+    tok = transformers.AutoTokenizer.from_pretrained(a.model)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(a.model, trust_remote_code=True).eval()
+    by_hf = []
+    for i in range(0, len(rows), 64):
+        part = rows[i:i + 64]
+        enc = tok([r[0] for r in part] + [r[1] for r in part], padding=True, truncation=True,
+                  max_length=a.max_length, return_tensors="pt")
+        with torch.no_grad():
+            by_hf += model(**enc).logits[:, 0].tolist()
+    for kind, pred in (("sentence-transformers, 5 × cosine", by_st), (f"{type(model).__name__}", by_hf)):
+        p, s = pearsonr(pred, gold)[0], spearmanr(pred, gold)[0]
+        print(f"{a.model} ({kind}): STS-B dev Pearson {p:.4f}, Spearman {s:.4f}, score {(p + s) / 2:.4f} "
+              f"over {len(rows)} pairs; prediction spread {np.std(pred) / np.std(gold):.3f}")
+    print(f"largest difference between the two: {max(abs(x - y) for x, y in zip(by_st, by_hf)):.2e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--tokenizer", help="tokenizer directory (an ONNX file has none)")
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--task", choices=("sst2", "stsb"), default="sst2")
     a = ap.parse_args()
+    if a.task == "stsb":
+        return stsb(a)
     rows = sst2_dev(Path(a.data_dir))
     tok = transformers.AutoTokenizer.from_pretrained(a.tokenizer or a.model)
     if a.model.endswith(".onnx"):
