@@ -143,13 +143,16 @@ def test_bi_batches_hold_the_first_sentences_then_the_second_ones_each_tokenized
 
 
 def test_the_pair_encoding_joins_a_step_key_only_when_bi(tmp_path):
-    """task.pair_encoding came after steps were cached: at cross (the default) it stays out of the key."""
+    """task.pair_encoding came after steps were cached: at cross (every task's default but STS-B's) it stays
+    out of the key, so cached cross-encoder steps keep theirs."""
     from omegaconf import OmegaConf
 
     from tdlight.stages.pipeline import step_key
     from tests.conftest import compose_cfg
 
-    cfg = compose_cfg(tmp_path, "stage=distill", "task=stsb")
+    assert compose_cfg(tmp_path, "stage=distill", "task=stsb").task.pair_encoding == "bi"  # (conf/task/stsb.yaml)
+    assert compose_cfg(tmp_path, "stage=distill", "task=mrpc").task.pair_encoding == "cross"
+    cfg = compose_cfg(tmp_path, "stage=distill", "task=stsb", "task.pair_encoding=cross")
     cross = step_key("distill", cfg.stage, cfg, {})
     before = OmegaConf.create(OmegaConf.to_container(cfg))  # (a plain config: a field can be deleted)
     del before.task["pair_encoding"]
@@ -163,7 +166,7 @@ def test_a_bi_encoder_pipeline_on_stsb_end_to_end_and_its_refusals(pretrain_inpu
     student distilled from it is one (its directory says so), evaluate reads it back; a classification
     task, a cross-encoder teacher for a bi run and a bi student read as a cross-encoder are refused."""
     _, _, files = pretrain_inputs
-    args = ["stage=pipeline", "task=stsb", "task.pair_encoding=bi", f"teacher.path={teacher_dir}",
+    args = ["stage=pipeline", "task=stsb", f"teacher.path={teacher_dir}",  # (bi: STS-B's default)
             "teacher.pooling=mean", "compression.rank=8", "compression.bank=12", "trainer=cpu",
             "trainer.enable_progress_bar=false", "logger=none",
             "stage.finetune.epochs=1", "stage.finetune.limit_train=32", "stage.finetune.limit_eval=16",
@@ -189,13 +192,13 @@ def test_a_bi_encoder_pipeline_on_stsb_end_to_end_and_its_refusals(pretrain_inpu
     r = cli(tmp_path, "stage=finetune", "task=mrpc", "task.pair_encoding=bi", f"teacher.path={teacher_dir}", *small)
     assert r.returncode == 2 and "task=mrpc is not a similarity task; valid: task.pair_encoding=cross" in r.stderr
     assert "Traceback" not in r.stderr
-    r = cli(tmp_path, "stage=evaluate", "task=stsb", f"stage.model={dist}", *small)
+    r = cli(tmp_path, "stage=evaluate", "task=stsb", "task.pair_encoding=cross", f"stage.model={dist}", *small)
     assert r.returncode == 2 and "valid for it: task.pair_encoding=bi" in r.stderr and "Traceback" not in r.stderr
     # a cross-encoder teacher cannot teach a bi-encoder run (its trained head would be thrown away)
-    r = cli(tmp_path, "stage=finetune", "task=stsb", f"teacher.path={teacher_dir}", "teacher.pooling=mean",
-            "stage.epochs=1", "stage.limit_train=16", "stage.batch_size=8", *small)
+    r = cli(tmp_path, "stage=finetune", "task=stsb", "task.pair_encoding=cross", f"teacher.path={teacher_dir}",
+            "teacher.pooling=mean", "stage.epochs=1", "stage.limit_train=16", "stage.batch_size=8", *small)
     assert r.returncode == 0, r.stderr[-3000:]
     cross = [d for d in runs(tmp_path, "finetune") if d != ft][0]
-    r = cli(tmp_path, "stage=distill", "task=stsb", "task.pair_encoding=bi", f"teacher.run_dir={cross}",
+    r = cli(tmp_path, "stage=distill", "task=stsb", f"teacher.run_dir={cross}",
             f"stage.student={dist}", "stage.intermediate_epochs=0", "stage.prediction_epochs=1", *small)
     assert r.returncode == 2 and "fine-tuned with task.pair_encoding=cross" in r.stderr, r.stderr[-2000:]
