@@ -249,6 +249,11 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
         relative_losses=st.relative_losses,
     )
     module.monitor = monitor(task, st.select_by)
+    if not any(p.requires_grad for p in module.model.parameters()):  # (else: autograd's error at the first step)
+        raise TdlightError(f"the student {student_dir} has nothing to train: no encoder layer, its embeddings frozen "
+                           f"(train_embeddings=false) and a head without weights (task.pair_encoding="
+                           f"{pair['pair_encoding']}); valid: train_embeddings=true (stage.distill.train_embeddings "
+                           "in a pipeline), or a student with layers; scored as it is: stage=evaluate")
 
     summary = {"task": task.name, "teacher": str(teacher_dir), "student": student_dir, "head": head, "pooling": pooling,
                **model_summary(student)}
