@@ -132,6 +132,13 @@ def test_resume_equals_uninterrupted(tmp_path, teacher_dir, straight, stop_after
     assert len(out["epoch_seconds"]) == 2, out["epoch_seconds"]
     assert all(0 < s < time.perf_counter() - t0 for s in out["epoch_seconds"]), out["epoch_seconds"]
     ref = json.loads((straight / "metrics.json").read_text())
+    # every epoch was validated, across the crash: a checkpoint taken between an epoch's last batch and its
+    # validation resumed as if that validation had run, and lost it (trainer.LastCheckpoint)
+    import csv
+
+    validated = {int(r["step"]) for f in (resumed / "csv").rglob("metrics.csv") for r in csv.DictReader(open(f))
+                 if r.get("val/score")}
+    assert validated == {3, 7, 8}, validated  # after each epoch's 4 steps, and the final validation of best.ckpt
     assert out["dev"] == pytest.approx(ref["dev"], abs=1e-6)
     for name in ("last.ckpt", "best.ckpt"):
         a = torch.load(straight / "checkpoints" / name, weights_only=True)["state_dict"]

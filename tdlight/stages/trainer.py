@@ -65,7 +65,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, max_epochs: int, monitor: s
     ckpt_dir = run_dir / CHECKPOINTS
     callbacks: list = [
         # not OnExceptionCheckpoint: its teardown deletes the file it wrote
-        ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False,
+        LastCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False,
                         every_n_train_steps=t.checkpoint_every_n_steps, save_on_train_epoch_end=True,
                         save_on_exception=True),
         RestoreRng(),
@@ -104,6 +104,31 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, max_epochs: int, monitor: s
     if trainer.loggers:  # the learning rate of each parameter group, every step (`lr-AdamW/pg1`, ...)
         trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
     return trainer
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt``, never written between a training batch and the validation that follows it.
+
+    Lightning resumes a checkpoint taken at a validation point as if that validation had run (its epoch
+    loop fast-forwards the validation loop's progress): a step or exception checkpoint written after an
+    epoch's last batch, before its validation, would resume into the next epoch with that validation
+    lost — and with it the best.ckpt it could have won (a resumed run then kept another epoch than the
+    run without a crash). At such a point this keeps the checkpoint of the step before, so a resume
+    replays one batch and validates; the epoch-end save (after validation) is unaffected."""
+
+    @staticmethod
+    def _at_validation_point(trainer) -> bool:
+        # the epoch loop's own test (Lightning offers no public one), with the fetcher of the running fit
+        fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+        return fetcher is not None and trainer.fit_loop.epoch_loop._should_check_val_fx(fetcher)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._at_validation_point(trainer):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if not (trainer.training and self._at_validation_point(trainer)):
+            super().on_exception(trainer, pl_module, exception)
 
 
 class DivergenceGuard(Callback):
