@@ -110,11 +110,16 @@ class LastCheckpoint(ModelCheckpoint):
     """``last.ckpt``, never written between a training batch and the validation that follows it.
 
     Lightning resumes a checkpoint taken at a validation point as if that validation had run (its epoch
-    loop fast-forwards the validation loop's progress): a step or exception checkpoint written after an
-    epoch's last batch, before its validation, would resume into the next epoch with that validation
-    lost — and with it the best.ckpt it could have won (a resumed run then kept another epoch than the
-    run without a crash). At such a point this keeps the checkpoint of the step before, so a resume
-    replays one batch and validates; the epoch-end save (after validation) is unaffected."""
+    loop fast-forwards the validation loop's progress): a step or exception checkpoint written after the
+    batch, before the validation, would resume with that validation lost — and with it the best.ckpt it
+    could have won (a resumed run then kept another epoch than the run without a crash). So a step
+    checkpoint due at such a point is written once the validation has run (pretraining's step checkpoints
+    all fall on its validation points), and an exception there keeps the checkpoint before it, so a resume
+    replays the batch and validates. The epoch-end save (after validation) is Lightning's own."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._after_validation = False
 
     @staticmethod
     def _at_validation_point(trainer) -> bool:
@@ -125,6 +130,16 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._at_validation_point(trainer):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        elif self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0:
+            self._after_validation = True  # (Lightning's own deferral is off under save_on_train_epoch_end)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._after_validation and not trainer.sanity_checking and not self._should_skip_saving_checkpoint(trainer):
+            self._after_validation = False
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         if not (trainer.training and self._at_validation_point(trainer)):
