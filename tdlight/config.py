@@ -18,6 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from tdlight.errors import TdlightError
 from tdlight.model.execution import EXECUTIONS
+from tdlight.model.pairs import PAIR_ENCODINGS
 from tdlight.tensor.precision import PRECISIONS
 from tdlight.tensor.spec import CompressionSpec
 
@@ -87,9 +88,9 @@ class DataSource(str, Enum):
     hub = "hub"
 
 
-class PairEncoding(str, Enum):  # task.pair_encoding: how a sentence-pair model reads its pair (tdlight.model.pairs)
-    cross = "cross"  # one sequence, both sentences (GLUE's way)
-    bi = "bi"  # each sentence apart, the prediction from their embeddings' cosine (a similarity task: stsb)
+# task.pair_encoding: how a sentence-pair model reads its pair (tdlight.model.pairs): cross, one sequence with
+# both sentences (GLUE's way); bi, each sentence apart, the prediction from their embeddings' cosine (stsb)
+PairEncoding = Enum("PairEncoding", {e: e for e in PAIR_ENCODINGS}, type=str, module=__name__)
 
 
 class WandbMode(str, Enum):
@@ -112,7 +113,7 @@ class TaskConfig:
     source: DataSource = DataSource.auto  # auto: ${paths.data_dir}/glue when the file is there, else the hub nyu-mll/glue
     # cross: the pair as one sequence; bi: each sentence encoded apart, the prediction scale × cosine of their
     # embeddings (a bi-encoder; a similarity task only: stsb). Every stage of a run reads its pairs so.
-    pair_encoding: PairEncoding = PairEncoding.cross
+    pair_encoding: PairEncoding = PairEncoding("cross")
 
 
 @dataclass

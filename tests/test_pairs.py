@@ -192,6 +192,8 @@ def test_a_bi_encoder_pipeline_on_stsb_end_to_end_and_its_refusals(pretrain_inpu
     r = cli(tmp_path, "stage=finetune", "task=mrpc", "task.pair_encoding=bi", f"teacher.path={teacher_dir}", *small)
     assert r.returncode == 2 and "task=mrpc is not a similarity task; valid: task.pair_encoding=cross" in r.stderr
     assert "Traceback" not in r.stderr
+    r = cli(tmp_path, "stage=finetune", "task=stsb", "task.pair_encoding=siamese", f"teacher.path={teacher_dir}", *small)
+    assert r.returncode == 2 and "task.pair_encoding='siamese'; valid: cross, bi" in r.stderr
     r = cli(tmp_path, "stage=evaluate", "task=stsb", "task.pair_encoding=cross", f"stage.model={dist}", *small)
     assert r.returncode == 2 and "valid for it: task.pair_encoding=bi" in r.stderr and "Traceback" not in r.stderr
     # a cross-encoder teacher cannot teach a bi-encoder run (its trained head would be thrown away)
