@@ -4,6 +4,7 @@ or the STS-B dev score of a bi-encoder directory (task.pair_encoding=bi).
     python benchmarks/outsider_eval.py <model dir>                  # transformers (trust_remote_code)
     python benchmarks/outsider_eval.py <model.onnx> --tokenizer <model dir>   # ONNX Runtime
     python benchmarks/outsider_eval.py <bi-encoder dir> --task stsb # sentence-transformers and transformers
+    python benchmarks/outsider_eval.py <bi-encoder.onnx> --task stsb --tokenizer <its dir>   # ONNX Runtime
 
 Never imports tdlight itself (a directory's modeling file does, as it would for a user). For a
 directory it first checks that transformers refuses it without ``trust_remote_code`` (or loads it:
@@ -44,6 +45,27 @@ def stsb(a) -> None:
 
     rows = stsb_dev(Path(a.data_dir))
     gold = [g for _, _, g in rows]
+    if a.model.endswith(".onnx"):  # (tdlight export-onnx of a bi-encoder: its encoder's last hidden states)
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(a.model, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        tok = transformers.AutoTokenizer.from_pretrained(a.tokenizer, trust_remote_code=True)
+
+        def embed(texts):
+            out = []
+            for i in range(0, len(texts), 64):
+                enc = tok(texts[i:i + 64], padding=True, truncation=True, max_length=a.max_length, return_tensors="np")
+                h = session.run(None, {n: enc[n].astype(np.int64) for n in names})[0]
+                w = enc["attention_mask"][..., None].astype(h.dtype)
+                out.append((h * w).sum(1) / w.sum(1))
+            return np.concatenate(out)
+        u, v = embed([r[0] for r in rows]), embed([r[1] for r in rows])
+        pred = 5 * (u * v).sum(1) / (np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1))
+        p, s = pearsonr(pred, gold)[0], spearmanr(pred, gold)[0]
+        print(f"{a.model} (ONNX Runtime, 5 × cosine of mean-pooled states): STS-B dev Pearson {p:.4f}, Spearman "
+              f"{s:.4f}, score {(p + s) / 2:.4f} over {len(rows)} pairs")
+        return
     st = SentenceTransformer(a.model, trust_remote_code=True, device="cpu")
     st.max_seq_length = a.max_length
     u, v = (st.encode([r[i] for r in rows], convert_to_tensor=True, batch_size=64) for i in (0, 1))

@@ -111,6 +111,22 @@ def test_a_bi_encoder_directory_loads_back_in_tdlight_transformers_and_sentence_
                                    atol=1e-5, rtol=0)
         with pytest.raises(TeacherError, match="valid for it: task.pair_encoding=bi"):
             load_classifier(str(d), 1, pair_encoding="cross")
+        # ONNX: the graph is the encoder (a prediction needs two sentences at once); its mean-pooled states'
+        # scaled cosine is the prediction
+        pytest.importorskip("onnxruntime")
+        import onnxruntime as ort
+
+        from tdlight.model.onnx import export_onnx
+
+        r = export_onnx(d, tmp_path / f"{name}.onnx")
+        assert r["output"] == "last_hidden_state"
+        session = ort.InferenceSession(r["path"], providers=["CPUExecutionProvider"])
+        inputs = {**feeds, "token_type_ids": torch.zeros_like(feeds["input_ids"])}
+        h = torch.tensor(session.run(None, {n.name: inputs[n.name].numpy() for n in session.get_inputs()})[0])
+        w = feeds["attention_mask"][..., None].float()
+        pooled = (h * w).sum(1) / w.sum(1)
+        torch.testing.assert_close(5 * torch.nn.functional.cosine_similarity(pooled[:2], pooled[2:]), want[:, 0],
+                                   atol=1e-4, rtol=0)
 
 
 def test_bi_batches_hold_the_first_sentences_then_the_second_ones_each_tokenized_alone(tmp_path, minilm_tokenizer):

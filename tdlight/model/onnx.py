@@ -21,6 +21,7 @@ from tdlight.files import atomic_file, write_obstacle
 from tdlight.model import execution as ex
 from tdlight.model.execution import EXECUTIONS
 from tdlight.model.io import META, load_compressed
+from tdlight.model.pairs import pair_encoding_of
 from tdlight.model.surgery import is_compressed, nonfinite_tensors
 from tdlight.model.teacher import EMBEDDED, embedded_path, load_teacher
 
@@ -56,7 +57,8 @@ def export_onnx(model_dir: str | os.PathLike, path: str | os.PathLike, *, execut
     :func:`tdlight.model.teacher.load_teacher`) or an embedded teacher's name (``minilm``).
     Inputs ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model has token
     types), int64, with dynamic batch and sequence axes; output ``logits`` (a classifier) or
-    ``last_hidden_state``. A compressed model's units run as the execution plan says
+    ``last_hidden_state`` (an encoder, and a bi-encoder: :mod:`tdlight.model.pairs`, its prediction is
+    5 × the cosine of two sentences' mean-pooled states). A compressed model's units run as the execution plan says
     (:func:`load_compressed`'s ``execution``); the default ``size`` stores each unit in the form
     that holds the fewest parameters (:mod:`tdlight.model.execution`: factorized units share the
     bank, folded ones store a rank × D matrix per block and layer, dense ones D²), so the file is
@@ -81,6 +83,8 @@ def export_onnx(model_dir: str | os.PathLike, path: str | os.PathLike, *, execut
         model = load_compressed(source, execution=execution)
     else:
         model, _ = load_teacher(str(source))
+    if pair_encoding_of(model) == "bi":  # its prediction needs two sentences at once: the graph is its encoder,
+        model = model.base_model         # whose last hidden states its users mean-pool and compare by cosine
     return onnx_export_model(model, path, precision=precision, opset=opset, verify=verify, atol=atol,
                              overwrite=overwrite)
 
