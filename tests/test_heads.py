@@ -138,6 +138,35 @@ def test_mean_pooling_through_finetune_distill_evaluate(tmp_path, teacher_dir):
     assert r.returncode == 2 and "max" in r.stderr and "mean" in r.stderr
 
 
+def test_a_decomposition_of_a_pretrained_teacher_records_the_pooling_it_was_trained_for(tmp_path, teacher_dir):
+    """A pretrained sentence encoder (its 1_Pooling config says mean, as the embedded MiniLM's does)
+    decomposed: the student records mean pooling, so a stand-alone evaluation reads what distillation
+    will (it read the [CLS] pooler before); teacher.pooling=cls is another cache entry, read as [CLS]."""
+    import shutil
+
+    from tdlight.model.teacher import load_classifier
+
+    st = tmp_path / "sentence-teacher"
+    shutil.copytree(teacher_dir, st)
+    (st / "1_Pooling").mkdir()
+    (st / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    args = ("stage=decompose", f"teacher.path={st}", "compression.rank=8", "compression.bank=12", "logger=none")
+    for pooling in ("auto", "cls", "auto"):
+        r = cli(tmp_path, *args, f"teacher.pooling={pooling}")
+        assert r.returncode == 0, r.stderr[-3000:]
+    first, second, third = runs(tmp_path, "decompose")
+    want = {first: "mean", second: "cls", third: "mean"}
+    for run, pooling in want.items():
+        m = json.loads((run / "metrics.json").read_text())
+        assert m["pooling"] == pooling
+        assert json.loads((run / "model" / "config.json").read_text()).get("tdlight_pooling", "cls") == pooling
+        model, _ = load_classifier(str(run / "model"), 2)  # auto: reads what the directory records
+        assert pooling_of(model) == pooling
+    assert "cached" not in json.loads((second / "metrics.json").read_text())  # not the mean entry
+    assert json.loads((third / "metrics.json").read_text())["cached"]  # the mean entry, reused
+    assert "pooler.dense.weight" not in str(load_classifier(str(first / "model"), 2)[0].state_dict().keys())
+
+
 def test_a_mean_pooling_teacher_decomposed_untrained_evaluates_as_it_was_trained(tmp_path, teacher_dir):
     """Decompose-only students of a fine-tuned mean-pooling teacher: the saved model pools by mean
     (no stray [CLS] pooler weights), and at full rank it scores what the teacher scores."""

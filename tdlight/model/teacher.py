@@ -136,10 +136,14 @@ def _load_tokenizer(path: str):
     return transformers.AutoTokenizer.from_pretrained(path)
 
 
-def load_teacher(name_or_path: str) -> tuple[nn.Module, object]:
+def load_teacher(name_or_path: str, pooling: str | None = None) -> tuple[nn.Module, object]:
     """(model, tokenizer) in eval mode, in the class its config names; checked to be BERT-shaped.
 
-    The tokenizer is ``None`` when a local model directory has no tokenizer files.
+    The tokenizer is ``None`` when a local model directory has no tokenizer files. ``pooling`` (the
+    ``teacher.pooling`` setting: ``auto``, ``cls`` or ``mean``) is resolved against the pooling saved
+    with the model and the checkpoint's native one (:func:`~tdlight.model.pooling.resolve_pooling`) and
+    set, so that a model made from the teacher (a cut, a decomposition) records the pooling its
+    classifier will read; ``None`` sets the saved pooling only.
     """
     path = resolve_teacher(name_or_path)
     _register(path)
@@ -165,7 +169,9 @@ def load_teacher(name_or_path: str) -> tuple[nn.Module, object]:
             f"a hub name (needs a network), or one of {list(EMBEDDED) + list(FETCHABLE)}"
         ) from e
     encoder_weights(model)  # raises TeacherError unless BERT-shaped
-    if saved_pooling(config):  # a model fine-tuned with mean pooling was saved without [CLS] pooler weights:
+    if pooling is not None:
+        set_pooling(model, resolve_pooling(pooling, config, path))
+    elif saved_pooling(config):  # a model fine-tuned with mean pooling was saved without [CLS] pooler weights:
         set_pooling(model, saved_pooling(config))  # from_pretrained gave it a random pooler; pool as it was trained
     return model.eval(), tokenizer
 

@@ -28,9 +28,9 @@ from rich.table import Table
 from tdlight.config import compression_spec
 from tdlight.errors import TdlightError
 from tdlight.model.io import save_model
-from tdlight.model.pooling import pooling_of, resolve_pooling, set_pooling
+from tdlight.model.pooling import pooling_of
 from tdlight.model.surgery import count_parameters, cut_layers, encoder_shape, layer_choice
-from tdlight.model.teacher import load_teacher, resolve_teacher, teacher_shape
+from tdlight.model.teacher import load_teacher, teacher_shape
 from tdlight.stages.registry import settings
 from tdlight.stages.runs import check_teacher_weights, teacher_source, write_json
 from tdlight.tensor.accounting import nearest_depth, param_counts
@@ -75,13 +75,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     check(cfg)
     st = settings(cfg)
     source = teacher_source(cfg)
-    model, tokenizer = load_teacher(source)
+    # the classifier of the cut reads what the teacher's reads (mean for the embedded MiniLM, whose pooling
+    # is its sentence-transformers config's until a fine-tune saves it): the saved directory keeps it
+    model, tokenizer = load_teacher(source, pooling=cfg.teacher.pooling.value)
     shape = encoder_shape(model)
     layers, target = depth(cfg, shape)
     kept = layer_choice(shape.num_layers, layers, st.select.value)
-    # the classifier of the cut reads what the teacher's reads (mean for the embedded MiniLM, whose pooling
-    # is its sentence-transformers config's until a fine-tune saves it): the saved directory keeps it
-    set_pooling(model, resolve_pooling(cfg.teacher.pooling.value, model.config, resolve_teacher(source)))
     before = count_parameters(model)
     cut_layers(model, kept)
     after = count_parameters(model)

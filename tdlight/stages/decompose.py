@@ -49,6 +49,7 @@ from tdlight.errors import TdlightError
 from tdlight.files import atomic_directory, atomic_write_text, file_stamp, state_fingerprint
 from tdlight.model.calibration import collect_grams, fit_outputs, output_errors, refit_outputs
 from tdlight.model.io import save_compressed
+from tdlight.model.pooling import pooling_of
 from tdlight.model.surgery import compress, count_parameters, encoder_shape, encoder_weights
 from tdlight.model.teacher import load_teacher, teacher_shape
 from tdlight.stages.loggers import build_loggers, end_loggers, log_metrics
@@ -145,7 +146,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     device = resolve_device(cfg.trainer)
     spec = compression_spec(cfg.compression)
     source = teacher_source(cfg)
-    teacher, tokenizer = load_teacher(source)
+    # the student records the pooling its classifier will read (the teacher's: mean for the embedded
+    # MiniLM, whose pooling is its sentence-transformers config's until a fine-tune saves it), so a
+    # stand-alone evaluation of the decomposition reads what distillation will; part of the cache key
+    teacher, tokenizer = load_teacher(source, pooling=cfg.teacher.pooling.value)
     shape = encoder_shape(teacher)
     rspec = resolve(spec, shape)  # bad ranks fail here, before any work
     before = count_parameters(teacher)
@@ -199,7 +203,8 @@ def _decompose(cfg, st, run_dir, console, device, source, teacher, tokenizer, sh
     steps = iter(range(1 << 30))  # one step per logged sweep (HOOI, then the output fit)
     if st.cache:
         key = cache_key(teacher, rspec)
-        extra = {}
+        # the pooling the student records: a hook or a config entry leaves the weights as they are
+        extra = {"pooling": pooling_of(teacher)} if pooling_of(teacher) != "cls" else {}
         if refine:  # a refined decomposition also depends on how it was refined
             extra.update({k: getattr(st, k) for k in REFINE_KEYS})
             extra["refine_file_stamps"] = _file_stamps(st, ("refine_files", "heldout_files"))
@@ -278,6 +283,7 @@ def _decompose(cfg, st, run_dir, console, device, source, teacher, tokenizer, sh
         "sweeps": {g: d.iterations for g, d in report.decompositions.items()},
         "seconds": seconds,
         "device": str(device),
+        "pooling": pooling_of(teacher),  # what the student's classifier reads (recorded in its config.json)
     }
     if fitted is not None:
         result.update(fitted.pop("weight_errors"))
