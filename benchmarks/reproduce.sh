@@ -9,7 +9,10 @@
 #   peer  the same pipeline with cut in place of decompose: the teacher cut to the depth whose dense encoder
 #         is nearest to the preset's student (the MiniLM: 1 layer at 1/7, none at 1/48, where pretrain has
 #         nothing to train and the pipeline skips it), trained with the same budget — is the shared-factor
-#         student better than simply cutting layers? PEER=0 leaves the column out
+#         student better than simply cutting layers? PEER=0 leaves the column out. STS-B is read by a
+#         bi-encoder (its cosine head has no weight), so its 0-layer peer at 1/48 would have nothing to
+#         train with the embeddings frozen as the student's are: it trains them (train_embeddings=true),
+#         12 M weights more than the student trains — a generous peer
 #   gold  the same pipeline with stage.distill.gold_weight=1: the preset's decomposed, pretrained student
 #         fine-tuned on the gold labels instead of the teacher's soft targets, same epochs and lr — what
 #         distillation adds over plain fine-tuning of the same student
@@ -64,7 +67,8 @@ for col in $COLUMNS; do
         dist) dist "$r" "$t" dist;;
         dec) dec "$r" "$t";;
         nopt) dist "$r" "$t" nopt "stage.steps=[finetune,decompose,distill,evaluate]";;
-        peer) [[ ${PEER:-1} == 0 ]] || dist "$r" "$t" peer "stage.steps=[finetune,cut,pretrain,distill,evaluate]";;
+        peer) [[ ${PEER:-1} == 0 ]] || dist "$r" "$t" peer "stage.steps=[finetune,cut,pretrain,distill,evaluate]" \
+                $([[ $t == stsb && $r == 48 ]] && echo stage.distill.train_embeddings=true);;
         gold) dist "$r" "$t" gold stage.distill.gold_weight=1;;
         *) echo "unknown column $col (valid: dist nopt dec peer gold)" >&2; exit 2;;
       esac

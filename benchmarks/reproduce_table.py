@@ -153,7 +153,8 @@ def budget_table(out: Path, runs: dict, ratios: list[str]) -> str:
                 d = p and _load(Path(p["pipeline"]["steps"]["distill"]) / "metrics.json")
                 if d:
                     budgets.append(f"{t} {d.get('train_examples', '?')} × ({d['intermediate_epochs']} + "
-                                   f"{d['prediction_epochs']})")
+                                   f"{d['prediction_epochs']})" + (", embeddings trained" if d.get("train_embeddings")
+                                                                   else ""))
             speed = statistics.median(runs[t][(r, col)]["pipeline"]["speedup"] for t in TASKS if (r, col) in runs[t])
             ratio = "no encoder layer" if dist["ratio"] is None else f"{dist['ratio']:.2f}×"  # (a cut to none)
             lines.append(f"| {name} | {dist['student_encoder_params']:,} | {ratio} | {whole} "

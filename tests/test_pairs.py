@@ -228,3 +228,11 @@ def test_a_bi_encoder_pipeline_on_stsb_end_to_end_and_its_refusals(pretrain_inpu
             "stage.intermediate_epochs=0", "stage.prediction_epochs=1", *small)
     assert r.returncode == 2 and "has nothing to train" in r.stderr and "valid: train_embeddings=true" in r.stderr
     assert "Traceback" not in r.stderr
+    # ... and what it names (the grid's STS-B peer at 1/48, benchmarks/reproduce.sh): the embeddings train
+    r = cli(tmp_path, "stage=distill", "task=stsb", f"teacher.run_dir={ft}", f"stage.student={cut}",
+            "stage.intermediate_epochs=0", "stage.prediction_epochs=1", "stage.train_embeddings=true",
+            "stage.limit_train=16", "stage.batch_size=8", *small)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (peer,) = [m for m in (json.loads((d / "metrics.json").read_text()) for d in runs(tmp_path, "distill")
+                           if (d / "metrics.json").is_file()) if m["student"] == str(cut / "model")]
+    assert peer["train_embeddings"] is True and peer["global_step"] == 2

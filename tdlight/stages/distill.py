@@ -275,7 +275,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     out = {"stage": "distill", **summary, "dev": results, "score": results["score"], "pairs": pairs,
            "intermediate_epochs": st.intermediate_epochs, "prediction_epochs": st.prediction_epochs,
            "lr": st.lr, "gold_weight": st.gold_weight, "temperature": st.temperature,
-           "seed": seed,
+           "train_embeddings": st.train_embeddings, "seed": seed,
            "selected_by": module.monitor, "epoch_seconds": fitted.epoch_seconds, "global_step": fitted.trainer.global_step, "train_examples": n}
     return training.finish(run_dir, fitted, out, model=module.model, tokenizer=tokenizer,
                            model_extra={"teacher": str(teacher_dir), "student": student_dir, "task": task.name},
