@@ -236,3 +236,57 @@ def test_masked_lm_augmentation_uses_the_models_predictions_in_context(tmp_path,
     other = GlueDataModule("sst2", minilm_tokenizer, augment=emb, **kw)
     other.prepare_data()
     assert other.tokenized_now == ["train"]  # neighbour candidates are cached under another key
+
+
+# --- extra text (distill's stage.extra_text) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["cross", "bi"])
+def test_extra_text_joins_the_training_split_without_labels(tmp_path, minilm_tokenizer, encoding):
+    data = tmp_path / "glue"
+    write_file(data / "STS-B/train.tsv", "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+               "0\tg\tf\ty\t0\ts\ts\ta man plays\ta man is playing\t4.5\n")
+    write_file(data / "STS-B/dev.tsv", "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+               "0\tg\tf\ty\t0\ts\ts\ta dog runs\ta cat sleeps\t0.5\n")
+    write_file(data / "STS-B/test.tsv", "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\n"
+               "0\tg\tf\ty\t0\ts\ts\tit rains\tit is raining\n1\tg\tf\ty\t0\ts\ts\tsun\tmoon\n")
+    write_file(data / "RTE/test.tsv", "index\tsentence1\tsentence2\n0\tthe sky is blue\tthe sky has a colour\n"
+               "1\ta\tb\n2\tc\td\n")
+    kw = dict(data_dir=data, source="local", cache_dir=tmp_path / "cache", batch_size=8, pair_encoding=encoding)
+    dm = GlueDataModule("stsb", minilm_tokenizer, extra=(("stsb", "test"), ("rte", "test")), limit_extra=2, **kw)
+    dm.prepare_data()
+    train = dm.datasets["train"]
+    assert len(train) == 1 + 2 + 2 and dm.extra_examples == 4  # rte's 3 test pairs limited to 2
+    assert train["labels"] == [4.5, -1.0, -1.0, -1.0, -1.0]  # the extras' labels are never read: -1
+    assert dm.tokenized_now == ["train", "stsb:test", "rte:test", "validation"]
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["labels"].dtype == torch.float32 and len(batch["labels"]) == 5
+    assert batch["input_ids"].shape[0] == (10 if encoding == "bi" else 5)
+    again = GlueDataModule("stsb", minilm_tokenizer, extra=(("stsb", "test"), ("rte", "test")), limit_extra=2, **kw)
+    again.prepare_data()
+    assert again.tokenized_now == [] and again.datasets["train"]["input_ids"] == train["input_ids"]  # cached
+    whole = GlueDataModule("stsb", minilm_tokenizer, extra=(("rte", "test"),), **kw)
+    whole.prepare_data()
+    assert whole.tokenized_now == ["rte:test"] and whole.extra_examples == 3  # the limit is in the key
+    plain = GlueDataModule("stsb", minilm_tokenizer, **kw)
+    plain.prepare_data()
+    assert len(plain.datasets["train"]) == 1 and plain.extra_examples == 0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("validation", "dev split is what the student is scored on"),
+    ("train", "training split is trained on already"),
+    ("rte:dev", "task 'rte' has no split 'dev'; valid: ['train', 'validation', 'test']"),
+    ("sst2:test", "sst2 has 1 text column(s), rte has 2"),
+    ("nosuch:test", "unknown GLUE task 'nosuch'"),
+    ("qnli:", "no split"),
+])
+def test_extra_text_sources_are_checked(text, message):
+    from tdlight.data.glue import extra_text_source
+
+    with pytest.raises(DataError, match=None) as e:
+        extra_text_source(text, "rte")
+    assert message in str(e.value)
+    assert extra_text_source("test", "rte")[1] == "test"
+    assert [x.name if hasattr(x, "name") else x for x in extra_text_source("qnli:validation", "rte")] == ["qnli", "validation"]
+    assert extra_text_source("mrpc:train", "rte")[0].name == "mrpc"

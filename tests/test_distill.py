@@ -213,6 +213,11 @@ def test_distill_seed_is_the_students_own(chain, tmp_path):
     (["stage.student=DEC", "stage.head=random"], "stage.head"),
     # the tiny teacher is a sequence classifier: no masked-LM head to predict replacements with
     (["stage.student=DEC", "stage.augment=true", "stage.augment_method=mlm"], "has no masked-LM head"),
+    (["stage.student=DEC", "stage.extra_text=[test]", "stage.gold_weight=0.5"], "adds examples without gold labels"),
+    (["stage.student=DEC", "stage.extra_text=[validation]"], "stage.extra_text entry 'validation': mrpc's dev split"),
+    (["stage.student=DEC", "stage.extra_text=[sst2:test]"], "sst2 has 1 text column(s), mrpc has 2"),
+    (["stage.student=DEC", "stage.extra_text=[mnli:train]"], "no local file for mnli train"),
+    (["stage.student=DEC", "stage.extra_limit=0"], "stage.extra_limit=0"),
 ])
 def test_distill_bad_input(chain, tmp_path, extra, message):
     out, ft, dec = chain
@@ -232,6 +237,19 @@ def test_distill_with_augmentation(chain, tmp_path):
     (run,) = runs(tmp_path, "distill")
     m = json.loads((run / "metrics.json").read_text())
     assert m["global_step"] == 9  # 48 examples + 2 x 48 augmented, batches of 16
+
+
+def test_distill_with_extra_text_scored_by_the_teacher(chain, tmp_path):
+    # MRPC's unlabelled test pairs and RTE's join the 48 training examples: the teacher's soft targets on all
+    out, ft, dec = chain
+    r = cli(tmp_path, "stage=distill", "task=mrpc", f"teacher.run_dir={ft}", f"stage.student={dec}", "logger=none",
+            "stage.intermediate_epochs=1", "stage.prediction_epochs=1", "stage.extra_text=[test,rte:test]",
+            "stage.extra_limit=40", *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = runs(tmp_path, "distill")
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["train_examples"] == 128 and m["extra_examples"] == 80 and m["extra_text"] == ["test", "rte:test"]
+    assert m["global_step"] == 16  # 2 epochs of (48 + 2 x 40) / 16 batches
 
 
 def test_distill_with_masked_lm_augmentation(chain, tmp_path, teacher_dir):

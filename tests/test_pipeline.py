@@ -45,6 +45,15 @@ def test_a_step_seed_at_null_keeps_the_keys_of_steps_computed_before_it_existed(
     assert step_key("distill", without, cfg, {}) == unset
     cfg.stage.seed = 0
     assert step_key("distill", cfg.stage, cfg, {}) != unset
+    # so does distill's extra_text (none: as before it existed); its sources' files join the key's inputs
+    cfg.stage.seed = None
+    without = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg.stage).items()
+                                if k not in ("extra_text", "extra_limit")})
+    assert step_key("distill", without, cfg, {}) == unset
+    cfg.stage.extra_text = ["rte:test"]
+    from tdlight.stages.pipeline import step_inputs
+    assert step_key("distill", cfg.stage, cfg, {}) != unset
+    assert any("/RTE/test" in s.get("file", "") for s in step_inputs("distill", cfg.stage, cfg))
 
 
 def test_tiny_pipeline_end_to_end_and_reuse(pretrain_inputs, teacher_dir, tmp_path):

@@ -11,7 +11,9 @@ no entry behind.
 
 Batches are dicts of tensors: ``input_ids``, ``attention_mask``, ``token_type_ids`` (if
 the tokenizer makes them) padded to the longest sequence of the batch, and ``labels``
-(long; float for STS-B). With ``pair_encoding="bi"`` (a bi-encoder, :mod:`tdlight.model.pairs`)
+(long; float for STS-B). ``extra`` adds other splits' inputs to the training split (``stage.extra_text``:
+the task's unlabelled test pairs, or another task's with as many text columns), each tokenized and cached as
+its own entry, with ``labels`` -1 (-1.0 for a regression): examples for a teacher's soft targets only. With ``pair_encoding="bi"`` (a bi-encoder, :mod:`tdlight.model.pairs`)
 each sentence of a pair is tokenized alone (its second sentence in the ``*_b`` columns) and a batch
 of B pairs holds 2B sequences: the B first sentences, then the B second ones, padded together;
 ``labels`` stay B.
@@ -73,7 +75,8 @@ class GlueDataModule(L.LightningDataModule):
                  max_length: int = 128, batch_size: int = 32, eval_batch_size: int | None = None,
                  num_workers: int = 0, cache_dir: str | os.PathLike | None = None, seed: int = 0,
                  limit_train: int | None = None, limit_eval: int | None = None, train: bool = True,
-                 augment: dict | None = None, pair_encoding: str = "cross"):
+                 augment: dict | None = None, pair_encoding: str = "cross",
+                 extra: tuple[tuple[str | GlueTask, str], ...] = (), limit_extra: int | None = None):
         super().__init__()
         self.task = get_task(task)
         if pair_encoding not in PAIR_ENCODINGS:
@@ -97,6 +100,10 @@ class GlueDataModule(L.LightningDataModule):
         # candidates) or "mlm" (a *ForMaskedLM: its in-context predictions): augment the train split
         # (tdlight.data.augment); the augmented text is cached with the tokenized split
         self.augment = augment
+        # (task, split) pairs whose inputs join the training split without their labels (see the module's doc)
+        self.extra = tuple((get_task(t), s) for t, s in extra)
+        self.limit_extra = limit_extra
+        self.extra_examples = 0  # how many of the training split's examples came from ``extra`` (set by setup)
         self.val_split_names = self.task.validation_splits
         self.datasets: dict[str, object] = {}
         self.tokenized_now: list[str] = []  # splits tokenized (not loaded from cache) by this instance
@@ -107,37 +114,45 @@ class GlueDataModule(L.LightningDataModule):
 
     # --- tokenization and cache ---------------------------------------------------------
 
-    def _limit(self, split: str) -> int | None:
+    def _limit(self, split: str, extra: bool = False) -> int | None:
+        if extra:
+            return self.limit_extra
         return self.limit_train if split == "train" else self.limit_eval
 
-    def _cache_key(self, split: str) -> tuple[str, dict]:
-        kind, path = resolve_source(self.task, split, self.data_dir, self.source)
+    def _cache_key(self, split: str, task: GlueTask | None = None) -> tuple[str, dict]:
+        """The cache entry's key and what it hashes; ``task`` given: an ``extra`` source's split."""
+        extra = task is not None
+        task = task or self.task
+        limit = self._limit(split, extra)
+        kind, path = resolve_source(task, split, self.data_dir, self.source)
         if kind == "local":
             src = file_stamp(path)
         else:
-            src = {"hub": f"{self.task.hub_config}/{split}"}
+            src = {"hub": f"{task.hub_config}/{split}"}
         aug = None
-        if split == "train" and self.augment:
+        if split == "train" and not extra and self.augment:
             aug = {k: self.augment[k] for k in ("copies", "prob", "neighbours")}
             if self.augment.get("mlm") is not None:  # the candidates depend on every weight of the MLM
                 aug["mlm"] = state_fingerprint(self.augment["mlm"].state_dict())[:16]
             else:
                 aug["embeddings"] = state_fingerprint({"embeddings": self.augment["embeddings"]})[:16]
             aug["seed"] = self.seed
-        info = {"version": CACHE_VERSION, "task": self.task.name, "split": split, "source": src, "augment": aug,
+        info = {"version": CACHE_VERSION, "task": task.name, "split": split, "source": src, "augment": aug,
                 "tokenizer": getattr(self.tokenizer, "name_or_path", ""), "tokenizer_hash": tokenizer_fingerprint(self.tokenizer),
-                "max_length": self.max_length, "limit": self._limit(split)}
+                "max_length": self.max_length, "limit": limit}
         if self.pair_encoding != "cross":  # (cross-encoded entries keep the keys they had before bi existed)
             info["pair_encoding"] = self.pair_encoding
         return hashlib.sha1(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16], info
 
-    def _tokenize(self, split: str):
-        ds = load_split(self.task, split, data_dir=self.data_dir, source=self.source)
-        limit = self._limit(split)
+    def _tokenize(self, split: str, task: GlueTask | None = None):
+        extra = task is not None  # an ``extra`` source's split: its own limit, never augmented
+        task = task or self.task
+        limit = self._limit(split, extra)
+        ds = load_split(task, split, data_dir=self.data_dir, source=self.source)
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
-        cols = self.task.text_columns
-        if split == "train" and self.augment:
+        cols = task.text_columns
+        if split == "train" and not extra and self.augment:
             import datasets
 
             a = self.augment
@@ -160,20 +175,21 @@ class GlueDataModule(L.LightningDataModule):
             enc["labels"] = batch["label"]
             return enc
 
-        self.tokenized_now.append(split)
+        self.tokenized_now.append(f"{task.name}:{split}" if extra else split)
         return ds.map(encode, batched=True, remove_columns=list(ds.column_names),
-                      desc=f"tokenizing {self.task.name} {split}", keep_in_memory=True)
+                      desc=f"tokenizing {task.name} {split}", keep_in_memory=True)
 
-    def _load(self, split: str):
+    def _load(self, split: str, task: GlueTask | None = None):
+        """One split, tokenized (or read from the cache); ``task`` given: an ``extra`` source."""
         import datasets
 
         if self.cache_dir is None:
-            return self._tokenize(split)
-        key, info = self._cache_key(split)
-        entry = self.cache_dir / "glue" / self.task.name / f"{split}-{key}"
+            return self._tokenize(split, task)
+        key, info = self._cache_key(split, task)
+        entry = self.cache_dir / "glue" / (task or self.task).name / f"{split}-{key}"
         if (entry / "tdlight_cache.json").is_file():
             return datasets.load_from_disk(str(entry))
-        ds = self._tokenize(split)
+        ds = self._tokenize(split, task)
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = temporary_directory(entry.parent, f".{entry.name}-")
         try:
@@ -187,8 +203,25 @@ class GlueDataModule(L.LightningDataModule):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        log.info("cached tokenized %s %s in %s", self.task.name, split, entry)
+        log.info("cached tokenized %s %s in %s", (task or self.task).name, split, entry)
         return datasets.load_from_disk(str(entry))
+
+    def _load_train(self):
+        """The training split, followed by the ``extra`` splits' examples with their labels replaced by -1."""
+        import datasets
+
+        ds = self._load("train")
+        if not self.extra:
+            return ds
+        blank = -1.0 if self.task.is_regression else -1
+        parts = []
+        for task, split in self.extra:
+            part = self._load(split, task)
+            with _no_datasets_bars():  # (the tokenizing bar is the one a user watches)
+                part = part.map(lambda b: {"labels": [blank] * len(b["labels"])}, batched=True, keep_in_memory=True)
+                parts.append(part.cast(ds.features, keep_in_memory=True))
+        self.extra_examples = sum(len(p) for p in parts)
+        return datasets.concatenate_datasets([ds, *parts])
 
     def _splits_for(self, stage: str | None) -> list[str]:
         if stage in ("fit", None):
@@ -202,14 +235,12 @@ class GlueDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Tokenize and cache the train and validation splits (once, on one process)."""
-        for split in self._splits_for("fit"):
-            if split not in self.datasets:
-                self.datasets[split] = self._load(split)
+        self.setup("fit")
 
     def setup(self, stage: str | None = None) -> None:
         for split in self._splits_for(stage):
             if split not in self.datasets:
-                self.datasets[split] = self._load(split)
+                self.datasets[split] = self._load_train() if split == "train" else self._load(split)
 
     # --- loaders -------------------------------------------------------------------------
 

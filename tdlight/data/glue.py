@@ -267,3 +267,28 @@ def load_split(task: GlueTask | str, split: str, *, data_dir: str | os.PathLike 
     except Exception as e:  # the hub raises many types (connection, missing config...)
         raise DataError(f"could not load {HUB_DATASET}/{task.hub_config} split {split!r} from the hub: {e}") from e
     return ds.select_columns([*task.text_columns, "label", "idx"])
+
+
+def extra_text_source(text: str, task: GlueTask | str, key: str = "stage.extra_text") -> tuple[GlueTask, str]:
+    """``(task, split)`` of one ``stage.extra_text`` entry: ``"<split>"`` (the run's own task) or
+    ``"<task>:<split>"`` — inputs for the teacher to score (their labels are never read). Refused: a split
+    the task lacks, the run's own training split (already trained on) and validation splits (the dev set the
+    student is scored on), and a task whose examples have another number of text columns."""
+    own = get_task(task)
+    name, sep, split = str(text).rpartition(":")
+    source = get_task(name) if sep else own
+    where = f"{key} entry {text!r}"
+    if not split:
+        raise DataError(f"{where}: no split; valid: '<split>' (the run's task) or '<task>:<split>', e.g. 'test' "
+                        f"or 'qnli:validation'")
+    if split not in source.splits:
+        raise DataError(f"{where}: task {source.name!r} has no split {split!r}; valid: {list(source.splits)}")
+    if source.name == own.name and (split == "train" or split in own.validation_splits):
+        raise DataError(f"{where}: {own.name}'s {'training split is trained on already' if split == 'train' else 'dev split is what the student is scored on'}; "
+                        f"valid: {[s for s in own.splits if s != 'train' and s not in own.validation_splits]} or "
+                        "another task's split ('<task>:<split>')")
+    if len(source.text_columns) != len(own.text_columns):
+        raise DataError(f"{where}: {source.name} has {len(source.text_columns)} text column(s), {own.name} has "
+                        f"{len(own.text_columns)}; valid: a task with as many "
+                        f"({sorted(t.name for t in TASKS.values() if len(t.text_columns) == len(own.text_columns))})")
+    return source, split

@@ -206,16 +206,19 @@ def pair_reading(cfg: DictConfig, task) -> dict:
 
 def datamodule(cfg: DictConfig, task, tokenizer, *, max_length: int, batch_size: int, eval_batch_size: int,
                limit_train: int | None, limit_eval: int | None, num_workers: int, train: bool = True,
-               augment: dict | None = None, seed: int | None = None):
+               augment: dict | None = None, seed: int | None = None, extra: list | tuple = (),
+               limit_extra: int | None = None):
     """The task's GlueDataModule; ``seed`` (the stage's own; None: ``cfg.seed``) orders the training
-    examples and draws the augmented copies; the pairs are read as ``task.pair_encoding`` says."""
+    examples and draws the augmented copies; the pairs are read as ``task.pair_encoding`` says; ``extra``
+    ((task, split) pairs) joins the training split without labels (distill's ``extra_text``)."""
     if tokenizer is None:
         raise TdlightError("the model directory has no tokenizer files; GLUE stages need one to tokenize the text")
     return GlueDataModule(
         task.name, tokenizer, data_dir=Path(cfg.paths.data_dir) / "glue", source=cfg.task.source,
         max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
         cache_dir=cfg.paths.cache_dir, seed=cfg.seed if seed is None else seed, limit_train=limit_train, limit_eval=limit_eval, train=train,
-        augment=augment, pair_encoding=pair_reading(cfg, task)["pair_encoding"],
+        augment=augment, pair_encoding=pair_reading(cfg, task)["pair_encoding"], extra=tuple(extra),
+        limit_extra=limit_extra,
     )
 
 

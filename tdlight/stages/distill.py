@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from tdlight.data.glue import extra_text_source, resolve_source
 from tdlight.errors import TdlightError
 from tdlight.model.capture import forward_with_scores
 from tdlight.model.embedding import train_compressed_embeddings
@@ -179,6 +180,17 @@ def masked_lm_for(cfg: DictConfig, tokenizer) -> nn.Module:
     return mlm
 
 
+def extra_sources(cfg: DictConfig, task, where: str = "stage") -> list[tuple]:
+    """``stage.extra_text`` as ``(task, split)`` pairs, each checked (a clear error per bad entry) and its
+    data file found (or the hub an option)."""
+    out = []
+    for text in settings(cfg).extra_text:
+        source, split = extra_text_source(text, task, f"{where}.extra_text")  # (DataError: a TdlightError, reported as one)
+        resolve_source(source, split, Path(cfg.paths.data_dir) / "glue", cfg.task.source)
+        out.append((source, split))
+    return out
+
+
 def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) -> None:
     """The settings checks that load no model (:mod:`tdlight.stages.registry`): the task and its data,
     the two phases and their losses, augmentation, and the teacher and student given — unless
@@ -195,6 +207,10 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
     if st.augment and st.gold_weight > 0:
         raise TdlightError(f"{where}.augment=true makes examples without a trustworthy gold label: "
                            f"use {where}.gold_weight=0 (soft targets only) with augmentation")
+    if st.extra_text and st.gold_weight > 0:
+        raise TdlightError(f"{where}.extra_text={list(st.extra_text)} adds examples without gold labels: "
+                           f"use {where}.gold_weight=0 (soft targets only) with extra text")
+    extra_sources(cfg, task, where)
     check_task_data(cfg, task, train=True)
     if "teacher.run_dir" not in wired:
         stage_artifact(cfg.teacher.run_dir, ("finetune",))
@@ -237,7 +253,8 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
             augment["embeddings"] = teacher.get_input_embeddings().weight.detach()
     dm = datamodule(cfg, task, tokenizer, max_length=max_length, batch_size=batch_size,
                     eval_batch_size=st.eval_batch_size, limit_train=st.limit_train, limit_eval=st.limit_eval,
-                    num_workers=st.num_workers, augment=augment, seed=seed)
+                    num_workers=st.num_workers, augment=augment, seed=seed, extra=extra_sources(cfg, task),
+                    limit_extra=st.extra_limit)
     dm.prepare_data()
     dm.setup("fit")
     module = DistillModule(
@@ -276,6 +293,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
            "intermediate_epochs": st.intermediate_epochs, "prediction_epochs": st.prediction_epochs,
            "lr": st.lr, "gold_weight": st.gold_weight, "temperature": st.temperature,
            "train_embeddings": st.train_embeddings, "seed": seed,
+           "extra_text": list(st.extra_text), "extra_examples": dm.extra_examples,
            "selected_by": module.monitor, "epoch_seconds": fitted.epoch_seconds, "global_step": fitted.trainer.global_step, "train_examples": n}
     return training.finish(run_dir, fitted, out, model=module.model, tokenizer=tokenizer,
                            model_extra={"teacher": str(teacher_dir), "student": student_dir, "task": task.name},

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from tdlight.data.glue import get_task, resolve_source
+from tdlight.data.glue import extra_text_source, get_task, resolve_source
 from tdlight.errors import TdlightError
 from tdlight.files import file_stamp
 from tdlight.files import directory_bytes
@@ -50,9 +50,9 @@ STUDENT_STEPS = ("decompose", "cut")  # what makes the student: exactly one of t
 # SHA-256) of the files it reads (step_inputs).
 NEVER_KEYED = ("enable_progress_bar", "log_every_n_steps", "name")
 # settings whose value here means "as before the setting existed" (a step's own seed: null is the run's seed,
-# keyed on its own; task.pair_encoding: cross): left out of the key at that value, so steps computed before
+# keyed on its own; task.pair_encoding: cross; distill's extra_text: none): left out of the key at that value, so steps computed before
 # keep their keys
-KEYED_UNLESS = {"seed": None, "pair_encoding": "cross"}
+KEYED_UNLESS = {"seed": None, "pair_encoding": "cross", "extra_text": [], "extra_limit": None}
 
 
 def _clean(node) -> object:
@@ -80,6 +80,13 @@ def step_inputs(step: str, stage_cfg, cfg: DictConfig) -> list:
             except TdlightError:  # a split that is not there is the stage's error to report, not the key's
                 continue
             stamps.append(file_stamp(path) if kind == "local" else {"hub": f"{task.name}/{split}"})
+        for text in stage_cfg.get("extra_text") or ():  # distill's extra inputs, from other tasks' files too
+            try:
+                source, split = extra_text_source(text, task)
+                kind, path = resolve_source(source, split, Path(cfg.paths.data_dir) / "glue", cfg.task.source)
+            except TdlightError:  # a bad entry is the stage's error to report
+                continue
+            stamps.append(file_stamp(path) if kind == "local" else {"hub": f"{source.name}/{split}"})
 
     def strings(node):
         data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node

@@ -202,6 +202,11 @@ class DistillStage:
     augment_copies: int = ranged("an integer ≥ 1", 4)  # augmented copies per training example
     augment_prob: float = ranged("in (0, 1]", 0.4)  # probability of replacing each replaceable word
     augment_neighbours: int = ranged("an integer ≥ 1", 10)  # candidates per word (nearest embeddings, or the masked LM's top predictions)
+    # inputs without labels for the teacher to score, added to the training split: "<split>" of the run's task
+    # (its unlabelled "test") or "<task>:<split>" of another task with as many text columns ("qnli:validation");
+    # soft targets only (gold_weight=0); each source's first extra_limit examples (null: all)
+    extra_text: list[str] = field(default_factory=list)
+    extra_limit: Optional[int] = ranged("an integer ≥ 1", None)
     eval_batch_size: int = ranged("an integer ≥ 1", 64)
     limit_train: Optional[int] = ranged("an integer ≥ 1", None)
     limit_eval: Optional[int] = ranged("an integer ≥ 1", None)
