@@ -162,6 +162,28 @@ def test_student_head_starts_from_the_teacher_or_its_own(chain, tmp_path, teache
     assert all(same) if head == "teacher" else not any(same)
 
 
+@pytest.mark.parametrize("head_epochs", [0, 1])
+def test_head_epochs_train_the_head_alone_on_the_frozen_student(chain, tmp_path, head_epochs):
+    """stage.head_epochs=1 of 1 prediction epoch is linear probing: the saved student's body (encoder and the
+    compressed embedding table it would train) is the input student's, bit for bit, and its head moved;
+    without head epochs the body moves too. Phase 1 (the intermediate epoch) trains the body either way."""
+    from tdlight.model.teacher import body_parameters, head_state, load_classifier
+    from tdlight.stages import distill
+
+    out, ft, dec = chain
+    cfg = compose_cfg(tmp_path, "stage=distill", "task=mrpc", f"teacher.run_dir={ft}", f"stage.student={dec}",
+                      "stage.intermediate_epochs=0", "stage.prediction_epochs=1", f"stage.head_epochs={head_epochs}",
+                      "stage.lr=1e-3", "logger=none", *SMALL)
+    m = distill.run(cfg, tmp_path / "run")
+    assert m["head_epochs"] == head_epochs
+    before, _ = load_classifier(str(dec / "model"), 2)
+    after, _ = load_classifier(str(tmp_path / "run" / "model"), 2)
+    body = [torch.equal(a, b) for a, b in zip(body_parameters(before), body_parameters(after), strict=True)]
+    assert all(body) if head_epochs else not all(body)
+    head = head_state(after)
+    assert not torch.equal(head["classifier.weight"], head_state(before)["classifier.weight"])
+
+
 def test_distill_resume_equals_uninterrupted(chain, tmp_path):
     from tdlight.stages import distill
 
@@ -218,6 +240,7 @@ def test_distill_seed_is_the_students_own(chain, tmp_path):
     (["stage.student=DEC", "stage.extra_text=[sst2:test]"], "sst2 has 1 text column(s), mrpc has 2"),
     (["stage.student=DEC", "stage.extra_text=[mnli:train]"], "no local file for mnli train"),
     (["stage.student=DEC", "stage.extra_limit=0"], "stage.extra_limit=0"),
+    (["stage.student=DEC", "stage.head_epochs=2", "stage.prediction_epochs=1"], "valid: 0..1"),
 ])
 def test_distill_bad_input(chain, tmp_path, extra, message):
     out, ft, dec = chain

@@ -316,6 +316,13 @@ def head_state(model: nn.Module) -> dict:
             if not k.startswith(prefix + ".") or k.startswith(f"{prefix}.pooler.")}
 
 
+def body_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of a sequence classifier outside its task head (:func:`head_state`): its encoder and
+    embeddings — what linear probing freezes."""
+    head = head_state(model).keys()
+    return [p for name, p in model.named_parameters() if name not in head]
+
+
 def copy_head(student: nn.Module, teacher: nn.Module) -> list[str]:
     """Give ``student`` the task head (pooler + classifier) of the fine-tuned ``teacher``.
 

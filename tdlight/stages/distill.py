@@ -30,7 +30,7 @@ from tdlight.model.embedding import train_compressed_embeddings
 from tdlight.model.pairs import pair_encoding_of
 from tdlight.model.pooling import pooling_of, set_pooling
 from tdlight.model.surgery import encoder_shape
-from tdlight.model.teacher import copy_head, load_classifier, load_masked_lm
+from tdlight.model.teacher import body_parameters, copy_head, load_classifier, load_masked_lm
 from tdlight.stages import training
 from tdlight.stages.classifier import (
     MODEL_INPUTS, GlueModule, check_lengths, check_task_data, datamodule, model_summary, monitor, pair_reading,
@@ -53,7 +53,7 @@ class DistillModule(GlueModule):
     def __init__(self, student: nn.Module, teacher: nn.Module, task, *, intermediate_epochs: int,
                  pairs: list[tuple[int, int]], weights: dict[str, float], temperature: float,
                  gold_weight: float, lr: float, intermediate_lr: float, weight_decay: float, warmup_ratio: float,
-                 train_embeddings: bool, relative_losses: bool = False):
+                 train_embeddings: bool, relative_losses: bool = False, head_epochs: int = 0):
         super().__init__(student, task, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
         # not a submodule: the teacher is neither trained, nor checkpointed, nor moved by optimizers
         object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
@@ -66,6 +66,14 @@ class DistillModule(GlueModule):
         if not train_embeddings:
             self.model.base_model.embeddings.requires_grad_(False)
             train_compressed_embeddings(self.model)  # a compressed word-embedding table is trained back
+        self.head_epochs = head_epochs
+        # what the student trains outside its head: frozen during the head-only epochs (see on_train_epoch_start)
+        self._body = [p for p in body_parameters(self.model) if p.requires_grad]
+
+    def head_only(self, epoch: int | None = None) -> bool:
+        """Whether ``epoch`` (default: the current one) is one of the first ``head_epochs`` prediction epochs."""
+        epoch = self.current_epoch if epoch is None else epoch
+        return self.intermediate_epochs <= epoch < self.intermediate_epochs + self.head_epochs
 
     def phase(self, epoch: int | None = None) -> int:
         epoch = self.current_epoch if epoch is None else epoch
@@ -74,6 +82,13 @@ class DistillModule(GlueModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self.teacher.to(self.device).eval()
+
+    def on_train_epoch_start(self) -> None:
+        # linear probing, then fine-tuning: the body is frozen (no gradient, so AdamW neither steps nor decays it)
+        # in the head-only epochs; set every epoch, so a resumed run is in the right state
+        frozen = self.head_only()
+        for p in self._body:
+            p.requires_grad_(not frozen)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
@@ -204,6 +219,10 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
     if st.intermediate_epochs and not (st.hidden_weight or st.attention_weight or st.embedding_weight):
         raise TdlightError(f"phase 1 ({where}.intermediate_epochs > 0) needs a hidden, attention or embedding "
                            "weight > 0")
+    if st.head_epochs > st.prediction_epochs:
+        raise TdlightError(f"{where}.head_epochs={st.head_epochs} is more than {where}.prediction_epochs="
+                           f"{st.prediction_epochs}: the head-only epochs are the first prediction epochs; valid: "
+                           f"0..{st.prediction_epochs}")
     if st.augment and st.gold_weight > 0:
         raise TdlightError(f"{where}.augment=true makes examples without a trustworthy gold label: "
                            f"use {where}.gold_weight=0 (soft targets only) with augmentation")
@@ -263,7 +282,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
         temperature=st.temperature, gold_weight=st.gold_weight, lr=st.lr,
         intermediate_lr=st.intermediate_lr if st.intermediate_lr is not None else st.lr,
         weight_decay=st.weight_decay, warmup_ratio=st.warmup_ratio, train_embeddings=st.train_embeddings,
-        relative_losses=st.relative_losses,
+        relative_losses=st.relative_losses, head_epochs=st.head_epochs,
     )
     module.monitor = monitor(task, st.select_by)
     if not any(p.requires_grad for p in module.model.parameters()):  # (else: autograd's error at the first step)
@@ -271,6 +290,10 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
                            f"(train_embeddings=false) and a head without weights (task.pair_encoding="
                            f"{pair['pair_encoding']}); valid: train_embeddings=true (stage.distill.train_embeddings "
                            "in a pipeline), or a student with layers; scored as it is: stage=evaluate")
+    if st.head_epochs and not any(p.requires_grad for p in set(module.model.parameters()) - set(module._body)):
+        raise TdlightError(f"stage.head_epochs={st.head_epochs} trains the task head alone, and this student's head "
+                           f"has no weight (task.pair_encoding={pair['pair_encoding']}: the cosine of two embeddings); "
+                           "valid: head_epochs=0")
 
     summary = {"task": task.name, "teacher": str(teacher_dir), "student": student_dir, "head": head, "pooling": pooling,
                **model_summary(student)}
@@ -282,8 +305,9 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
             log.info("cached the teacher's logits on %d training examples in %.1f s", n, secs)
         module.total_steps = training_steps(trainer, n, batch_size)
         module.steps_per_epoch = steps_per_epoch(trainer, n, batch_size)
-        log.info("distilling %s -> %s on %s: %d intermediate + %d prediction epochs, layer map %s",
-                 teacher_dir, student_dir, task.name, st.intermediate_epochs, st.prediction_epochs, pairs)
+        log.info("distilling %s -> %s on %s: %d intermediate + %d prediction epochs (the first %d of them the head "
+                 "alone), layer map %s", teacher_dir, student_dir, task.name, st.intermediate_epochs,
+                 st.prediction_epochs, st.head_epochs, pairs)
 
     fitted = training.fit(cfg, run_dir, module, dm, ckpt=ckpt, max_epochs=st.intermediate_epochs + st.prediction_epochs,
                           monitor=module.monitor, summary=summary, extra_callbacks=extra_callbacks,
@@ -292,7 +316,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     out = {"stage": "distill", **summary, "dev": results, "score": results["score"], "pairs": pairs,
            "intermediate_epochs": st.intermediate_epochs, "prediction_epochs": st.prediction_epochs,
            "lr": st.lr, "gold_weight": st.gold_weight, "temperature": st.temperature,
-           "train_embeddings": st.train_embeddings, "seed": seed,
+           "train_embeddings": st.train_embeddings, "head_epochs": st.head_epochs, "seed": seed,
            "extra_text": list(st.extra_text), "extra_examples": dm.extra_examples,
            "selected_by": module.monitor, "epoch_seconds": fitted.epoch_seconds, "global_step": fitted.trainer.global_step, "train_examples": n}
     return training.finish(run_dir, fitted, out, model=module.model, tokenizer=tokenizer,

@@ -195,6 +195,9 @@ class DistillStage:
     # retrains only this step of a pipeline: the spread of a student over seeds with its teacher fixed
     seed: Optional[int] = ranged("an integer ≥ 0", None)
     head: StudentHead = StudentHead.student  # where the student's task head starts (docs/RESULTS.md §7: teacher fails lossy students)
+    # the first head_epochs prediction epochs train the task head alone on the frozen student (linear probing),
+    # the rest the whole student (LP-FT): a new head learns what the student's features say before they move
+    head_epochs: int = ranged("an integer ≥ 0", 0)
     train_embeddings: bool = False  # the embedding matrices stay frozen by default
     augment: bool = False  # TinyBERT-style word replacement: augment_copies copies of each train example, cached to disk
     augment_method: AugmentMethod = AugmentMethod.neighbours
