@@ -11,10 +11,11 @@ no entry behind.
 
 Batches are dicts of tensors: ``input_ids``, ``attention_mask``, ``token_type_ids`` (if
 the tokenizer makes them) padded to the longest sequence of the batch, and ``labels``
-(long; float for STS-B). ``extra`` adds other splits' inputs to the training split (``stage.extra_text``:
-the task's unlabelled test pairs, or another task's with as many text columns), each tokenized and cached as
-its own entry, with ``labels`` -1 (-1.0 for a regression): examples for a teacher's soft targets only. With ``pair_encoding="bi"`` (a bi-encoder, :mod:`tdlight.model.pairs`)
-each sentence of a pair is tokenized alone (its second sentence in the ``*_b`` columns) and a batch
+(long; float for STS-B). ``extra`` adds other splits' inputs to the training split
+(``stage.extra_text``: the task's unlabelled test pairs, or another task's with as many text
+columns), each tokenized and cached as its own entry, with ``labels`` -1 (-1.0 for a regression):
+examples for a teacher's soft targets only. With ``pair_encoding="bi"`` (a bi-encoder,
+:mod:`tdlight.model.pairs`) each sentence of a pair is tokenized alone (its second sentence in the ``*_b`` columns) and a batch
 of B pairs holds 2B sequences: the B first sentences, then the B second ones, padded together;
 ``labels`` stay B.
 """

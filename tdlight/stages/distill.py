@@ -4,7 +4,9 @@ teacher cut to fewer layers, its peer at equal size: ``stage=cut``).
 Phase 1 (the first ``stage.intermediate_epochs`` epochs) matches the student's hidden
 states and pre-softmax attention scores to the teacher's on the mapped layers; phase 2
 (``stage.prediction_epochs``) matches the predictions (soft targets at a temperature, MSE
-for STS-B), optionally mixed with the gold labels. The phase follows from the epoch, so a
+for STS-B), optionally mixed with the gold labels; its first ``stage.head_epochs`` train the task head
+alone on the frozen student (linear probing, then fine-tuning). ``stage.extra_text`` adds inputs
+without labels (the task's test pairs, another task's) for the teacher to score. The phase follows from the epoch, so a
 resumed run picks up in the right phase; each phase has its own linear warm-up and decay.
 The teacher is frozen, in eval mode, and runs under ``no_grad``; its logits on the training set
 are computed once before training (:func:`cache_teacher_logits`) and read by every phase-2
