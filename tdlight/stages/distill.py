@@ -225,6 +225,9 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
         raise TdlightError(f"{where}.head_epochs={st.head_epochs} is more than {where}.prediction_epochs="
                            f"{st.prediction_epochs}: the head-only epochs are the first prediction epochs; valid: "
                            f"0..{st.prediction_epochs}")
+    if st.head_epochs and pair_reading(cfg, task)["pair_encoding"] == "bi":
+        raise TdlightError(f"{where}.head_epochs={st.head_epochs} trains the task head alone, and a bi-encoder's head "
+                           "has no weight (task.pair_encoding=bi: the cosine of two embeddings); valid: head_epochs=0")
     if st.augment and st.gold_weight > 0:
         raise TdlightError(f"{where}.augment=true makes examples without a trustworthy gold label: "
                            f"use {where}.gold_weight=0 (soft targets only) with augmentation")
@@ -292,10 +295,6 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
                            f"(train_embeddings=false) and a head without weights (task.pair_encoding="
                            f"{pair['pair_encoding']}); valid: train_embeddings=true (stage.distill.train_embeddings "
                            "in a pipeline), or a student with layers; scored as it is: stage=evaluate")
-    if st.head_epochs and not any(p.requires_grad for p in set(module.model.parameters()) - set(module._body)):
-        raise TdlightError(f"stage.head_epochs={st.head_epochs} trains the task head alone, and this student's head "
-                           f"has no weight (task.pair_encoding={pair['pair_encoding']}: the cosine of two embeddings); "
-                           "valid: head_epochs=0")
 
     summary = {"task": task.name, "teacher": str(teacher_dir), "student": student_dir, "head": head, "pooling": pooling,
                **model_summary(student)}
