@@ -75,19 +75,16 @@ def step_inputs(step: str, stage_cfg, cfg: DictConfig) -> list:
     stamps: list = []
     if STAGES[step].reads_task(stage_cfg) and cfg.get("task") is not None:
         task = get_task(cfg.task.name)
-        for split in task.splits:
+        sources = [lambda split=split: (task, split) for split in task.splits]
+        # distill's extra inputs (stage.extra_text), from other tasks' files too
+        sources += [lambda text=text: extra_text_source(text, task) for text in stage_cfg.get("extra_text") or ()]
+        for source in sources:
             try:
-                kind, path = resolve_source(task, split, Path(cfg.paths.data_dir) / "glue", cfg.task.source)
-            except TdlightError:  # a split that is not there is the stage's error to report, not the key's
+                t, split = source()
+                kind, path = resolve_source(t, split, Path(cfg.paths.data_dir) / "glue", cfg.task.source)
+            except TdlightError:  # a split that is not there, a bad entry: the stage's error to report, not the key's
                 continue
-            stamps.append(file_stamp(path) if kind == "local" else {"hub": f"{task.name}/{split}"})
-        for text in stage_cfg.get("extra_text") or ():  # distill's extra inputs, from other tasks' files too
-            try:
-                source, split = extra_text_source(text, task)
-                kind, path = resolve_source(source, split, Path(cfg.paths.data_dir) / "glue", cfg.task.source)
-            except TdlightError:  # a bad entry is the stage's error to report
-                continue
-            stamps.append(file_stamp(path) if kind == "local" else {"hub": f"{source.name}/{split}"})
+            stamps.append(file_stamp(path) if kind == "local" else {"hub": f"{t.name}/{split}"})
 
     def strings(node):
         data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
