@@ -184,6 +184,38 @@ def test_head_epochs_train_the_head_alone_on_the_frozen_student(chain, tmp_path,
     assert not torch.equal(head["classifier.weight"], head_state(before)["classifier.weight"])
 
 
+def test_head_lr_is_the_task_heads_own_rate(chain, tmp_path):
+    """stage.head_lr gives the task head its own rate: with the body's rate near zero, the head moves by
+    orders of magnitude more at head_lr=1e-2 than without it (the body's rate for all), and the body
+    moves as little either way; the optimizer keeps its two groups when head_lr is null (checkpoints
+    written before it resume)."""
+    from tdlight.model.teacher import body_parameters, head_state, load_classifier
+    from tdlight.stages import distill
+    from tdlight.stages.trainer import adamw
+
+    out, ft, dec = chain
+    before, _ = load_classifier(str(dec / "model"), 2)
+    moved = {}
+    for head_lr in (None, 1e-2):
+        run = tmp_path / f"run-{head_lr}"
+        cfg = compose_cfg(tmp_path, "stage=distill", "task=mrpc", f"teacher.run_dir={ft}", f"stage.student={dec}",
+                          "stage.intermediate_epochs=0", "stage.prediction_epochs=1", "stage.lr=1e-9",
+                          f"stage.head_lr={'null' if head_lr is None else head_lr}", "logger=none", *SMALL)
+        m = distill.run(cfg, run)
+        assert m["head_lr"] == head_lr
+        after, _ = load_classifier(str(run / "model"), 2)
+        head = (head_state(after)["classifier.weight"] - head_state(before)["classifier.weight"]).abs().max().item()
+        body = max((a - b).abs().max().item() for a, b in zip(body_parameters(after), body_parameters(before)))
+        moved[head_lr] = head, body
+    assert moved[1e-2][0] > 1e3 * moved[None][0], moved
+    assert moved[1e-2][1] < 1e-5 and moved[None][1] < 1e-5, moved
+    assert len(adamw(before, 1e-3, 0.01).param_groups) == 2
+    groups = adamw(before, 1e-3, 0.01, head_lr=1e-2).param_groups
+    assert sorted(g["lr"] for g in groups) == [1e-3, 1e-3, 1e-2, 1e-2]
+    head_ids = {id(p) for g in groups if g["lr"] == 1e-2 for p in g["params"]}
+    assert head_ids == {id(p) for n, p in before.named_parameters() if n in head_state(before)}
+
+
 def test_distill_resume_equals_uninterrupted(chain, tmp_path):
     from tdlight.stages import distill
 
@@ -241,6 +273,7 @@ def test_distill_seed_is_the_students_own(chain, tmp_path):
     (["stage.student=DEC", "stage.extra_text=[mnli:train]"], "no local file for mnli train"),
     (["stage.student=DEC", "stage.extra_limit=0"], "stage.extra_limit=0"),
     (["stage.student=DEC", "stage.head_epochs=2", "stage.prediction_epochs=1"], "valid: 0..1"),
+    (["stage.student=DEC", "stage.head_lr=0"], "stage.head_lr"),
 ])
 def test_distill_bad_input(chain, tmp_path, extra, message):
     out, ft, dec = chain

@@ -223,7 +223,10 @@ def test_a_bi_encoder_pipeline_on_stsb_end_to_end_and_its_refusals(pretrain_inpu
     # a bi-encoder's head is the cosine: no weight for head-only epochs to train
     r = cli(tmp_path, "stage=distill", "task=stsb", f"teacher.run_dir={ft}", f"stage.student={dist}",
             "stage.intermediate_epochs=0", "stage.prediction_epochs=1", "stage.head_epochs=1", *small)
-    assert r.returncode == 2 and "stage.head_epochs=1 trains the task head alone" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "stage.head_epochs=1 is for the task head" in r.stderr, r.stderr[-2000:]
+    r = cli(tmp_path, "stage=distill", "task=stsb", f"teacher.run_dir={ft}", f"stage.student={dist}",
+            "stage.intermediate_epochs=0", "stage.prediction_epochs=1", "stage.head_lr=1e-3", *small)
+    assert r.returncode == 2 and "stage.head_lr=0.001 is for the task head" in r.stderr, r.stderr[-2000:]
     # a student with nothing to train (no layer, frozen embeddings, a head without weights): one clear error
     r = cli(tmp_path, "stage=cut", "stage.layers=0", f"teacher.path={teacher_dir}", "teacher.pooling=mean", "logger=none")
     assert r.returncode == 0, r.stderr[-3000:]

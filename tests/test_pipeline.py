@@ -48,8 +48,11 @@ def test_a_step_seed_at_null_keeps_the_keys_of_steps_computed_before_it_existed(
     # so does distill's extra_text (none: as before it existed); its sources' files join the key's inputs
     cfg.stage.seed = None
     without = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg.stage).items()
-                                if k not in ("extra_text", "extra_limit")})
+                                if k not in ("extra_text", "extra_limit", "head_epochs", "head_lr")})
     assert step_key("distill", without, cfg, {}) == unset
+    cfg.stage.head_lr = 1e-3  # (head_epochs and head_lr likewise: keyed only when set)
+    assert step_key("distill", cfg.stage, cfg, {}) != unset
+    cfg.stage.head_lr = None
     cfg.stage.extra_text = ["rte:test"]
     from tdlight.stages.pipeline import step_inputs
     assert step_key("distill", cfg.stage, cfg, {}) != unset

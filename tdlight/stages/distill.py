@@ -55,7 +55,8 @@ class DistillModule(GlueModule):
     def __init__(self, student: nn.Module, teacher: nn.Module, task, *, intermediate_epochs: int,
                  pairs: list[tuple[int, int]], weights: dict[str, float], temperature: float,
                  gold_weight: float, lr: float, intermediate_lr: float, weight_decay: float, warmup_ratio: float,
-                 train_embeddings: bool, relative_losses: bool = False, head_epochs: int = 0):
+                 train_embeddings: bool, relative_losses: bool = False, head_epochs: int = 0,
+                 head_lr: float | None = None):
         super().__init__(student, task, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
         # not a submodule: the teacher is neither trained, nor checkpointed, nor moved by optimizers
         object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
@@ -68,7 +69,7 @@ class DistillModule(GlueModule):
         if not train_embeddings:
             self.model.base_model.embeddings.requires_grad_(False)
             train_compressed_embeddings(self.model)  # a compressed word-embedding table is trained back
-        self.head_epochs = head_epochs
+        self.head_epochs, self.head_lr = head_epochs, head_lr
         # what the student trains outside its head: frozen during the head-only epochs (see on_train_epoch_start)
         self._body = [p for p in body_parameters(self.model) if p.requires_grad]
 
@@ -135,9 +136,9 @@ class DistillModule(GlueModule):
             super().log_results(results)
 
     def configure_optimizers(self):
-        # the base lr is phase 2's (stage.lr): the optimizer, its checkpoints and the logged lr hold the
-        # real rate; phase 1 runs at stage.intermediate_lr through the factor lr1 / lr2
-        opt = adamw(self.model, self.lr, self.weight_decay)
+        # the base lr is phase 2's (stage.lr; the head's stage.head_lr): the optimizer, its checkpoints and the
+        # logged lr hold the real rate; phase 1 runs at stage.intermediate_lr through the factor lr1 / lr2
+        opt = adamw(self.model, self.lr, self.weight_decay, head_lr=self.head_lr)
         per_epoch = self.steps_per_epoch  # set by the stage, as total_steps (see classifier.training_steps)
         p1 = per_epoch * self.intermediate_epochs
         total = self.total_steps
@@ -225,9 +226,10 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
         raise TdlightError(f"{where}.head_epochs={st.head_epochs} is more than {where}.prediction_epochs="
                            f"{st.prediction_epochs}: the head-only epochs are the first prediction epochs; valid: "
                            f"0..{st.prediction_epochs}")
-    if st.head_epochs and pair_reading(cfg, task)["pair_encoding"] == "bi":
-        raise TdlightError(f"{where}.head_epochs={st.head_epochs} trains the task head alone, and a bi-encoder's head "
-                           "has no weight (task.pair_encoding=bi: the cosine of two embeddings); valid: head_epochs=0")
+    if (st.head_epochs or st.head_lr is not None) and pair_reading(cfg, task)["pair_encoding"] == "bi":
+        name, value, valid = (("head_epochs", st.head_epochs, "0") if st.head_epochs else ("head_lr", st.head_lr, "null"))
+        raise TdlightError(f"{where}.{name}={value} is for the task head, and a bi-encoder's head has no weight "
+                           f"(task.pair_encoding=bi: the cosine of two embeddings); valid: {name}={valid}")
     if st.augment and st.gold_weight > 0:
         raise TdlightError(f"{where}.augment=true makes examples without a trustworthy gold label: "
                            f"use {where}.gold_weight=0 (soft targets only) with augmentation")
@@ -287,7 +289,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
         temperature=st.temperature, gold_weight=st.gold_weight, lr=st.lr,
         intermediate_lr=st.intermediate_lr if st.intermediate_lr is not None else st.lr,
         weight_decay=st.weight_decay, warmup_ratio=st.warmup_ratio, train_embeddings=st.train_embeddings,
-        relative_losses=st.relative_losses, head_epochs=st.head_epochs,
+        relative_losses=st.relative_losses, head_epochs=st.head_epochs, head_lr=st.head_lr,
     )
     module.monitor = monitor(task, st.select_by)
     if not any(p.requires_grad for p in module.model.parameters()):  # (else: autograd's error at the first step)
@@ -317,7 +319,8 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     out = {"stage": "distill", **summary, "dev": results, "score": results["score"], "pairs": pairs,
            "intermediate_epochs": st.intermediate_epochs, "prediction_epochs": st.prediction_epochs,
            "lr": st.lr, "gold_weight": st.gold_weight, "temperature": st.temperature,
-           "train_embeddings": st.train_embeddings, "head_epochs": st.head_epochs, "seed": seed,
+           "train_embeddings": st.train_embeddings, "head_epochs": st.head_epochs, "head_lr": st.head_lr,
+           "seed": seed,
            "extra_text": list(st.extra_text), "extra_examples": dm.extra_examples,
            "selected_by": module.monitor, "epoch_seconds": fitted.epoch_seconds, "global_step": fitted.trainer.global_step, "train_examples": n}
     return training.finish(run_dir, fitted, out, model=module.model, tokenizer=tokenizer,

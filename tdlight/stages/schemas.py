@@ -198,6 +198,8 @@ class DistillStage:
     # the first head_epochs prediction epochs train the task head alone on the frozen student (linear probing),
     # the rest the whole student (LP-FT): a new head learns what the student's features say before they move
     head_epochs: int = ranged("an integer ≥ 0", 0)
+    # the task head's rate in phase 2 (null: lr): a new head on a lossy student may want a larger one than the body
+    head_lr: Optional[float] = ranged("> 0", None)
     train_embeddings: bool = False  # the embedding matrices stay frozen by default
     augment: bool = False  # TinyBERT-style word replacement: augment_copies copies of each train example, cached to disk
     augment_method: AugmentMethod = AugmentMethod.neighbours

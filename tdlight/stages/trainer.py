@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from tdlight.errors import TdlightError
 from tdlight.model.surgery import nonfinite_tensors
+from tdlight.model.teacher import head_state
 from tdlight.stages.loggers import build_loggers
 
 log = logging.getLogger("tdlight")
@@ -269,11 +270,16 @@ class RestoreRng(Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda_rng"])
 
 
-def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, without weight decay on biases and LayerNorms."""
-    decay, no_decay = [], []
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, head_lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, without weight decay on biases and LayerNorms; the task head
+    (:func:`~tdlight.model.teacher.head_state`) at ``head_lr`` when given, in groups of its own (a
+    schedule's factor scales every group's rate alike)."""
+    head = set(head_state(model)) if head_lr is not None else set()
+    groups: dict[tuple[bool, bool], list] = {(h, d): [] for h in (False, True) for d in (True, False)}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+            decays = not (name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name)
+            groups[name in head, decays].append(p)
+    return torch.optim.AdamW([{"params": ps, "weight_decay": weight_decay if d else 0.0,
+                               **({"lr": head_lr} if h else {})}
+                              for (h, d), ps in groups.items() if ps or not h], lr=lr)
