@@ -173,6 +173,9 @@ def test_a_decomposition_is_keyed_by_the_task_only_when_its_fit_reads_the_tasks_
     assert "task" not in decompose.keyed_nodes(OmegaConf.create({"fit": "weights", "calibration_files": "task"}))
     assert "task" not in decompose.keyed_nodes(OmegaConf.create({"fit": "outputs", "calibration_files": None}))
     assert "task" in STAGES["distill"].keyed_nodes(OmegaConf.create({}))
+    # pretraining reads the task only when it reconstructs on the task's text
+    assert "task" in STAGES["pretrain"].keyed_nodes(OmegaConf.create({"train_files": "task"}))
+    assert "task" not in STAGES["pretrain"].keyed_nodes(OmegaConf.create({"train_files": "wiki.txt.gz"}))
 
 
 def test_a_sweep_trial_tags_its_own_steps_and_tags_the_shared_teacher_shared(tmp_path, teacher_dir):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import cli, compose_cfg, crash_at, runs
+from tests.conftest import GLUE, cli, compose_cfg, crash_at, needs_data, runs
 
 QUICK = ["stage.max_length=16", "stage.batch_size=4", "stage.max_steps=6", "stage.val_every_n_steps=3",
          "stage.max_heldout_sequences=8", "stage.shuffle_buffer=16", "trainer=cpu", "trainer.enable_progress_bar=false"]
@@ -33,6 +34,25 @@ def test_pretrain_reduces_heldout_loss_and_feeds_distill(pretrain_inputs, teache
 
     assert get_encoder(student).compression.rank_in == 8
     assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+@needs_data
+def test_pretrain_on_the_tasks_own_text(pretrain_inputs, teacher_dir, tmp_path):
+    """stage.train_files=task reconstructs the teacher on the task's training text: one example a line
+    (a pair's two sentences joined), cached by the hash of the text and named in metrics.json."""
+    from tdlight.data.glue import task_text
+
+    out, dec, files = pretrain_inputs
+    r = cli(tmp_path, "stage=pretrain", "task=rte", f"teacher.path={teacher_dir}", f"stage.student={dec}",
+            "logger=none", files[1], "stage.train_files=task", *QUICK)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = runs(tmp_path, "pretrain")
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["steps"] == 6
+    text = Path(m["train_files"])
+    assert text.parent == tmp_path / "cache" / "calibration" and text.name.startswith("rte-")
+    lines = text.read_text().splitlines()
+    assert lines == task_text("rte", "train", data_dir=GLUE) and len(lines) == 2490
 
 
 def test_pretrain_resume_equals_uninterrupted(pretrain_inputs, teacher_dir, tmp_path):
@@ -61,6 +81,8 @@ def test_pretrain_bad_input(pretrain_inputs, teacher_dir, tmp_path):
                        (["stage.student=" + str(dec), "stage.steps=6"], "'stage.steps' was renamed (override "
                                                                         "'stage.steps=6'); valid: stage.max_steps"),
                        (["stage.student=" + str(dec), "stage.train_files=/no/such.txt"], "/no/such.txt"),
+                       (["stage.student=" + str(dec), "stage.train_files=task"],
+                        "stage.train_files=task reconstructs the teacher on the task's training text: add task="),
                        ([], "needs a student")):
         r = cli(tmp_path, "stage=pretrain", f"teacher.path={teacher_dir}", *files, *QUICK, *extra)
         assert r.returncode == 2, r.stderr[-2000:]

@@ -42,7 +42,6 @@ from rich.table import Table
 from tdlight.config import compression_spec, task_options
 from tdlight.data.corpus.datamodule import CorpusDataModule
 from tdlight.data.corpus.files import resolve_corpus_files
-from tdlight.data.glue import task_text
 from tdlight.data.vocab import token_stats
 from tdlight.console import FILE_ONLY
 from tdlight.errors import TdlightError
@@ -54,7 +53,7 @@ from tdlight.model.surgery import compress, count_parameters, encoder_shape, enc
 from tdlight.model.teacher import load_teacher, teacher_shape
 from tdlight.stages.loggers import build_loggers, end_loggers, log_metrics
 from tdlight.stages.registry import settings
-from tdlight.stages.runs import check_positions, check_teacher_weights, teacher_source
+from tdlight.stages.runs import TASK_TEXT, check_positions, check_teacher_weights, task_text_file, teacher_source
 from tdlight.stages.schemas import DecomposeStage, Fit
 from tdlight.stages.trainer import build_trainer
 from tdlight.stages.refine import RefineModule, heldout_error
@@ -66,7 +65,6 @@ from tdlight.tensor.variants import variant_of
 log = logging.getLogger("tdlight.decompose")
 
 METRICS = "metrics.json"  # what every stage's finished run reports in
-TASK_TEXT = "task"  # stage.calibration_files=task: the task's own training text
 FIT_KEYS = ("fit", "calibration_files", "calibration_sequences", "calibration_max_length", "calibration_damp",
             "fit_iters", "fit_passes", "fit_refit", "fit_bias", "heldout_files", "heldout_batches", "batch_size")
 REFINE_KEYS = ("refine_steps", "refine_lr", "refine_max_length", "refine_files", "batch_size", "heldout_files",
@@ -164,7 +162,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                                 "stage.refine_max_length": st.refine_max_length if refine else None})
     if outputs and st.calibration_files == TASK_TEXT:
         # the file's name holds a hash of its text: the decomposition cache key follows the task and its data
-        st.calibration_files = str(task_calibration_file(cfg))
+        st.calibration_files = str(task_text_file(cfg))
     tokens = _embedding_tokens(cfg, st, spec, tokenizer, shape.vocab_size, console)
     if tokens is not None and spec.vocab is not None:  # the kept vocabulary's size, now that its text is read
         rspec = resolve(spec, shape, vocab_size=int(tokens.kept_ids().numel()))
@@ -317,7 +315,7 @@ def _embedding_tokens(cfg: DictConfig, st: DecomposeStage, spec, tokenizer, voca
         if cfg.get("task") is None:
             raise TdlightError(f"{what}={TASK_VOCAB} reads the task's training text: add task=<name>; "
                                f"valid: {task_options()}")
-        source = str(task_calibration_file(cfg))
+        source = str(task_text_file(cfg))
     t0 = time.perf_counter()
     stats = token_stats(tokenizer, source, vocab_size, what=what, max_chars=limit)
     seen = int((stats.counts > 0).sum())
@@ -348,19 +346,6 @@ def _refine(cfg: DictConfig, st: DecomposeStage, student, teacher, tokenizer, ru
                   f"({st.refine_steps} steps of {st.batch_size}x{st.refine_max_length} tokens)")
     return {"steps": st.refine_steps, "layer_error_before": before, "layer_error_after": after,
             "tokens": st.refine_steps * st.batch_size * st.refine_max_length}
-
-
-def task_calibration_file(cfg: DictConfig) -> Path:
-    """The task's training text as a calibration file, ``<cache_dir>/calibration/<task>-<hash of the text>.txt``
-    (written once; an existing file of the same text is reused)."""
-    task = cfg.task.name
-    lines = task_text(task, "train", data_dir=Path(cfg.paths.data_dir) / "glue", source=cfg.task.source)
-    text = "\n".join(lines) + "\n"
-    path = Path(cfg.paths.cache_dir) / "calibration" / f"{task}-{hashlib.sha1(text.encode()).hexdigest()[:12]}.txt"
-    if not path.is_file():
-        atomic_write_text(path, text)
-    log.info("calibration text: the %d training examples of %s (%s)", len(lines), task, path)
-    return path
 
 
 def _check_fit(cfg: DictConfig, st: DecomposeStage, where: str = "stage") -> None:

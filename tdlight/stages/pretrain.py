@@ -24,6 +24,7 @@ from torch import nn
 
 from tdlight.data.corpus.datamodule import CorpusDataModule
 from tdlight.data.corpus.files import resolve_corpus_files
+from tdlight.config import task_options
 from tdlight.errors import TdlightError
 from tdlight.model.capture import forward_with_scores
 from tdlight.model.embedding import train_compressed_embeddings
@@ -33,7 +34,7 @@ from tdlight.model.teacher import load_model, load_teacher, resolve_teacher
 from tdlight.stages import training
 from tdlight.stages.classifier import MODEL_INPUTS, model_summary
 from tdlight.stages.registry import settings
-from tdlight.stages.runs import check_positions, student_source, teacher_source
+from tdlight.stages.runs import TASK_TEXT, check_positions, student_source, task_text_file, teacher_source
 from tdlight.stages.trainer import adamw
 from tdlight.stages.losses import intermediate_loss, layer_map
 
@@ -99,8 +100,11 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
     corpus files, and the student and teacher given — unless ``wired`` (a pipeline fills them from
     steps that have not run yet)."""
     st = settings(cfg)
+    if st.train_files == TASK_TEXT and cfg.get("task") is None:
+        raise TdlightError(f"{where}.train_files={TASK_TEXT} reconstructs the teacher on the task's training text: add "
+                           f"task=<name>; valid: {task_options()}")
     for name in ("train_files", "heldout_files"):
-        if getattr(st, name):
+        if getattr(st, name) and not (name == "train_files" and st.train_files == TASK_TEXT):
             resolve_corpus_files(getattr(st, name), what=f"{where}.{name}")
     if "stage.student" not in wired:
         student_source(cfg)
@@ -131,7 +135,9 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
                            "teacher's own; valid: a student with at least one layer (stage=distill trains this one)")
     pairs = layer_map(st.layer_map, ls, lt)
     check_positions(student, **{"stage.max_length": st.max_length})
-    dm = CorpusDataModule(tokenizer, train_files=st.train_files, heldout_files=st.heldout_files or None,
+    # train_files=task: the task's training text, one example a line (pairs joined), packed like any corpus
+    train_files = str(task_text_file(cfg)) if st.train_files == TASK_TEXT else st.train_files
+    dm = CorpusDataModule(tokenizer, train_files=train_files, heldout_files=st.heldout_files or None,
                           max_length=st.max_length, batch_size=st.batch_size, seed=cfg.seed,
                           num_workers=st.num_workers, shuffle_buffer=st.shuffle_buffer,
                           max_heldout_sequences=st.max_heldout_sequences)
@@ -150,7 +156,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
                           extra_callbacks=extra_callbacks)
     trainer = fitted.trainer
     tokens = trainer.global_step * trainer.accumulate_grad_batches * st.batch_size * st.max_length * trainer.world_size
-    out = {"stage": "pretrain", **summary, "steps": trainer.global_step, "tokens": tokens,
+    out = {"stage": "pretrain", **summary, "steps": trainer.global_step, "tokens": tokens, "train_files": train_files,
            "heldout_loss": module.val_loss, "pairs": pairs}
     return training.finish(run_dir, fitted, out, model=module.model, tokenizer=tokenizer,
                            model_extra={"teacher": source, "student": student_dir}, table=results_table)

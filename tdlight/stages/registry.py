@@ -96,6 +96,11 @@ class StageRecord:
         return (run_dir / self.artifact).exists() and (run_dir / self.result).is_file()
 
 
+def _reads_task_text(stage_cfg) -> bool:
+    """Reconstruction pretraining on the task's own training text (``train_files=task``)."""
+    return stage_cfg.get("train_files") == "task"
+
+
 def _fits_task_text(stage_cfg) -> bool:
     """A decomposition fitted to the layer outputs on the task's own training text (see
     :func:`tdlight.data.glue.task_text`)."""
@@ -117,7 +122,7 @@ STAGES: dict[str, StageRecord] = {r.name: r for r in (
     StageRecord("cut", CutStage, reads=("teacher",), reads_if=((_sized_by_compression, "compression"),),
                 resumable=False, consumes=(Input("teacher.run_dir", ("finetune",), when=_finetuned_teacher),)),
     # (pretrain reconstructs the teacher it was decomposed, or cut, from)
-    StageRecord("pretrain", PretrainStage, reads=("teacher", "seed", "trainer"),
+    StageRecord("pretrain", PretrainStage, reads=("teacher", "seed", "trainer"), reads_task_if=_reads_task_text,
                 consumes=(Input("stage.student", ("decompose", "cut")),
                           Input("teacher.run_dir", ("finetune",), when=_finetuned_teacher))),
     StageRecord("distill", DistillStage, reads=("task", "seed", "trainer"), reads_task_data=True,

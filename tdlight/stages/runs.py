@@ -10,17 +10,24 @@ continues the same W&B run), and the artifact the next stage reads (``model/``) 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tdlight.data.glue import task_text
 from tdlight.errors import RunError, TdlightError
 from tdlight.files import atomic_write_text
 from tdlight.model.families import max_tokens
 from tdlight.stages.trainer import CHECKPOINTS, LAST, RunIdentity
+
+log = logging.getLogger("tdlight.runs")
+
+TASK_TEXT = "task"  # decompose's calibration_files=task, pretrain's train_files=task: the task's own training text
 
 def saved_config(run_dir: str | os.PathLike) -> DictConfig:
     """The composed config a run was started with (``.hydra/config.yaml``)."""
@@ -132,3 +139,17 @@ def student_source(cfg: DictConfig) -> str:
         raise TdlightError(f"stage.student={src!r} is neither a {'/'.join(STUDENT_STAGES)} run directory nor a model "
                            "directory (with tdlight.json, or a dense model's config.json)")
     return src
+
+
+def task_text_file(cfg: DictConfig) -> Path:
+    """The task's training text (one example a line, a pair's sentences joined) as a corpus file,
+    ``<cache_dir>/calibration/<task>-<hash of the text>.txt`` — what ``TASK_TEXT`` names in a stage's
+    text setting; written once, an existing file of the same text reused."""
+    task = cfg.task.name
+    lines = task_text(task, "train", data_dir=Path(cfg.paths.data_dir) / "glue", source=cfg.task.source)
+    text = "\n".join(lines) + "\n"
+    path = Path(cfg.paths.cache_dir) / "calibration" / f"{task}-{hashlib.sha1(text.encode()).hexdigest()[:12]}.txt"
+    if not path.is_file():
+        atomic_write_text(path, text)
+    log.info("the task's text: the %d training examples of %s (%s)", len(lines), task, path)
+    return path

@@ -140,6 +140,7 @@ class PretrainStage:
 
     name: str = "pretrain"
     student: str = ""  # a decompose run directory or a compressed model directory
+    # files, globs or a list; "task": the task's own training text (one example a line, packed like a corpus)
     train_files: Any = "${paths.data_dir}/pretrain_corpus/enwiki_2015_wikiextractor_AA.txt.gz"
     heldout_files: Any = "${paths.data_dir}/pretrain_corpus/wikitext103_heldout/wiki.valid.tokens.gz"
     max_length: int = ranged("an integer ≥ 3", 128)
