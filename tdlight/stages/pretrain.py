@@ -22,9 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 from torch import nn
 
+from tdlight.config import task_options
 from tdlight.data.corpus.datamodule import CorpusDataModule
 from tdlight.data.corpus.files import resolve_corpus_files
-from tdlight.config import task_options
 from tdlight.errors import TdlightError
 from tdlight.model.capture import forward_with_scores
 from tdlight.model.embedding import train_compressed_embeddings
