@@ -75,14 +75,16 @@ def step_inputs(step: str, stage_cfg, cfg: DictConfig) -> list:
     stamps: list = []
     if STAGES[step].reads_task(stage_cfg) and cfg.get("task") is not None:
         task = get_task(cfg.task.name)
-        sources = [lambda split=split: (task, split) for split in task.splits]
-        # distill's extra inputs (stage.extra_text), from other tasks' files too
-        sources += [lambda text=text: extra_text_source(text, task) for text in stage_cfg.get("extra_text") or ()]
-        for source in sources:
+        sources = [(task, split) for split in task.splits]
+        for text in stage_cfg.get("extra_text") or ():  # distill's extra inputs, from other tasks' files too
             try:
-                t, split = source()
+                sources.append(extra_text_source(text, task))
+            except TdlightError:  # a bad entry: the stage's error to report, not the key's
+                continue
+        for t, split in sources:
+            try:
                 kind, path = resolve_source(t, split, Path(cfg.paths.data_dir) / "glue", cfg.task.source)
-            except TdlightError:  # a split that is not there, a bad entry: the stage's error to report, not the key's
+            except TdlightError:  # a split that is not there: likewise
                 continue
             stamps.append(file_stamp(path) if kind == "local" else {"hub": f"{t.name}/{split}"})
 

@@ -29,6 +29,7 @@ log = logging.getLogger("tdlight.runs")
 
 TASK_TEXT = "task"  # decompose's calibration_files=task, pretrain's train_files=task: the task's own training text
 
+
 def saved_config(run_dir: str | os.PathLike) -> DictConfig:
     """The composed config a run was started with (``.hydra/config.yaml``)."""
     p = Path(run_dir)

@@ -275,6 +275,8 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float, head_lr: float
     (:func:`~tdlight.model.teacher.head_state`) at ``head_lr`` when given, in groups of its own (a
     schedule's factor scales every group's rate alike)."""
     head = set(head_state(model)) if head_lr is not None else set()
+    # (the body's decay and no-decay groups always exist, empty or not, as before head_lr: a checkpoint's
+    # optimizer state written then still resumes; the head's only when it has parameters)
     groups: dict[tuple[bool, bool], list] = {(h, d): [] for h in (False, True) for d in (True, False)}
     for name, p in model.named_parameters():
         if p.requires_grad:
