@@ -10,6 +10,9 @@ Never imports tdlight itself (a directory's modeling file does, as it would for 
 directory it first checks that transformers refuses it without ``trust_remote_code`` (or loads it:
 a plain HF directory), then prints the accuracy and the share of the most frequent prediction, and
 loads it in sentence-transformers when it has a ``modules.json``. docs/RESULTS.md §10a.
+The tokenizer is loaded with ``trust_remote_code=True`` as well, as the README says a user should:
+transformers' ``AutoTokenizer`` reads ``config.json`` first, whose ``AutoConfig`` is the modeling
+file's, and without the flag stops to ask whether to run it (then falls back to the tokenizer it names).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def stsb(a) -> None:
     st.max_seq_length = a.max_length
     u, v = (st.encode([r[i] for r in rows], convert_to_tensor=True, batch_size=64) for i in (0, 1))
     by_st = (5 * torch.nn.functional.cosine_similarity(u, v)).tolist()
-    tok = transformers.AutoTokenizer.from_pretrained(a.model)
+    tok = transformers.AutoTokenizer.from_pretrained(a.model, trust_remote_code=True)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(a.model, trust_remote_code=True).eval()
     by_hf = []
     for i in range(0, len(rows), 64):
@@ -97,7 +100,6 @@ def main() -> None:
     if a.task == "stsb":
         return stsb(a)
     rows = sst2_dev(Path(a.data_dir))
-    tok = transformers.AutoTokenizer.from_pretrained(a.tokenizer or a.model)
     if a.model.endswith(".onnx"):
         import onnxruntime as ort
 
@@ -121,6 +123,8 @@ def main() -> None:
             with torch.no_grad():
                 return model(**enc).logits.numpy()
         kind, tensors = type(model).__name__, "pt"
+    # after the refusal check above: once a modeling file has run, tdlight is imported and registers its types
+    tok = transformers.AutoTokenizer.from_pretrained(a.tokenizer or a.model, trust_remote_code=True)
     preds = []
     for i in range(0, len(rows), 64):
         enc = tok([t for t, _ in rows[i:i + 64]], padding=True, truncation=True, max_length=a.max_length,

@@ -2,7 +2,9 @@
 JSON job file the way a user outside tdlight would, and write what came out (tests/test_artifact.py).
 
 All loads without ``trust_remote_code`` come first: once a modeling file has run, tdlight is imported
-and has registered its model types, after which transformers reads them without the flag (rightly)."""
+and has registered its model types, after which transformers reads them without the flag (rightly).
+A directory given ``texts`` is also read by ``AutoTokenizer`` (with the flag: it reads config.json
+first), its ids written for each text."""
 
 import json
 import sys
@@ -10,6 +12,7 @@ import sys
 import torch
 import transformers
 
+WITH_FLAG = "--- loads with trust_remote_code=True ---"
 job = json.loads(open(sys.argv[1]).read())
 out = {d["path"]: {} for d in job["dirs"]}
 for d in job["dirs"]:
@@ -19,6 +22,12 @@ for d in job["dirs"]:
     except ValueError as e:
         r["refused"] = str(e)
 assert "tdlight" not in sys.modules
+print(WITH_FLAG, flush=True)  # what transformers prints after this line comes from loads given the flag
+# the tokenizers first, while no modeling file has run: AutoTokenizer reads config.json (whose AutoConfig is
+# the modeling file's) before the tokenizer's files, so it needs the flag as the models do (README)
+for d in (d for d in job["dirs"] if d.get("texts")):
+    tok = transformers.AutoTokenizer.from_pretrained(d["path"], trust_remote_code=True)
+    out[d["path"]]["ids"] = [tok(t)["input_ids"] for t in d["texts"]]
 for d in job["dirs"]:
     r = out[d["path"]]
     feeds = {k: torch.tensor(v) for k, v in d["feeds"].items()}

@@ -95,7 +95,7 @@ def test_every_directory_loads_outside_tdlight_with_the_same_outputs(tmp_path, t
     sentences = ["w1 w2 w3 w4", "w7 w8", "w50 w51 w52 w53 w54 w55 w56"]
     kinds = _kinds(tmp_path)
     job = {"dirs": [{"path": str(path), "auto": auto, "feeds": {k: v.tolist() for k, v in feeds.items()},
-                     "resave": str(tmp_path / f"{name}-resaved"),
+                     "resave": str(tmp_path / f"{name}-resaved"), "texts": sentences,
                      "sentences": sentences if name in ("teacher", "student") else None}
                     for name, path, auto, _ in kinds]}
     (tmp_path / "job.json").write_text(json.dumps(job))
@@ -104,10 +104,14 @@ def test_every_directory_loads_outside_tdlight_with_the_same_outputs(tmp_path, t
                            str(tmp_path / "job.json"), str(tmp_path / "out.json")], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the loads without the flag stop to ask (and are refused); none given the flag does, the tokenizer's included
+    assert "--- loads with trust_remote_code=True ---" in proc.stdout
+    assert "Do you wish to run the custom code" not in proc.stdout.split("--- loads with trust_remote_code=True ---")[1]
     out = json.loads((tmp_path / "out.json").read_text())
     tok = tiny_tokenizer(tmp_path)
     for name, path, auto, model in kinds:
         r = out[str(path)]
+        assert r["ids"] == [tok(t)["input_ids"] for t in sentences], name  # AutoTokenizer, flag given
         needs = name != "plain"
         assert ("refused" in r) == needs, (name, r.get("plain_class"))
         if needs:

@@ -223,9 +223,10 @@ def modeling_source(model: nn.Module) -> str:
 
     return f'''"""Loads this tdlight model directory in transformers (written by tdlight {__version__}):
 
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
     model = AutoModelForSequenceClassification.from_pretrained(<this directory>, trust_remote_code=True)
     encoder = AutoModel.from_pretrained(<this directory>, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(<this directory>, trust_remote_code=True)  # reads config.json too
 
 Its weights are tdlight's (a compressed encoder and/or a classifier on the mean of the last hidden
 states), which transformers' own classes would misread. These classes come from the tdlight
