@@ -8,6 +8,13 @@ classifier reads (its own pooling: [CLS] pooler or masked mean; near 1 = every i
 same to the head), the standard deviation of its logits, and — with ``--head-from`` — of the
 logits the head of that run's model gives on these pooled states (what a student that copies
 the teacher's head starts from). Prints a Markdown table.
+
+    python benchmarks/pooled_spread.py --task cola --n 0 --probe 4000 LABEL=MODEL [LABEL=MODEL ...]
+
+``--probe N`` adds a linear probe: a logistic regression (scikit-learn, standardized features) fitted
+on the pooled states of the first N training examples, scored on the dev examples with the task's
+GLUE score, balanced accuracy and top share — what a linear head can read from the features alone,
+whatever the model's own head learned (docs/RESULTS.md §12e, §12h). ``--n 0``: the whole dev split.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tdlight.data.glue import get_task, load_split  # noqa: E402
+from tdlight.data.metrics import glue_metrics, prediction_stats  # noqa: E402
 from tdlight.model.pooling import pooling_of  # noqa: E402
 from tdlight.model.teacher import load_classifier  # noqa: E402
 
@@ -30,7 +38,15 @@ def _model_dir(p: str) -> str:
 
 
 @torch.no_grad()
-def pooled_and_logits(model, tokenizer, texts: list[tuple[str, ...]], max_length: int):
+def pooled_and_logits(model, tokenizer, texts: list[tuple[str, ...]], max_length: int, batch: int = 64):
+    """:func:`pooled_batch` over ``texts`` in batches of ``batch`` (one padded batch for all of them would
+    pad every short text to the longest)."""
+    parts = [pooled_batch(model, tokenizer, texts[i:i + batch], max_length) for i in range(0, len(texts), batch)]
+    return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+
+
+@torch.no_grad()
+def pooled_batch(model, tokenizer, texts: list[tuple[str, ...]], max_length: int):
     """The pooled states the classifier reads and the logits: ``base_model.pooler``'s output (BERT), else
     the last hidden states as a first-token head reads them (their masked mean under mean pooling, the
     first token otherwise: RoBERTa, ELECTRA, MPNet, DeBERTa, DistilBERT)."""
@@ -61,6 +77,19 @@ def mean_pairwise_cosine(x: torch.Tensor) -> float:
     return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
 
 
+def linear_probe(task, train_x: torch.Tensor, train_y, dev_x: torch.Tensor, dev_y) -> dict[str, float]:
+    """A logistic regression on standardized features, fitted on (train_x, train_y) and read on the dev set:
+    the task's metrics and :func:`~tdlight.data.metrics.prediction_stats` (balanced accuracy, top share)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    clf.fit(train_x.double().numpy(), list(train_y))
+    pred = clf.predict(dev_x.double().numpy())
+    return {**glue_metrics(task, pred, list(dev_y)), **prediction_stats(task, pred, list(dev_y))}
+
+
 def head_logits(head_model, pooled: torch.Tensor) -> torch.Tensor:
     """``head_model``'s classifier applied to pooled states (BERT: dropout then a linear; a head that reads
     the first token of the hidden states gets them as a one-token sequence)."""
@@ -74,7 +103,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", help="LABEL=RUN_OR_MODEL_DIR")
     p.add_argument("--task", default="sst2")
-    p.add_argument("--n", type=int, default=128)
+    p.add_argument("--n", type=int, default=128, help="dev examples (0: all)")
+    p.add_argument("--probe", type=int, default=0, metavar="N",
+                   help="fit a linear probe on the first N training examples' pooled states (0: no probe)")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "glue"))
     p.add_argument("--pooling", default=None, choices=["cls", "mean"],
@@ -82,13 +113,24 @@ def main() -> None:
     p.add_argument("--head-from", default=None, help="a fine-tuned run whose head is applied to every model's pooled states")
     args = p.parse_args()
     task = get_task(args.task)
-    split = task.validation_splits[0]
-    ds = load_split(task, split, data_dir=args.data_dir, source="local").select(range(args.n))
-    texts = [tuple(ds[i][c] for c in task.text_columns) for i in range(len(ds))]
+    if args.n < 0 or args.probe < 0:
+        p.error(f"--n={args.n}, --probe={args.probe}; valid: integers ≥ 0")
+    if args.probe and task.is_regression:
+        p.error(f"--probe fits a classifier; task {task.name} is a regression (valid: a classification task)")
+
+    def examples(split: str, n: int):
+        ds = load_split(task, split, data_dir=args.data_dir, source="local")
+        ds = ds.select(range(min(n, len(ds)))) if n else ds
+        return [tuple(ds[i][c] for c in task.text_columns) for i in range(len(ds))], ds["label"]
+
+    texts, labels = examples(task.validation_splits[0], args.n)
+    train_texts, train_labels = examples("train", args.probe) if args.probe else ([], [])
     head = load_classifier(_model_dir(args.head_from), task.num_labels)[0] if args.head_from else None
     cols = ["model", "pooled states: mean pairwise cosine", "logit std (own head)"]
     if head is not None:
         cols.append(f"logit std ({args.head_from} head)")
+    if args.probe:
+        cols.append(f"linear probe ({len(train_texts)} train): score / balanced / top share")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for item in args.models:
@@ -98,7 +140,11 @@ def main() -> None:
         row = [label, f"{mean_pairwise_cosine(pooled):.3f}", f"{float(logits.float().std(0).mean()):.3f}"]
         if head is not None:
             row.append(f"{float(head_logits(head, pooled).float().std(0).mean()):.3f}")
-        print("| " + " | ".join(row) + " |")
+        if args.probe:
+            train_pooled, _ = pooled_and_logits(model, tok, train_texts, args.max_length)
+            r = linear_probe(task, train_pooled, train_labels, pooled, labels)
+            row.append(f"{r['score']:.3f} / {r['balanced_accuracy']:.3f} / {r['top_share']:.3f}")
+        print("| " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":
