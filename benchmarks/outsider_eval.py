@@ -1,7 +1,8 @@
-"""SST-2 dev accuracy of a model directory or ONNX file, read the way a user outside tdlight reads it;
+"""SST-2 dev accuracy (CoLA: Matthews correlation) of a model directory or ONNX file, read the way a user
+outside tdlight reads it;
 or the STS-B dev score of a bi-encoder directory (task.pair_encoding=bi).
 
-    python benchmarks/outsider_eval.py <model dir>                  # transformers (trust_remote_code)
+    python benchmarks/outsider_eval.py <model dir> [--task cola]    # transformers (trust_remote_code)
     python benchmarks/outsider_eval.py <model.onnx> --tokenizer <model dir>   # ONNX Runtime
     python benchmarks/outsider_eval.py <bi-encoder dir> --task stsb # sentence-transformers and transformers
     python benchmarks/outsider_eval.py <bi-encoder.onnx> --task stsb --tokenizer <its dir>   # ONNX Runtime
@@ -24,6 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import transformers
+
+
+def cola_dev(data_dir: Path) -> list[tuple[str, int]]:
+    """CoLA's dev sentences and labels (no header; source, label, original mark, sentence)."""
+    with gzip.open(data_dir / "glue" / "CoLA" / "dev.tsv.gz", "rt") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [(r[3], int(r[1])) for r in rows]
 
 
 def sst2_dev(data_dir: Path) -> list[tuple[str, int]]:
@@ -95,11 +103,11 @@ def main() -> None:
     ap.add_argument("--tokenizer", help="tokenizer directory (an ONNX file has none)")
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--task", choices=("sst2", "stsb"), default="sst2")
+    ap.add_argument("--task", choices=("sst2", "cola", "stsb"), default="sst2")
     a = ap.parse_args()
     if a.task == "stsb":
         return stsb(a)
-    rows = sst2_dev(Path(a.data_dir))
+    rows = (cola_dev if a.task == "cola" else sst2_dev)(Path(a.data_dir))
     if a.model.endswith(".onnx"):
         import onnxruntime as ort
 
@@ -130,9 +138,15 @@ def main() -> None:
         enc = tok([t for t, _ in rows[i:i + 64]], padding=True, truncation=True, max_length=a.max_length,
                   return_tensors=tensors)
         preds += logits(enc).argmax(-1).tolist()
-    acc = np.mean([p == g for p, (_, g) in zip(preds, rows)])
+    gold = [g for _, g in rows]
     top = max(preds.count(c) for c in set(preds)) / len(preds)
-    print(f"{a.model} ({kind}): SST-2 dev accuracy {acc:.4f} over {len(rows)}, top-prediction share {top:.3f}")
+    if a.task == "cola":
+        from sklearn.metrics import matthews_corrcoef
+
+        score = f"CoLA dev Matthews correlation {matthews_corrcoef(gold, preds):.4f}"
+    else:
+        score = f"SST-2 dev accuracy {np.mean([p == g for p, g in zip(preds, gold)]):.4f}"
+    print(f"{a.model} ({kind}): {score} over {len(rows)}, top-prediction share {top:.3f}")
     if not a.model.endswith(".onnx") and (Path(a.model) / "modules.json").is_file():
         from sentence_transformers import SentenceTransformer
 
