@@ -59,14 +59,17 @@ class TeacherConfig:
 def _schema_of(spec: type, schema_name: str, ranges: dict[str, str] | None = None, **first) -> type:
     """A config schema with the fields (names, types, defaults) of the dataclass ``spec`` after
     ``first``: the spec stays the one place its keys are written. OmegaConf 2.3 reads ``Optional[X]``
-    but not ``X | None``, so the hints are rewritten."""
+    but not ``X | None``, so the hints are rewritten (an optional mapping: ``Any``)."""
     import types
     import typing
 
     def hint(t):
         if isinstance(t, types.UnionType) and type(None) in t.__args__:
             (inner,) = [a for a in t.__args__ if a is not type(None)]
-            return Optional[inner]
+            # A mapping defaulting to None is Any here: OmegaConf 2.3 cannot merge a command-line
+            # {attention: 24} into a None Dict node, nor add keys to an empty one under Hydra's struct
+            # flag. Its values are checked where the spec is resolved (tdlight.tensor.spec).
+            return Any if typing.get_origin(inner) is dict else Optional[inner]
         return t
 
     hints = typing.get_type_hints(spec)

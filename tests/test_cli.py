@@ -47,6 +47,21 @@ def test_decompose_writes_a_loadable_model_and_report(tmp_path, teacher_dir):
     assert model.bert.encoder.compression.rank_in == 8
 
 
+def test_group_banks_from_the_command_line(tmp_path, teacher_dir):
+    """A bank per group (attention keeps all 8 cores, the FFN shares 2), solved to the preset's ratio;
+    saved with the model, which loads with those banks."""
+    r = run_cli(tmp_path, "stage=decompose", f"teacher.path={teacher_dir}", "compression=paper_1_7",
+                "compression.grouping=type", "compression.group_banks={attention:8,ffn:2}", "compression.target_ratio=1.5")
+    assert r.returncode == 0, r.stderr
+    (run,) = run_dirs(tmp_path)
+    report = json.loads((run / "metrics.json").read_text())
+    assert report["spec"]["banks"] == {"attention": 8, "ffn": 2} and report["ratio"] >= 1.5
+    import tdlight
+
+    model = tdlight.load_compressed(run / "model")
+    assert dict(model.bert.encoder.compression.banks) == {"attention": 8, "ffn": 2}
+
+
 @pytest.mark.parametrize("preset", ["paper_1_7", "shared", "lowrank"])
 def test_presets_resolve_on_any_teacher(tmp_path, teacher_dir, preset):
     r = run_cli(tmp_path, f"teacher.path={teacher_dir}", f"compression={preset}", "stage.save_model=false")
@@ -90,6 +105,11 @@ def test_multirun_gives_one_run_dir_per_job(tmp_path, teacher_dir):
     (["compression.rnak=3"], "'compression' has no key 'rnak'; did you mean rank?"),
     (["compression.rank=abc"], "could not be converted to Integer"),
     (["compression=nope"], "nope"),
+    (["compression.grouping=type", "compression.rank=8", "compression.group_banks={attn:2}"],
+     "group_banks names group 'attn', which grouping='type' does not have; valid groups: attention (n=8), ffn (n=16)"),
+    (["compression.grouping=type", "compression.rank=8", "compression.group_banks={ffn:17}"],
+     "group_banks['ffn']=17; valid: an integer in [1, 16]"),
+    (["compression.grouping=type", "compression.group_banks={ffn:x}"], "group_banks['ffn']='x'; valid: an integer"),
     # a 2-layer D=32 encoder is mostly biases and LayerNorms: 1/48 cannot be reached
     (["compression=paper_1_48"], "target_ratio=48.0 is out of reach"),
     (["stage=nope"], "nope"),

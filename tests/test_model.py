@@ -25,6 +25,7 @@ SPECS = [
     CompressionSpec(variant="shared", rank=6),
     CompressionSpec(variant="lowrank", rank_in=4, rank_out=6),
     CompressionSpec(variant="tucker", rank=8, bank=6, grouping="type"),
+    CompressionSpec(variant="tucker", rank=8, bank=6, grouping="type", group_banks={"attention": 8, "ffn": 3}),
     CompressionSpec(variant="tucker", rank=8, bank=6, grouping="layers", layers_per_group=1),
     CompressionSpec(variant="tucker", rank=8, bank=6, scope="attention"),
     CompressionSpec(variant="shared", rank=8, scope="ffn"),
@@ -421,6 +422,41 @@ def test_paper_presets_resolve_on_minilm_shape():
     assert param_counts(shape, bigger)["ratio"] < 48  # the largest rank that reaches the target
     # an explicit rank on the command line beats a preset's ratio
     assert resolve(CompressionSpec(variant="tucker", rank=64, rank_ratio=0.5, bank=36), shape).rank_in == 64
+
+
+def test_group_banks_move_the_budget_between_groups_at_the_same_ratio():
+    """group_banks beats bank / bank_ratio for the groups it names; with target_ratio the rank is solved
+    for those banks, so attention can keep every core while the FFN shares a few, at the preset's ratio."""
+    from tdlight.tensor.spec import EncoderShape, resolve
+
+    shape = EncoderShape(6, 384, 1536, 30522, 512, 2)
+    base = dict(variant="tucker", grouping="type", bank_ratio=0.5, target_ratio=7.06)
+    even = resolve(CompressionSpec(**base), shape)
+    assert even.banks == {"attention": 12, "ffn": 24}
+    attn = resolve(CompressionSpec(**base, group_banks={"attention": 24, "ffn": 6}), shape)
+    assert attn.banks == {"attention": 24, "ffn": 6}
+    assert param_counts(shape, attn)["ratio"] >= 7.06  # the same budget, spent otherwise
+    assert resolve(CompressionSpec(**base, group_banks={"attention": 24}), shape).banks == {"attention": 24, "ffn": 24}
+    assert resolve(CompressionSpec(variant="tucker", grouping="type", rank=8, bank=5, group_banks={"ffn": 40}),
+                   shape).banks == {"attention": 5, "ffn": 40}
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(grouping="type", group_banks={"attn": 3}), r"group_banks names group 'attn', which grouping='type' does not "
+                                                    r"have; valid groups: attention \(n=24\), ffn \(n=48\)"),
+    (dict(group_banks={"attention": 3}), r"which grouping='none' does not have; valid groups: encoder \(n=72\) "
+                                        r"\(set grouping=type or layers"),
+    (dict(grouping="type", group_banks={"attention": 25}), r"group_banks\['attention'\]=25; valid: an integer in \[1, 24\]"),
+    (dict(grouping="type", group_banks={"ffn": 0}), r"group_banks\['ffn'\]=0; valid: an integer in \[1, 48\]"),
+    (dict(grouping="type", group_banks=[3, 4]), r"group_banks=\[3, 4\]; valid: a mapping of group name to bank size"),
+    (dict(variant="shared", group_banks={"encoder": 3}), r"group_banks=\{'encoder': 3\} only applies to variant 'tucker'"),
+])
+def test_group_banks_refusals_name_the_value_and_what_is_valid(kw, message):
+    from tdlight.errors import SpecError
+    from tdlight.tensor.spec import EncoderShape, resolve
+
+    with pytest.raises(SpecError, match=message):
+        resolve(CompressionSpec(**{"variant": "tucker", "rank": 8, **kw}), EncoderShape(6, 384, 1536, 30522, 512, 2))
 
 
 @pytest.mark.parametrize("spec", [None] + SPECS, ids=lambda s: "dense" if s is None else f"{s.variant}-{s.scope}-{s.grouping}")

@@ -3,9 +3,11 @@
 A :class:`CompressionSpec` may state ranks absolutely (``rank``, ``rank_in``, ``rank_out``,
 ``bank``), as fractions of the teacher (``rank_ratio`` = d/D, ``bank_ratio`` = k/n of a
 group) so that presets apply to any teacher size, or as a ``target_ratio`` of the encoder
-(the largest rank whose encoder compression ratio still reaches the target). When several
+(the largest rank whose encoder compression ratio still reaches the target). ``group_banks``
+sets k of the groups it names (``{attention: 24, ffn: 12}`` under ``grouping=type``): with
+``target_ratio``, a lower ratio for one block type at the same total ratio. When several
 are set, the most explicit wins: rank_in/rank_out > rank > target_ratio > rank_ratio, and
-bank > bank_ratio; so ``compression.rank=64`` overrides a preset's ratio.
+group_banks > bank > bank_ratio; so ``compression.rank=64`` overrides a preset's ratio.
 :func:`resolve` turns it into a :class:`ResolvedSpec` of integers for one encoder shape.
 The types (:class:`CompressionSpec`, :class:`ResolvedSpec`, :class:`EncoderShape`) are plain data
 defined in :mod:`tdlight.tensor.spec_data`, below the accounting that reads them; import them from
@@ -46,6 +48,26 @@ def _check_ratio(name: str, value, lo: float, hi: float) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo < value <= hi):
         raise SpecError(f"{name}={value!r} is impossible: it must be a number in ({lo}, {hi}]")
+
+
+def _apply_group_banks(banks: dict[str, int], spec: CompressionSpec, layout: Layout, has_bank: bool) -> None:
+    """Set the bank of every group ``spec.group_banks`` names, each checked against the layout."""
+    sizes = {g: len(blocks) for g, blocks in layout.groups.items()}
+    valid = ", ".join(f"{g} (n={n})" for g, n in sizes.items())
+    if not isinstance(spec.group_banks, dict):
+        raise SpecError(f"group_banks={spec.group_banks!r}; valid: a mapping of group name to bank size k, "
+                        f"over the groups of grouping={layout.grouping!r}: {valid}")
+    if not has_bank:
+        raise SpecError(f"group_banks={spec.group_banks!r} only applies to {with_bank()}; variant "
+                        f"{spec.variant!r} has one core per matrix: leave it unset")
+    for g, k in spec.group_banks.items():
+        if g not in sizes:
+            hint = "" if layout.grouping != "none" else " (set grouping=type or layers to have several groups)"
+            raise SpecError(f"group_banks names group {g!r}, which grouping={layout.grouping!r} does not have; "
+                            f"valid groups: {valid}{hint}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= sizes[g]:
+            raise SpecError(f"group_banks[{g!r}]={k!r}; valid: an integer in [1, {sizes[g]}] (the blocks of group {g!r})")
+        banks[g] = k
 
 
 def resolve(spec: CompressionSpec, shape: EncoderShape, *, vocab_size: int | None = None) -> ResolvedSpec:
@@ -98,6 +120,8 @@ def resolve(spec: CompressionSpec, shape: EncoderShape, *, vocab_size: int | Non
             banks[g] = max(1, round(spec.bank_ratio * n))
         else:
             banks[g] = n
+    if spec.group_banks:
+        _apply_group_banks(banks, spec, layout, strategy.has_bank)
 
     # Ranks of the two factor modes. Precedence (so that a command-line override beats a
     # preset's ratio): rank_in / rank_out > rank > target_ratio > rank_ratio.

@@ -62,6 +62,7 @@ class CompressionSpec:
     rank_in: int | None = None
     rank_out: int | None = None
     bank: int | None = None  # k per group (tucker)
+    group_banks: dict[str, int] | None = None  # k of the groups it names (tucker), over bank / bank_ratio
     rank_ratio: float | None = None  # d / D
     bank_ratio: float | None = None  # k / n of each group
     target_ratio: float | None = None  # encoder compression ratio to reach
