@@ -396,7 +396,7 @@ keys most runs set:
   stage.KEY=VALUE                    the stage's settings; in a pipeline stage.STEP.KEY=VALUE
   stage.limit_train=N  stage.limit_eval=N      the first N examples (a pipeline: every step that reads the task)
   compression.rank=N  compression.bank=N  compression.embedding_rank=N
-  compression.group_banks={attention:K,ffn:K}  a bank per group (with compression.grouping=type)
+  compression.group_banks={{attention:K,ffn:K}}  a bank per group (with compression.grouping=type)
   teacher.path=DIR|NAME  teacher.run_dir=RUN   the teacher, or a fine-tuned one by its run directory
   trainer=cpu|gpu  trainer.devices=[N]         where training runs
   paths.output_dir=DIR               where run directories go (default outputs/)
