@@ -6,7 +6,7 @@ import csv
 import json
 import shutil
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from tdlight.config import ROOT
 from tdlight.model.execution import UNIT_MODES
@@ -57,6 +57,24 @@ def test_a_step_seed_at_null_keeps_the_keys_of_steps_computed_before_it_existed(
     from tdlight.stages.pipeline import step_inputs
     assert step_key("distill", cfg.stage, cfg, {}) != unset
     assert any("/RTE/test" in s.get("file", "") for s in step_inputs("distill", cfg.stage, cfg))
+
+
+def test_group_banks_at_null_keeps_the_decompose_keys_of_steps_computed_before_it_existed(tmp_path):
+    """compression.group_banks came after decompositions were cached: unset, a decompose step keeps the key it
+    had without the setting (an upgrade does not decompose again); set, it is another decomposition."""
+    from tdlight.stages.pipeline import step_key
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(tmp_path, "stage=pipeline", "task=cola", "experiment=cpu_7")
+    unset = step_key("decompose", cfg.stage.decompose, cfg, {})
+    before = compose_cfg(tmp_path, "stage=pipeline", "task=cola", "experiment=cpu_7")
+    with open_dict(before.compression):
+        del before.compression["group_banks"]
+    assert step_key("decompose", before.stage.decompose, before, {}) == unset
+    cfg.compression.grouping = "type"
+    typed = step_key("decompose", cfg.stage.decompose, cfg, {})
+    cfg.compression.group_banks = {"attention": 24}
+    assert step_key("decompose", cfg.stage.decompose, cfg, {}) not in (unset, typed)
 
 
 def test_tiny_pipeline_end_to_end_and_reuse(pretrain_inputs, teacher_dir, tmp_path):

@@ -50,10 +50,10 @@ STUDENT_STEPS = ("decompose", "cut")  # what makes the student: exactly one of t
 # SHA-256) of the files it reads (step_inputs).
 NEVER_KEYED = ("enable_progress_bar", "log_every_n_steps", "name")
 # settings whose value here means "as before the setting existed" (a step's own seed: null is the run's seed,
-# keyed on its own; task.pair_encoding: cross; distill's extra_text: none, head_epochs: 0, head_lr: null): left out of the key at that value, so steps computed before
-# keep their keys
+# keyed on its own; task.pair_encoding: cross; distill's extra_text: none, head_epochs: 0, head_lr: null;
+# compression.group_banks: null): left out of the key at that value, so steps computed before keep their keys
 KEYED_UNLESS = {"seed": None, "pair_encoding": "cross", "extra_text": [], "extra_limit": None,
-                "head_epochs": 0, "head_lr": None}
+                "head_epochs": 0, "head_lr": None, "group_banks": None}
 
 
 def _clean(node) -> object:
