@@ -448,6 +448,7 @@ def test_group_banks_move_the_budget_between_groups_at_the_same_ratio():
                                         r"\(set grouping=type or layers"),
     (dict(grouping="type", group_banks={"attention": 25}), r"group_banks\['attention'\]=25; valid: an integer in \[1, 24\]"),
     (dict(grouping="type", group_banks={"ffn": 0}), r"group_banks\['ffn'\]=0; valid: an integer in \[1, 48\]"),
+    (dict(grouping="type", group_banks=0), r"group_banks=0; valid: a mapping of group name to bank size"),
     (dict(grouping="type", group_banks=[3, 4]), r"group_banks=\[3, 4\]; valid: a mapping of group name to bank size"),
     (dict(variant="shared", group_banks={"encoder": 3}), r"group_banks=\{'encoder': 3\} only applies to variant 'tucker'"),
 ])

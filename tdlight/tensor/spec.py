@@ -36,6 +36,7 @@ from tdlight.tensor.spec_data import (
     CompressionSpec,
     EncoderShape,
     ResolvedSpec,
+    check_bank,
     check_embedding,
 )
 from tdlight.tensor.variants import variant_of, with_bank
@@ -65,8 +66,7 @@ def _apply_group_banks(banks: dict[str, int], spec: CompressionSpec, layout: Lay
             hint = "" if layout.grouping != "none" else " (set grouping=type or layers to have several groups)"
             raise SpecError(f"group_banks names group {g!r}, which grouping={layout.grouping!r} does not have; "
                             f"valid groups: {valid}{hint}")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= sizes[g]:
-            raise SpecError(f"group_banks[{g!r}]={k!r}; valid: an integer in [1, {sizes[g]}] (the blocks of group {g!r})")
+        check_bank(f"group_banks[{g!r}]={k!r}", k, sizes[g])
         banks[g] = k
 
 
@@ -120,7 +120,7 @@ def resolve(spec: CompressionSpec, shape: EncoderShape, *, vocab_size: int | Non
             banks[g] = max(1, round(spec.bank_ratio * n))
         else:
             banks[g] = n
-    if spec.group_banks:
+    if spec.group_banks is not None:
         _apply_group_banks(banks, spec, layout, strategy.has_bank)
 
     # Ranks of the two factor modes. Precedence (so that a command-line override beats a

@@ -148,8 +148,7 @@ class ResolvedSpec:
         if set(out.banks) != set(groups):
             raise SpecError(f"banks for groups {sorted(out.banks)}; valid: one per group {sorted(groups)}")
         for g, k in out.banks.items():
-            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(groups[g]):
-                raise SpecError(f"bank of group {g!r} = {k!r}; valid: an integer in [1, {len(groups[g])}]")
+            check_bank(f"bank of group {g!r} = {k!r}", k, len(groups[g]))
         check_embedding(out.embedding_rank, out.vocab, out.embedding_weighting, shape)
         if out.vocab is not None:
             v = out.vocab_size
@@ -163,6 +162,12 @@ class ResolvedSpec:
 
 EMBEDDING_KEYS = ("embedding_rank", "vocab", "vocab_size", "embedding_weighting")
 TASK_VOCAB = "task"  # compression.vocab=task: the task's own training text
+
+
+def check_bank(what: str, k, n: int) -> None:
+    """A group's bank size k: an integer in [1, n] (its blocks), else refused as ``what`` says."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise SpecError(f"{what}; valid: an integer in [1, {n}]")
 
 
 def check_embedding(rank, vocab, weighting, shape: EncoderShape) -> None:
