@@ -77,6 +77,22 @@ def test_group_banks_at_null_keeps_the_decompose_keys_of_steps_computed_before_i
     assert step_key("decompose", cfg.stage.decompose, cfg, {}) not in (unset, typed)
 
 
+def test_class_weights_at_null_keeps_the_finetune_keys_of_teachers_computed_before_it_existed(tmp_path):
+    """stage.finetune.class_weights came after teachers were cached: unset, a finetune step keeps its key (an
+    upgrade does not fine-tune again); balanced is another teacher."""
+    from tdlight.stages.pipeline import step_key
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(tmp_path, "stage=pipeline", "task=cola", "experiment=cpu_7")
+    unset = step_key("finetune", cfg.stage.finetune, cfg, {})
+    before = compose_cfg(tmp_path, "stage=pipeline", "task=cola", "experiment=cpu_7")
+    with open_dict(before.stage.finetune):
+        del before.stage.finetune["class_weights"]
+    assert step_key("finetune", before.stage.finetune, before, {}) == unset
+    cfg.stage.finetune.class_weights = "balanced"
+    assert step_key("finetune", cfg.stage.finetune, cfg, {}) != unset
+
+
 def test_tiny_pipeline_end_to_end_and_reuse(pretrain_inputs, teacher_dir, tmp_path):
     _, _, files = pretrain_inputs
     args = ["stage=pipeline", "task=mrpc", f"teacher.path={teacher_dir}", "compression.rank=8", "compression.bank=12",

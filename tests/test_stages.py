@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import SMALL, cli, compose_cfg, crash_at, runs, tdlight
+from tests.conftest import GLUE, SMALL, cli, compose_cfg, crash_at, runs, tdlight, tiny_config
 
 
 def weights(model_dir: Path) -> dict:
@@ -209,6 +209,16 @@ def test_resume_overrides_are_checked_against_the_runs_own_stage_and_kept_only_w
         (["stage=finetune", "task=cola", "teacher.run_dir=/no/such/run"], "does not exist"),
         (["resume=/no/such/run"], "does not exist"),
         (["stage=finetune", "task=cola", "logger=csv", "trainer.precision=17"], "invalid trainer settings"),
+        # class weights: a name that is none, a list of the wrong length or sign, a regression task
+        (["stage=finetune", "task=cola", "stage.class_weights=inverse"],
+         "stage.class_weights='inverse' is not a class weighting; valid: ['none', 'balanced'] or a list of 2"),
+        (["stage=finetune", "task=cola", "stage.class_weights=[1,2,3]"],
+         "stage.class_weights=[1, 2, 3]: valid: ['none', 'balanced'] or a list of 2 positive numbers"),
+        (["stage=finetune", "task=rte", "stage.class_weights=[1,0]"], "a list of 2 positive numbers, one per class"),
+        (["stage=finetune", "task=stsb", "stage.class_weights=balanced"],
+         "task=stsb is a regression (MSE on a score), it has no classes to weight"),
+        (["stage=pipeline", "task=cola", "compression.rank=8", "stage.finetune.class_weights=[2]"],
+         "stage.finetune.class_weights=[2]: valid"),
         # packed calibration sequences longer than the tiny teacher's 64 positions: one error naming the limit,
         # not a tensor-size traceback
         (["stage=decompose", "compression.rank=8", "stage.fit=outputs", "stage.calibration_max_length=512"],
@@ -245,6 +255,62 @@ def test_finetune_stops_early_after_patience_epochs_without_a_better_dev_score(t
     assert m["warmup_ratio"] == 0.1  # the task's default (conf/task/mrpc.yaml, else the schema's)
     assert "stopping after 2 without a better dev score" in (run / "tdlight.log").read_text()
     assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_class_weights_balanced_are_computed_from_the_examples_trained_on_and_weight_the_loss(tmp_path, teacher_dir):
+    """stage.class_weights=balanced: n / (classes × count) over the first 48 CoLA training labels (scikit-learn's
+    formula, written out here), recorded in metrics.json and the log; unset, no weights are recorded."""
+    from tdlight.data.glue import get_task, local_file, read_tsv
+
+    r = cli(tmp_path, "stage=finetune", "task=cola", f"teacher.path={teacher_dir}", "stage.epochs=1",
+            "stage.class_weights=balanced", "logger=csv", *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = runs(tmp_path, "finetune")
+    labels = read_tsv("cola", "train", local_file(get_task("cola"), "train", GLUE))["label"][:48]
+    counts = [labels.count(c) for c in (0, 1)]
+    assert min(counts) > 0 and counts[0] != counts[1]  # CoLA leans to acceptable: the weights differ
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["class_weights"] == pytest.approx([48 / (2 * c) for c in counts])
+    assert "class weights [" in (run / "tdlight.log").read_text()
+    r = cli(tmp_path / "plain", "stage=finetune", "task=cola", f"teacher.path={teacher_dir}", "stage.epochs=1",
+            "logger=csv", *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (plain,) = runs(tmp_path / "plain", "finetune")
+    assert json.loads((plain / "metrics.json").read_text())["class_weights"] is None
+
+
+def test_weighted_training_loss_is_torchs_weighted_cross_entropy_and_equal_weights_change_nothing():
+    """GlueModule's training loss with class weights: torch's weighted mean (each example's loss × its class's
+    weight, over the summed weights); equal weights give the model's own loss; the dev loss stays unweighted."""
+    import torch.nn.functional as F
+    from transformers import BertForSequenceClassification
+
+    from tdlight.data.glue import get_task
+    from tdlight.stages.classifier import GlueModule, class_weights
+
+    task = get_task("cola")
+    torch.manual_seed(0)
+    tiny_model = BertForSequenceClassification(tiny_config(num_labels=2))
+    batch = {"input_ids": torch.randint(5, 90, (6, 10)), "attention_mask": torch.ones(6, 10, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 1, 1, 1, 0])}
+    tiny_model.eval()  # no dropout: the same logits each call
+    plain = GlueModule(tiny_model, task)
+    logits = plain(batch)
+    own = plain.training_step(batch, 0)
+    assert float(own) == pytest.approx(float(F.cross_entropy(logits, batch["labels"])), rel=1e-5)
+    equal = GlueModule(tiny_model, task, class_weights=torch.tensor([3.0, 3.0]))
+    assert float(equal.training_step(batch, 0)) == pytest.approx(float(own), rel=1e-5)
+    w = class_weights("balanced", task, batch["labels"].tolist())
+    assert w.tolist() == pytest.approx([6 / 4, 6 / 8])
+    per = F.cross_entropy(logits, batch["labels"], reduction="none")
+    expected = (per * w[batch["labels"]]).sum() / w[batch["labels"]].sum()
+    weighted = GlueModule(tiny_model, task, class_weights=w)
+    assert float(weighted.training_step(batch, 0)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(weighted.training_step(batch, 0)) != pytest.approx(float(own), rel=1e-3)
+    assert class_weights(None, task, []) is None and class_weights("none", task, []) is None
+    assert class_weights([1, 2.5], task, []).tolist() == [1.0, 2.5]
+    with pytest.raises(Exception, match=r"no \['1'\] example"):
+        class_weights("balanced", task, [0, 0, 0])
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path, teacher_dir):

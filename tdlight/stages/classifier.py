@@ -13,7 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -44,15 +44,17 @@ class GlueModule(L.LightningModule):
     """
 
     def __init__(self, model: nn.Module, task, *, lr: float | None = None, weight_decay: float | None = None,
-                 warmup_ratio: float | None = None):
+                 warmup_ratio: float | None = None, class_weights: torch.Tensor | None = None):
         """``lr``, ``weight_decay``, ``warmup_ratio``: the stage's settings (their defaults are the
         schema's, :mod:`tdlight.stages.schemas`, never restated here); None for a module that only
-        evaluates."""
+        evaluates. ``class_weights``: one per class, weighting the training loss (:func:`class_weights`);
+        the dev loss stays the plain gold-label loss, comparable across runs."""
         super().__init__()
 
         self.model = model
         self.task = task
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.register_buffer("class_weights", class_weights, persistent=False)
         self.val_metrics = nn.ModuleList([GlueMetric(task) for _ in task.validation_splits])
         self.total_steps: int | None = None  # set by the stage (see training_steps)
         self.results: dict[str, float] = {}
@@ -69,9 +71,12 @@ class GlueModule(L.LightningModule):
         return self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self.model(**{k: batch[k] for k in MODEL_INPUTS + ("labels",) if k in batch})
-        self.log("train/loss", out.loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["labels"]))
-        return out.loss
+        if self.class_weights is None:  # the model's own loss (HF's: cross-entropy, MSE for regression)
+            loss = self.model(**{k: batch[k] for k in MODEL_INPUTS + ("labels",) if k in batch}).loss
+        else:
+            loss = gold_loss(self(batch), batch["labels"], weight=self.class_weights)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["labels"]))
+        return loss
 
     def on_validation_epoch_start(self) -> None:
         self._t0 = time.perf_counter()
@@ -185,6 +190,56 @@ def monitor(task, select_by) -> str:
     — except for a regression task, which has no classes and is selected by its score."""
     key = getattr(select_by, "value", select_by)
     return "val/score" if key == "score" or task.is_regression else f"val/{key}"
+
+
+CLASS_WEIGHTS = ("none", "balanced")
+
+
+def check_class_weights(value, task, key: str = "stage.class_weights") -> None:
+    """``value`` is a valid ``class_weights`` for ``task``: null or ``none`` (plain cross-entropy), ``balanced``,
+    or one positive number per class; a regression task takes none. Refused naming the value and what is valid."""
+    value = getattr(value, "value", value)
+    if value is None or value == "none":
+        return
+    if task.is_regression:
+        raise TdlightError(f"{key}={value!r}: task={task.name} is a regression (MSE on a score), it has no classes "
+                           "to weight; valid: null")
+    if isinstance(value, str):
+        if value not in CLASS_WEIGHTS:
+            raise TdlightError(f"{key}={value!r} is not a class weighting; valid: {list(CLASS_WEIGHTS)} or a list of "
+                               f"{task.num_labels} positive numbers, one per class {list(task.labels)}")
+        return
+    items = list(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else None
+    if (items is None or len(items) != task.num_labels
+            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+                       for w in items)):
+        shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        raise TdlightError(f"{key}={shown!r}: valid: {list(CLASS_WEIGHTS)} or a list of {task.num_labels} positive "
+                           f"numbers, one per class {list(task.labels)} of task={task.name}")
+
+
+def class_weights(value, task, labels, key: str = "stage.class_weights") -> torch.Tensor | None:
+    """The per-class weights of the training loss that ``value`` names (see :func:`check_class_weights`):
+    None for plain cross-entropy; ``balanced``: n / (classes × count of the class) over ``labels`` (the training
+    split as trained on), scikit-learn's ``compute_class_weight("balanced")``, so that every class adds the same
+    total weight to an epoch; a list: as given."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    check_class_weights(value, task, key)
+    value = getattr(value, "value", value)
+    if value is None or value == "none":
+        return None
+    if value == "balanced":
+        import numpy as np
+
+        labels = np.asarray(labels)
+        absent = [task.labels[c] for c in range(task.num_labels) if not (labels == c).any()]
+        if absent:
+            raise TdlightError(f"{key}=balanced: the training examples have no {absent} example (of "
+                               f"{len(labels)}); balanced weights need every class; valid: none, or a list of "
+                               f"{task.num_labels} weights")
+        value = compute_class_weight("balanced", classes=np.arange(task.num_labels), y=labels)
+    return torch.tensor([float(w) for w in value], dtype=torch.float32)
 
 
 def task_settings(st, cfg: DictConfig, *keys: str) -> list:

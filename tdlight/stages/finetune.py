@@ -19,7 +19,7 @@ from tdlight.errors import TdlightError
 from tdlight.model.teacher import load_classifier, resolve_teacher
 from tdlight.stages import training
 from tdlight.stages.classifier import (
-    GlueModule, check_lengths, check_task_data, datamodule, model_summary, pair_reading, require_task, results_table,
+    GlueModule, check_class_weights, check_lengths, class_weights, check_task_data, datamodule, model_summary, pair_reading, require_task, results_table,
     task_settings, training_steps,
 )
 from tdlight.stages.registry import settings
@@ -35,6 +35,7 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
     if not task.splits.get("train"):
         raise TdlightError(f"task {task.name!r} has no training data (it is a test-only diagnostic set)")
     check_task_data(cfg, task, train=True)
+    check_class_weights(settings(cfg).class_weights, task, f"{where}.class_weights")
     if "teacher.run_dir" not in wired:
         resolve_teacher(teacher_source(cfg))
 
@@ -57,15 +58,17 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
                     num_workers=st.num_workers, seed=st.seed)
     dm.prepare_data()  # a missing or malformed data file fails here, before training starts
     dm.setup("fit")
-    module = GlueModule(model, task, lr=lr, weight_decay=st.weight_decay, warmup_ratio=warmup)
+    weights = class_weights(st.class_weights, task, dm.datasets["train"]["labels"])
+    module = GlueModule(model, task, lr=lr, weight_decay=st.weight_decay, warmup_ratio=warmup, class_weights=weights)
     summary = {"task": task.name, "teacher": source, **model_summary(model)}
 
     def schedule(trainer) -> None:
         module.total_steps = training_steps(trainer, len(dm.datasets["train"]), batch_size)
-        log.info("fine-tuning %s on %s: lr %g, %d epochs%s, batch %d, max length %d, warm-up %g, keeping the epoch "
+        log.info("fine-tuning %s on %s: lr %g, %d epochs%s, batch %d, max length %d, warm-up %g%s, keeping the epoch "
                  "of the best %s%s", source, task.name, lr, trainer.max_epochs,
                  f" (stopping after {patience} without a better dev score)" if patience else "", batch_size,
-                 max_length, warmup, watched, f", resuming from {ckpt}" if ckpt else "")
+                 max_length, warmup, "" if weights is None else f", class weights {[round(float(w), 4) for w in weights]}",
+                 watched, f", resuming from {ckpt}" if ckpt else "")
 
     watched = "val/score"  # the teacher keeps its GLUE score's best epoch (distill has stage.select_by)
     fitted = training.fit(cfg, run_dir, module, dm, ckpt=ckpt, max_epochs=epochs, monitor=watched,
@@ -74,7 +77,8 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     out = {
         "stage": "finetune", "task": task.name, "teacher": source, "dev": results, "score": results["score"],
         "lr": lr, "epochs": trainer.max_epochs, "epochs_run": trainer.current_epoch, "warmup_ratio": warmup,
-        "patience": patience, "selected_by": watched, "batch_size": batch_size, "max_length": max_length,
+        "patience": patience, "class_weights": None if weights is None else [float(w) for w in weights],
+        "selected_by": watched, "batch_size": batch_size, "max_length": max_length,
         "epoch_seconds": fitted.epoch_seconds, "global_step": trainer.global_step, **summary,
     }
     return training.finish(run_dir, fitted, out, model=module.model, tokenizer=tokenizer,

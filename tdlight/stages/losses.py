@@ -124,11 +124,14 @@ def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * T * T
 
 
-def gold_loss(logits: torch.Tensor, labels: torch.Tensor, *, regression: bool = False) -> torch.Tensor:
-    """The gold-label loss of HF's sequence classifiers: cross-entropy, or MSE for regression (STS-B)."""
+def gold_loss(logits: torch.Tensor, labels: torch.Tensor, *, regression: bool = False,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The gold-label loss of HF's sequence classifiers: cross-entropy, or MSE for regression (STS-B).
+    ``weight``: one weight per class (cross-entropy only), the batch's loss their weighted mean as torch's
+    ``cross_entropy(weight=)`` gives it (finetune's ``class_weights``)."""
     if regression:
         return F.mse_loss(logits.float().squeeze(-1), labels.float())
-    return F.cross_entropy(logits.float(), labels.long())
+    return F.cross_entropy(logits.float(), labels.long(), weight=None if weight is None else weight.float())
 
 
 def intermediate_loss(student: Internals, teacher: Internals, pairs: list[tuple[int, int]],

@@ -51,9 +51,9 @@ STUDENT_STEPS = ("decompose", "cut")  # what makes the student: exactly one of t
 NEVER_KEYED = ("enable_progress_bar", "log_every_n_steps", "name")
 # settings whose value here means "as before the setting existed" (a step's own seed: null is the run's seed,
 # keyed on its own; task.pair_encoding: cross; distill's extra_text: none, head_epochs: 0, head_lr: null;
-# compression.group_banks: null): left out of the key at that value, so steps computed before keep their keys
+# compression.group_banks: null; finetune's class_weights: null): left out of the key at that value, so steps computed before keep their keys
 KEYED_UNLESS = {"seed": None, "pair_encoding": "cross", "extra_text": [], "extra_limit": None,
-                "head_epochs": 0, "head_lr": None, "group_banks": None}
+                "head_epochs": 0, "head_lr": None, "group_banks": None, "class_weights": None}
 
 
 def _clean(node) -> object:

@@ -122,6 +122,9 @@ class FinetuneStage:
     weight_decay: float = ranged("≥ 0", 0.01)
     warmup_ratio: Optional[float] = ranged("in [0, 1)", None)
     patience: Optional[int] = ranged("an integer ≥ 1", None)  # stop after N epochs without a better dev score
+    # the training loss's class weights: null/none (plain cross-entropy), balanced (n / (classes × count) over the
+    # training examples: each class weighs the same), or one positive number per class; checked at the stage
+    class_weights: Any = None
     seed: Optional[int] = ranged("an integer ≥ 0", None)  # this step's draws (head, order, dropout); null: the run's seed
     eval_batch_size: int = ranged("an integer ≥ 1", 64)
     limit_train: Optional[int] = ranged("an integer ≥ 1", None)  # first N training examples (smoke runs, tests)
