@@ -1,8 +1,8 @@
-"""SST-2 dev accuracy (CoLA: Matthews correlation) of a model directory or ONNX file, read the way a user
-outside tdlight reads it;
-or the STS-B dev score of a bi-encoder directory (task.pair_encoding=bi).
+"""SST-2 dev accuracy (CoLA: Matthews correlation; MRPC: the mean of F1 and accuracy; RTE: accuracy) of a
+model directory or ONNX file, read the way a user outside tdlight reads it, with its balanced accuracy and
+top-prediction share; or the STS-B dev score of a bi-encoder directory (task.pair_encoding=bi).
 
-    python benchmarks/outsider_eval.py <model dir> [--task cola]    # transformers (trust_remote_code)
+    python benchmarks/outsider_eval.py <model dir> [--task cola|mrpc|rte]    # transformers (trust_remote_code)
     python benchmarks/outsider_eval.py <model.onnx> --tokenizer <model dir>   # ONNX Runtime
     python benchmarks/outsider_eval.py <bi-encoder dir> --task stsb # sentence-transformers and transformers
     python benchmarks/outsider_eval.py <bi-encoder.onnx> --task stsb --tokenizer <its dir>   # ONNX Runtime
@@ -27,17 +27,32 @@ import numpy as np
 import transformers
 
 
-def cola_dev(data_dir: Path) -> list[tuple[str, int]]:
+def _tsv(data_dir: Path, folder: str) -> list[list[str]]:
+    with gzip.open(data_dir / "glue" / folder / "dev.tsv.gz", "rt", encoding="utf-8-sig") as f:
+        return list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+def cola_dev(data_dir: Path) -> list[tuple[tuple[str, ...], int]]:
     """CoLA's dev sentences and labels (no header; source, label, original mark, sentence)."""
-    with gzip.open(data_dir / "glue" / "CoLA" / "dev.tsv.gz", "rt") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    return [(r[3], int(r[1])) for r in rows]
+    return [((r[3],), int(r[1])) for r in _tsv(data_dir, "CoLA")]
 
 
-def sst2_dev(data_dir: Path) -> list[tuple[str, int]]:
-    with gzip.open(data_dir / "glue" / "SST-2" / "dev.tsv.gz", "rt") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
-    return [(r[0], int(r[1])) for r in rows]
+def sst2_dev(data_dir: Path) -> list[tuple[tuple[str, ...], int]]:
+    return [((r[0],), int(r[1])) for r in _tsv(data_dir, "SST-2")[1:]]
+
+
+def mrpc_dev(data_dir: Path) -> list[tuple[tuple[str, ...], int]]:
+    """MRPC's dev pairs (header; quality 1 = paraphrase, two ids, the two sentences)."""
+    return [((r[3], r[4]), int(r[0])) for r in _tsv(data_dir, "MRPC")[1:]]
+
+
+def rte_dev(data_dir: Path) -> list[tuple[tuple[str, ...], int]]:
+    """RTE's dev pairs (header; index, sentence1, sentence2, label), class 0 = entailment as in GLUE."""
+    return [((r[1], r[2]), ["entailment", "not_entailment"].index(r[3])) for r in _tsv(data_dir, "RTE")[1:]]
+
+
+READERS = {"sst2": sst2_dev, "cola": cola_dev, "mrpc": mrpc_dev, "rte": rte_dev}
+MAX_LENGTH = {"sst2": 64, "cola": 64, "mrpc": 128, "rte": 128, "stsb": 64}  # the tasks' conf/task max_length
 
 
 def stsb_dev(data_dir: Path) -> list[tuple[str, str, float]]:
@@ -102,12 +117,13 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--tokenizer", help="tokenizer directory (an ONNX file has none)")
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--task", choices=("sst2", "cola", "stsb"), default="sst2")
+    ap.add_argument("--max-length", type=int, help="default: the task's own (64; MRPC and RTE: 128)")
+    ap.add_argument("--task", choices=(*READERS, "stsb"), default="sst2")
     a = ap.parse_args()
+    a.max_length = a.max_length or MAX_LENGTH[a.task]
     if a.task == "stsb":
         return stsb(a)
-    rows = (cola_dev if a.task == "cola" else sst2_dev)(Path(a.data_dir))
+    rows = READERS[a.task](Path(a.data_dir))
     if a.model.endswith(".onnx"):
         import onnxruntime as ort
 
@@ -135,18 +151,20 @@ def main() -> None:
     tok = transformers.AutoTokenizer.from_pretrained(a.tokenizer or a.model, trust_remote_code=True)
     preds = []
     for i in range(0, len(rows), 64):
-        enc = tok([t for t, _ in rows[i:i + 64]], padding=True, truncation=True, max_length=a.max_length,
-                  return_tensors=tensors)
+        texts = list(zip(*[t for t, _ in rows[i:i + 64]]))  # one list per column: a pair is two
+        enc = tok(*texts, padding=True, truncation=True, max_length=a.max_length, return_tensors=tensors)
         preds += logits(enc).argmax(-1).tolist()
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, matthews_corrcoef
+
     gold = [g for _, g in rows]
     top = max(preds.count(c) for c in set(preds)) / len(preds)
-    if a.task == "cola":
-        from sklearn.metrics import matthews_corrcoef
-
-        score = f"CoLA dev Matthews correlation {matthews_corrcoef(gold, preds):.4f}"
-    else:
-        score = f"SST-2 dev accuracy {np.mean([p == g for p, g in zip(preds, gold)]):.4f}"
-    print(f"{a.model} ({kind}): {score} over {len(rows)}, top-prediction share {top:.3f}")
+    accuracy = accuracy_score(gold, preds)
+    score = {"cola": f"CoLA dev Matthews correlation {matthews_corrcoef(gold, preds):.4f}",
+             "sst2": f"SST-2 dev accuracy {accuracy:.4f}", "rte": f"RTE dev accuracy {accuracy:.4f}",
+             "mrpc": f"MRPC dev score {(f1_score(gold, preds) + accuracy) / 2:.4f} (F1 {f1_score(gold, preds):.4f}, "
+                     f"accuracy {accuracy:.4f})"}[a.task]
+    print(f"{a.model} ({kind}): {score} over {len(rows)}, balanced accuracy "
+          f"{balanced_accuracy_score(gold, preds):.4f}, top-prediction share {top:.3f}")
     if not a.model.endswith(".onnx") and (Path(a.model) / "modules.json").is_file():
         from sentence_transformers import SentenceTransformer
 

@@ -395,6 +395,7 @@ keys most runs set:
   task=NAME                          the GLUE task (stages that train or evaluate a classifier)
   stage.KEY=VALUE                    the stage's settings; in a pipeline stage.STEP.KEY=VALUE
   stage.limit_train=N  stage.limit_eval=N      the first N examples (a pipeline: every step that reads the task)
+  stage.class_weights=balanced       finetune's loss weighted per class (none | balanced | [w0,w1,...])
   compression.rank=N  compression.bank=N  compression.embedding_rank=N
   compression.group_banks={{attention:K,ffn:K}}  a bank per group (with compression.grouping=type)
   teacher.path=DIR|NAME  teacher.run_dir=RUN   the teacher, or a fine-tuned one by its run directory
