@@ -366,7 +366,8 @@ def help_text() -> str:
         if d.is_dir():
             groups[d.name] = sorted(p.stem for p in d.glob("*.yaml"))
     width = max(len(g) for g in groups) + 2
-    group_lines = "\n".join(f"  {g + ':':<{width}}{', '.join(opts)}" for g, opts in groups.items())
+    follows = {"experiment_task": " (follows experiment= and task=; ~experiment_task: the preset without it)"}
+    group_lines = "\n".join(f"  {g + ':':<{width}}{', '.join(opts)}{follows.get(g, '')}" for g, opts in groups.items())
     return f"""usage: tdlight [GROUP=OPTION] [KEY=VALUE ...] [--multirun] [--cfg job]
        tdlight SUBCOMMAND ...
 

@@ -303,6 +303,11 @@ def check_overrides(overrides: list[str], stage: Optional[str], stage_schemas: d
         value = value.strip().strip("'\"")
         if not sep or o.startswith(("+", "~")) or key.startswith("hydra."):
             continue
+        if key == "experiment_task":  # a group chosen by the other two (conf/config.yaml), not by hand
+            raise TdlightError(f"override {o!r}: experiment_task follows experiment= and task= (the file "
+                               "conf/experiment_task/<experiment>_<task>.yaml, where there is one); valid: "
+                               "'~experiment_task' to run the preset without it, or override its keys "
+                               "(e.g. stage.distill.augment=false)")
         parts = key.split(".")
         schema: Optional[type] = Config
         for i, part in enumerate(parts):

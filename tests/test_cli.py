@@ -118,6 +118,9 @@ def test_multirun_gives_one_run_dir_per_job(tmp_path, teacher_dir):
     (["++compression.foo=1"], "'compression' has no key 'foo'"),
     (["stage=distill", "+stage.foo=2"], "'stage' has no key 'foo'"),
     (["+foo=3"], "the top level has no key 'foo'"),
+    # the preset's per-task settings follow experiment= and task=; chosen by hand they would be silently skipped
+    (["experiment=cpu_7", "task=cola", "experiment_task=null"], "valid: '~experiment_task' to run the preset without it"),
+    (["experiment=cpu_7", "task=sst2", "experiment_task=cpu_7_cola"], "experiment_task follows experiment= and task="),
     # renamed keys: the old spelling is refused by a message that names the new one
     (["device=cpu"], "'device' was renamed (override 'device=cpu'); valid: trainer.accelerator"),
     (["stage=finetune", "task=rte", "trainer.max_epochs=2"], "valid: the stage's epochs: stage.epochs (finetune)"),

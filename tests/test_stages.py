@@ -466,6 +466,36 @@ def test_training_steps_matches_lightning_estimate(n, batch, epochs, max_steps, 
     assert seen["ours"] == seen["lightning"]
 
 
+def test_a_presets_settings_for_one_task_apply_to_that_pair_only_and_give_way_to_the_command_line(tmp_path):
+    """conf/experiment_task/<experiment>_<task>.yaml: cpu_48 on MRPC and cpu_7 on CoLA distil on two augmented copies
+    (docs/RESULTS.md §12h, §12i); the same presets on other tasks, and other presets on those tasks, do not; a
+    command-line key wins; ~experiment_task gives the preset as it is."""
+    def augment(*o):
+        d = compose_cfg(tmp_path, *o).stage.distill
+        return d.augment, d.augment_copies
+
+    assert augment("experiment=cpu_48", "task=mrpc") == augment("experiment=cpu_7", "task=cola") == (True, 2)
+    for other in (("experiment=cpu_48", "task=sst2"), ("experiment=cpu_7", "task=mrpc"), ("experiment=cpu_48", "task=cola"),
+                  ("experiment=quickstart", "task=cola"), ("stage=pipeline", "task=cola"),
+                  ("experiment=cpu_7", "task=cola", "~experiment_task")):
+        assert augment(*other) == (False, 4), other
+    assert augment("experiment=cpu_7", "task=cola", "stage.distill.augment_copies=3") == (True, 3)
+    assert augment("experiment=cpu_48", "task=mrpc", "stage.distill.augment=false")[0] is False
+
+
+def test_every_per_task_preset_file_names_a_preset_and_a_task():
+    """The group is optional, so a misspelt file would never apply, silently: each name splits into exactly one
+    existing experiment and task."""
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    experiments = {p.stem for p in (conf / "experiment").glob("*.yaml")}
+    tasks = {p.stem for p in (conf / "task").glob("*.yaml")}
+    files = sorted((conf / "experiment_task").glob("*.yaml"))
+    assert files
+    for f in files:
+        splits = [(f.stem[:i], f.stem[i + 1:]) for i in range(len(f.stem)) if f.stem[i] == "_"]
+        assert len([s for s in splits if s[0] in experiments and s[1] in tasks]) == 1, f.name
+
+
 @pytest.mark.parametrize("name", ["paper_1_7", "paper_1_48", "no_pretrain", "no_distill", "variant_iii", "quickstart",
                                   "cpu_7", "cpu_48"])
 def test_experiment_presets_compose_and_resolve(tmp_path, name):
