@@ -215,5 +215,6 @@ def test_help_is_tdlights_own_page():
              else tdlight(flag))
         assert r.returncode == 0 and r.stderr == "", (flag, r.stderr[-2000:])
         for text in ("sweep-report SWEEP_DIR", "export-onnx MODEL_DIR", "plan MODEL_DIR", "dry_run=true", "--cfg job",
-                     "task:        cola", "experiment:", "quickstart", *STAGES):
+                     "task:            cola, mnli", "experiment:", "quickstart",
+                     "experiment_task: cpu_48_mrpc, cpu_7_cola (follows experiment= and task=", *STAGES):
             assert text in r.stdout, (flag, text)
