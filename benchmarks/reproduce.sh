@@ -15,7 +15,8 @@
 #         12 M weights more than the student trains — a generous peer
 #   gold  the same pipeline with stage.distill.gold_weight=1: the preset's decomposed, pretrained student
 #         fine-tuned on the gold labels instead of the teacher's soft targets, same epochs and lr — what
-#         distillation adds over plain fine-tuning of the same student
+#         distillation adds over plain fine-tuning of the same student (without the augmented copies a
+#         preset adds for some tasks, conf/experiment_task: a copy has no gold label)
 # Every pipeline writes its steps under $OUT (default outputs/repro), so the columns and the two ratios
 # share what they have in common (the teacher of a task, a decomposition) and a second copy of this
 # script waits for a step the first is computing instead of computing it twice. A column whose result
@@ -69,7 +70,7 @@ for col in $COLUMNS; do
         nopt) dist "$r" "$t" nopt "stage.steps=[finetune,decompose,distill,evaluate]";;
         peer) [[ ${PEER:-1} == 0 ]] || dist "$r" "$t" peer "stage.steps=[finetune,cut,pretrain,distill,evaluate]" \
                 $([[ $t == stsb && $r == 48 ]] && echo stage.distill.train_embeddings=true);;
-        gold) dist "$r" "$t" gold stage.distill.gold_weight=1;;
+        gold) dist "$r" "$t" gold stage.distill.gold_weight=1 stage.distill.augment=false;;
         *) echo "unknown column $col (valid: dist nopt dec peer gold)" >&2; exit 2;;
       esac
     done

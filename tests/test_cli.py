@@ -121,6 +121,9 @@ def test_multirun_gives_one_run_dir_per_job(tmp_path, teacher_dir):
     # the preset's per-task settings follow experiment= and task=; chosen by hand they would be silently skipped
     (["experiment=cpu_7", "task=cola", "experiment_task=null"], "valid: '~experiment_task' to run the preset without it"),
     (["experiment=cpu_7", "task=sst2", "experiment_task=cpu_7_cola"], "experiment_task follows experiment= and task="),
+    # gold labels on a preset that augments for this task: the refusal says how to turn the copies off
+    (["experiment=cpu_7", "task=cola", "stage.distill.gold_weight=1"],
+     "or stage.distill.augment=false for gold labels (a preset turns augmentation on for some tasks"),
     # renamed keys: the old spelling is refused by a message that names the new one
     (["device=cpu"], "'device' was renamed (override 'device=cpu'); valid: trainer.accelerator"),
     (["stage=finetune", "task=rte", "trainer.max_epochs=2"], "valid: the stage's epochs: stage.epochs (finetune)"),

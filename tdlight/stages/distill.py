@@ -232,7 +232,8 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
                            f"(task.pair_encoding=bi: the cosine of two embeddings); valid: {name}={valid}")
     if st.augment and st.gold_weight > 0:
         raise TdlightError(f"{where}.augment=true makes examples without a trustworthy gold label: "
-                           f"use {where}.gold_weight=0 (soft targets only) with augmentation")
+                           f"use {where}.gold_weight=0 (soft targets only) with augmentation, or {where}.augment=false "
+                           "for gold labels (a preset turns augmentation on for some tasks: conf/experiment_task)")
     if st.extra_text and st.gold_weight > 0:
         raise TdlightError(f"{where}.extra_text={list(st.extra_text)} adds examples without gold labels: "
                            f"use {where}.gold_weight=0 (soft targets only) with extra text")
