@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 
+import pytest
 from omegaconf import OmegaConf, open_dict
 
 from tdlight.config import ROOT
@@ -59,38 +60,31 @@ def test_a_step_seed_at_null_keeps_the_keys_of_steps_computed_before_it_existed(
     assert any("/RTE/test" in s.get("file", "") for s in step_inputs("distill", cfg.stage, cfg))
 
 
-def test_group_banks_at_null_keeps_the_decompose_keys_of_steps_computed_before_it_existed(tmp_path):
-    """compression.group_banks came after decompositions were cached: unset, a decompose step keeps the key it
-    had without the setting (an upgrade does not decompose again); set, it is another decomposition."""
+@pytest.mark.parametrize("step, node, key, value, grouping", [
+    # compression.group_banks came after decompositions were cached (set: another decomposition, also
+    # against the same grouping without it)
+    ("decompose", "compression", "group_banks", {"attention": 24}, "type"),
+    # stage.finetune.class_weights came after teachers were cached (balanced: another teacher)
+    ("finetune", "stage.finetune", "class_weights", "balanced", None),
+])
+def test_a_setting_at_null_keeps_the_keys_of_steps_computed_before_it_existed(tmp_path, step, node, key, value,
+                                                                               grouping):
+    """Unset, a step keeps the key it had before the setting existed (an upgrade does not compute it again);
+    set, it is another step."""
     from tdlight.stages.pipeline import step_key
     from tests.conftest import compose_cfg
 
     cfg = compose_cfg(tmp_path, "stage=pipeline", "task=cola", "experiment=cpu_7")
-    unset = step_key("decompose", cfg.stage.decompose, cfg, {})
+    unset = step_key(step, cfg.stage[step], cfg, {})
     before = compose_cfg(tmp_path, "stage=pipeline", "task=cola", "experiment=cpu_7")
-    with open_dict(before.compression):
-        del before.compression["group_banks"]
-    assert step_key("decompose", before.stage.decompose, before, {}) == unset
-    cfg.compression.grouping = "type"
-    typed = step_key("decompose", cfg.stage.decompose, cfg, {})
-    cfg.compression.group_banks = {"attention": 24}
-    assert step_key("decompose", cfg.stage.decompose, cfg, {}) not in (unset, typed)
-
-
-def test_class_weights_at_null_keeps_the_finetune_keys_of_teachers_computed_before_it_existed(tmp_path):
-    """stage.finetune.class_weights came after teachers were cached: unset, a finetune step keeps its key (an
-    upgrade does not fine-tune again); balanced is another teacher."""
-    from tdlight.stages.pipeline import step_key
-    from tests.conftest import compose_cfg
-
-    cfg = compose_cfg(tmp_path, "stage=pipeline", "task=cola", "experiment=cpu_7")
-    unset = step_key("finetune", cfg.stage.finetune, cfg, {})
-    before = compose_cfg(tmp_path, "stage=pipeline", "task=cola", "experiment=cpu_7")
-    with open_dict(before.stage.finetune):
-        del before.stage.finetune["class_weights"]
-    assert step_key("finetune", before.stage.finetune, before, {}) == unset
-    cfg.stage.finetune.class_weights = "balanced"
-    assert step_key("finetune", cfg.stage.finetune, cfg, {}) != unset
+    with open_dict(OmegaConf.select(before, node)):
+        del OmegaConf.select(before, node)[key]
+    assert step_key(step, before.stage[step], before, {}) == unset
+    if grouping:
+        cfg.compression.grouping = grouping
+    without = step_key(step, cfg.stage[step], cfg, {})
+    OmegaConf.select(cfg, node)[key] = value
+    assert step_key(step, cfg.stage[step], cfg, {}) not in (unset, without)
 
 
 def test_tiny_pipeline_end_to_end_and_reuse(pretrain_inputs, teacher_dir, tmp_path):

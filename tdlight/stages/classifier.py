@@ -198,7 +198,6 @@ CLASS_WEIGHTS = ("none", "balanced")
 def check_class_weights(value, task, key: str = "stage.class_weights") -> None:
     """``value`` is a valid ``class_weights`` for ``task``: null or ``none`` (plain cross-entropy), ``balanced``,
     or one positive number per class; a regression task takes none. Refused naming the value and what is valid."""
-    value = getattr(value, "value", value)
     if value is None or value == "none":
         return
     if task.is_regression:
@@ -223,14 +222,12 @@ def class_weights(value, task, labels, key: str = "stage.class_weights") -> torc
     None for plain cross-entropy; ``balanced``: n / (classes × count of the class) over ``labels`` (the training
     split as trained on), scikit-learn's ``compute_class_weight("balanced")``, so that every class adds the same
     total weight to an epoch; a list: as given."""
-    from sklearn.utils.class_weight import compute_class_weight
-
     check_class_weights(value, task, key)
-    value = getattr(value, "value", value)
     if value is None or value == "none":
         return None
     if value == "balanced":
         import numpy as np
+        from sklearn.utils.class_weight import compute_class_weight
 
         labels = np.asarray(labels)
         absent = [task.labels[c] for c in range(task.num_labels) if not (labels == c).any()]

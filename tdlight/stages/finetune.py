@@ -19,8 +19,8 @@ from tdlight.errors import TdlightError
 from tdlight.model.teacher import load_classifier, resolve_teacher
 from tdlight.stages import training
 from tdlight.stages.classifier import (
-    GlueModule, check_class_weights, check_lengths, class_weights, check_task_data, datamodule, model_summary, pair_reading, require_task, results_table,
-    task_settings, training_steps,
+    GlueModule, check_class_weights, check_lengths, check_task_data, class_weights, datamodule, model_summary,
+    pair_reading, require_task, results_table, task_settings, training_steps,
 )
 from tdlight.stages.registry import settings
 from tdlight.stages.runs import teacher_source
