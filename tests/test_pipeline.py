@@ -34,6 +34,29 @@ def test_every_step_is_checked_before_the_first_runs(teacher_dir, tmp_path):
         assert list(tmp_path.iterdir()) == [], bad  # no step ran, nothing left
 
 
+def test_a_refusal_only_a_run_can_find_names_the_steps_key_as_the_pipeline_spells_it(teacher_dir, tmp_path):
+    """CoLA's first 8 training sentences are all acceptable: balanced class weights are refused when the
+    fine-tune step has read them (the settings check cannot know), naming stage.finetune.class_weights — the key
+    the user set — not the step's own stage.class_weights; nothing after the step runs."""
+    r = cli(tmp_path, "stage=pipeline", "task=cola", f"teacher.path={teacher_dir}", "trainer=cpu", "logger=csv",
+            "stage.finetune.class_weights=balanced", "stage.limit_train=8", "stage.limit_eval=8",
+            "stage.finetune.max_length=32")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "stage.finetune.class_weights=balanced: the training examples have no ['0'] example (of 8)" in r.stderr, \
+        r.stderr[-2000:]
+    assert "stage.class_weights" not in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "decompose").exists()
+
+
+def test_pipeline_keys_spells_a_steps_keys_as_the_pipeline_sets_them():
+    from tdlight.stages.pipeline import pipeline_keys
+
+    assert pipeline_keys("stage.augment_mlm='x' has another vocabulary; valid: stage.augment=false", "distill") == \
+        "stage.distill.augment_mlm='x' has another vocabulary; valid: stage.distill.augment=false"
+    kept = "stage.distill.lr=1; stage=pipeline; see outputs/stage.x and teacher.run_dir"
+    assert pipeline_keys(kept, "distill") == kept
+
+
 def test_a_step_seed_at_null_keeps_the_keys_of_steps_computed_before_it_existed(tmp_path):
     """stage.<step>.seed (null: the run's seed) came after steps were cached: while null it stays out of
     the step's key, so an upgrade does not retrain a teacher; set, it joins the key (another student)."""

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 from filelock import FileLock
@@ -266,8 +267,17 @@ def _run_step(cfg: DictConfig, step: str, stage_cfg, d: Path, wiring: dict, pipe
     Console().rule(f"[bold]pipeline step: {step}")
     try:
         return record.run(sub, d)
+    except TdlightError as e:
+        raise type(e)(pipeline_keys(str(e), step)) from e
     finally:
         finish_wandb()  # each step is its own W&B run
+
+
+def pipeline_keys(message: str, step: str) -> str:
+    """``message``, raised by a step that runs with its own settings as ``stage`` (:func:`_step_config`), with
+    those keys spelt as the pipeline's command line sets them: ``stage.class_weights`` → ``stage.finetune.class_weights``
+    (the settings checks already do this through their ``where``; this covers what only a run can find)."""
+    return re.sub(rf"(?<![\w./-])stage\.(?!{step}\.)(?=[a-z_])", f"stage.{step}.", message)
 
 
 def _summary(cfg: DictConfig, dirs: dict[str, Path], results: dict[str, dict]) -> dict:
