@@ -15,6 +15,16 @@ the teacher's head starts from). Prints a Markdown table.
 on the pooled states of the first N training examples, scored on the dev examples with the task's
 GLUE score, balanced accuracy and top share — what a linear head can read from the features alone,
 whatever the model's own head learned (docs/RESULTS.md §12e, §12h). ``--n 0``: the whole dev split.
+
+    python benchmarks/pooled_spread.py --task rte --n 0 --readout TEACHER_RUN --readout-n 2490 LABEL=MODEL ...
+
+``--readout TEACHER_RUN`` adds how much of *that teacher's judgement* a linear head can read: a ridge
+regression (scikit-learn, standardized features, its penalty chosen by cross-validation) of the fine-tuned
+teacher's logits (a regression task: its score) on each model's pooled states, fitted on the first 85% of the
+first ``--readout-n`` training examples; the held-out R² on the last 15% (1: the teacher's logits are a linear
+function of these states; 0 or below: nothing a linear head can use), and the fitted head's dev score /
+balanced accuracy / top share. It works for regression tasks too, and tells apart a student whose features
+carry the task under a head that has not found it from one whose features do not (docs/RESULTS.md §12k).
 """
 
 from __future__ import annotations
@@ -90,6 +100,31 @@ def linear_probe(task, train_x: torch.Tensor, train_y, dev_x: torch.Tensor, dev_
     return {**glue_metrics(task, pred, list(dev_y)), **prediction_stats(task, pred, list(dev_y))}
 
 
+def teacher_readout(task, train_x: torch.Tensor, teacher_logits: torch.Tensor, dev_x: torch.Tensor, dev_y,
+                    holdout: float = 0.15) -> dict[str, float]:
+    """Ridge regression of ``teacher_logits`` on ``train_x`` (standardized; the penalty by scikit-learn's
+    efficient leave-one-out over a log grid), fitted on all but the last ``holdout`` of the rows: ``r2``, the
+    held-out R² (variance-weighted over the logits), ``alpha``, and the task's metrics of the fitted head on
+    ``(dev_x, dev_y)`` (argmax of the predicted logits; a regression task's predicted score)."""
+    import numpy as np
+    from sklearn.linear_model import RidgeCV
+    from sklearn.metrics import r2_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, t = train_x.double().numpy(), teacher_logits.double().numpy()
+    cut = int(len(x) * (1 - holdout))
+    if cut < 2 or cut == len(x):
+        raise ValueError(f"{len(x)} training rows leave nothing to fit or to hold out at holdout={holdout}")
+    fit = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 5, 15))).fit(x[:cut], t[:cut])
+    r2 = float(r2_score(t[cut:], fit.predict(x[cut:]), multioutput="variance_weighted"))
+    pred = np.asarray(fit.predict(dev_x.double().numpy())).reshape(len(dev_x), -1)
+    labels = pred[:, 0] if get_task(task).is_regression else pred.argmax(1)
+    dev_y = list(dev_y)
+    return {"r2": r2, "alpha": float(fit[-1].alpha_), **glue_metrics(task, labels, dev_y),
+            **prediction_stats(task, labels, dev_y)}
+
+
 def head_logits(head_model, pooled: torch.Tensor) -> torch.Tensor:
     """``head_model``'s classifier applied to pooled states (BERT: dropout then a linear; a head that reads
     the first token of the hidden states gets them as a one-token sequence)."""
@@ -106,6 +141,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=128, help="dev examples (0: all)")
     p.add_argument("--probe", type=int, default=0, metavar="N",
                    help="fit a linear probe on the first N training examples' pooled states (0: no probe)")
+    p.add_argument("--readout", default=None, metavar="TEACHER_RUN",
+                   help="a fine-tuned teacher (run or model dir): how much of its logits a linear head reads from each model")
+    p.add_argument("--readout-n", type=int, default=4000, metavar="N",
+                   help="training examples for --readout (the last 15%% of them held out; default 4000)")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "glue"))
     p.add_argument("--pooling", default=None, choices=["cls", "mean"],
@@ -115,6 +154,8 @@ def main() -> None:
     task = get_task(args.task)
     if args.n < 0 or args.probe < 0:
         p.error(f"--n={args.n}, --probe={args.probe}; valid: integers ≥ 0")
+    if args.readout and args.readout_n < 20:
+        p.error(f"--readout-n={args.readout_n}; valid: an integer ≥ 20 (85% fit, 15% held out)")
     if args.probe and task.is_regression:
         p.error(f"--probe fits a classifier; task {task.name} is a regression (valid: a classification task)")
 
@@ -126,11 +167,19 @@ def main() -> None:
     texts, labels = examples(task.validation_splits[0], args.n)
     train_texts, train_labels = examples("train", args.probe) if args.probe else ([], [])
     head = load_classifier(_model_dir(args.head_from), task.num_labels)[0] if args.head_from else None
+    readout_texts, teacher_logits = [], None
+    if args.readout:
+        readout_texts, _ = examples("train", args.readout_n)
+        teacher, teacher_tok = load_classifier(_model_dir(args.readout), task.num_labels)
+        teacher_logits = pooled_and_logits(teacher, teacher_tok, readout_texts, args.max_length)[1]
     cols = ["model", "pooled states: mean pairwise cosine", "logit std (own head)"]
     if head is not None:
         cols.append(f"logit std ({args.head_from} head)")
     if args.probe:
         cols.append(f"linear probe ({len(train_texts)} train): score / balanced / top share")
+    if args.readout:
+        cols += [f"teacher readout ({len(readout_texts)} train): held-out R²", "readout head: " + (
+            "score / spread" if task.is_regression else "score / balanced / top share")]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for item in args.models:
@@ -144,6 +193,12 @@ def main() -> None:
             train_pooled, _ = pooled_and_logits(model, tok, train_texts, args.max_length)
             r = linear_probe(task, train_pooled, train_labels, pooled, labels)
             row.append(f"{r['score']:.3f} / {r['balanced_accuracy']:.3f} / {r['top_share']:.3f}")
+        if args.readout:  # (the pooled states of the readout's training examples: one more pass over them)
+            r = teacher_readout(task, pooled_and_logits(model, tok, readout_texts, args.max_length)[0], teacher_logits,
+                                pooled, labels)
+            read = (f"{r['score']:.3f} / spread {r['spread']:.3f}" if task.is_regression
+                    else f"{r['score']:.3f} / {r['balanced_accuracy']:.3f} / {r['top_share']:.3f}")
+            row += [f"{r['r2']:.3f}", read]
         print("| " + " | ".join(row) + " |", flush=True)
 
 
