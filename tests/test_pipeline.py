@@ -250,3 +250,55 @@ def test_a_sweep_trial_tags_its_own_steps_and_tags_the_shared_teacher_shared(tmp
     step, stage_cfg, d, wiring = _plan(cfg)[0]
     lg = _step_config(cfg, step, stage_cfg, d, wiring, "pipeline-x").logger
     assert list(lg.tags) == [] and lg.group == "pipeline-x" and list(lg.trial_tags) == []
+
+
+def test_a_pipeline_without_a_finetune_step_distills_the_teacher_named_by_teacher_run_dir(teacher_dir, tmp_path):
+    """A teacher fine-tuned before (stage=finetune: a longer schedule, a GPU) is compressed as it is when
+    stage.steps has no finetune step: the later steps read teacher.run_dir's model, pipeline.json names it,
+    its weights key the steps (the same command reuses them). Refused, before anything runs and naming the
+    value: no finetune step and no teacher.run_dir; a teacher fine-tuned on another task (an MRPC head would
+    read RTE's pairs, silently) — through the pipeline and through stage=distill alone."""
+    tiny = [f"teacher.path={teacher_dir}", "trainer=cpu", "trainer.enable_progress_bar=false", "logger=none"]
+    for task in ("mrpc", "rte"):
+        r = cli(tmp_path, "stage=finetune", f"task={task}", *tiny, "stage.epochs=1", "stage.limit_train=32",
+                "stage.limit_eval=16", "stage.batch_size=16", "stage.max_length=16")
+        assert r.returncode == 0, r.stderr[-3000:]
+    mrpc, rte = runs(tmp_path, "finetune")
+    assert OmegaConf.load(rte / ".hydra" / "config.yaml").task.name == "rte"
+    out = tmp_path / "p"
+    args = ["stage=pipeline", "task=rte", *tiny, "compression.rank=8", "compression.bank=12",
+            "stage.steps=[decompose,distill,evaluate]", "stage.distill.intermediate_epochs=0",
+            "stage.distill.prediction_epochs=1", "stage.distill.limit_train=32", "stage.distill.limit_eval=16",
+            "stage.distill.batch_size=16", "stage.distill.max_length=16", "stage.evaluate.limit_eval=16",
+            "stage.evaluate.max_length=16", "stage.speed_reps=2", "stage.speed_batch_size=8"]
+
+    for bad, message in (([], "stage.steps=['decompose', 'distill', 'evaluate'] has no finetune step: name the "
+                              "fine-tuned teacher the later steps read, teacher.run_dir="),
+                         ([f"teacher.run_dir={mrpc}"], f"teacher.run_dir='{mrpc}' is a teacher fine-tuned on "
+                                                       "task=mrpc; this pipeline distills task=rte; valid: a finetune run of rte")):
+        r = cli(out, *args, *bad)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr[-2000:])
+        assert not out.exists() or list(out.iterdir()) == [], bad
+    r = cli(tmp_path / "d", "stage=distill", "task=rte", *tiny, f"teacher.run_dir={mrpc}",
+            f"stage.student={teacher_dir}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "is a teacher fine-tuned on task=mrpc; this run distills task=rte" in r.stderr
+
+    r = cli(out, *args, f"teacher.run_dir={rte}")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert not (out / "finetune").exists()  # no teacher trained here
+    assert "the later steps read the fine-tuned teacher of teacher.run_dir" in r.stderr + r.stdout
+    (dist,), (p,) = runs(out, "distill"), runs(out, "pipeline")
+    assert OmegaConf.load(dist / ".hydra" / "config.yaml").teacher.run_dir == str(rte)
+    summary = json.loads((p / "pipeline.json").read_text())
+    assert summary["steps"]["finetune"] == str(rte)
+    assert summary["teacher_score"] == json.loads((rte / "metrics.json").read_text())["score"]
+    r = cli(out, *args, f"teacher.run_dir={rte}")  # the same teacher again: every step reused
+    assert r.returncode == 0 and r.stdout.count("pipeline step:") == 0, r.stderr[-2000:]
+    # another teacher of the same task (other weights): nothing reused
+    r = cli(tmp_path, "stage=finetune", "task=rte", *tiny, "stage.epochs=1", "stage.limit_train=32",
+            "stage.limit_eval=16", "stage.batch_size=16", "stage.max_length=16", "stage.lr=1e-3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    other = runs(tmp_path, "finetune")[-1]
+    r = cli(out, *args, f"teacher.run_dir={other}")
+    assert r.returncode == 0 and r.stdout.count("pipeline step:") == 3, r.stderr[-2000:]

@@ -39,7 +39,7 @@ from tdlight.stages.classifier import (
     require_task, results_table, steps_per_epoch, task_settings, training_steps,
 )
 from tdlight.stages.registry import settings
-from tdlight.stages.runs import saved_config, stage_artifact, student_source
+from tdlight.stages.runs import check_teacher_task, saved_config, student_source
 from tdlight.stages.schemas import AugmentMethod, StudentHead
 from tdlight.stages.trainer import adamw
 from tdlight.stages.losses import gold_loss, intermediate_loss, layer_map, prediction_loss
@@ -240,7 +240,7 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
     extra_sources(cfg, task, where)
     check_task_data(cfg, task, train=True)
     if "teacher.run_dir" not in wired:
-        stage_artifact(cfg.teacher.run_dir, ("finetune",))
+        check_teacher_task(cfg)
     if "stage.student" not in wired:
         student_source(cfg)
 
@@ -249,7 +249,7 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
     check(cfg)
     task = require_task(cfg)
     st = settings(cfg)
-    teacher_dir = stage_artifact(cfg.teacher.run_dir, ("finetune",))
+    teacher_dir = check_teacher_task(cfg)
     student_dir = student_source(cfg)
     batch_size, max_length = task_settings(st, cfg, "batch_size", "max_length")
     seed = cfg.seed if st.seed is None else st.seed  # the student's own draws (stage.seed), else the run's

@@ -23,13 +23,15 @@ from tdlight.stages import training
 from tdlight.stages.classifier import (
     GlueModule, check_lengths, check_task_data, datamodule, model_summary, pair_reading, require_task, results_table,
 )
-from tdlight.stages.runs import stage_artifact, teacher_source
+from tdlight.stages.runs import check_teacher_task, stage_artifact, teacher_source
 from tdlight.stages.registry import MODEL_STAGES, settings
 
 log = logging.getLogger("tdlight.evaluate")
 
 
 def model_source(cfg: DictConfig) -> str:
+    if not cfg.stage.model and cfg.teacher.get("run_dir"):  # the teacher of this task, not of another
+        check_teacher_task(cfg, "this run evaluates")
     src = cfg.stage.model or teacher_source(cfg)
     p = Path(src)
     if (p / ".hydra" / "config.yaml").is_file():  # a run directory: its artifact

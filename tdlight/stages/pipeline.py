@@ -3,7 +3,9 @@
 ``cut`` in place of ``decompose`` makes the student the teacher cut to fewer of its own layers, the
 peer at equal size of the compressed student (:mod:`tdlight.stages.cut`), trained by the same later
 steps; the table then says so. A cut to no layer has nothing to reconstruct: its pretrain step is
-skipped (logged, and listed in ``pipeline.json`` under ``skipped``).
+skipped (logged, and listed in ``pipeline.json`` under ``skipped``). Without ``finetune`` in
+``stage.steps``, ``teacher.run_dir`` names the fine-tuned teacher the later steps read, as it is
+(:func:`given_teacher`; a finetune run of the same task, checked before any step runs).
 
 Each step runs as its own stage in ``outputs/<step>/<key>``, where ``key`` hashes the
 step's inputs: its stage settings, the top-level settings it reads (teacher, task,
@@ -37,14 +39,14 @@ from tdlight.model.speed import paired_speedup
 from tdlight.model.surgery import encoder_shape
 from tdlight.model.teacher import load_classifier
 from tdlight.stages.classifier import datamodule, is_constant, model_summary, require_task
-from tdlight.stages.runs import CHECKPOINTS, LAST, write_json
+from tdlight.stages.runs import CHECKPOINTS, LAST, check_teacher_task, write_json
 from tdlight.stages.loggers import finish_wandb, sync_command
 from tdlight.stages.registry import STAGES, settings, typed
 
 log = logging.getLogger("tdlight.pipeline")
 
 ORDER = ("finetune", "decompose", "cut", "pretrain", "distill", "evaluate")
-REQUIRED = ("finetune", "distill")
+REQUIRED = ("distill",)  # and finetune, unless teacher.run_dir names the fine-tuned teacher (given_teacher)
 STUDENT_STEPS = ("decompose", "cut")  # what makes the student: exactly one of them
 # A step's cache key: its own stage settings, the keys of the steps it consumes, the top-level
 # config nodes its stage record reads (tdlight.stages.registry), and the stamps (path, size,
@@ -152,6 +154,11 @@ def _plan(cfg: DictConfig) -> list[tuple[str, DictConfig, Path, dict]]:
     out_root = Path(cfg.paths.output_dir)
     keys: dict[str, str] = {}
     dirs: dict[str, Path] = {}
+    given = given_teacher(cfg)
+    if given is not None:  # no finetune step: the later steps read this teacher, keyed by its weights' bytes
+        dirs["finetune"] = given
+        keys["finetune"] = hashlib.sha1(json.dumps(
+            [file_stamp(f) for f in sorted((given / "model").iterdir()) if f.is_file()]).encode()).hexdigest()[:12]
     plan = []
     for step in steps:
         if step == "pretrain" and _cut_depth(cfg, plan) == 0:
@@ -176,6 +183,15 @@ def _plan(cfg: DictConfig) -> list[tuple[str, DictConfig, Path, dict]]:
         keys[step], dirs[step] = key, out_root / step / f"pipeline-{key}"
         plan.append((step, stage_cfg, dirs[step], wiring))
     return plan
+
+
+def given_teacher(cfg: DictConfig) -> Path | None:
+    """The finetune run named by ``teacher.run_dir`` when ``stage.steps`` has no finetune step (a teacher
+    fine-tuned before: by ``stage=finetune``, on a GPU, with a longer schedule, or another pipeline's step),
+    else None — the pipeline then fine-tunes its own."""
+    if "finetune" in cfg.stage.steps or not cfg.teacher.get("run_dir"):
+        return None
+    return Path(cfg.teacher.run_dir)
 
 
 def _cut_depth(cfg: DictConfig, plan: list) -> int | None:
@@ -213,6 +229,10 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
     missing = [s for s in REQUIRED if s not in st.steps]
     if missing:
         raise TdlightError(f"{where}.steps must include {list(REQUIRED)}; missing {missing}")
+    if "finetune" not in st.steps and not cfg.teacher.get("run_dir"):
+        raise TdlightError(f"{where}.steps={list(st.steps)} has no finetune step: name the fine-tuned teacher the "
+                           f"later steps read, teacher.run_dir=<a finetune run of the task>, or add finetune to "
+                           f"{where}.steps")
     makers = [s for s in STUDENT_STEPS if s in st.steps]
     if len(makers) != 1:
         raise TdlightError(f"{where}.steps={list(st.steps)} must make the student with exactly one of "
@@ -220,6 +240,8 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
                            f"size, its peer); {'both are' if makers else 'neither is'} there")
     if cfg.get("task") is None:
         raise TdlightError("stage=pipeline needs a task: add task=<name>")
+    if "finetune" not in st.steps:
+        check_teacher_task(cfg, "this pipeline distills")
     plan = _plan(cfg)
     for step, stage_cfg, d, wiring in plan:
         STAGES[step].check(_step_config(cfg, step, stage_cfg, d, wiring), where=f"{where}.{step}", wired=tuple(wiring))
@@ -235,6 +257,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     plan = check(cfg)
     dirs: dict[str, Path] = {}
     results: dict[str, dict] = {}
+    given = given_teacher(cfg)
+    if given is not None:
+        log.info("finetune: not a step; the later steps read the fine-tuned teacher of teacher.run_dir=%s", given)
+        dirs["finetune"] = given
+        results["finetune"] = json.loads((given / STAGES["finetune"].result).read_text())
+    elif cfg.teacher.get("run_dir"):
+        log.info("finetune: starts from the fine-tuned model of teacher.run_dir=%s and fine-tunes it on %s (to "
+                 "distill from that teacher as it is, leave finetune out of stage.steps)", cfg.teacher.run_dir,
+                 cfg.task.name)
     for step, stage_cfg, d, wiring in plan:
         dirs[step] = d
         d.parent.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,20 @@ def teacher_source(cfg: DictConfig) -> str:
     return cfg.teacher.path
 
 
+def check_teacher_task(cfg: DictConfig, what: str = "this run distills") -> Path:
+    """``teacher.run_dir`` is a finished fine-tune of the run's own task: its head is the task's teacher, and
+    a teacher fine-tuned on another task with as many labels would otherwise be read as this task's (an MRPC
+    head scoring RTE's pairs), silently. Returns its model directory."""
+    run_dir = cfg.teacher.run_dir
+    model = stage_artifact(run_dir, ("finetune",))
+    saved = saved_config(run_dir).get("task") or {}
+    if cfg.get("task") is not None and saved.get("name") != cfg.task.name:
+        raise TdlightError(f"teacher.run_dir={str(run_dir)!r} is a teacher fine-tuned on task={saved.get('name')}; "
+                           f"{what} task={cfg.task.name}; valid: a finetune run of {cfg.task.name} "
+                           f"(tdlight stage=finetune task={cfg.task.name})")
+    return model
+
+
 def check_teacher_weights(cfg: DictConfig, weights, where: str = "stage") -> None:
     """``<where>.teacher_weights`` (which teacher a stage makes its student from: ``pretrained`` or
     ``finetuned``, a :class:`~tdlight.stages.schemas.TeacherWeights`) against the teacher given: the

@@ -250,6 +250,7 @@ class PipelineStage:
     """
 
     name: str = "pipeline"
+    # without finetune: the teacher fine-tuned before, named by teacher.run_dir (tdlight.stages.pipeline.given_teacher)
     steps: list = field(default_factory=lambda: ["finetune", "decompose", "pretrain", "distill", "evaluate"])
     finetune: FinetuneStage = field(default_factory=FinetuneStage)
     decompose: DecomposeStage = field(default_factory=DecomposeStage)
