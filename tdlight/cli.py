@@ -400,6 +400,7 @@ keys most runs set:
   compression.rank=N  compression.bank=N  compression.embedding_rank=N
   compression.group_banks={{attention:K,ffn:K}}  a bank per group (with compression.grouping=type)
   teacher.path=DIR|NAME  teacher.run_dir=RUN   the teacher, or a fine-tuned one by its run directory
+  stage.steps=[decompose,...] teacher.run_dir=RUN   a pipeline that compresses that fine-tuned teacher as it is
   trainer=cpu|gpu  trainer.devices=[N]         where training runs
   paths.output_dir=DIR               where run directories go (default outputs/)
   seed=N  resume=RUN_DIR  dry_run=true         dry_run: every check, the resolved settings, nothing run
