@@ -257,7 +257,7 @@ def test_a_pipeline_without_a_finetune_step_distills_the_teacher_named_by_teache
     stage.steps has no finetune step: the later steps read teacher.run_dir's model, pipeline.json names it,
     its weights key the steps (the same command reuses them). Refused, before anything runs and naming the
     value: no finetune step and no teacher.run_dir; a teacher fine-tuned on another task (an MRPC head would
-    read RTE's pairs, silently) — through the pipeline and through stage=distill alone."""
+    read RTE's pairs, silently) — through the pipeline, and stage=distill or stage=evaluate alone."""
     tiny = [f"teacher.path={teacher_dir}", "trainer=cpu", "trainer.enable_progress_bar=false", "logger=none"]
     for task in ("mrpc", "rte"):
         r = cli(tmp_path, "stage=finetune", f"task={task}", *tiny, "stage.epochs=1", "stage.limit_train=32",
@@ -283,6 +283,9 @@ def test_a_pipeline_without_a_finetune_step_distills_the_teacher_named_by_teache
             f"stage.student={teacher_dir}")
     assert r.returncode == 2, r.stderr[-2000:]
     assert "is a teacher fine-tuned on task=mrpc; this run distills task=rte" in r.stderr
+    r = cli(tmp_path / "e", "stage=evaluate", "task=rte", *tiny, f"teacher.run_dir={mrpc}")
+    assert r.returncode == 2 and "is a teacher fine-tuned on task=mrpc; this run evaluates task=rte" in r.stderr, \
+        r.stderr[-2000:]
 
     r = cli(out, *args, f"teacher.run_dir={rte}")
     assert r.returncode == 0, r.stderr[-4000:]
