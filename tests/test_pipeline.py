@@ -257,7 +257,8 @@ def test_a_pipeline_without_a_finetune_step_distills_the_teacher_named_by_teache
     stage.steps has no finetune step: the later steps read teacher.run_dir's model, pipeline.json names it,
     its weights key the steps (the same command reuses them). Refused, before anything runs and naming the
     value: no finetune step and no teacher.run_dir; a teacher fine-tuned on another task (an MRPC head would
-    read RTE's pairs, silently) — through the pipeline, and stage=distill or stage=evaluate alone."""
+    read RTE's pairs, silently) — through the pipeline, and stage=distill or stage=evaluate alone; a student
+    made from a pretrained teacher.path other than the one the given teacher was fine-tuned from."""
     tiny = [f"teacher.path={teacher_dir}", "trainer=cpu", "trainer.enable_progress_bar=false", "logger=none"]
     for task in ("mrpc", "rte"):
         r = cli(tmp_path, "stage=finetune", f"task={task}", *tiny, "stage.epochs=1", "stage.limit_train=32",
@@ -279,6 +280,13 @@ def test_a_pipeline_without_a_finetune_step_distills_the_teacher_named_by_teache
         r = cli(out, *args, *bad)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr[-2000:])
         assert not out.exists() or list(out.iterdir()) == [], bad
+    # the student made from the pretrained teacher (decompose's default) must be made from the one fine-tuned
+    r = cli(out, *[a if not a.startswith("teacher.path=") else "teacher.path=minilm" for a in args],
+            f"teacher.run_dir={rte}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert (f"teacher.path='minilm' is not the checkpoint teacher.run_dir='{rte}' was fine-tuned from ('{teacher_dir}')"
+            in r.stderr and "valid: teacher.path=" in r.stderr), r.stderr[-2000:]
+    assert not out.exists() or list(out.iterdir()) == []
     r = cli(tmp_path / "d", "stage=distill", "task=rte", *tiny, f"teacher.run_dir={mrpc}",
             f"stage.student={teacher_dir}")
     assert r.returncode == 2, r.stderr[-2000:]

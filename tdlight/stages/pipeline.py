@@ -37,11 +37,11 @@ from tdlight.files import directory_bytes
 from tdlight.model.execution import current as current_plan
 from tdlight.model.speed import paired_speedup
 from tdlight.model.surgery import encoder_shape
-from tdlight.model.teacher import load_classifier
+from tdlight.model.teacher import load_classifier, resolve_teacher
 from tdlight.stages.classifier import datamodule, is_constant, model_summary, require_task
-from tdlight.stages.runs import CHECKPOINTS, LAST, check_teacher_task, write_json
+from tdlight.stages.runs import CHECKPOINTS, LAST, check_teacher_task, saved_config, write_json
 from tdlight.stages.loggers import finish_wandb, sync_command
-from tdlight.stages.registry import STAGES, settings, typed
+from tdlight.stages.registry import STAGES, _finetuned_teacher, settings, typed
 
 log = logging.getLogger("tdlight.pipeline")
 
@@ -194,6 +194,27 @@ def given_teacher(cfg: DictConfig) -> Path | None:
     return Path(cfg.teacher.run_dir)
 
 
+def _check_pretrained_teacher(cfg: DictConfig, where: str) -> None:
+    """With a given teacher (:func:`given_teacher`) and a student made from the *pretrained* teacher
+    (``teacher_weights=pretrained``, ``cpu_48``'s), ``teacher.path`` must be the checkpoint that teacher was
+    fine-tuned from: else the student would be another model compressed, taught by this one."""
+    if _finetuned_teacher(cfg.stage):
+        return
+    started = (saved_config(cfg.teacher.run_dir).get("teacher") or {}).get("path")
+
+    def same(a, b) -> bool:
+        try:
+            return os.path.realpath(resolve_teacher(a)) == os.path.realpath(resolve_teacher(b))
+        except TdlightError:
+            return a == b
+
+    if started is not None and not same(started, cfg.teacher.path):
+        raise TdlightError(f"teacher.path={cfg.teacher.path!r} is not the checkpoint teacher.run_dir="
+                           f"{str(cfg.teacher.run_dir)!r} was fine-tuned from ({started!r}), and "
+                           f"{where}.decompose.teacher_weights=pretrained makes the student from teacher.path; valid: "
+                           f"teacher.path={started}, or {where}.decompose.teacher_weights=finetuned")
+
+
 def _cut_depth(cfg: DictConfig, plan: list) -> int | None:
     """The depth of the cut student the plan makes (None: it decomposes), from the config alone."""
     from tdlight.stages.cut import planned_depth
@@ -242,6 +263,7 @@ def check(cfg: DictConfig, where: str = "stage", wired: tuple[str, ...] = ()) ->
         raise TdlightError("stage=pipeline needs a task: add task=<name>")
     if "finetune" not in st.steps:
         check_teacher_task(cfg, "this pipeline distills")
+        _check_pretrained_teacher(cfg, where)
     plan = _plan(cfg)
     for step, stage_cfg, d, wiring in plan:
         STAGES[step].check(_step_config(cfg, step, stage_cfg, d, wiring), where=f"{where}.{step}", wired=tuple(wiring))
