@@ -41,7 +41,7 @@ from tdlight.model.teacher import load_classifier, resolve_teacher
 from tdlight.stages.classifier import datamodule, is_constant, model_summary, require_task
 from tdlight.stages.runs import CHECKPOINTS, LAST, check_teacher_task, saved_config, write_json
 from tdlight.stages.loggers import finish_wandb, sync_command
-from tdlight.stages.registry import STAGES, _finetuned_teacher, settings, typed
+from tdlight.stages.registry import STAGES, finetuned_teacher, settings, typed
 
 log = logging.getLogger("tdlight.pipeline")
 
@@ -104,16 +104,24 @@ def step_inputs(step: str, stage_cfg, cfg: DictConfig) -> list:
 
     for text in [*strings(stage_cfg), *strings(cfg.get("teacher"))]:
         for name in sorted(globlib.glob(os.path.expanduser(text))):
-            p = Path(name)
-            files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
-            stamps.extend(file_stamp(f) for f in files if f.is_file())
+            stamps.extend(_stamps(Path(name)))
     return stamps
+
+
+def _stamps(p: Path) -> list[dict]:
+    """The :func:`~tdlight.files.file_stamp` of a file, or of each file directly in a directory."""
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    return [file_stamp(f) for f in files if f.is_file()]
+
+
+def _hash(payload) -> str:
+    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def step_key(step: str, stage_cfg, cfg: DictConfig, upstream: dict[str, str]) -> str:
     payload = {"step": step, "stage": _clean(stage_cfg), "upstream": upstream,
                **{k: _clean(cfg.get(k)) for k in STAGES[step].keyed_nodes(stage_cfg)}, "inputs": step_inputs(step, stage_cfg, cfg)}
-    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return _hash(payload)
 
 
 def _step_config(cfg: DictConfig, step: str, stage_cfg, run_dir: Path, wiring: dict,
@@ -157,8 +165,7 @@ def _plan(cfg: DictConfig) -> list[tuple[str, DictConfig, Path, dict]]:
     given = given_teacher(cfg)
     if given is not None:  # no finetune step: the later steps read this teacher, keyed by its weights' bytes
         dirs["finetune"] = given
-        keys["finetune"] = hashlib.sha1(json.dumps(
-            [file_stamp(f) for f in sorted((given / "model").iterdir()) if f.is_file()]).encode()).hexdigest()[:12]
+        keys["finetune"] = _hash(_stamps(given / "model"))
     plan = []
     for step in steps:
         if step == "pretrain" and _cut_depth(cfg, plan) == 0:
@@ -198,8 +205,10 @@ def _check_pretrained_teacher(cfg: DictConfig, where: str) -> None:
     """With a given teacher (:func:`given_teacher`) and a student made from the *pretrained* teacher
     (``teacher_weights=pretrained``, ``cpu_48``'s), ``teacher.path`` must be the checkpoint that teacher was
     fine-tuned from: else the student would be another model compressed, taught by this one."""
-    if _finetuned_teacher(cfg.stage):
+    if finetuned_teacher(cfg.stage):
         return
+    # the key the user sets: cut's own teacher_weights when the pipeline cuts and sets it, else decompose's
+    key = "cut" if "cut" in cfg.stage.steps and cfg.stage.cut.get("teacher_weights") else "decompose"
     started = (saved_config(cfg.teacher.run_dir).get("teacher") or {}).get("path")
 
     def same(a, b) -> bool:
@@ -211,8 +220,8 @@ def _check_pretrained_teacher(cfg: DictConfig, where: str) -> None:
     if started is not None and not same(started, cfg.teacher.path):
         raise TdlightError(f"teacher.path={cfg.teacher.path!r} is not the checkpoint teacher.run_dir="
                            f"{str(cfg.teacher.run_dir)!r} was fine-tuned from ({started!r}), and "
-                           f"{where}.decompose.teacher_weights=pretrained makes the student from teacher.path; valid: "
-                           f"teacher.path={started}, or {where}.decompose.teacher_weights=finetuned")
+                           f"{where}.{key}.teacher_weights=pretrained makes the student from teacher.path; valid: "
+                           f"teacher.path={started}, or {where}.{key}.teacher_weights=finetuned")
 
 
 def _cut_depth(cfg: DictConfig, plan: list) -> int | None:

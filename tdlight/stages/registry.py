@@ -38,7 +38,7 @@ class Input:
     when: Optional[Callable[[object], bool]] = None
 
 
-def _finetuned_teacher(pipeline_stage) -> bool:
+def finetuned_teacher(pipeline_stage) -> bool:
     """``stage.decompose.teacher_weights=finetuned`` (or ``stage.cut.teacher_weights`` when the pipeline
     cuts the teacher instead): the student is made from (and pretrained against) the fine-tuned teacher
     instead of the pretrained one. An unset ``stage.cut.teacher_weights`` is decompose's, so that a
@@ -117,14 +117,14 @@ STAGES: dict[str, StageRecord] = {r.name: r for r in (
     # seed: which calibration sequences are read; trainer: only when the decomposition is refined by training
     StageRecord("decompose", DecomposeStage, reads=("compression", "teacher", "seed"),
                 reads_if=(("refine_steps", "trainer"),), reads_task_if=_fits_task_text, resumable=False,
-                consumes=(Input("teacher.run_dir", ("finetune",), when=_finetuned_teacher),)),
+                consumes=(Input("teacher.run_dir", ("finetune",), when=finetuned_teacher),)),
     # the peer at equal size: the teacher cut to fewer layers (compression only sizes it, when layers is unset)
     StageRecord("cut", CutStage, reads=("teacher",), reads_if=((_sized_by_compression, "compression"),),
-                resumable=False, consumes=(Input("teacher.run_dir", ("finetune",), when=_finetuned_teacher),)),
+                resumable=False, consumes=(Input("teacher.run_dir", ("finetune",), when=finetuned_teacher),)),
     # (pretrain reconstructs the teacher it was decomposed, or cut, from)
     StageRecord("pretrain", PretrainStage, reads=("teacher", "seed", "trainer"), reads_task_if=_reads_task_text,
                 consumes=(Input("stage.student", ("decompose", "cut")),
-                          Input("teacher.run_dir", ("finetune",), when=_finetuned_teacher))),
+                          Input("teacher.run_dir", ("finetune",), when=finetuned_teacher))),
     StageRecord("distill", DistillStage, reads=("task", "seed", "trainer"), reads_task_data=True,
                 consumes=(Input("teacher.run_dir", ("finetune",)),
                           Input("stage.student", ("pretrain", "decompose", "cut"), name="student"))),
