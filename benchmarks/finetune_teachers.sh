@@ -5,6 +5,7 @@
 # Each run lands in $OUT/<task> (default outputs/teachers); a finished run is skipped.
 #   bash benchmarks/finetune_teachers.sh                      # cola mrpc stsb rte sst2
 #   TASKS="mrpc cola" bash benchmarks/finetune_teachers.sh stage.limit_train=8000
+#   OUT=outputs/teachers-mpnet bash benchmarks/finetune_teachers.sh teacher=mpnet   # the 110M teacher, same recipes
 # Extra arguments are passed to every run (e.g. trainer=gpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."

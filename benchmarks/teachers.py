@@ -52,7 +52,8 @@ def row(m: dict) -> list[str]:
     met = None if goal is None else (ours >= goal and not skewed)
     pub = PUBLISHED.get(task, {})
     minutes = sum(m.get("epoch_seconds") or []) / 60
-    return [task, f"{m['lr']:g}", f"{m.get('epochs_run', m['epochs'])}/{m['epochs']}", _fmt(m.get("patience"), "d"),
+    teacher = Path(str(m.get("teacher", "–"))).name  # a name (minilm, mpnet) or a directory's
+    return [task, teacher, f"{m['lr']:g}", f"{m.get('epochs_run', m['epochs'])}/{m['epochs']}", _fmt(m.get("patience"), "d"),
             _fmt(m["score"]) + (f" ({dev['f1']:.3f} / {dev['accuracy']:.3f})" if "f1" in dev else ""),
             _fmt(pub.get("minilm"), ".3f"), _fmt(pub.get("distilbert"), ".3f"),
             _fmt(goal, ".3f"), _fmt(dev.get("majority_score")), _fmt(gold, ".3f"),
@@ -60,7 +61,7 @@ def row(m: dict) -> list[str]:
             f"{minutes:.1f}", "–" if met is None else ("✓" if met else "✗")]
 
 
-HEAD = ["task", "lr", "epochs run", "patience", "GLUE score (F1 / acc)", "MiniLM-L6 published",
+HEAD = ["task", "teacher", "lr", "epochs run", "patience", "GLUE score (F1 / acc)", "MiniLM-L6 published",
         "DistilBERT published", "target", "majority score", "gold majority share", "top share",
         "balanced accuracy", "train min", "met"]
 
